@@ -1,0 +1,69 @@
+# tarfuse: `make demo` and `make test` set up everything they need on a fresh Debian machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# What the tests and the demo run: FUSE, QEMU, and the other tar programs the tests compare against.
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils qemu-system-x86 libarchive-tools busybox \
+	e2fsprogs fio util-linux
+APT_STAMP := $(VENV)/.apt-done
+VENV_STAMP := $(VENV)/.installed
+
+.PHONY: all deps dev demo test test-fast lint format type check bench fixtures install clean
+
+all: dev
+
+deps: $(APT_STAMP)
+$(APT_STAMP):
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		if [ "$$(id -u)" != 0 ]; then echo "run as root, or: sudo apt-get install $$missing" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+dev: $(VENV_STAMP)
+$(VENV_STAMP): pyproject.toml $(APT_STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,dev]'
+	@touch $@
+
+demo: dev
+	$(PY) scripts/demo.py
+
+test: dev
+	$(PY) -m pytest -q
+
+test-fast: dev
+	$(PY) -m pytest -q -m "not fuse"
+
+lint: dev
+	$(VENV)/bin/ruff check tarfuse tests scripts
+	$(VENV)/bin/ruff format --check tarfuse tests scripts
+
+format: dev
+	$(VENV)/bin/ruff format tarfuse tests scripts
+	$(VENV)/bin/ruff check --fix tarfuse tests scripts
+
+type: dev
+	$(VENV)/bin/mypy
+
+check: lint type test
+
+bench: dev
+	$(PY) scripts/bench.py
+
+fixtures:
+	scripts/make-fixtures.sh
+
+# mount.fuse3 (fstab, systemd .mount units) runs `tarfuse` with a fixed PATH: link it where that PATH looks.
+PREFIX ?= /usr/local
+install: dev
+	ln -sf $(abspath $(VENV))/bin/tarfuse $(DESTDIR)$(PREFIX)/bin/tarfuse
+	@echo "linked $(DESTDIR)$(PREFIX)/bin/tarfuse -> $(abspath $(VENV))/bin/tarfuse"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

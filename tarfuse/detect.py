@@ -1,0 +1,150 @@
+"""Decide what is being served: refuse compressed input, pick the image member, name its format.
+
+Format names are QEMU's block driver names (`qemu -drive format=...`), so users can paste them.
+Must not import pyfuse3 or trio; reads happen through callables handed in by the caller.
+"""
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from tarfuse.archive import Member, normalize_name
+from tarfuse.errors import CompressedArchive, NoImage
+
+# The seed driver's suffixes (QEMU block/tar.c: .raw .qcow .qcow2 .vmdk), plus the other common ones.
+IMAGE_SUFFIXES = (".raw", ".qcow", ".qcow2", ".vmdk", ".img", ".vdi", ".vhd", ".vhdx", ".iso", ".dsk")
+HEAD_SIZE = 0x8800  # enough to see the ISO 9660 volume descriptor at 0x8001
+
+_COMPRESSION_MAGIC = (
+    (b"\x1f\x8b", "gzip", "gunzip"),
+    (b"BZh", "bzip2", "bunzip2"),
+    (b"\xfd7zXZ\x00", "xz", "unxz"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"),
+    (b"\x04\x22\x4d\x18", "lz4", "unlz4"),
+    (b"LZIP", "lzip", "lzip -d"),
+    (b"\x1f\x9d", "compress (.Z)", "uncompress"),
+)
+
+ReadAt = Callable[[int, int], bytes]  # (offset, size) -> bytes of the image, short at its end
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFormat:
+    """A QEMU block driver name, and what was seen, for people."""
+
+    driver: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.driver} ({self.detail})" if self.detail else self.driver
+
+
+RAW = ImageFormat("raw")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A file as tar -x would create it: its name, and the member whose data it gets.
+
+    For a hard link the two differ: the link's name, the target's data.
+    """
+
+    name: str
+    member: Member
+
+
+def check_uncompressed(head: bytes) -> None:
+    """Refuse a compressed archive with the command that unpacks it, instead of a checksum error."""
+    for magic, name, command in _COMPRESSION_MAGIC:
+        if head.startswith(magic):
+            raise CompressedArchive(
+                f"the archive is {name}-compressed; decompress it first ({command} ARCHIVE), "
+                "tarfuse reads uncompressed tar only",
+                0,
+            )
+
+
+def resolve_files(members: Iterable[Member]) -> list[Candidate]:
+    """List regular files, with hard links resolved to the last earlier member of their target's name."""
+    latest: dict[str, Member] = {}
+    files = []
+    for member in members:
+        if member.kind == "file":
+            latest[normalize_name(member.name)] = member
+            files.append(Candidate(member.name, member))
+        elif member.kind == "hardlink":
+            target = latest.get(normalize_name(member.linkname))
+            if target is not None:  # tar -x cannot make a link to nothing either
+                files.append(Candidate(member.name, target))
+    return files
+
+
+def has_image_suffix(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def find_candidates(
+    files: list[Candidate], sniff: Callable[[Member], ImageFormat | None]
+) -> list[Candidate]:
+    """Members named like images; if none is, members whose content starts like one."""
+    by_name = [c for c in files if has_image_suffix(c.name)]
+    if by_name:
+        return by_name
+    return [c for c in files if c.member.real_size >= 512 and sniff(c.member) is not None]
+
+
+def choose_image(
+    files: list[Candidate], candidates: list[Candidate], wanted: str | None
+) -> Candidate:
+    """Pick the member named `wanted`, or the only candidate; otherwise explain how to choose."""
+    if wanted is not None:
+        matches = [c for c in files if normalize_name(c.name) == normalize_name(wanted)]
+        if not matches:
+            raise NoImage(f"the archive has no file named {wanted!r}; it holds {_some(files)}")
+        return matches[-1]  # tar -x: a later member of the same name overwrites an earlier one
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise NoImage(
+            "no disk image found: no member is named *"
+            + ", *".join(IMAGE_SUFFIXES)
+            + f" or starts like a disk image; the archive holds {_some(files)}; "
+            "name the image with -o member=PATH"
+        )
+    names = ", ".join(c.name for c in candidates[:10])
+    more = f" and {len(candidates) - 10} more" if len(candidates) > 10 else ""
+    raise NoImage(
+        f"the archive holds {len(candidates)} disk images ({names}{more}); "
+        "choose one with -o member=PATH (tarfuse --list ARCHIVE shows them)"
+    )
+
+
+def _some(files: list[Candidate]) -> str:
+    if not files:
+        return "no regular files"
+    shown = ", ".join(repr(c.name) for c in files[:5])
+    return shown + (f" and {len(files) - 5} more files" if len(files) > 5 else "")
+
+
+def detect_format(read_at: ReadAt, size: int) -> ImageFormat | None:
+    """Name the image format from its content, or None if nothing is recognised."""
+    head = read_at(0, HEAD_SIZE)
+    if head[:4] == b"QFI\xfb":
+        version = int.from_bytes(head[4:8], "big")
+        return ImageFormat("qcow2" if version >= 2 else "qcow", f"version {version}")
+    if head[:4] == b"KDMV" or head.startswith(b"# Disk DescriptorFile"):
+        return ImageFormat("vmdk", "sparse extent" if head[:4] == b"KDMV" else "descriptor")
+    if head[:8] == b"vhdxfile":
+        return ImageFormat("vhdx")
+    if head[0x40:0x44] == b"\x7f\x10\xda\xbe":  # VirtualBox image signature 0xbeda107f, little-endian
+        return ImageFormat("vdi")
+    if head[:8] == b"conectix":
+        return ImageFormat("vpc", "VHD, dynamic")
+    if size >= 512 and read_at(size - 512, 8) == b"conectix":
+        return ImageFormat("vpc", "VHD, fixed")
+    if head[0x8001:0x8006] == b"CD001":
+        return ImageFormat("raw", "ISO 9660")
+    if head[512:520] == b"EFI PART":
+        return ImageFormat("raw", "GPT partition table")
+    if head[510:512] == b"\x55\xaa":
+        return ImageFormat("raw", "MBR boot sector")
+    return None

@@ -1,0 +1,47 @@
+"""The tarfuse exception tree.
+
+Core modules raise these and never log; the boundaries (fs.py, cli.py) turn them into errno values,
+log lines and exit codes. This module imports nothing from the package.
+"""
+
+
+class TarfuseError(Exception):
+    """Base of every error tarfuse reports to the user."""
+
+
+class UsageError(TarfuseError):
+    """The command line or a mount option is wrong."""
+
+
+class ArchiveError(TarfuseError):
+    """The archive cannot be served; `offset` is where in the archive the problem was found."""
+
+    def __init__(self, reason: str, offset: int | None = None) -> None:
+        self.reason = reason
+        self.offset = offset
+        where = f" at archive offset {offset}" if offset is not None else ""
+        super().__init__(f"{reason}{where}")
+
+
+class BadHeader(ArchiveError):
+    """A tar header block is malformed (checksum, number field, PAX record)."""
+
+
+class TruncatedArchive(ArchiveError):
+    """The archive ends before a header or a member's data does."""
+
+
+class CorruptSparseMap(ArchiveError):
+    """A sparse map is unsorted, overlapping, past the real size or past the stored data."""
+
+
+class CompressedArchive(ArchiveError):
+    """The archive is compressed; this build serves only uncompressed tar."""
+
+
+class NoImage(ArchiveError):
+    """No member, or more than one, qualifies as the disk image."""
+
+
+class ArchiveChanged(ArchiveError):
+    """The archive file changed under a live mount, so its bytes can no longer be trusted."""

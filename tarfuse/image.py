@@ -1,0 +1,64 @@
+"""Open the disk image inside an archive: scan, choose, decode the sparse map, build the mapper.
+
+The one entry point that the CLI and the daemon share. Must not import pyfuse3 or trio.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tarfuse import detect, sparse
+from tarfuse.archive import Member, Pread, scan_members
+from tarfuse.detect import Candidate, ImageFormat
+from tarfuse.mapper import ImageMapper
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """A disk image ready to serve: which member, its map, its format, and the mapper over it."""
+
+    name: str
+    member: Member
+    format: ImageFormat
+    mapper: ImageMapper
+    stored_bytes: int  # bytes of real data in the archive: what `du` should show
+    extent_count: int
+
+
+def _open_candidate(candidate: Candidate, pread: Pread) -> Image:
+    sparse_map = sparse.decode(candidate.member, pread)
+    mapper = ImageMapper(pread, sparse_map)
+    found = detect.detect_format(mapper.read, mapper.size)
+    return Image(
+        name=candidate.name,
+        member=candidate.member,
+        format=found or detect.RAW,
+        mapper=mapper,
+        stored_bytes=sparse_map.stored_bytes,
+        extent_count=len(sparse_map.logical),
+    )
+
+
+def _sniffer(pread: Pread) -> Callable[[Member], ImageFormat | None]:
+    def sniff(member: Member) -> ImageFormat | None:
+        mapper = ImageMapper(pread, sparse.decode(member, pread))
+        return detect.detect_format(mapper.read, mapper.size)
+
+    return sniff
+
+
+def _files(pread: Pread, archive_size: int) -> list[Candidate]:
+    detect.check_uncompressed(pread(16, 0))
+    return detect.resolve_files(scan_members(pread, archive_size))
+
+
+def list_images(pread: Pread, archive_size: int) -> list[Image]:
+    """Every candidate image in the archive, opened (for `tarfuse --list`)."""
+    files = _files(pread, archive_size)
+    return [_open_candidate(c, pread) for c in detect.find_candidates(files, _sniffer(pread))]
+
+
+def open_image(pread: Pread, archive_size: int, wanted: str | None = None) -> Image:
+    """The image to serve: the member named `wanted`, or the archive's only candidate."""
+    files = _files(pread, archive_size)
+    candidates = [] if wanted else detect.find_candidates(files, _sniffer(pread))
+    return _open_candidate(detect.choose_image(files, candidates, wanted), pread)

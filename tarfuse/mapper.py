@@ -1,0 +1,56 @@
+"""Turn image offsets into archive offsets: the one place where that translation happens.
+
+The mapper never changes once built and reads only with positional reads, so any number of threads can
+share it without a lock. Must not import pyfuse3 or trio.
+"""
+
+from bisect import bisect_right
+
+from tarfuse.archive import Pread, read_exact
+from tarfuse.sparse import SparseMap
+
+HOLE = -1  # the "archive offset" of a piece that reads as zeros
+
+Piece = tuple[int, int]  # (archive offset or HOLE, length)
+
+
+class ImageMapper:
+    """Serve reads of the expanded image from the archive; holes read as zeros without I/O."""
+
+    def __init__(self, pread: Pread, sparse_map: SparseMap) -> None:
+        self._pread = pread
+        self.size = sparse_map.real_size
+        self._logical = sparse_map.logical
+        self._lengths = sparse_map.lengths
+        self._physical = sparse_map.physical
+        self._count = len(sparse_map.logical)
+
+    def plan(self, offset: int, size: int) -> list[Piece]:
+        """Split a read into "copy N bytes from archive offset X" and "N zero bytes" pieces.
+
+        The plan stops at the end of the image, so a read past it is short. O(log n + k) for a map of n
+        extents and a read that touches k of them.
+        """
+        logical, lengths, count = self._logical, self._lengths, self._count
+        end = min(offset + size, self.size)
+        pieces: list[Piece] = []
+        i = bisect_right(logical, offset) - 1  # last extent starting at or before offset, or -1
+        while offset < end:
+            if i >= 0 and offset < (extent_end := logical[i] + lengths[i]):
+                n = min(end, extent_end) - offset
+                pieces.append((self._physical[i] + offset - logical[i], n))
+            else:  # in the hole before extent i + 1 (or before the end of the image)
+                n = min(end, logical[i + 1] if i + 1 < count else self.size) - offset
+                pieces.append((HOLE, n))
+            offset += n
+            if i + 1 < count and logical[i + 1] <= offset:
+                i += 1
+        return pieces
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Return the image bytes at [offset, offset + size), short only at the end of the image."""
+        # join() hands back a lone piece as it is, without a copy
+        return b"".join(
+            bytes(length) if physical == HOLE else read_exact(self._pread, length, physical)
+            for physical, length in self.plan(offset, size)
+        )

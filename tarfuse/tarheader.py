@@ -1,0 +1,174 @@
+"""Decode one 512-byte tar header block, and PAX extended-header payloads.
+
+Pure functions: bytes in, values out; no I/O. Field positions follow POSIX ustar (IEEE 1003.1-1988) and the
+GNU tar manual's "Basic Tar Format" (old GNU sparse fields live where ustar keeps `prefix`).
+"""
+
+import re
+from dataclasses import dataclass
+
+from tarfuse.errors import BadHeader
+
+BLOCK_SIZE = 512
+ZERO_BLOCK = bytes(BLOCK_SIZE)
+
+# Type flags (POSIX, GNU tar manual "Basic Tar Format").
+REGULAR_TYPES = frozenset(b"0\x007")  # '0', NUL (v7) and '7' (contiguous) are all plain files
+HARDLINK = ord("1")
+GNU_LONGNAME = ord("L")
+GNU_LONGLINK = ord("K")
+GNU_SPARSE = ord("S")
+PAX_LOCAL = ord("x")
+PAX_GLOBAL = ord("g")
+SOLARIS_PAX = ord("X")  # Solaris tar's older spelling of 'x'
+
+GNU_MAGIC = b"ustar  \0"  # "ustar" + two spaces + NUL: GNU and old GNU formats
+USTAR_MAGIC = b"ustar\x00"  # POSIX ustar and pax, followed by version "00"
+
+OLD_GNU_SPARSE_ENTRIES = 4  # in-header sparse slots of an old GNU 'S' header
+EXTENSION_ENTRIES = 21  # sparse slots in each old GNU extension block
+SPARSE_ENTRY_SIZE = 24  # 12 bytes offset + 12 bytes numbytes
+
+_OCTAL = re.compile(rb" *([0-7]+) *")
+# A PAX record: "<length> <keyword>=<value>\n", length in decimal counting the whole record.
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The fields of one header block that tarfuse needs, decoded."""
+
+    name: str
+    size: int  # bytes of data that follow the header in the archive, before padding
+    mtime: int
+    typeflag: int  # a byte value, e.g. ord("0")
+    linkname: str
+    is_gnu: bool  # GNU/old GNU magic: the bytes after 345 are GNU fields, not a ustar prefix
+    sparse_entries: tuple[tuple[int, int], ...] = ()  # old GNU 'S': in-header (offset, numbytes)
+    is_extended: bool = False  # old GNU 'S': extension blocks follow the header
+    real_size: int = 0  # old GNU 'S': size of the expanded file
+
+
+def decode_name(raw: bytes) -> str:
+    """Turn a NUL-terminated header string into str; bytes that are not UTF-8 survive round trips."""
+    return _text(raw.split(b"\0", 1)[0])
+
+
+def parse_number(field: bytes) -> int:
+    """Decode a numeric header field: NUL/space-padded octal, or GNU base-256."""
+    if field[:1] == b"\x80":  # base-256, positive: the remaining bytes, big-endian
+        return int.from_bytes(field[1:], "big")
+    if field[:1] == b"\xff":  # base-256, negative: two's complement over the whole field
+        return int.from_bytes(field, "big", signed=True)
+    text = field.split(b"\0", 1)[0]
+    if not text.strip(b" "):
+        return 0
+    # int(x, 8) alone would accept "1_7", "+17" and "-1"; tarfile.nti(b"0000001_7\0") == 15.
+    if (match := _OCTAL.fullmatch(text)) is None:
+        raise BadHeader(f"not an octal number: {field!r}")
+    return int(match[1], 8)
+
+
+def checksum_ok(block: bytes) -> bool:
+    """Check the header checksum, accepting both the unsigned (POSIX) and the signed (old Sun) sum."""
+    try:
+        stored = parse_number(block[148:156])
+    except BadHeader:
+        return False
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 0x20  # the field counts as eight spaces
+    if stored == unsigned:
+        return True
+    high_bytes = sum(1 for b in block if b >= 0x80) - sum(1 for b in block[148:156] if b >= 0x80)
+    return stored == unsigned - 256 * high_bytes
+
+
+def parse_header(block: bytes, offset: int) -> Header:
+    """Decode a header block found at archive `offset`; raise BadHeader if it is not one."""
+    if not checksum_ok(block):
+        raise BadHeader("bad header checksum (not a tar header, or a corrupt one)", offset)
+    try:
+        return _parse_fields(block)
+    except BadHeader as exc:
+        raise BadHeader(f"bad header: {exc.reason}", offset) from None
+
+
+def _parse_fields(block: bytes) -> Header:
+    magic = block[257:265]
+    is_gnu = magic == GNU_MAGIC
+    name = block[0:100]
+    if magic[:6] == USTAR_MAGIC and block[345] != 0:  # ustar: path = prefix + "/" + name
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    typeflag = block[156]
+    header = Header(
+        name=decode_name(name),
+        size=parse_number(block[124:136]),
+        mtime=parse_number(block[136:148]),
+        typeflag=typeflag,
+        linkname=decode_name(block[157:257]),
+        is_gnu=is_gnu,
+    )
+    if typeflag == GNU_SPARSE:
+        return _with_old_gnu_sparse(header, block)
+    return header
+
+
+def _with_old_gnu_sparse(header: Header, block: bytes) -> Header:
+    """Add the in-header sparse map of an old GNU 'S' header (offsets 386..495)."""
+    entries = parse_sparse_entries(block[386:482], OLD_GNU_SPARSE_ENTRIES)
+    return Header(
+        name=header.name,
+        size=header.size,
+        mtime=header.mtime,
+        typeflag=header.typeflag,
+        linkname=header.linkname,
+        is_gnu=header.is_gnu,
+        sparse_entries=entries,
+        is_extended=block[482] != 0,
+        real_size=parse_number(block[483:495]),
+    )
+
+
+def parse_sparse_entries(raw: bytes, count: int) -> tuple[tuple[int, int], ...]:
+    """Decode `count` old GNU (offset, numbytes) slots; an all-NUL slot ends the list."""
+    entries = []
+    for i in range(0, count * SPARSE_ENTRY_SIZE, SPARSE_ENTRY_SIZE):
+        if raw[i] == 0:  # unused slot: GNU tar leaves the rest zero-filled
+            break
+        entries.append((parse_number(raw[i : i + 12]), parse_number(raw[i + 12 : i + 24])))
+    return tuple(entries)
+
+
+def parse_extension_block(block: bytes) -> tuple[tuple[tuple[int, int], ...], bool]:
+    """Decode an old GNU sparse extension block: 21 slots, then the `isextended` flag at 504."""
+    return parse_sparse_entries(block, EXTENSION_ENTRIES), block[504] != 0
+
+
+def parse_pax_records(payload: bytes, offset: int) -> list[tuple[str, str]]:
+    """Split a PAX extended header payload into ordered (keyword, value) records.
+
+    A list, not a dict: PAX sparse 0.0 repeats GNU.sparse.offset/numbytes, and order matters.
+    `offset` is where the payload starts in the archive, for error messages.
+    """
+    records = []
+    pos = 0
+    end = len(payload)
+    while pos < end:
+        if payload[pos] == 0:  # NUL padding after the last record
+            break
+        match = _PAX_LENGTH.match(payload, pos)
+        if match is None:
+            raise BadHeader("PAX record does not start with a length", offset + pos)
+        length = int(match[1])
+        record_end = pos + length
+        if length <= len(match[0]) or record_end > end or payload[record_end - 1] != 0x0A:
+            raise BadHeader(f"PAX record length {length} does not fit its record", offset + pos)
+        keyword, sep, value = payload[match.end() : record_end - 1].partition(b"=")
+        if not sep or not keyword:
+            raise BadHeader("PAX record has no keyword=value", offset + pos)
+        records.append((_text(keyword), _text(value)))
+        pos = record_end
+    return records
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")

@@ -11,7 +11,18 @@ from tarfuse.archive import Member, normalize_name
 from tarfuse.errors import CompressedArchive, NoImage
 
 # The seed driver's suffixes (QEMU block/tar.c: .raw .qcow .qcow2 .vmdk), plus the other common ones.
-IMAGE_SUFFIXES = (".raw", ".qcow", ".qcow2", ".vmdk", ".img", ".vdi", ".vhd", ".vhdx", ".iso", ".dsk")
+IMAGE_SUFFIXES = (
+    ".raw",
+    ".qcow",
+    ".qcow2",
+    ".vmdk",
+    ".img",
+    ".vdi",
+    ".vhd",
+    ".vhdx",
+    ".iso",
+    ".dsk",
+)
 HEAD_SIZE = 0x8800  # enough to see the ISO 9660 volume descriptor at 0x8001
 
 _COMPRESSION_MAGIC = (
@@ -82,9 +93,7 @@ def has_image_suffix(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def find_candidates(
-    files: list[Candidate], sniff: Callable[[Member], ImageFormat | None]
-) -> list[Candidate]:
+def find_candidates(files: list[Candidate], sniff: Callable[[Member], ImageFormat | None]) -> list[Candidate]:
     """Members named like images; if none is, members whose content starts like one."""
     by_name = [c for c in files if has_image_suffix(c.name)]
     if by_name:
@@ -92,9 +101,7 @@ def find_candidates(
     return [c for c in files if c.member.real_size >= 512 and sniff(c.member) is not None]
 
 
-def choose_image(
-    files: list[Candidate], candidates: list[Candidate], wanted: str | None
-) -> Candidate:
+def choose_image(files: list[Candidate], candidates: list[Candidate], wanted: str | None) -> Candidate:
     """Pick the member named `wanted`, or the only candidate; otherwise explain how to choose."""
     if wanted is not None:
         matches = [c for c in files if normalize_name(c.name) == normalize_name(wanted)]

@@ -92,7 +92,8 @@ def _pax0_numbers(spec: SparseSpec) -> list[int]:
         raise CorruptSparseMap("sparse map has an odd number of values", where)
     if declared and _decimals(declared[-1:], where) != [len(numbers) // 2]:
         raise CorruptSparseMap(
-            f"GNU.sparse.numblocks={declared[-1]} but the map has {len(numbers) // 2} entries", where
+            f"GNU.sparse.numblocks={declared[-1]} but the map has {len(numbers) // 2} entries",
+            where,
         )
     return numbers
 
@@ -150,14 +151,12 @@ def _validated(member: Member, numbers: list[int], data_offset: int, data_size: 
         )
     if ends and ends[-1] > member.real_size:
         raise CorruptSparseMap(
-            f"member {member.name!r}: sparse data ends at {ends[-1]}, past the real size "
-            f"{member.real_size}",
+            f"member {member.name!r}: sparse data ends at {ends[-1]}, past the real size {member.real_size}",
             where,
         )
     if (total := sum(lengths)) > data_size:
         raise CorruptSparseMap(
-            f"member {member.name!r}: sparse map lists {total} bytes of data but only {data_size} "
-            "are stored",
+            f"member {member.name!r}: sparse map lists {total} bytes of data but only {data_size} are stored",
             where,
         )
     physical = list(itertools.accumulate(lengths[:-1], initial=data_offset)) if lengths else []
@@ -165,4 +164,3 @@ def _validated(member: Member, numbers: list[int], data_offset: int, data_size: 
         return _arrays(member.real_size, offsets, lengths, physical)
     except OverflowError:
         raise CorruptSparseMap(f"member {member.name!r}: absurd sparse map values", where) from None
-

@@ -1,0 +1,266 @@
+"""The `tarfuse` command: arguments and -o options, logging, and exit codes.
+
+`mount.fuse3` (fstab, systemd .mount units) runs helpers as `TYPE SOURCE MOUNTPOINT -o OPTIONS`, so that is
+the shape of the command line, as for sshfs. Exit codes: 0 success, 1 the archive or the mount failed,
+2 the command line is wrong.
+"""
+
+import argparse
+import errno
+import logging
+import os
+import stat
+import sys
+from dataclasses import dataclass, field
+
+from tarfuse import __version__, daemon
+from tarfuse.errors import ArchiveError, TarfuseError, UsageError
+from tarfuse.fs import ImageFs, ServedFile
+from tarfuse.image import Image, list_images, open_image
+from tarfuse.source import ArchiveFile
+
+log = logging.getLogger("tarfuse")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Words that fstab, mount(8) and mount.fuse3 pass along and that mean nothing here (as in s3ql/sshfs).
+# mount.fuse3 passes "rw,dev,suid" when nothing else is said: dev/suid/exec are moot on a lone 0444 file.
+# fmt: off
+_IGNORED = frozenset({
+    "ro", "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "nofail",
+    "_netdev", "nonempty", "async", "sync", "dev", "suid", "exec",
+})
+# Generic mount flags that libfuse's mount understands: passed through as they are.
+_PASSED = frozenset({
+    "allow_other", "auto_unmount", "nosuid", "nodev", "noexec", "noatime", "atime", "relatime",
+    "norelatime", "strictatime", "nodiratime", "diratime", "dirsync", "lazytime", "nolazytime",
+})
+# fmt: on
+_OURS = ("member", "uid", "gid", "umask", "fsname")
+
+
+@dataclass
+class MountOptions:
+    """The -o options, split into ours and the ones handed to libfuse."""
+
+    member: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    umask: int = 0o222
+    fsname: str | None = None
+    fuse: set[str] = field(default_factory=set)
+
+
+def split_mount_options(words: list[str], rw_is_default: bool = False) -> MountOptions:
+    """Parse comma-separated -o words; raise UsageError naming any word that is wrong.
+
+    mount(8) hands every helper "rw" unless told "ro", so `rw_is_default` (set when mount(8) runs us)
+    accepts it: the mount is read-only either way, as `mount` of a write-protected device is.
+    """
+    options = MountOptions()
+    for word in (w for group in words for w in group.split(",") if w):
+        key, has_value, value = word.partition("=")
+        if key in _OURS and has_value:
+            _set_option(options, key, value)
+        elif word == "rw":
+            if not rw_is_default:
+                raise UsageError(
+                    "option 'rw': tarfuse mounts are read-only; for writes put a qcow2 overlay on "
+                    "the image (qemu-img create -f qcow2 -b MNT/IMAGE -F raw overlay.qcow2)"
+                )
+        elif word in _IGNORED or key.startswith(("x-", "comment")):
+            continue
+        elif word in _PASSED:
+            options.fuse.add(word)
+        else:
+            raise UsageError(f"unknown mount option {word!r} (see tarfuse --help)")
+    return options
+
+
+def _set_option(options: MountOptions, key: str, value: str) -> None:
+    if key in ("member", "fsname"):
+        if not value:
+            raise UsageError(f"option {key}= needs a value")
+        setattr(options, key, value)
+        return
+    base = 8 if key == "umask" else 10
+    try:
+        number = int(value, base)
+    except ValueError:
+        raise UsageError(f"option {key}={value!r} is not a number") from None
+    if number < 0 or (key == "umask" and number > 0o777):
+        raise UsageError(f"option {key}={value!r} is out of range")
+    setattr(options, key, number)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tarfuse",
+        description="Mount the disk image inside a tar archive as one read-only file, without "
+        "unpacking it. Sparse members (GNU tar -S, every format) are served with their holes "
+        "as zeros. Unmount with: fusermount3 -u MOUNTPOINT",
+        epilog="mount options (-o): member=PATH (which image, if several), allow_other, uid=N, "
+        "gid=N, umask=OCTAL, fsname=NAME; generic words from fstab (ro, defaults, noauto, nofail, "
+        "_netdev, nosuid, nodev, noexec, user, x-systemd.*) are accepted. "
+        "fstab: /srv/vm.tar /mnt/vm fuse.tarfuse ro,allow_other,member=disk.raw 0 0",
+    )
+    parser.add_argument("archive", metavar="ARCHIVE", help="tar archive holding the image")
+    parser.add_argument(
+        "mountpoint",
+        metavar="MOUNTPOINT",
+        nargs="?",
+        help="a directory (the image appears inside it) or a file (it becomes the image)",
+    )
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
+    parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    parser.add_argument("-d", "--debug", action="store_true", help="log debug messages")
+    parser.add_argument("--debug-fuse", action="store_true", help="also log libfuse's requests")
+    parser.add_argument("-l", "--list", action="store_true", help="list the disk images in ARCHIVE and exit")
+    parser.add_argument("-V", "--version", action="version", version=f"tarfuse {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="tarfuse: %(message)s" if not args.debug else "tarfuse: %(name)s: %(message)s",
+    )
+    try:
+        options = split_mount_options(args.options, rw_is_default=_run_by_mount())
+        if args.list:
+            return _list(args.archive)
+        if args.mountpoint is None:
+            raise UsageError("MOUNTPOINT is missing (or use --list to see what ARCHIVE holds)")
+        return _mount(args, options)
+    except UsageError as exc:
+        print(f"tarfuse: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TarfuseError as exc:
+        print(f"tarfuse: {args.archive}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"tarfuse: {exc.filename or args.archive}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _run_by_mount() -> bool:
+    """Whether mount(8) started us through mount.fuse3 (fstab, systemd .mount units)."""
+    pid = os.getppid()
+    for _ in range(3):  # mount -> mount.fuse3 (which execs sh -c) -> tarfuse
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as stat_file:
+                name, _, rest = stat_file.read().partition("(")[2].rpartition(")")
+        except OSError:
+            return False
+        if name in ("mount", "mount.fuse3", "mount.fuse"):
+            return True
+        pid = int(rest.split()[1])
+    return False
+
+
+def _list(path: str) -> int:
+    with ArchiveFile(path) as archive:
+        images = list_images(archive.pread, archive.size)
+    if not images:
+        print(f"tarfuse: {path}: no disk image found", file=sys.stderr)
+        return EXIT_FAILED
+    rows = [("PATH", "FORMAT", "SIZE", "ALLOCATED", "EXTENTS", "OFFSET")]
+    rows += [
+        (
+            i.name,
+            str(i.format),
+            str(i.mapper.size),
+            str(i.stored_bytes),
+            str(i.extent_count),
+            str(i.member.data_offset),
+        )
+        for i in images
+    ]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def _mount(args: argparse.Namespace, options: MountOptions) -> int:
+    root_is_file = _check_mountpoint(args.mountpoint)
+    archive = ArchiveFile(args.archive)
+    image = open_image(archive.pread, archive.size, options.member)
+    log.debug("serving %s (%s, %d bytes)", image.name, image.format, image.mapper.size)
+    ops = ImageFs(_served_file(image, archive, options), root_is_file)
+    fuse_options = set(options.fuse) | {
+        "ro",
+        "default_permissions",
+        "subtype=tarfuse",
+        f"fsname={options.fsname or os.path.abspath(args.archive)}",
+    }
+    if args.debug_fuse:
+        fuse_options.add("debug")
+    try:
+        daemon.mount(ops, args.mountpoint, fuse_options)
+    except daemon.MountFailed:
+        raise ArchiveError(f"could not mount on {args.mountpoint} (see the message above)") from None
+    return daemon.serve(args.foreground)
+
+
+def _check_mountpoint(path: str) -> bool:
+    """Return whether the mount point is a file; refuse a stale or busy one with what to do."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise UsageError(
+                f"{path}: a stale FUSE mount is there (its daemon died); clear it with fusermount3 -u {path}"
+            ) from None
+        raise UsageError(f"mount point {path}: {exc.strerror}") from None
+    if _is_mounted(path):
+        raise UsageError(f"{path} is already a mount point; unmount it first (fusermount3 -u {path})")
+    if stat.S_ISDIR(info.st_mode):
+        return False
+    if stat.S_ISREG(info.st_mode):
+        return True
+    raise UsageError(f"mount point {path} must be a directory or a regular file")
+
+
+def _is_mounted(path: str) -> bool:
+    """Look the path up in /proc/self/mountinfo (os.path.ismount misses mounts on files)."""
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+            points = {_unescape(line.split()[4]) for line in info}
+    except OSError:
+        return os.path.ismount(path)
+    return target in points
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040 ...)."""
+    for code in ("\\040", "\\011", "\\012", "\\134"):
+        field = field.replace(code, chr(int(code[1:], 8)))
+    return field
+
+
+def _served_file(image: Image, archive: ArchiveFile, options: MountOptions) -> ServedFile:
+    mapper = image.mapper
+
+    def read(offset: int, size: int) -> bytes:
+        data = mapper.read(offset, size)
+        archive.check_unchanged()  # after the read: a change before it or during it is caught
+        return data
+
+    return ServedFile(
+        name=os.path.basename(image.name.rstrip("/")) or "image",
+        size=mapper.size,
+        mtime_ns=image.member.mtime * 1_000_000_000,
+        stored_bytes=image.stored_bytes,
+        read=read,
+        xattrs={
+            "user.tarfuse.member": os.fsencode(image.name),
+            "user.tarfuse.format": image.format.driver.encode(),
+            "user.tarfuse.archive": os.fsencode(os.path.abspath(archive.path)),
+        },
+        uid=os.getuid() if options.uid is None else options.uid,
+        gid=os.getgid() if options.gid is None else options.gid,
+        umask=options.umask,
+    )

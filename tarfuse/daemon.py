@@ -1,0 +1,102 @@
+"""The mount's life: mount, detach from the terminal, serve until unmounted or signalled, unmount.
+
+Mount first, then fork (as libfuse's fuse_daemonize does): mount errors still reach the terminal and the exit
+status, and the parent returns only once the mount is live and the child's event loop has started.
+Never fork while trio runs.
+"""
+
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+
+import pyfuse3
+import trio
+
+from tarfuse.fs import ImageFs
+
+log = logging.getLogger(__name__)
+
+_READY = b"\x01"
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class MountFailed(Exception):
+    """libfuse could not mount (its own message went to stderr)."""
+
+
+def mount(ops: ImageFs, mountpoint: str, options: set[str]) -> None:
+    """Mount, or raise MountFailed; libfuse prints the reason itself."""
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError as exc:
+        raise MountFailed(str(exc)) from None
+
+
+def serve(foreground: bool) -> int:
+    """Run the mounted file system until it is unmounted or a stop signal comes; return the exit status."""
+    ready_fd = None
+    if not foreground:
+        ready_fd = _detach()  # returns only in the child
+    clean = False
+    try:
+        trio.run(_run_until_unmounted, ready_fd)
+        clean = True
+    finally:
+        # After a crash, leave the mount in place (ENOTCONN) rather than an empty directory that
+        # looks like a working, empty mount; the message tells how to clear it.
+        pyfuse3.close(unmount=clean)
+    log.info("unmounted, exiting")
+    return 0
+
+
+async def _run_until_unmounted(ready_fd: int | None) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_terminate_on_signal)
+        if ready_fd is not None:
+            os.write(ready_fd, _READY)
+            os.close(ready_fd)
+        log.info("serving")
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        async for signum in signals:
+            log.info("got %s, unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def _detach() -> int:
+    """Fork; the parent waits for the child's "serving" byte and exits with 0, or 1 if none comes."""
+    read_fd, write_fd = os.pipe()
+    if os.fork():
+        os.close(write_fd)
+        status = 0 if os.read(read_fd, 1) == _READY else 1
+        if status:
+            print("tarfuse: the daemon died while starting; see the system log", file=sys.stderr)
+            pyfuse3.close(unmount=True)
+        os._exit(status)
+    os.close(read_fd)
+    os.setsid()
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    _log_to_syslog()
+    return write_fd
+
+
+def _log_to_syslog() -> None:
+    """Detached, stderr goes nowhere: log to the journal/syslog instead, if there is one."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("tarfuse[%(process)d]: %(message)s"))
+        root.addHandler(handler)

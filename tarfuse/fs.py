@@ -1,0 +1,194 @@
+"""The pyfuse3 adapter: one read-only file, at the root or alone in the root directory.
+
+A protocol adapter only: inodes, attributes, extended attributes and errno mapping. It knows nothing about
+tar; it serves whatever `ServedFile.read` returns. Read-only at every entry point: anything that would
+change the file system fails with EROFS, even though the kernel already refuses most writes on a `ro` mount.
+"""
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import pyfuse3
+from pyfuse3 import FileHandleT, FileInfo, FUSEError, InodeT, RequestContext
+
+from tarfuse.errors import TarfuseError
+
+log = logging.getLogger(__name__)
+
+IMAGE_INODE = InodeT(pyfuse3.ROOT_INODE + 1)  # the image's inode when the root is a directory
+_FOREVER = 24 * 3600.0  # attribute and entry timeouts: nothing under a tarfuse mount ever changes
+_BLOCK = 4096
+
+ReadFn = Callable[[int, int], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ServedFile:
+    """What the file system shows: a name, a size, owner and mode, and how to read it."""
+
+    name: str
+    size: int
+    mtime_ns: int
+    stored_bytes: int  # real data behind the file, for st_blocks (so `du` shows sparseness)
+    read: ReadFn
+    xattrs: Mapping[str, bytes]
+    uid: int
+    gid: int
+    umask: int = 0o222
+
+
+class ImageFs(pyfuse3.Operations):
+    """Serve one file. With `root_is_file` the mount point itself is the file (a file mount point)."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, served: ServedFile, root_is_file: bool) -> None:
+        super().__init__()
+        self._served = served
+        self._name = os.fsencode(served.name)
+        self._file_inode = InodeT(pyfuse3.ROOT_INODE) if root_is_file else IMAGE_INODE
+        self._root_is_file = root_is_file
+        self._xattrs = {os.fsencode(k): v for k, v in served.xattrs.items()}
+        self._logged_errors: set[str] = set()
+
+    def _attributes(self, inode: InodeT) -> pyfuse3.EntryAttributes:
+        served = self._served
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.entry_timeout = attr.attr_timeout = _FOREVER
+        attr.st_uid, attr.st_gid = served.uid, served.gid
+        attr.st_atime_ns = attr.st_ctime_ns = attr.st_mtime_ns = served.mtime_ns
+        attr.st_blksize = _BLOCK
+        if inode == self._file_inode:
+            attr.st_mode = stat.S_IFREG | (0o444 & ~served.umask)
+            attr.st_nlink = 1
+            attr.st_size = served.size
+            attr.st_blocks = -(-served.stored_bytes // 512)
+        else:
+            attr.st_mode = stat.S_IFDIR | (0o555 & ~served.umask)
+            attr.st_nlink = 2
+            attr.st_size = 0
+        return attr
+
+    def _check_inode(self, inode: InodeT) -> None:
+        if inode not in (pyfuse3.ROOT_INODE, self._file_inode):
+            raise FUSEError(errno.ENOENT)
+
+    async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        self._check_inode(inode)
+        return self._attributes(inode)
+
+    async def lookup(
+        self, parent_inode: InodeT, name: bytes, ctx: RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        if self._root_is_file or parent_inode != pyfuse3.ROOT_INODE:
+            raise FUSEError(errno.ENOTDIR if self._root_is_file else errno.ENOENT)
+        if name != self._name:
+            raise FUSEError(errno.ENOENT)
+        return self._attributes(self._file_inode)
+
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
+        if inode != pyfuse3.ROOT_INODE or self._root_is_file:
+            raise FUSEError(errno.ENOTDIR)
+        return FileHandleT(inode)
+
+    async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if start_id == 0:
+            pyfuse3.readdir_reply(token, self._name, self._attributes(self._file_inode), 1)
+
+    async def releasedir(self, fh: FileHandleT) -> None:
+        pass
+
+    async def open(self, inode: InodeT, flags: int, ctx: RequestContext) -> FileInfo:
+        if inode != self._file_inode:
+            raise FUSEError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise FUSEError(errno.EROFS)
+        # The image never changes while mounted: let the page cache outlive each open.
+        return FileInfo(fh=FileHandleT(inode), keep_cache=True)
+
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        try:
+            return self._served.read(off, size)
+        except TarfuseError as exc:
+            self._log_once(f"read of {size} bytes at image offset {off} failed: {exc}")
+            raise FUSEError(errno.EIO) from None
+        except OSError as exc:
+            self._log_once(f"read of {size} bytes at image offset {off} failed: {exc}")
+            raise FUSEError(exc.errno or errno.EIO) from None
+
+    def _log_once(self, message: str) -> None:
+        """Log a failure at ERROR the first time, then at DEBUG: a guest retries the same read often."""
+        key = message.split(" failed: ", 1)[-1]
+        level = logging.DEBUG if key in self._logged_errors else logging.ERROR
+        self._logged_errors.add(key)
+        log.log(level, "%s", message)
+
+    async def release(self, fh: FileHandleT) -> None:
+        pass
+
+    async def flush(self, fh: FileHandleT) -> None:
+        pass
+
+    async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = _BLOCK
+        data.f_blocks = -(-self._served.size // _BLOCK)
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = 1 if self._root_is_file else 2
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    async def getxattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> bytes:
+        self._check_inode(inode)
+        value = self._xattrs.get(name) if inode == self._file_inode else None
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[bytes]:
+        self._check_inode(inode)
+        return list(self._xattrs) if inode == self._file_inode else []
+
+    # Everything below would change the file system: refuse, as a read-only file system must.
+
+    async def setattr(self, *args: object) -> pyfuse3.EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    async def write(self, *args: object) -> int:
+        raise FUSEError(errno.EROFS)
+
+    async def setxattr(self, *args: object) -> None:
+        raise FUSEError(errno.EROFS)
+
+    async def removexattr(self, *args: object) -> None:
+        raise FUSEError(errno.EROFS)
+
+    async def create(self, *args: object) -> tuple[FileInfo, pyfuse3.EntryAttributes]:
+        raise FUSEError(errno.EROFS)
+
+    async def mknod(self, *args: object) -> pyfuse3.EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    async def mkdir(self, *args: object) -> pyfuse3.EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    async def symlink(self, *args: object) -> pyfuse3.EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    async def link(self, *args: object) -> pyfuse3.EntryAttributes:
+        raise FUSEError(errno.EROFS)
+
+    async def unlink(self, *args: object) -> None:
+        raise FUSEError(errno.EROFS)
+
+    async def rmdir(self, *args: object) -> None:
+        raise FUSEError(errno.EROFS)
+
+    async def rename(self, *args: object) -> None:
+        raise FUSEError(errno.EROFS)

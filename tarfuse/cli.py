@@ -22,6 +22,7 @@ from tarfuse.source import ArchiveFile
 log = logging.getLogger("tarfuse")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_MAX_REQUEST = 1 << 20  # FUSE reads are at most max_pages (256) pages long; larger ones get their own buffer
 
 # Words that fstab, mount(8) and mount.fuse3 pass along and that mean nothing here (as in s3ql/sshfs).
 # mount.fuse3 passes "rw,dev,suid" when nothing else is said: dev/suid/exec are moot on a lone 0444 file.
@@ -36,7 +37,7 @@ _PASSED = frozenset({
     "norelatime", "strictatime", "nodiratime", "diratime", "dirsync", "lazytime", "nolazytime",
 })
 # fmt: on
-_OURS = ("member", "uid", "gid", "umask", "fsname")
+_OURS = ("member", "uid", "gid", "umask", "fsname", "readahead_kb")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class MountOptions:
     gid: int | None = None
     umask: int = 0o222
     fsname: str | None = None
+    readahead_kb: int = 4096  # measured: 1 MiB requests, several in flight (docs/benchmarks.md)
     fuse: set[str] = field(default_factory=set)
 
 
@@ -100,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
         "unpacking it. Sparse members (GNU tar -S, every format) are served with their holes "
         "as zeros. Unmount with: fusermount3 -u MOUNTPOINT",
         epilog="mount options (-o): member=PATH (which image, if several), allow_other, uid=N, "
-        "gid=N, umask=OCTAL, fsname=NAME; generic words from fstab (ro, defaults, noauto, nofail, "
+        "gid=N, umask=OCTAL, fsname=NAME, readahead_kb=N (root only, default 4096); "
+        "generic words from fstab (ro, defaults, noauto, nofail, "
         "_netdev, nosuid, nodev, noexec, user, x-systemd.*) are accepted. "
         "fstab: /srv/vm.tar /mnt/vm fuse.tarfuse ro,allow_other,member=disk.raw 0 0",
     )
@@ -184,11 +187,16 @@ def _list(path: str) -> int:
 
 
 def _mount(args: argparse.Namespace, options: MountOptions) -> int:
-    root_is_file = _check_mountpoint(args.mountpoint)
+    mountpoint = os.path.realpath(args.mountpoint)  # now: once mounted, resolving it would hang
+    root_is_file = _check_mountpoint(mountpoint)
     archive = ArchiveFile(args.archive)
-    image = open_image(archive.pread, archive.size, options.member)
+    image = open_image(archive.pread, archive.size, options.member, archive.pread_into)
     log.debug("serving %s (%s, %d bytes)", image.name, image.format, image.mapper.size)
-    ops = ImageFs(_served_file(image, archive, options), root_is_file)
+    ops = ImageFs(
+        _served_file(image, archive, options),
+        root_is_file,
+        after_init=lambda: daemon.tune_readahead(mountpoint, options.readahead_kb),
+    )
     fuse_options = set(options.fuse) | {
         "ro",
         "default_permissions",
@@ -198,7 +206,7 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
     if args.debug_fuse:
         fuse_options.add("debug")
     try:
-        daemon.mount(ops, args.mountpoint, fuse_options)
+        daemon.mount(ops, mountpoint, fuse_options)
     except daemon.MountFailed:
         raise ArchiveError(f"could not mount on {args.mountpoint} (see the message above)") from None
     return daemon.serve(args.foreground)
@@ -214,7 +222,7 @@ def _check_mountpoint(path: str) -> bool:
                 f"{path}: a stale FUSE mount is there (its daemon died); clear it with fusermount3 -u {path}"
             ) from None
         raise UsageError(f"mount point {path}: {exc.strerror}") from None
-    if _is_mounted(path):
+    if daemon.find_mount(path) is not None:
         raise UsageError(f"{path} is already a mount point; unmount it first (fusermount3 -u {path})")
     if stat.S_ISDIR(info.st_mode):
         return False
@@ -223,31 +231,17 @@ def _check_mountpoint(path: str) -> bool:
     raise UsageError(f"mount point {path} must be a directory or a regular file")
 
 
-def _is_mounted(path: str) -> bool:
-    """Look the path up in /proc/self/mountinfo (os.path.ismount misses mounts on files)."""
-    target = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
-            points = {_unescape(line.split()[4]) for line in info}
-    except OSError:
-        return os.path.ismount(path)
-    return target in points
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal (\\040 ...)."""
-    for code in ("\\040", "\\011", "\\012", "\\134"):
-        field = field.replace(code, chr(int(code[1:], 8)))
-    return field
-
-
 def _served_file(image: Image, archive: ArchiveFile, options: MountOptions) -> ServedFile:
     mapper = image.mapper
+    # One buffer serves every request: handlers run one at a time on the trio loop, and pyfuse3 copies
+    # the reply to the kernel before the next request is read (see ImageFs.read).
+    buffer = memoryview(bytearray(_MAX_REQUEST))
 
-    def read(offset: int, size: int) -> bytes:
-        data = mapper.read(offset, size)
+    def read(offset: int, size: int) -> memoryview:
+        view = buffer[:size] if size <= len(buffer) else memoryview(bytearray(size))
+        filled = mapper.read_into(view, offset)
         archive.check_unchanged()  # after the read: a change before it or during it is caught
-        return data
+        return view[:filled]
 
     return ServedFile(
         name=os.path.basename(image.name.rstrip("/")) or "image",

@@ -34,6 +34,47 @@ def mount(ops: ImageFs, mountpoint: str, options: set[str]) -> None:
         raise MountFailed(str(exc)) from None
 
 
+def find_mount(path: str) -> str | None:
+    """Return the device ("major:minor") of the topmost mount at `path`, or None if none is there.
+
+    `path` must be absolute and resolved (os.path.realpath) *before* mounting: once our mount is there,
+    any stat of it waits for our own loop. Reads /proc/self/mountinfo, as os.path.ismount misses mounts
+    on files.
+    """
+    target = path
+    device = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+            for line in info:
+                fields = line.split()
+                if _unescape(fields[4]) == target:
+                    device = fields[2]  # a later line is a mount on top of an earlier one
+    except OSError:
+        return None
+    return device
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040 ...)."""
+    for code in ("\\040", "\\011", "\\012", "\\134"):
+        field = field.replace(code, chr(int(code[1:], 8)))
+    return field
+
+
+def tune_readahead(mountpoint: str, kib: int) -> None:
+    """Raise the mount's readahead so the kernel sends 1 MiB reads, several at a time.
+
+    pyfuse3 cannot ask for it at FUSE init; the bdi sysfs knob can, for root. Measured on 2 vCPUs:
+    sequential reads went from ~0.6 GB/s (128 KiB default) to ~1.5 GB/s (docs/benchmarks.md).
+    """
+    device = find_mount(mountpoint)
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w", encoding="ascii") as knob:
+            knob.write(str(kib))
+    except OSError as exc:
+        log.debug("could not set read_ahead_kb of %s: %s (sequential reads will be slower)", device, exc)
+
+
 def serve(foreground: bool) -> int:
     """Run the mounted file system until it is unmounted or a stop signal comes; return the exit status."""
     ready_fd = None

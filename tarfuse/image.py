@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from tarfuse import detect, sparse
 from tarfuse.archive import Member, Pread, scan_members
 from tarfuse.detect import Candidate, ImageFormat
-from tarfuse.mapper import ImageMapper
+from tarfuse.mapper import ImageMapper, PreadInto
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,9 +24,9 @@ class Image:
     extent_count: int
 
 
-def _open_candidate(candidate: Candidate, pread: Pread) -> Image:
+def _open_candidate(candidate: Candidate, pread: Pread, pread_into: PreadInto | None = None) -> Image:
     sparse_map = sparse.decode(candidate.member, pread)
-    mapper = ImageMapper(pread, sparse_map)
+    mapper = ImageMapper(pread, sparse_map, pread_into)
     found = detect.detect_format(mapper.read, mapper.size)
     return Image(
         name=candidate.name,
@@ -57,8 +57,13 @@ def list_images(pread: Pread, archive_size: int) -> list[Image]:
     return [_open_candidate(c, pread) for c in detect.find_candidates(files, _sniffer(pread))]
 
 
-def open_image(pread: Pread, archive_size: int, wanted: str | None = None) -> Image:
-    """The image to serve: the member named `wanted`, or the archive's only candidate."""
+def open_image(
+    pread: Pread, archive_size: int, wanted: str | None = None, pread_into: PreadInto | None = None
+) -> Image:
+    """The image to serve: the member named `wanted`, or the archive's only candidate.
+
+    `pread_into` (os.preadv-like) lets the mapper fill the daemon's reusable buffers.
+    """
     files = _files(pread, archive_size)
     candidates = [] if wanted else detect.find_candidates(files, _sniffer(pread))
-    return _open_candidate(detect.choose_image(files, candidates, wanted), pread)
+    return _open_candidate(detect.choose_image(files, candidates, wanted), pread, pread_into)

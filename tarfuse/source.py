@@ -30,6 +30,9 @@ class ArchiveFile:
     def pread(self, size: int, offset: int) -> bytes:
         return os.pread(self.fd, size, offset)
 
+    def pread_into(self, buffer: memoryview, offset: int) -> int:
+        return os.preadv(self.fd, [buffer], offset)
+
     def check_unchanged(self) -> None:
         """Raise ArchiveChanged if the file was truncated, grown or rewritten since it was opened."""
         if not self._is_regular:

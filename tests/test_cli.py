@@ -1,0 +1,90 @@
+"""The command line without mounting: -o parsing, --list, exit codes and one-line errors."""
+
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from tarfuse import __version__
+from tarfuse.cli import EXIT_FAILED, EXIT_USAGE, main, split_mount_options
+from tarfuse.errors import UsageError
+
+
+def test_our_options_are_parsed_and_libfuse_options_passed_on():
+    options = split_mount_options(["member=vm/disk.raw,uid=1000", "gid=100,umask=027,allow_other,nodev"])
+    assert (options.member, options.uid, options.gid, options.umask) == ("vm/disk.raw", 1000, 100, 0o027)
+    assert options.fuse == {"allow_other", "nodev"}
+
+
+def test_fstab_words_are_accepted_and_dropped():
+    words = "ro,defaults,noauto,nofail,_netdev,user,users,x-systemd.automount,x-systemd.idle-timeout=60"
+    assert split_mount_options([words]).fuse == set()
+
+
+def test_explicit_rw_is_refused_with_what_to_do_instead():
+    with pytest.raises(UsageError, match="read-only.*qcow2 overlay"):
+        split_mount_options(["rw"])
+
+
+def test_rw_that_mount8_adds_by_itself_is_accepted():
+    assert split_mount_options(["rw,dev,suid"], rw_is_default=True).fuse == set()
+
+
+@pytest.mark.parametrize("word", ["bogus", "member", "uid=abc", "umask=999", "gid=-1", "member="])
+def test_a_wrong_option_is_an_error_naming_it(word):
+    with pytest.raises(UsageError, match=word.split("=")[0]):
+        split_mount_options([word])
+
+
+@pytest.fixture
+def small_tar(tmp_path):
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\x00" * 510 + b"\x55\xaa" + b"x" * 3584)
+    archive = tmp_path / "vm.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.add(image, arcname="vm/disk.raw")
+    return archive
+
+
+def test_list_prints_one_row_per_image(small_tar, capsys):
+    assert main(["--list", str(small_tar)]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["PATH", "FORMAT", "SIZE", "ALLOCATED", "EXTENTS", "OFFSET"]
+    assert row.split()[:2] == ["vm/disk.raw", "raw"]
+    assert row.split()[-4:] == ["4096", "4096", "1", "512"]
+
+
+def test_a_bad_archive_gives_one_line_with_offset_and_exit_1(tmp_path, capsys):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar archive" * 100)
+    assert main(["--list", str(bad)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"tarfuse: {bad}: ") and "archive offset 0" in err
+
+
+def test_a_missing_archive_is_reported_by_name(tmp_path, capsys):
+    assert main(["--list", str(tmp_path / "nope.tar")]) == EXIT_FAILED
+    assert "nope.tar: No such file or directory" in capsys.readouterr().err
+
+
+def test_a_missing_mountpoint_argument_is_a_usage_error(small_tar, capsys):
+    assert main([str(small_tar)]) == EXIT_USAGE
+    assert "MOUNTPOINT is missing" in capsys.readouterr().err
+
+
+def test_a_mountpoint_that_does_not_exist_is_a_usage_error(small_tar, tmp_path, capsys):
+    assert main([str(small_tar), str(tmp_path / "absent")]) == EXIT_USAGE
+    assert "absent" in capsys.readouterr().err
+
+
+def test_version_and_help_work_as_commands():
+    version = subprocess.run(
+        [sys.executable, "-m", "tarfuse", "--version"], capture_output=True, text=True, check=True
+    )
+    assert version.stdout.strip() == f"tarfuse {__version__}"
+    usage = subprocess.run(
+        [sys.executable, "-m", "tarfuse", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "MOUNTPOINT" in usage.stdout and "member=PATH" in usage.stdout

@@ -23,7 +23,7 @@ def test_fstab_words_are_accepted_and_dropped():
 
 
 def test_explicit_rw_is_refused_with_what_to_do_instead():
-    with pytest.raises(UsageError, match="read-only.*qcow2 overlay"):
+    with pytest.raises(UsageError, match=r"read-only.*qcow2 overlay"):
         split_mount_options(["rw"])
 
 
@@ -61,7 +61,8 @@ def test_a_bad_archive_gives_one_line_with_offset_and_exit_1(tmp_path, capsys):
     assert main(["--list", str(bad)]) == EXIT_FAILED
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith(f"tarfuse: {bad}: ") and "archive offset 0" in err
+    assert err.startswith(f"tarfuse: {bad}: ")
+    assert "archive offset 0" in err
 
 
 def test_a_missing_archive_is_reported_by_name(tmp_path, capsys):
@@ -87,4 +88,5 @@ def test_version_and_help_work_as_commands():
     usage = subprocess.run(
         [sys.executable, "-m", "tarfuse", "--help"], capture_output=True, text=True, check=True
     )
-    assert "MOUNTPOINT" in usage.stdout and "member=PATH" in usage.stdout
+    assert "MOUNTPOINT" in usage.stdout
+    assert "member=PATH" in usage.stdout

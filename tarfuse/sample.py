@@ -1,0 +1,117 @@
+"""Build small sample disk images for the demo and the tests, with no downloads.
+
+The image is a sparse raw disk, like a cloud image: a boot sector that prints one line on the first
+serial port, a few runs of deterministic pseudo-random data, and holes everywhere else. Its bytes are
+the oracle the tests compare a mount against. Must not import pyfuse3 or trio.
+"""
+
+import os
+import random
+from dataclasses import dataclass
+
+SECTOR_SIZE = 512
+BOOT_SIGNATURE = b"\x55\xaa"  # at bytes 510-511; the BIOS boots a disk only if it is there
+LOAD_ADDRESS = 0x7C00  # where the BIOS loads the boot sector (segment 0)
+
+# x86 real-mode code, hand-assembled. The BIOS jumps to it either as 0000:7C00 or as 07C0:0000;
+# both work, because data is addressed through DS = 0 and every jump is relative.
+# COM1 is I/O port 0x3f8; QEMU's 16550 UART needs no setup before a write to its transmit register.
+_CODE = bytes.fromhex(
+    "fa"  # 00  cli                   no interrupts: nothing below may be disturbed
+    "fc"  # 01  cld                   lodsb walks forwards
+    "31c0"  # 02  xor ax, ax
+    "8ed8"  # 04  mov ds, ax          DS = 0, so DS:SI is a linear address
+    "be0000"  # 06  mov si, MESSAGE   (0x7C00 + offset of the message; patched below)
+    "baf803"  # 09  mov dx, 0x3f8     COM1
+    "ac"  # 0c  next: lodsb           al = [ds:si++]
+    "84c0"  # 0d  test al, al
+    "7403"  # 0f  jz halt             NUL ends the message (0x11 + 3 = 0x14)
+    "ee"  # 11  out dx, al            send the byte
+    "ebf8"  # 12  jmp next            (0x14 - 8 = 0x0c)
+    "f4"  # 14  halt: hlt
+    "ebfd"  # 15  jmp halt            (0x17 - 3 = 0x14): stay halted even after an NMI
+)
+_SI_IMMEDIATE = slice(7, 9)  # the 16-bit operand of `mov si, MESSAGE`
+MAX_MESSAGE_SIZE = SECTOR_SIZE - len(BOOT_SIGNATURE) - len(_CODE) - 1  # one byte for the NUL
+
+
+@dataclass(frozen=True, slots=True)
+class DataRun:
+    """Bytes written at `offset` of a sample image; everything outside the runs is a hole."""
+
+    offset: int
+    data: bytes
+
+
+def boot_sector(message: str) -> bytes:
+    """Return a 512-byte boot sector that writes `message` to COM1, then halts.
+
+    Raises:
+        ValueError: `message` is not ASCII, contains a NUL, or does not fit in the sector.
+    """
+    text = message.encode("ascii")
+    if b"\0" in text or len(text) > MAX_MESSAGE_SIZE:
+        raise ValueError(f"the message must be at most {MAX_MESSAGE_SIZE} ASCII bytes, without NUL")
+    code = bytearray(_CODE)
+    code[_SI_IMMEDIATE] = (LOAD_ADDRESS + len(_CODE)).to_bytes(2, "little")
+    body = bytes(code) + text + b"\0"
+    return body.ljust(SECTOR_SIZE - len(BOOT_SIGNATURE), b"\0") + BOOT_SIGNATURE
+
+
+def data_runs(size: int, seed: int = 0) -> list[DataRun]:
+    """Return the pseudo-random data runs of a sample image of `size` bytes (at least 64 KiB).
+
+    The runs sit at 1/8, 3/8, 5/8 and 7/8 of the image, with lengths that are not multiples of any
+    block size, so that hole detection and sparse maps both meet ragged edges. The same size and seed
+    always give the same bytes.
+    """
+    if size < 64 * 1024:
+        raise ValueError(f"a sample image needs at least 64 KiB, not {size} bytes")
+    rng = random.Random(seed)
+    runs = []
+    for eighth, length in ((1, 65_536), (3, 4_607), (5, 200_003), (7, 12_345)):
+        length = min(length, size // 16)
+        offset = size * eighth // 8 + min(1_000 * eighth, size // 32)  # not block aligned either
+        runs.append(DataRun(offset, rng.randbytes(length)))
+    return runs
+
+
+def write_sparse_boot_image(path: str, size: int, message: str, seed: int = 0) -> list[DataRun]:
+    """Create a sparse raw disk image at `path` and return what was written into it.
+
+    The image is `size` bytes: the boot sector of `message` at 0, the `data_runs` of `size` and
+    `seed`, and holes elsewhere (made by ftruncate, so the filesystem allocates nothing for them).
+    """
+    runs = [DataRun(0, boot_sector(message)), *data_runs(size, seed)]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        for run in runs:
+            os.pwrite(fd, run.data, run.offset)
+    finally:
+        os.close(fd)
+    return runs
+
+
+def kvm_usable() -> bool:
+    """Return whether this process can open /dev/kvm for QEMU's `-accel kvm`."""
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+def boot_command(image: str, serial_log: str, qemu: str = "qemu-system-x86_64") -> list[str]:
+    """Return the QEMU command line that boots the raw `image` read-only, serial port to a file.
+
+    `-nodefaults` leaves out the VGA card, the network card and the CD drive, so the BIOS boots
+    straight from the one disk; `-no-reboot` makes a triple fault end QEMU instead of looping.
+    """
+    accel = "kvm" if kvm_usable() else "tcg"
+    return [
+        qemu,
+        *("-accel", accel, "-m", "32", "-nodefaults", "-display", "none", "-no-reboot"),
+        *("-serial", f"file:{serial_log}", "-monitor", "none"),
+        *("-drive", f"file={image.replace(',', ',,')},format=raw,if=virtio,readonly=on"),
+    ]

@@ -1,0 +1,94 @@
+"""Faults under a live mount: the archive changes or the daemon dies. Never wrong bytes, always a clear way out."""
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MountFactory, SampleImage, is_mounted, tarfuse_command, unmount
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture
+def archive_copy(sample_archive: Path, tmp_path: Path) -> Path:
+    """A private copy of the sample archive, for tests that damage it."""
+    copy = tmp_path / "vm.tar"
+    shutil.copyfile(sample_archive, copy)
+    return copy
+
+
+def read_first_megabyte(image: Path) -> bytes:
+    with image.open("rb", buffering=0) as file:
+        return file.read(1 << 20)
+
+
+def test_truncated_archive_makes_reads_fail_with_eio(
+    archive_copy: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "mnt.raw").touch()
+    served = mount(archive_copy, tmp_path / "mnt.raw")
+    os.truncate(archive_copy, 4096)
+    with pytest.raises(OSError) as caught:
+        read_first_megabyte(served.mountpoint)
+    assert caught.value.errno == errno.EIO
+    assert served.process.poll() is None, "the daemon must keep running"
+    assert "changed while mounted" in served.stderr_text()
+
+
+def test_archive_rewritten_in_place_makes_reads_fail_with_eio(
+    archive_copy: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "mnt.raw").touch()
+    served = mount(archive_copy, tmp_path / "mnt.raw")
+    with archive_copy.open("r+b") as file:
+        file.seek(1 << 20)
+        file.write(b"\xff" * 4096)
+    os.utime(archive_copy, ns=(0, 12345))  # mtime granularity must not hide the change
+    with pytest.raises(OSError) as caught:
+        read_first_megabyte(served.mountpoint)
+    assert caught.value.errno == errno.EIO
+
+
+def test_archive_replaced_by_rename_keeps_serving_the_original(
+    archive_copy: Path, sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "mnt.raw").touch()
+    served = mount(archive_copy, tmp_path / "mnt.raw")
+    replacement = tmp_path / "other.tar"
+    replacement.write_bytes(b"\0" * 10240)
+    os.rename(replacement, archive_copy)
+    assert read_first_megabyte(served.mountpoint) == sample_image.data[: 1 << 20]
+
+
+def test_after_sigkill_a_new_mount_says_how_to_clear_the_stale_one(
+    sample_archive: Path, tmp_path: Path
+) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    daemon = subprocess.Popen(tarfuse_command("-f", sample_archive, mountpoint), stderr=subprocess.DEVNULL)
+    try:
+        _wait_until_listed(mountpoint)
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+        again = subprocess.run(
+            tarfuse_command(sample_archive, mountpoint), capture_output=True, text=True, timeout=30
+        )
+        assert again.returncode == 2
+        assert "stale" in again.stderr
+        assert f"fusermount3 -u {mountpoint}" in again.stderr
+    finally:
+        daemon.kill()
+        daemon.wait()
+        unmount(mountpoint)
+
+
+def _wait_until_listed(mountpoint: Path) -> None:
+    deadline = time.monotonic() + 20
+    while not is_mounted(mountpoint):
+        assert time.monotonic() < deadline, "tarfuse did not mount"
+        time.sleep(0.05)

@@ -1,4 +1,4 @@
-"""Faults under a live mount: the archive changes or the daemon dies. Never wrong bytes, always a clear way out."""
+"""Faults under a live mount: the archive changes or the daemon dies; never wrong bytes, a clear way out."""
 
 import errno
 import os
@@ -33,7 +33,7 @@ def test_truncated_archive_makes_reads_fail_with_eio(
     (tmp_path / "mnt.raw").touch()
     served = mount(archive_copy, tmp_path / "mnt.raw")
     os.truncate(archive_copy, 4096)
-    with pytest.raises(OSError) as caught:
+    with pytest.raises(OSError, match="Input/output error") as caught:
         read_first_megabyte(served.mountpoint)
     assert caught.value.errno == errno.EIO
     assert served.process.poll() is None, "the daemon must keep running"
@@ -49,7 +49,7 @@ def test_archive_rewritten_in_place_makes_reads_fail_with_eio(
         file.seek(1 << 20)
         file.write(b"\xff" * 4096)
     os.utime(archive_copy, ns=(0, 12345))  # mtime granularity must not hide the change
-    with pytest.raises(OSError) as caught:
+    with pytest.raises(OSError, match="Input/output error") as caught:
         read_first_megabyte(served.mountpoint)
     assert caught.value.errno == errno.EIO
 

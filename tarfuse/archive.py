@@ -148,6 +148,8 @@ def scan_members(pread: Pread, archive_size: int) -> Iterator[Member]:
 
 
 def _check_clean_end(offset: int, archive_size: int, pending: _Pending) -> None:
+    if offset > archive_size:
+        raise TruncatedArchive("archive ends inside the padding after a member's data", archive_size)
     if offset != archive_size:
         raise TruncatedArchive("archive ends in the middle of a header block", offset)
     if pending.long_name is not None or pending.long_link is not None or pending.pax is not None:
@@ -244,11 +246,14 @@ def _pax_sparse_variant(pax: dict[str, str], offset: int) -> str | None:
 
 def _pax_int(pax: dict[str, str], key: str, default: int, offset: int) -> int:
     value = pax.get(key)
-    if value is None:
-        return default
-    if not value.isascii() or not value.isdigit():
-        raise BadHeader(f"PAX {key}={value!r} is not a non-negative number", offset)
-    return int(value)
+    return default if value is None else _pax_decimal(key, value, offset)
+
+
+def _pax_decimal(key: str, value: str, offset: int) -> int:
+    try:
+        return th.parse_decimal(value)
+    except BadHeader as exc:
+        raise BadHeader(f"PAX {key}: {exc.reason}", offset) from None
 
 
 def _pax_mtime(pax: dict[str, str], default: int, offset: int) -> int:
@@ -257,7 +262,7 @@ def _pax_mtime(pax: dict[str, str], default: int, offset: int) -> int:
     if value is None:
         return default
     whole, _, fraction = value.partition(".")
-    digits = whole.removeprefix("-")
-    if not (digits.isascii() and digits.isdigit() and (not fraction or fraction.isdigit())):
-        raise BadHeader(f"PAX mtime={value!r} is not a number", offset)
-    return int(whole)
+    if fraction and not (fraction.isascii() and fraction.isdigit()):
+        raise BadHeader(f"PAX mtime={value[:40]!r} is not a number", offset)
+    seconds = _pax_decimal("mtime", whole.removeprefix("-"), offset)
+    return -seconds if whole.startswith("-") else seconds

@@ -75,18 +75,24 @@ def check_uncompressed(head: bytes) -> None:
 
 
 def resolve_files(members: Iterable[Member]) -> list[Candidate]:
-    """List regular files, with hard links resolved to the last earlier member of their target's name."""
+    """List the regular files tar -x would leave, hard links resolved to their target's data.
+
+    A later member replaces an earlier one of the same name, as on extraction; a hard link points to the
+    last earlier member of its target's name.
+    """
     latest: dict[str, Member] = {}
-    files = []
+    files: dict[str, Candidate] = {}
     for member in members:
-        if member.kind == "file":
-            latest[normalize_name(member.name)] = member
-            files.append(Candidate(member.name, member))
-        elif member.kind == "hardlink":
+        name = normalize_name(member.name)
+        latest.pop(name, None)
+        files.pop(name, None)
+        target = member if member.kind == "file" else None
+        if member.kind == "hardlink":  # tar -x cannot make a link to nothing either
             target = latest.get(normalize_name(member.linkname))
-            if target is not None:  # tar -x cannot make a link to nothing either
-                files.append(Candidate(member.name, target))
-    return files
+        if target is not None:
+            latest[name] = target
+            files[name] = Candidate(member.name, target)
+    return list(files.values())
 
 
 def has_image_suffix(name: str) -> bool:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from tarfuse import tarheader as th
 from tarfuse.archive import Member, Pread, SparseSpec, read_exact
-from tarfuse.errors import CorruptSparseMap
+from tarfuse.errors import BadHeader, CorruptSparseMap
 
+MAX_REAL_SIZE = 2**63 - 1  # off_t: neither the kernel nor FUSE can describe a larger file
 _MAP_CHUNK = 64 * 1024  # PAX 1.0 maps are read this much at a time, never more than the member holds
 
 
@@ -63,13 +64,14 @@ def _arrays(real_size: int, logical: list[int], lengths: list[int], physical: li
 def _old_gnu_numbers(spec: SparseSpec, pread: Pread) -> list[int]:
     """Read the 'S' header and its extension blocks; return offset, numbytes, offset, ... ."""
     blocks = read_exact(pread, (1 + spec.extension_blocks) * th.BLOCK_SIZE, spec.header_offset)
-    numbers: list[int] = []
-    for entry in th.parse_sparse_entries(blocks[386:482], th.OLD_GNU_SPARSE_ENTRIES):
-        numbers += entry
+    numbers = th.parse_sparse_numbers(blocks[386:482], th.OLD_GNU_SPARSE_ENTRIES)
     for start in range(th.BLOCK_SIZE, len(blocks), th.BLOCK_SIZE):
-        entries, _ = th.parse_extension_block(blocks[start : start + th.BLOCK_SIZE])
-        for entry in entries:
-            numbers += entry
+        try:
+            numbers += th.parse_extension_block(blocks[start : start + th.BLOCK_SIZE])[0]
+        except BadHeader as exc:
+            raise CorruptSparseMap(
+                f"bad sparse extension block: {exc.reason}", spec.header_offset + start
+            ) from None
     return numbers
 
 
@@ -107,6 +109,7 @@ def _pax10_numbers(member: Member, pread: Pread) -> tuple[list[int], int]:
     chunks: list[bytes] = []
     read = newlines = 0
     wanted = 1  # lines needed: 1 + 2 * count, known once the first line is in
+    count: int | None = None
     while newlines < wanted:
         if read >= member.stored_size:
             raise CorruptSparseMap("PAX 1.0 sparse map runs past the member's data", where)
@@ -114,31 +117,45 @@ def _pax10_numbers(member: Member, pread: Pread) -> tuple[list[int], int]:
         chunks.append(chunk)
         read += len(chunk)
         newlines += chunk.count(b"\n")
-        if len(chunks) == 1 and newlines:
-            count = _decimals([chunk.split(b"\n", 1)[0].decode("ascii", "replace")], where)[0]
+        if count is None and newlines:  # the count line may span chunks (leading zeros are valid)
+            count = _decimals([b"".join(chunks).split(b"\n", 1)[0].decode("latin-1")], where)[0]
             if 4 * count > member.stored_size:  # an entry takes at least 4 bytes ("0\n0\n")
                 raise CorruptSparseMap(f"PAX 1.0 map claims {count} entries", where)
             wanted = 1 + 2 * count
-    lines = b"".join(chunks).split(b"\n", wanted)
-    numbers = _decimals([line.decode("ascii", "replace") for line in lines[1:wanted]], where)
+    # One decode of the whole map, not one per line; latin-1 keeps one character per byte.
+    lines = b"".join(chunks).decode("latin-1").split("\n", wanted)
+    numbers = _decimals(lines[1:wanted], where)
     map_size = read - len(lines[wanted]) if len(lines) > wanted else read
-    return numbers, -(-map_size // th.BLOCK_SIZE) * th.BLOCK_SIZE
+    padded = -(-map_size // th.BLOCK_SIZE) * th.BLOCK_SIZE
+    if padded > member.stored_size:
+        raise CorruptSparseMap("PAX 1.0 sparse map runs past the member's data (into its padding)", where)
+    return numbers, padded
 
 
 def _decimals(values: list[str], where: int) -> list[int]:
-    if not all(v.isascii() and v.isdigit() for v in values):
-        bad = next(v for v in values if not (v.isascii() and v.isdigit()))
-        raise CorruptSparseMap(f"sparse map value {bad[:40]!r} is not a decimal number", where)
-    return list(map(int, values))
+    # The usual case stays in C (map, not a generator) for maps of millions of values.
+    if (
+        all(map(str.isdigit, values))
+        and all(map(str.isascii, values))
+        and max(map(len, values), default=0) <= th.MAX_DECIMAL_DIGITS
+    ):
+        return list(map(int, values))
+    try:
+        return [th.parse_decimal(value) for value in values]
+    except BadHeader as exc:
+        raise CorruptSparseMap(f"sparse map value {exc.reason}", where) from None
 
 
 def _validated(member: Member, numbers: list[int], data_offset: int, data_size: int) -> SparseMap:
     """Check the map the way a careful extractor must, then pack it into arrays."""
     where = member.sparse.header_offset if member.sparse else member.header_offset
+    if member.real_size > MAX_REAL_SIZE:
+        raise CorruptSparseMap(
+            f"member {member.name!r}: real size {member.real_size} is larger than any file can be", where
+        )
     offsets, lengths = numbers[0::2], numbers[1::2]
     if 0 in lengths:  # GNU tar ends every map with (real_size, 0); old GNU pads with (0, 0)
-        kept = [i for i, n in enumerate(lengths) if n]
-        offsets, lengths = [offsets[i] for i in kept], [lengths[i] for i in kept]
+        offsets, lengths = list(itertools.compress(offsets, lengths)), list(filter(None, lengths))
     if offsets and (min(offsets) < 0 or min(lengths) < 0):  # base-256 can encode negatives
         raise CorruptSparseMap(f"member {member.name!r}: negative sparse map entry", where)
     ends = list(map(operator.add, offsets, lengths))
@@ -160,7 +177,5 @@ def _validated(member: Member, numbers: list[int], data_offset: int, data_size: 
             where,
         )
     physical = list(itertools.accumulate(lengths[:-1], initial=data_offset)) if lengths else []
-    try:
-        return _arrays(member.real_size, offsets, lengths, physical)
-    except OverflowError:
-        raise CorruptSparseMap(f"member {member.name!r}: absurd sparse map values", where) from None
+    # Every value now fits 64 bits: extents end by real_size <= MAX_REAL_SIZE, data within the archive.
+    return _arrays(member.real_size, offsets, lengths, physical)

@@ -4,6 +4,7 @@ Pure functions: bytes in, values out; no I/O. Field positions follow POSIX ustar
 GNU tar manual's "Basic Tar Format" (old GNU sparse fields live where ustar keeps `prefix`).
 """
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -28,8 +29,11 @@ USTAR_MAGIC = b"ustar\x00"  # POSIX ustar and pax, followed by version "00"
 OLD_GNU_SPARSE_ENTRIES = 4  # in-header sparse slots of an old GNU 'S' header
 EXTENSION_ENTRIES = 21  # sparse slots in each old GNU extension block
 SPARSE_ENTRY_SIZE = 24  # 12 bytes offset + 12 bytes numbytes
+MAX_DECIMAL_DIGITS = 20  # 2**64 has 20: a longer PAX number is no size, offset or time
 
 _OCTAL = re.compile(rb" *([0-7]+) *")
+# Old GNU sparse slots as GNU tar fills them: used ones first, each field "%011o\0", then all-NUL ones.
+_GNU_SLOTS = re.compile(rb"((?:[0-7]{11}\0)*)\0*")
 # A PAX record: "<length> <keyword>=<value>\n", length in decimal counting the whole record.
 _PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
 
@@ -69,6 +73,17 @@ def parse_number(field: bytes) -> int:
     return int(match[1], 8)
 
 
+def parse_decimal(text: str) -> int:
+    """Decode a PAX decimal value: ASCII digits only, leading zeros allowed, at most 20 significant."""
+    # isdigit() alone accepts digits of other scripts ("\u0663"), and so would int().
+    if not (text.isascii() and text.isdigit()):
+        raise BadHeader(f"{text[:40]!r} is not a decimal number")
+    digits = text.lstrip("0") or "0"
+    if len(digits) > MAX_DECIMAL_DIGITS:  # also keeps int() from its 4300-digit ValueError
+        raise BadHeader(f"decimal number {text[:40]}... is absurdly large")
+    return int(digits)
+
+
 def checksum_ok(block: bytes) -> bool:
     """Check the header checksum, accepting both the unsigned (POSIX) and the signed (old Sun) sum."""
     try:
@@ -99,9 +114,12 @@ def _parse_fields(block: bytes) -> Header:
     if magic[:6] == USTAR_MAGIC and block[345] != 0:  # ustar: path = prefix + "/" + name
         name = block[345:500].split(b"\0", 1)[0] + b"/" + name
     typeflag = block[156]
+    size = parse_number(block[124:136])
+    if size < 0:  # base-256 can say so; the next header would then be behind this one, forever
+        raise BadHeader(f"negative size {size}")
     header = Header(
         name=decode_name(name),
-        size=parse_number(block[124:136]),
+        size=size,
         mtime=parse_number(block[136:148]),
         typeflag=typeflag,
         linkname=decode_name(block[157:257]),
@@ -115,6 +133,8 @@ def _parse_fields(block: bytes) -> Header:
 def _with_old_gnu_sparse(header: Header, block: bytes) -> Header:
     """Add the in-header sparse map of an old GNU 'S' header (offsets 386..495)."""
     entries = parse_sparse_entries(block[386:482], OLD_GNU_SPARSE_ENTRIES)
+    if (real_size := parse_number(block[483:495])) < 0:
+        raise BadHeader(f"negative real size {real_size}")
     return Header(
         name=header.name,
         size=header.size,
@@ -124,23 +144,34 @@ def _with_old_gnu_sparse(header: Header, block: bytes) -> Header:
         is_gnu=header.is_gnu,
         sparse_entries=entries,
         is_extended=block[482] != 0,
-        real_size=parse_number(block[483:495]),
+        real_size=real_size,
     )
 
 
 def parse_sparse_entries(raw: bytes, count: int) -> tuple[tuple[int, int], ...]:
     """Decode `count` old GNU (offset, numbytes) slots; an all-NUL slot ends the list."""
-    entries = []
-    for i in range(0, count * SPARSE_ENTRY_SIZE, SPARSE_ENTRY_SIZE):
-        if raw[i] == 0:  # unused slot: GNU tar leaves the rest zero-filled
+    numbers = parse_sparse_numbers(raw, count)
+    return tuple(zip(numbers[0::2], numbers[1::2], strict=True))
+
+
+def parse_sparse_numbers(raw: bytes, count: int) -> list[int]:
+    """Decode `count` old GNU slots into a flat [offset, numbytes, offset, ...]; an all-NUL slot ends it."""
+    region = raw[: count * SPARSE_ENTRY_SIZE]
+    match = _GNU_SLOTS.fullmatch(region)
+    if match is not None and len(match[1]) % SPARSE_ENTRY_SIZE == 0:
+        # Fast path for the "%011o\0" fields that GNU tar writes: a million-extent map has two million.
+        return list(map(int, match[1].split(b"\0")[:-1], itertools.repeat(8)))
+    numbers: list[int] = []
+    for i in range(0, len(region), SPARSE_ENTRY_SIZE):
+        if region[i] == 0:  # unused slot: GNU tar leaves the rest zero-filled
             break
-        entries.append((parse_number(raw[i : i + 12]), parse_number(raw[i + 12 : i + 24])))
-    return tuple(entries)
+        numbers += (parse_number(region[i : i + 12]), parse_number(region[i + 12 : i + 24]))
+    return numbers
 
 
-def parse_extension_block(block: bytes) -> tuple[tuple[tuple[int, int], ...], bool]:
-    """Decode an old GNU sparse extension block: 21 slots, then the `isextended` flag at 504."""
-    return parse_sparse_entries(block, EXTENSION_ENTRIES), block[504] != 0
+def parse_extension_block(block: bytes) -> tuple[list[int], bool]:
+    """Decode an old GNU sparse extension block: 21 slots as flat numbers, then `isextended` at 504."""
+    return parse_sparse_numbers(block, EXTENSION_ENTRIES), block[504] != 0
 
 
 def parse_pax_records(payload: bytes, offset: int) -> list[tuple[str, str]]:

@@ -1,0 +1,215 @@
+"""Bad input: truncated, corrupt, random and absurd archives fail with an ArchiveError, never a crash.
+
+An ArchiveError names the archive offset of the problem wherever there is one; IndexError, ValueError,
+struct.error, OverflowError or MemoryError would be bugs.
+"""
+
+import contextlib
+import tarfile
+from collections.abc import Callable
+
+import pytest
+import sparsegen
+import tarbuilder as tb
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tarfuse.archive import scan_members
+from tarfuse.errors import ArchiveError, BadHeader, NoImage, TruncatedArchive
+from tarfuse.image import Image
+
+LAYOUT = sparsegen.layout_from_runs([(1000, 700), (5000, 3), (0, 900), (70_000, 2000)], 333)
+IMAGE = sparsegen.image_of(LAYOUT)
+PACKED = sparsegen.packed(LAYOUT, IMAGE)
+README = tb.file_member("readme.txt", b"not an image\n")
+MANY = [(300 * i + 17, 100 + i % 7) for i in range(300)]  # 300 extents: long maps in every dialect
+MANY_SIZE = 300 * 300 + 1000
+
+
+def _many(variant: str) -> tuple[bytes, bytes]:
+    layout = sparsegen.Layout(MANY_SIZE, tuple(MANY))
+    image = sparsegen.image_of(layout)
+    return tb.sparse_member(variant, "many.img", MANY, MANY_SIZE, sparsegen.packed(layout, image)), image
+
+
+# Each kind: the image member (without end blocks) and the image it holds.
+KINDS: dict[str, Callable[[], tuple[bytes, bytes]]] = {
+    "ustar": lambda: (tb.file_member("disk.img", IMAGE), IMAGE),
+    "gnu-long-name": lambda: (tb.gnu_long("d" * 300 + ".img") + tb.file_member("short", IMAGE), IMAGE),
+    "pax-long-path": lambda: (
+        tb.pax_header([("path", "p" * 700 + ".img"), ("mtime", "1.5")]) + tb.file_member("x", IMAGE),
+        IMAGE,
+    ),
+    "oldgnu": lambda: (tb.old_gnu_sparse("s.img", LAYOUT.extents, LAYOUT.size, PACKED), IMAGE),
+    "pax1.0": lambda: (tb.pax10_sparse("s.img", LAYOUT.extents, LAYOUT.size, PACKED), IMAGE),
+    "oldgnu-chain": lambda: _many("oldgnu"),
+    "pax1.0-long-map": lambda: _many("pax1.0"),
+    "pax0.0-long-payload": lambda: _many("pax0.0"),
+    "pax0.1-long-payload": lambda: _many("pax0.1"),
+}
+
+
+def _cut_points(size: int) -> list[int]:
+    blocks = {b + d for b in range(0, size + 1, 512) for d in (-1, 0, 1, 100)}
+    return sorted(p for p in blocks | set(range(0, size, 241)) if 0 <= p < size)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_truncated_anywhere(kind: str) -> None:
+    member, image = KINDS[kind]()
+    archive = tb.archive(README, member)
+    image_start = len(README)
+    last = list(scan_members(tb.pread_of(archive), len(archive)))[-1]
+    image_end = last.data_offset + last.stored_size
+    for cut in _cut_points(len(archive)):
+        result = _outcome(archive[:cut])
+        if isinstance(result, NoImage):
+            assert cut <= image_start, cut  # cut before the image: a shorter archive with no image
+        elif isinstance(result, ArchiveError):
+            assert result.offset is not None, (cut, result)
+            assert f"at archive offset {result.offset}" in str(result)
+        else:
+            assert cut >= image_end, cut
+            assert result.mapper.read(0, len(image) + 1) == image
+
+
+def _outcome(archive: bytes) -> Image | ArchiveError:
+    """The image served from `archive`, or the error that refused it."""
+    try:
+        return tb.open_bytes(archive)
+    except ArchiveError as exc:
+        return exc
+
+
+def test_truncated_inside_the_last_member_padding_names_the_end() -> None:
+    archive = tb.archive(tb.file_member("disk.img", b"x" * 100), end=False)[:700]
+    with pytest.raises(TruncatedArchive, match="padding") as info:
+        tb.open_bytes(archive)
+    assert info.value.offset == 700
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_mutated_archives_fail_cleanly(kind: str, data: st.DataObject) -> None:
+    member, _ = KINDS[kind]()
+    archive = bytearray(tb.archive(README, member))
+    for _ in range(data.draw(st.integers(1, 3))):
+        archive[data.draw(st.integers(0, len(archive) - 1))] = data.draw(st.integers(0, 255))
+    for start in range(0, len(archive), tb.BLOCK):  # re-sign headers, so changes reach the fields
+        block = archive[start : start + tb.BLOCK]
+        if block[257:262] == b"ustar":
+            archive[start : start + tb.BLOCK] = tb.set_checksum(block)
+    result = _outcome(bytes(archive))
+    if isinstance(result, Image):
+        with contextlib.suppress(ArchiveError):
+            result.mapper.read(0, min(result.mapper.size, 1 << 20))
+    else:
+        assert str(result)
+
+
+@given(st.binary(max_size=3000))
+def test_random_bytes(data: bytes) -> None:
+    with pytest.raises(ArchiveError):
+        tb.open_bytes(data)
+
+
+def test_empty_file() -> None:
+    with pytest.raises(NoImage, match="no regular files"):
+        tb.open_bytes(b"")
+
+
+def test_only_end_of_archive_blocks() -> None:
+    with pytest.raises(NoImage, match="no regular files"):
+        tb.open_bytes(tb.END)
+
+
+def test_shorter_than_one_block() -> None:
+    with pytest.raises(TruncatedArchive, match="middle of a header block") as info:
+        tb.open_bytes(b"disk.img" + bytes(92))
+    assert info.value.offset == 0
+
+
+def test_bad_checksum() -> None:
+    header = tb.set_checksum(tb.header("disk.img", size=len(IMAGE)), value=12345)
+    with pytest.raises(BadHeader, match="checksum") as info:
+        tb.open_bytes(tb.archive(README, header + tb.pad(IMAGE)))
+    assert info.value.offset == len(README)
+
+
+@pytest.mark.parametrize(
+    "size_field",
+    [b"77777777777\0", tb.base256(2**88 - 1, 12), tb.base256(2**40, 12)],
+    ids=["octal-max", "base256-huge", "base256-1TiB"],
+)
+def test_absurd_size_field(size_field: bytes) -> None:
+    header = tb.header("disk.img", fields={124: size_field})
+    with pytest.raises(TruncatedArchive, match=r"needs \d+ bytes of data") as info:
+        tb.open_bytes(tb.archive(README, header + tb.pad(b"x" * 100)))
+    assert info.value.offset == len(README)
+
+
+@pytest.mark.parametrize("typeflag", [b"x", b"g", b"L", b"K"])
+def test_extended_header_claiming_10_gb(typeflag: bytes) -> None:
+    header = tb.header("ext", size=10 * 10**9, typeflag=typeflag)
+    with pytest.raises(TruncatedArchive, match="10000000000 bytes") as info:
+        tb.open_bytes(tb.archive(README, header, tb.file_member("disk.img", b"x")))
+    assert info.value.offset == len(README) + 512
+
+
+def test_pax_record_claiming_10_gb() -> None:
+    payload = b"10000000000 path=disk.img\n"
+    with pytest.raises(BadHeader, match="10000000000") as info:
+        tb.open_bytes(tb.archive(README, tb.pax_header(payload), tb.file_member("x", b"x")))
+    assert info.value.offset == len(README) + 512
+
+
+def test_pax_record_longer_than_its_header_size() -> None:
+    payload = tb.pax_payload([("path", "disk.img")])
+    header = tb.pax_header(payload, size=len(payload) - 5)
+    with pytest.raises(BadHeader, match="does not fit") as info:
+        tb.open_bytes(tb.archive(README, header, tb.file_member("x", b"x")))
+    assert info.value.offset == len(README) + 512
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("size", "9" * 5000, "absurdly large"),  # int() would raise ValueError past 4300 digits
+        ("size", "-1", "not a decimal"),
+        ("size", "1e3", "not a decimal"),
+        ("size", "\u0661\u0662", "not a decimal"),  # Arabic-Indic digits
+        ("size", "", "not a decimal"),
+        ("mtime", "1" * 5000, "absurdly large"),
+        ("mtime", "12.x", "not a number"),
+        ("mtime", "--1", "not a decimal"),
+        ("GNU.sparse.realsize", "abc", "not a decimal"),
+    ],
+)
+def test_bad_pax_number(key: str, value: str, message: str) -> None:
+    records = [(key, value)]
+    if key.startswith("GNU.sparse"):
+        records += [("GNU.sparse.major", "1"), ("GNU.sparse.minor", "0")]
+    pax = tb.pax_header(records)
+    archive = tb.archive(README, pax, tb.file_member("disk.img", b"x"))
+    with pytest.raises(BadHeader, match=message) as info:
+        tb.open_bytes(archive)
+    assert info.value.offset == len(README) + len(pax)  # the header the records apply to
+
+
+def test_negative_size() -> None:
+    header = tb.header("disk.img", fields={124: tb.base256(-512, 12)})
+    with pytest.raises(BadHeader, match="negative size") as info:
+        tb.open_bytes(tb.archive(README, header))
+    assert info.value.offset == len(README)
+
+
+def test_pax_mtime_fraction_and_sign() -> None:
+    archive = tb.archive(tb.pax_header([("mtime", "-12.75")]), tb.file_member("disk.img", b"x"))
+    (member,) = scan_members(tb.pread_of(archive), len(archive))
+    assert member.mtime == -12
+
+
+def test_tarfile_archive_with_garbage_after_the_end() -> None:
+    archive = tb.with_tarfile(("disk.img", IMAGE), fmt=tarfile.GNU_FORMAT) + b"\xff" * 3000
+    assert tb.open_bytes(archive).mapper.read(0, len(IMAGE)) == IMAGE

@@ -1,0 +1,137 @@
+"""mapper: ImageMapper against a reference expansion, with a pread that returns short reads."""
+
+import itertools
+from array import array
+
+import pytest
+import sparsegen
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tarfuse.archive import Pread
+from tarfuse.errors import TruncatedArchive
+from tarfuse.mapper import HOLE, ImageMapper, PreadInto
+from tarfuse.sparse import SparseMap
+
+PREFIX = b"\xee" * 1536  # archive bytes before the member's data: never part of the image
+
+
+def sparse_map(layout: sparsegen.Layout, data_offset: int = len(PREFIX)) -> SparseMap:
+    """The map of `layout` with its data packed back to back from `data_offset`."""
+    physical = []
+    for _, length in layout.extents:
+        physical.append(data_offset)
+        data_offset += length
+    return SparseMap(
+        layout.size,
+        array("q", [offset for offset, _ in layout.extents]),
+        array("q", [length for _, length in layout.extents]),
+        array("q", physical),
+    )
+
+
+def archive_of(layout: sparsegen.Layout, image: bytes) -> bytes:
+    return PREFIX + sparsegen.packed(layout, image) + b"\xee" * 100
+
+
+def short_pread(archive: bytes, chunk: int) -> Pread:
+    """A pread that never returns more than `chunk` bytes, as a pipe or a network filesystem may."""
+
+    def pread(size: int, offset: int) -> bytes:
+        return archive[offset : offset + min(size, chunk)]
+
+    return pread
+
+
+def short_pread_into(archive: bytes, chunk: int) -> PreadInto:
+    def pread_into(buffer: memoryview, offset: int) -> int:
+        data = archive[offset : offset + min(len(buffer), chunk)]
+        buffer[: len(data)] = data
+        return len(data)
+
+    return pread_into
+
+
+reads = st.tuples(st.integers(0, 120_000), st.integers(0, 70_000))
+
+
+@given(layout=sparsegen.layouts(), read=reads, chunk=st.integers(1, 5000), seed=st.integers(0, 9))
+def test_read_matches_expanded_image(
+    layout: sparsegen.Layout, read: tuple[int, int], chunk: int, seed: int
+) -> None:
+    image = sparsegen.image_of(layout, seed)
+    mapper = ImageMapper(short_pread(archive_of(layout, image), chunk), sparse_map(layout))
+    offset, size = read
+    assert mapper.size == layout.size
+    assert mapper.read(offset, size) == image[offset : offset + size]
+
+
+@given(layout=sparsegen.layouts(), read=reads, chunk=st.integers(1, 5000))
+def test_read_into_matches_expanded_image(
+    layout: sparsegen.Layout, read: tuple[int, int], chunk: int
+) -> None:
+    image = sparsegen.image_of(layout)
+    archive = archive_of(layout, image)
+    mapper = ImageMapper(short_pread(archive, 1), sparse_map(layout), short_pread_into(archive, chunk))
+    offset, size = read
+    buffer = bytearray(b"\xaa" * size)
+    count = mapper.read_into(memoryview(buffer), offset)
+    assert bytes(buffer[:count]) == image[offset : offset + size]
+
+
+@given(layout=sparsegen.layouts(), read=reads)
+def test_plan_tiles_the_request(layout: sparsegen.Layout, read: tuple[int, int]) -> None:
+    image = sparsegen.image_of(layout)
+    archive = archive_of(layout, image)
+    mapper = ImageMapper(short_pread(archive, 1 << 30), sparse_map(layout))
+    offset, size = read
+    pieces = mapper.plan(offset, size)
+    assert all(length > 0 for _, length in pieces)
+    assert sum(length for _, length in pieces) == max(0, min(offset + size, layout.size) - offset)
+    assert all(not (a == b == HOLE) for (a, _), (b, _) in itertools.pairwise(pieces))
+    expanded = b"".join(
+        bytes(length) if physical == HOLE else archive[physical : physical + length]
+        for physical, length in pieces
+    )
+    assert expanded == image[offset : offset + size]
+
+
+def test_plan_of_a_read_inside_one_extent_is_one_piece() -> None:
+    layout = sparsegen.Layout(10_000, ((1000, 5000),))
+    mapper = ImageMapper(short_pread(b"", 1), sparse_map(layout, data_offset=7))
+    assert mapper.plan(2000, 100) == [(7 + 1000, 100)]
+    assert mapper.plan(0, 10_000) == [(HOLE, 1000), (7, 5000), (HOLE, 4000)]
+    assert mapper.plan(9000, 5000) == [(HOLE, 1000)]
+    assert mapper.plan(10_000, 5000) == []
+    assert mapper.plan(20_000, 5000) == []
+
+
+def test_adjacent_extents_are_separate_pieces_without_a_hole() -> None:
+    layout = sparsegen.Layout(30, ((0, 10), (10, 10)))
+    mapper = ImageMapper(short_pread(b"", 1), sparse_map(layout, data_offset=100))
+    assert mapper.plan(5, 10) == [(105, 5), (110, 5)]
+
+
+def test_read_of_data_cut_off_raises_truncated_with_offset() -> None:
+    layout = sparsegen.Layout(10_000, ((0, 4000), (8000, 2000)))
+    image = sparsegen.image_of(layout)
+    archive = archive_of(layout, image)[: len(PREFIX) + 5000]  # the archive shrank under the mount
+    mapper = ImageMapper(short_pread(archive, 700), sparse_map(layout))
+    assert mapper.read(0, 4000) == image[:4000]
+    with pytest.raises(TruncatedArchive) as info:
+        mapper.read(7000, 3000)
+    assert info.value.offset == len(PREFIX) + 4000
+
+
+def test_read_into_of_data_cut_off_raises_truncated() -> None:
+    layout = sparsegen.Layout(10_000, ((8000, 2000),))
+    archive = archive_of(layout, sparsegen.image_of(layout))[: len(PREFIX) + 100]
+    mapper = ImageMapper(short_pread(archive, 1), sparse_map(layout), short_pread_into(archive, 64))
+    with pytest.raises(TruncatedArchive) as info:
+        mapper.read_into(memoryview(bytearray(4096)), 7000)
+    assert info.value.offset == len(PREFIX)
+
+
+def test_empty_image() -> None:
+    mapper = ImageMapper(short_pread(b"", 1), sparse_map(sparsegen.Layout(0, ())))
+    assert (mapper.size, mapper.read(0, 10), mapper.plan(0, 10)) == (0, b"", [])

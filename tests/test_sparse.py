@@ -1,0 +1,307 @@
+"""sparse: the four GNU dialects decode to the same map, and bad maps are refused with their offset.
+
+Archives are hand-built (tests/tarbuilder.py), except the committed GNU tar fixtures in tests/data.
+"""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import sparsegen
+import tarbuilder as tb
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tarfuse import sparse
+from tarfuse.archive import scan_members
+from tarfuse.errors import ArchiveError, BadHeader, CorruptSparseMap, TruncatedArchive
+
+DATA_DIR = Path(__file__).parent / "data"
+FIXTURES = {"gnu.tar": "oldgnu", "pax-0.0.tar": "pax0.0", "pax-0.1.tar": "pax0.1", "pax-1.0.tar": "pax1.0"}
+GIB = 1 << 30
+
+variants = pytest.mark.parametrize("variant", tb.SPARSE_VARIANTS)
+
+
+def build(variant: str, layout: sparsegen.Layout, seed: int = 0) -> tuple[bytes, bytes]:
+    """An archive holding `layout` as a sparse disk.img, and the expected image."""
+    image = sparsegen.image_of(layout, seed)
+    member = tb.sparse_member(
+        variant, "disk.img", layout.extents, layout.size, sparsegen.packed(layout, image)
+    )
+    return tb.archive(tb.file_member("readme.txt", b"hi"), member), image
+
+
+def decode_only(data: bytes) -> sparse.SparseMap:
+    pread = tb.pread_of(data)
+    (member,) = scan_members(pread, len(data))
+    return sparse.decode(member, pread)
+
+
+@variants
+@given(layout=sparsegen.layouts(max_runs=30), seed=st.integers(0, 100))
+def test_decoded_image_matches(variant: str, layout: sparsegen.Layout, seed: int) -> None:
+    data, image = build(variant, layout, seed)
+    served = tb.open_bytes(data, "disk.img")
+    assert served.mapper.size == layout.size
+    assert served.extent_count == len(layout.extents)
+    assert served.stored_bytes == sum(length for _, length in layout.extents)
+    assert served.mapper.read(0, layout.size) == image
+
+
+@pytest.mark.parametrize(("archive", "variant"), FIXTURES.items())
+def test_gnu_tar_fixture(archive: str, variant: str) -> None:
+    sums = (DATA_DIR / "SHA256SUMS").read_text().split()
+    expected = dict(zip(sums[1::2], sums[0::2], strict=True))  # file name -> sha256
+    image = tb.open_bytes((DATA_DIR / archive).read_bytes())
+    assert (image.name, image.member.sparse and image.member.sparse.variant) == ("disk.img", variant)
+    assert (image.mapper.size, image.extent_count) == (1 << 20, 2)
+    digest = hashlib.sha256(image.mapper.read(0, image.mapper.size)).hexdigest()
+    assert digest == expected["disk.img"]
+
+
+@variants
+def test_trailing_zero_length_entry_is_dropped(variant: str) -> None:
+    # GNU tar 1.34 ends every map with (real_size, 0).
+    member = tb.sparse_member(variant, "d.img", [(10, 3), (40, 0)], 40, b"abc")
+    sparse_map = decode_only(tb.archive(member))
+    assert list(sparse_map.logical) == [10]
+    assert list(sparse_map.lengths) == [3]
+
+
+@variants
+def test_all_hole_file(variant: str) -> None:
+    image = tb.open_bytes(tb.archive(tb.sparse_member(variant, "d.img", [], 5000, b"")))
+    assert (image.extent_count, image.mapper.read(0, 9999)) == (0, bytes(5000))
+
+
+@pytest.mark.parametrize("count", [4, 5, 25, 26, 100])
+def test_old_gnu_extension_blocks(count: int) -> None:
+    layout = sparsegen.Layout(200 * count, tuple((200 * i + 7, 100) for i in range(count)))
+    data, image = build("oldgnu", layout)
+    member = next(m for m in scan_members(tb.pread_of(data), len(data)) if m.sparse)
+    assert member.sparse is not None
+    assert member.sparse.extension_blocks == max(0, -(-(count - 4) // 21))
+    assert tb.open_bytes(data).mapper.read(0, len(image)) == image
+
+
+def test_old_gnu_extension_slots_end_at_first_empty_slot() -> None:
+    # GNU tar stops reading a block at its first unused slot; the next block goes on with the map.
+    extents = [(100 * i, 10) for i in range(4 + 21 + 1)]
+    member = bytearray(tb.old_gnu_sparse("d.img", extents, 3000, bytes(260)))
+    first_extension = 512
+    member[first_extension + 24 * 20 : first_extension + 24 * 21] = bytes(24)  # slot 21 emptied
+    sparse_map = decode_only(tb.archive(bytes(member)))
+    assert list(sparse_map.logical) == [100 * i for i in range(24)] + [2500]
+
+
+def test_old_gnu_garbage_in_extension_block() -> None:
+    extents = [(100 * i, 10) for i in range(10)]
+    member = bytearray(tb.old_gnu_sparse("d.img", extents, 1000, bytes(100)))
+    member[512 + 24 : 512 + 36] = b"not a number"
+    with pytest.raises(ArchiveError, match="not an octal number") as info:
+        tb.open_bytes(tb.archive(tb.file_member("a.txt"), bytes(member)))
+    assert info.value.offset == 1024  # the extension block
+
+
+def test_old_gnu_chain_runs_into_the_data() -> None:
+    # The last extension block claims another follows: the data block is read as one, and refused.
+    extents = [(100 * i, 10) for i in range(10)]
+    member = tb.old_gnu_sparse("d.img", extents, 1000, b"x" * 100, extension_flags=[True, True])
+    with pytest.raises(CorruptSparseMap, match="bad sparse extension block") as info:
+        tb.open_bytes(tb.archive(member))
+    assert info.value.offset == 1024  # the first data block
+
+
+def test_pax10_map_spanning_several_blocks() -> None:
+    layout = sparsegen.Layout(3000 * 400, tuple((3000 * i + 1000, 1000) for i in range(400)))
+    assert len(tb.pax10_map(layout.extents)) > 4 * tb.BLOCK
+    data, image = build("pax1.0", layout)
+    assert tb.open_bytes(data).mapper.read(0, len(image)) == image
+
+
+def test_pax10_map_exactly_one_block() -> None:
+    text = b"1\n5\n3\n"
+    map_bytes = b"0" * (tb.BLOCK - len(text)) + text  # leading zeros are still decimal
+    member = tb.pax10_sparse("d.img", [(5, 3)], 10, b"abc", map_bytes=map_bytes)
+    image = tb.open_bytes(tb.archive(member))
+    assert image.mapper.read(0, 10) == bytes(5) + b"abc" + bytes(2)
+
+
+def test_pax10_count_line_longer_than_a_read_chunk() -> None:
+    count_line = b"0" * 100_000 + b"1\n"  # odd, but decimal: GNU tar reads it as 1
+    map_bytes = tb.pad(count_line + b"5\n3\n")
+    member = tb.pax10_sparse("d.img", [(5, 3)], 10, b"abc", map_bytes=map_bytes)
+    image = tb.open_bytes(tb.archive(member))
+    assert image.mapper.read(0, 10) == bytes(5) + b"abc" + bytes(2)
+
+
+def test_pax00_repeated_records() -> None:
+    layout = sparsegen.Layout(10_000, ((0, 10), (500, 1), (9000, 1000)))
+    data, image = build("pax0.0", layout)
+    assert tb.open_bytes(data).mapper.read(0, 10_000) == image
+
+
+@pytest.mark.parametrize("variant", ["oldgnu", "pax1.0", "pax0.1"])
+def test_image_larger_than_8_gib(variant: str) -> None:
+    # Offsets and sizes past 8 GiB overflow 11 octal digits: base-256 in old GNU headers, decimal in PAX.
+    extents = [(0, 512), (4 * GIB + 3, 100), (9 * GIB - 4096, 4096)]
+    data = b"A" * 512 + b"B" * 100 + b"C" * 4096
+    image = tb.open_bytes(tb.archive(tb.sparse_member(variant, "big.img", extents, 9 * GIB, data)))
+    read = image.mapper.read
+    assert image.mapper.size == 9 * GIB
+    assert read(0, 513) == b"A" * 512 + b"\0"
+    assert read(4 * GIB, 110) == bytes(3) + b"B" * 100 + bytes(7)
+    assert read(9 * GIB - 4097, 8192) == b"\0" + b"C" * 4096
+
+
+def test_base256_numbers_in_old_gnu_sparse_header() -> None:
+    member = tb.old_gnu_sparse("big.img", [(9 * GIB, 1)], 9 * GIB + 1, b"!")
+    assert member[386] == 0x80
+    assert member[483] == 0x80
+    image = tb.open_bytes(tb.archive(member))
+    assert image.mapper.read(9 * GIB - 1, 10) == b"\0!"
+
+
+@pytest.mark.parametrize("variant", ["oldgnu", "pax1.0"])
+def test_hundred_thousand_extents(variant: str) -> None:
+    count = 100_000
+    extents = [(3 * i + 1, 1) for i in range(count)]
+    payload = bytes(i % 251 + 1 for i in range(count))
+    image = tb.open_bytes(tb.archive(tb.sparse_member(variant, "many.img", extents, 3 * count, payload)))
+    assert image.extent_count == count
+    assert image.mapper.read(0, 3 * count)[1::3] == payload
+
+
+@pytest.mark.parametrize("variant", ["oldgnu", "pax1.0"])
+def test_million_extent_map(variant: str) -> None:
+    count = 1_000_000
+    extents = [(2 * i, 1) for i in range(count)]
+    data = tb.archive(tb.sparse_member(variant, "many.img", extents, 2 * count, b"\1" * count))
+    sparse_map = decode_only(data)
+    assert len(sparse_map.logical) == count
+    assert sparse_map.logical[-1] == 2 * count - 2
+    assert sparse_map.physical[-1] - sparse_map.physical[0] == count - 1
+
+
+# ---- maps that must be refused --------------------------------------------------------------------
+
+
+@variants
+@pytest.mark.parametrize(
+    ("extents", "real_size", "message"),
+    [
+        ([(0, 10), (5, 10)], 100, "overlaps"),
+        ([(50, 10), (0, 10)], 100, "unsorted"),
+        ([(0, 10), (95, 10)], 100, "past the real size"),
+        ([(0, 10)], 5, "past the real size"),
+    ],
+)
+def test_bad_map(variant: str, extents: list[tuple[int, int]], real_size: int, message: str) -> None:
+    data = bytes(sum(length for _, length in extents))
+    archive = tb.archive(
+        tb.file_member("a.txt"), tb.sparse_member(variant, "d.img", extents, real_size, data)
+    )
+    with pytest.raises(CorruptSparseMap, match=message) as info:
+        tb.open_bytes(archive)
+    assert info.value.offset == 512
+
+
+@variants
+def test_map_lists_more_data_than_stored(variant: str) -> None:
+    member = tb.sparse_member(variant, "d.img", [(0, 600), (1000, 600)], 2000, b"x" * 700)
+    with pytest.raises(CorruptSparseMap, match="1200 bytes of data but only 700") as info:
+        tb.open_bytes(tb.archive(member))
+    assert info.value.offset == 0
+
+
+@variants
+def test_real_size_past_off_t(variant: str) -> None:
+    member = tb.sparse_member(variant, "d.img", [(0, 1)], 2**63, b"x")
+    with pytest.raises(CorruptSparseMap, match="real size 9223372036854775808") as info:
+        tb.open_bytes(tb.archive(member))
+    assert info.value.offset == 0
+
+
+def test_old_gnu_base256_real_size_huge() -> None:
+    member = tb.old_gnu_sparse("d.img", [(0, 1)], 2**80, b"x")
+    with pytest.raises(CorruptSparseMap, match="larger than any file") as info:
+        tb.open_bytes(tb.archive(member))
+    assert info.value.offset == 0
+
+
+@pytest.mark.parametrize("variant", ["pax0.1", "pax1.0"])
+def test_pax_real_size_with_absurdly_many_digits(variant: str) -> None:
+    member = tb.sparse_member(variant, "d.img", [(0, 1)], 10**30, b"x")
+    with pytest.raises(BadHeader, match="absurdly large") as info:
+        tb.open_bytes(tb.archive(member))
+    assert info.value.offset == 1024  # the member's own header, after the PAX one
+
+
+def test_old_gnu_extent_past_2_63() -> None:
+    member = tb.old_gnu_sparse("d.img", [(2**64, 1)], 2**64 + 1, b"x")
+    with pytest.raises(CorruptSparseMap) as info:
+        tb.open_bytes(tb.archive(member))
+    assert info.value.offset == 0
+
+
+def test_old_gnu_negative_entry() -> None:
+    fields = {386: tb.base256(-100, 12) + tb.octal(10, 12), 483: tb.octal(100, 12)}
+    member = tb.header("d.img", size=10, typeflag=b"S", magic=tb.GNU, fields=fields) + tb.pad(bytes(10))
+    with pytest.raises(CorruptSparseMap, match="negative") as info:
+        tb.open_bytes(tb.archive(member))
+    assert info.value.offset == 0
+
+
+@pytest.mark.parametrize(
+    ("map_bytes", "message"),
+    [
+        (b"1000000000000\n0\n1\n", "claims 1000000000000 entries"),
+        (b"2\n0\n1\n", "runs past"),  # the map promises more lines than the member holds
+        (b"1\n0\n-1\n", "not a decimal"),
+        (b"1\n0x0\n1\n", "not a decimal"),
+        (b"1\n\xd9\xa3\n1\n", "not a decimal"),  # an Arabic-Indic digit: int() would take it
+        (b"one\n0\n1\n", "not a decimal"),
+        (b"1\n\n1\n", "not a decimal"),
+        (b"1\n0\n" + b"9" * 5000 + b"\n", "absurdly large"),  # int() refuses past 4300 digits
+        (b"1\n0\n1\n", "runs past the member's data \\(into its padding\\)"),  # unpadded map
+    ],
+)
+def test_bad_pax10_map(map_bytes: bytes, message: str) -> None:
+    member = tb.pax10_sparse("d.img", [(0, 1)], 10, b"x" * 10, map_bytes=map_bytes)
+    with pytest.raises(CorruptSparseMap, match=message) as info:
+        tb.open_bytes(tb.archive(member))
+    assert info.value.offset == 1536  # the member's data, where the map is
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([("GNU.sparse.map", "0,1,5")], "odd number"),
+        ([("GNU.sparse.map", "0,1,5,x")], "not a decimal"),
+        ([("GNU.sparse.map", "0,1"), ("GNU.sparse.numblocks", "2")], "numblocks=2"),
+        ([("GNU.sparse.offset", "0")], "pairs"),
+        ([("GNU.sparse.offset", "0"), ("GNU.sparse.offset", "1")], "pairs"),
+        ([("GNU.sparse.numbytes", "1"), ("GNU.sparse.offset", "0")], "pairs"),
+        ([("GNU.sparse.offset", "0"), ("GNU.sparse.numbytes", "+1")], "not a decimal"),
+    ],
+)
+def test_bad_pax0_map(records: list[tuple[str, str]], message: str) -> None:
+    member = tb.pax_header([("GNU.sparse.size", "10"), *records]) + tb.file_member("d.img", b"x")
+    with pytest.raises(CorruptSparseMap, match=message) as info:
+        tb.open_bytes(tb.archive(member))
+    assert info.value.offset == 0
+
+
+def test_unknown_pax_sparse_version() -> None:
+    records = [("GNU.sparse.major", "2"), ("GNU.sparse.minor", "0"), ("GNU.sparse.realsize", "1")]
+    with pytest.raises(BadHeader, match=r"unknown PAX sparse format 2\.0") as info:
+        tb.open_bytes(tb.archive(tb.pax_header(records), tb.file_member("d.img", b"x")))
+    assert info.value.offset == 1024
+
+
+def test_sparse_data_past_the_archive_end() -> None:
+    member = tb.old_gnu_sparse("d.img", [(0, 4096)], 4096, b"x" * 4096)
+    with pytest.raises(TruncatedArchive) as info:
+        tb.open_bytes(member[:2048])
+    assert info.value.offset == 0

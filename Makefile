@@ -9,7 +9,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils qemu-system-x86 libarch
 APT_STAMP := $(VENV)/.apt-done
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: all deps dev demo test test-fast lint format type check bench fixtures install clean
+.PHONY: all deps dev demo test test-fast lint format type check bench fuzz stress fixtures install clean
 
 all: dev
 
@@ -55,6 +55,13 @@ check: lint type test
 
 bench: dev
 	$(PY) scripts/bench.py
+
+# The long forms of what `make test` runs briefly: >= 1,000,000 mutated archives; a 10-minute load.
+fuzz: dev
+	$(PY) scripts/fuzz.py $(FUZZ_ARGS)
+
+stress: dev
+	$(PY) scripts/stress.py $(STRESS_ARGS)
 
 fixtures:
 	scripts/make-fixtures.sh

@@ -9,6 +9,7 @@ Must not import pyfuse3 or trio.
 import itertools
 import operator
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tarfuse import tarheader as th
@@ -44,7 +45,9 @@ def decode(member: Member, pread: Pread) -> SparseMap:
     if spec is None:
         size = member.stored_size
         count = 1 if size else 0  # an empty file has no extent at all
-        return _arrays(size, [0] * count, [size] * count, [member.data_offset] * count)
+        return SparseMap(
+            size, _int64s([0] * count), _int64s([size] * count), _int64s([member.data_offset] * count)
+        )
     if spec.variant == "oldgnu":
         numbers = _old_gnu_numbers(spec, pread)
         data_offset, data_size = member.data_offset, member.stored_size
@@ -52,26 +55,32 @@ def decode(member: Member, pread: Pread) -> SparseMap:
         numbers, map_size = _pax10_numbers(member, pread)
         data_offset, data_size = member.data_offset + map_size, member.stored_size - map_size
     else:
-        numbers = _pax0_numbers(spec)
+        numbers = _int64s(_pax0_numbers(spec), spec.header_offset)
         data_offset, data_size = member.data_offset, member.stored_size
     return _validated(member, numbers, data_offset, data_size)
 
 
-def _arrays(real_size: int, logical: list[int], lengths: list[int], physical: list[int]) -> SparseMap:
-    return SparseMap(real_size, array("q", logical), array("q", lengths), array("q", physical))
+def _int64s(values: Iterable[int], where: int | None = None) -> array:  # type: ignore[type-arg]
+    """Pack numbers into 64-bit integers: 8 bytes each, where a list of ints costs ~36."""
+    try:
+        return array("q", values)
+    except OverflowError:  # PAX allows 20 digits, more than 64 bits hold
+        raise CorruptSparseMap("sparse map value too large for a 64-bit offset", where) from None
 
 
-def _old_gnu_numbers(spec: SparseSpec, pread: Pread) -> list[int]:
+def _old_gnu_numbers(spec: SparseSpec, pread: Pread) -> array:  # type: ignore[type-arg]
     """Read the 'S' header and its extension blocks; return offset, numbytes, offset, ... ."""
     blocks = read_exact(pread, (1 + spec.extension_blocks) * th.BLOCK_SIZE, spec.header_offset)
-    numbers = th.parse_sparse_numbers(blocks[386:482], th.OLD_GNU_SPARSE_ENTRIES)
+    numbers = _int64s(th.parse_sparse_numbers(blocks[386:482], th.OLD_GNU_SPARSE_ENTRIES), spec.header_offset)
     for start in range(th.BLOCK_SIZE, len(blocks), th.BLOCK_SIZE):
         try:
-            numbers += th.parse_extension_block(blocks[start : start + th.BLOCK_SIZE])[0]
+            numbers.extend(th.parse_extension_block(blocks[start : start + th.BLOCK_SIZE])[0])
         except BadHeader as exc:
             raise CorruptSparseMap(
                 f"bad sparse extension block: {exc.reason}", spec.header_offset + start
             ) from None
+        except OverflowError:  # base-256 fields can hold more than 64 bits
+            raise CorruptSparseMap("sparse map value too large", spec.header_offset + start) from None
     return numbers
 
 
@@ -100,32 +109,38 @@ def _pax0_numbers(spec: SparseSpec) -> list[int]:
     return numbers
 
 
-def _pax10_numbers(member: Member, pread: Pread) -> tuple[list[int], int]:
+def _pax10_numbers(member: Member, pread: Pread) -> tuple[array, int]:  # type: ignore[type-arg]
     """Read the PAX 1.0 map: decimal lines "count", then offset/size pairs, padded to a block.
 
-    Returns the numbers and the padded size of the map, which precedes the data in the member.
+    Returns the numbers and the padded size of the map, which precedes the data in the member. The map is
+    parsed a chunk at a time into an array, so a million-extent map never exists as a million objects.
     """
     where = member.data_offset
-    chunks: list[bytes] = []
-    read = newlines = 0
-    wanted = 1  # lines needed: 1 + 2 * count, known once the first line is in
-    count: int | None = None
-    while newlines < wanted:
+    numbers = _int64s([])
+    count: int | None = None  # from the first line
+    carry = ""  # the start of a line that the end of a chunk cut
+    read = 0
+    map_size = 0
+    while count is None or len(numbers) < 2 * count:
         if read >= member.stored_size:
             raise CorruptSparseMap("PAX 1.0 sparse map runs past the member's data", where)
         chunk = read_exact(pread, min(_MAP_CHUNK, member.stored_size - read), where + read)
-        chunks.append(chunk)
+        text_start = read - len(carry)  # member offset of the first character of `text`
         read += len(chunk)
-        newlines += chunk.count(b"\n")
-        if count is None and newlines:  # the count line may span chunks (leading zeros are valid)
-            count = _decimals([b"".join(chunks).split(b"\n", 1)[0].decode("latin-1")], where)[0]
+        text = carry + chunk.decode("latin-1")  # latin-1: one character per byte
+        lines = text.split("\n")
+        carry = lines.pop()
+        used = 0
+        if count is None and lines:
+            count = _decimals(lines[:1], where)[0]
             if 4 * count > member.stored_size:  # an entry takes at least 4 bytes ("0\n0\n")
                 raise CorruptSparseMap(f"PAX 1.0 map claims {count} entries", where)
-            wanted = 1 + 2 * count
-    # One decode of the whole map, not one per line; latin-1 keeps one character per byte.
-    lines = b"".join(chunks).decode("latin-1").split("\n", wanted)
-    numbers = _decimals(lines[1:wanted], where)
-    map_size = read - len(lines[wanted]) if len(lines) > wanted else read
+            used = 1
+        if count is not None:
+            wanted = lines[used : used + 2 * count - len(numbers)]
+            numbers.extend(_int64s(_decimals(wanted, where), where))
+            used += len(wanted)
+            map_size = text_start + sum(len(line) + 1 for line in lines[:used])
     padded = -(-map_size // th.BLOCK_SIZE) * th.BLOCK_SIZE
     if padded > member.stored_size:
         raise CorruptSparseMap("PAX 1.0 sparse map runs past the member's data (into its padding)", where)
@@ -146,7 +161,12 @@ def _decimals(values: list[str], where: int) -> list[int]:
         raise CorruptSparseMap(f"sparse map value {exc.reason}", where) from None
 
 
-def _validated(member: Member, numbers: list[int], data_offset: int, data_size: int) -> SparseMap:
+def _validated(
+    member: Member,
+    numbers: array,  # type: ignore[type-arg]
+    data_offset: int,
+    data_size: int,
+) -> SparseMap:
     """Check the map the way a careful extractor must, then pack it into arrays."""
     where = member.sparse.header_offset if member.sparse else member.header_offset
     if member.real_size > MAX_REAL_SIZE:
@@ -155,20 +175,20 @@ def _validated(member: Member, numbers: list[int], data_offset: int, data_size: 
         )
     offsets, lengths = numbers[0::2], numbers[1::2]
     if 0 in lengths:  # GNU tar ends every map with (real_size, 0); old GNU pads with (0, 0)
-        offsets, lengths = list(itertools.compress(offsets, lengths)), list(filter(None, lengths))
+        offsets, lengths = _int64s(itertools.compress(offsets, lengths)), _int64s(filter(None, lengths))
     if offsets and (min(offsets) < 0 or min(lengths) < 0):  # base-256 can encode negatives
         raise CorruptSparseMap(f"member {member.name!r}: negative sparse map entry", where)
-    ends = list(map(operator.add, offsets, lengths))
-    if not all(map(operator.le, ends, offsets[1:])):
-        i = next(i for i in range(len(offsets) - 1) if ends[i] > offsets[i + 1])
+    # Iterators, not lists: a list of a million ends would cost more than the whole map.
+    if not all(map(operator.le, map(operator.add, offsets, lengths), itertools.islice(offsets, 1, None))):
+        i = next(i for i in range(len(offsets) - 1) if offsets[i] + lengths[i] > offsets[i + 1])
         raise CorruptSparseMap(
             f"member {member.name!r}: sparse map entry {i + 1} (offset {offsets[i + 1]}) is unsorted "
-            f"or overlaps the one before (which ends at {ends[i]})",
+            f"or overlaps the one before (which ends at {offsets[i] + lengths[i]})",
             where,
         )
-    if ends and ends[-1] > member.real_size:
+    if offsets and (last_end := offsets[-1] + lengths[-1]) > member.real_size:
         raise CorruptSparseMap(
-            f"member {member.name!r}: sparse data ends at {ends[-1]}, past the real size {member.real_size}",
+            f"member {member.name!r}: sparse data ends at {last_end}, past the real size {member.real_size}",
             where,
         )
     if (total := sum(lengths)) > data_size:
@@ -176,6 +196,7 @@ def _validated(member: Member, numbers: list[int], data_offset: int, data_size: 
             f"member {member.name!r}: sparse map lists {total} bytes of data but only {data_size} are stored",
             where,
         )
-    physical = list(itertools.accumulate(lengths[:-1], initial=data_offset)) if lengths else []
-    # Every value now fits 64 bits: extents end by real_size <= MAX_REAL_SIZE, data within the archive.
-    return _arrays(member.real_size, offsets, lengths, physical)
+    # Every value fits 64 bits: extents end by real_size <= MAX_REAL_SIZE, data within the archive.
+    physical = _int64s(itertools.accumulate(lengths, initial=data_offset))
+    physical.pop()  # accumulate's last value is where the data ends, not an extent
+    return SparseMap(member.real_size, offsets, lengths, physical)

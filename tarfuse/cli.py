@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from tarfuse import __version__, daemon
 from tarfuse.errors import ArchiveError, TarfuseError, UsageError
-from tarfuse.fs import ImageFs, ServedFile
+from tarfuse.fs import BLOCKING_READERS, ImageFs, ServedFile
 from tarfuse.image import Image, list_images, open_image
 from tarfuse.source import ArchiveFile
 
@@ -192,8 +192,9 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
     archive = ArchiveFile(args.archive)
     image = open_image(archive.pread, archive.size, options.member, archive.pread_into)
     log.debug("serving %s (%s, %d bytes)", image.name, image.format, image.mapper.size)
+    served = _served_file(image, archive, options)
     ops = ImageFs(
-        _served_file(image, archive, options),
+        served,
         root_is_file,
         after_init=lambda: daemon.tune_readahead(mountpoint, options.readahead_kb),
     )
@@ -209,7 +210,7 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         daemon.mount(ops, mountpoint, fuse_options)
     except daemon.MountFailed:
         raise ArchiveError(f"could not mount on {args.mountpoint} (see the message above)") from None
-    return daemon.serve(args.foreground)
+    return daemon.serve(args.foreground, workers=BLOCKING_READERS if served.blocking else 1)
 
 
 def _check_mountpoint(path: str) -> bool:

@@ -75,14 +75,14 @@ def tune_readahead(mountpoint: str, kib: int) -> None:
         log.debug("could not set read_ahead_kb of %s: %s (sequential reads will be slower)", device, exc)
 
 
-def serve(foreground: bool) -> int:
+def serve(foreground: bool, workers: int = 1) -> int:
     """Run the mounted file system until it is unmounted or a stop signal comes; return the exit status."""
     ready_fd = None
     if not foreground:
         ready_fd = _detach()  # returns only in the child
     clean = False
     try:
-        trio.run(_run_until_unmounted, ready_fd)
+        trio.run(_run_until_unmounted, ready_fd, workers)
         clean = True
     finally:
         # After a crash, leave the mount in place (ENOTCONN) rather than an empty directory that
@@ -92,17 +92,17 @@ def serve(foreground: bool) -> int:
     return 0
 
 
-async def _run_until_unmounted(ready_fd: int | None) -> None:
+async def _run_until_unmounted(ready_fd: int | None, workers: int) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         if ready_fd is not None:
             os.write(ready_fd, _READY)
             os.close(ready_fd)
         log.info("serving")
-        # One worker: every handler runs to completion without awaiting (fs.py), so more workers only
+        # One worker when every handler runs to completion without awaiting (fs.py): more workers only
         # add task churn. Measured with fio, 4 KiB random reads: ~27k/s with one, ~22k/s with pyfuse3's
-        # default of up to 99 (docs/benchmarks.md).
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        # default of up to 99 (docs/benchmarks.md). Blocking sources need one worker per reader thread.
+        await pyfuse3.main(min_tasks=1, max_tasks=workers)
         nursery.cancel_scope.cancel()
 
 

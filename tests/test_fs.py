@@ -150,3 +150,26 @@ async def test_statfs_reports_a_full_read_only_file_system():
     data = await fs.statfs(None)
     assert data.f_blocks == len(IMAGE) // 4096
     assert (data.f_bfree, data.f_bavail, data.f_ffree) == (0, 0, 0)
+
+
+async def test_blocking_reads_run_in_threads_and_overlap():
+    import threading
+
+    import trio
+
+    both_inside = threading.Barrier(2, timeout=5)  # passes only if two reads run at the same time
+
+    def slow_read(offset, size):
+        both_inside.wait()
+        return IMAGE[offset : offset + size]
+
+    fs = ImageFs(served(read=slow_read, blocking=True), root_is_file=True)
+    results = {}
+
+    async def read_at(offset):
+        results[offset] = bytes(await fs.read(1, offset, 100))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_at, 0)
+        nursery.start_soon(read_at, 5000)
+    assert results == {0: IMAGE[:100], 5000: IMAGE[5000:5100]}

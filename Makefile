@@ -5,11 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # What the tests and the demo run: FUSE, QEMU, and the other tar programs the tests compare against.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils qemu-system-x86 libarchive-tools busybox \
-	e2fsprogs fio util-linux
+	e2fsprogs fio util-linux gzip zstd xz-utils bzip2
 APT_STAMP := $(VENV)/.apt-done
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: all deps dev demo test test-fast lint format type check bench fuzz stress fixtures install clean
+.PHONY: all deps dev demo test test-fast lint format type check bench bench-compressed fuzz stress fixtures install clean
 
 all: dev
 
@@ -55,6 +55,10 @@ check: lint type test
 
 bench: dev
 	$(PY) scripts/bench.py
+
+# Compressed archives (docs/compressed.md); BENCH_ARGS=--quick for a 256 MiB image.
+bench-compressed: dev
+	$(PY) scripts/bench_compressed.py $(BENCH_ARGS)
 
 # The long forms of what `make test` runs briefly: >= 1,000,000 mutated archives; a 10-minute load.
 fuzz: dev

@@ -68,8 +68,10 @@ class _BlockReader:
         start = offset - self._window_offset
         if start < 0 or start + th.BLOCK_SIZE > len(self._window):
             self._window_offset = offset
-            self._window = self.read(min(_WINDOW, self.archive_size - offset), offset)
+            self._window = _read_upto(self._pread, min(_WINDOW, self.archive_size - offset), offset)
             start = 0
+            if len(self._window) < th.BLOCK_SIZE:  # the file shrank, or a stream of unknown size ended
+                raise TruncatedArchive("archive ends in the middle of a header block", offset)
         return self._window[start : start + th.BLOCK_SIZE]
 
     def read(self, size: int, offset: int) -> bytes:
@@ -79,6 +81,16 @@ class _BlockReader:
                 offset,
             )
         return read_exact(self._pread, size, offset)
+
+
+def _read_upto(pread: Pread, size: int, offset: int) -> bytes:
+    """Read `size` bytes, fewer only at the end of the data (a decompressed stream's size may be unknown)."""
+    parts = []
+    done = 0
+    while done < size and (chunk := pread(size - done, offset + done)):
+        parts.append(chunk)
+        done += len(chunk)
+    return b"".join(parts)
 
 
 def read_exact(pread: Pread, size: int, offset: int) -> bytes:
@@ -165,21 +177,28 @@ def _take_extended(
     elif flag == th.GNU_LONGLINK:
         pending.long_link = th.decode_name(payload)
     elif flag == th.PAX_GLOBAL:
-        global_pax.update(th.parse_pax_records(payload, offset))
+        records = th.parse_pax_records(payload, offset)
+        if any(key.startswith("GNU.sparse.") for key, _ in records):  # tarfile ignores them, GNU tar not
+            raise BadHeader("GNU.sparse.* records in a global PAX header", offset)
+        global_pax.update(records)
     else:
         pending.pax = (pending.pax or []) + th.parse_pax_records(payload, offset)
 
 
 def _count_extension_blocks(reader: _BlockReader, header: th.Header, offset: int) -> int:
-    """Follow an old GNU sparse header's `isextended` chain; return how many blocks it has."""
+    """Follow an old GNU sparse header's `isextended` chain; return how many blocks it has.
+
+    Like GNU tar, go on only while the map fills every slot: a map that ends early ends the chain.
+    """
     count = 0
-    extended = header.typeflag == th.GNU_SPARSE and header.is_extended
+    extended = header.is_extended and len(header.sparse_entries) == th.OLD_GNU_SPARSE_ENTRIES
     while extended:
         count += 1
         block_offset = offset + count * th.BLOCK_SIZE
         if reader.archive_size - block_offset < th.BLOCK_SIZE:
             raise TruncatedArchive("archive ends inside a sparse extension block", block_offset)
-        extended = reader.block(block_offset)[504] != 0
+        block = reader.block(block_offset)
+        extended = block[504] != 0 and th.sparse_slots_full(block, th.EXTENSION_ENTRIES)
     return count
 
 
@@ -193,23 +212,23 @@ def _make_member(
 ) -> Member:
     pax = dict(global_pax)
     pax.update(pending.pax or [])
-    name = pax.get("path", pending.long_name if pending.long_name is not None else header.name)
-    linkname = pax.get("linkpath", pending.long_link or header.linkname)
+    name, linkname = _names(header, pending, pax, offset)
     stored_size = _pax_int(pax, "size", header.size, offset)
     real_size = stored_size
     sparse = None
-    if header.typeflag == th.GNU_SPARSE:
+    if header.typeflag == th.GNU_SPARSE and header.is_gnu:
         sparse = SparseSpec("oldgnu", offset, extension_blocks=extension_blocks)
         real_size = header.real_size
     elif (variant := _pax_sparse_variant(pax, offset)) is not None:
+        if not header.is_ustar:  # GNU tar reads PAX sparse records only with POSIX magic, tarfile always
+            raise BadHeader(f"PAX sparse records for a header without POSIX magic ({variant})", offset)
         sparse = SparseSpec(variant, pending.start, pax_records=tuple(pending.pax or ()))
-        name = pax.get("GNU.sparse.name", name)
         real_size = _pax_int(pax, "GNU.sparse.realsize", 0, offset) or _pax_int(
             pax, "GNU.sparse.size", 0, offset
         )
     return Member(
         name=name,
-        kind=_kind(header.typeflag),
+        kind=_kind(header.typeflag, name),
         header_offset=pending.start,
         data_offset=data_offset,
         stored_size=0 if header.typeflag == _DIRECTORY else stored_size,
@@ -220,8 +239,21 @@ def _make_member(
     )
 
 
-def _kind(typeflag: int) -> str:
-    if typeflag in th.REGULAR_TYPES or typeflag == th.GNU_SPARSE:
+def _names(header: th.Header, pending: _Pending, pax: dict[str, str], offset: int) -> tuple[str, str]:
+    """The member's name and link target; GNU.sparse.name wins over path, sparse member or not (GNU tar)."""
+    name = pending.long_name if pending.long_name is not None else header.name
+    name = pax.get("GNU.sparse.name", pax.get("path", name))
+    linkname = pax.get("linkpath", pending.long_link or header.linkname)
+    if "\0" in name or "\0" in linkname:  # only a PAX value can hold one; GNU tar would cut the name there
+        raise BadHeader(f"member name {name[:200]!r} has a NUL byte", offset)
+    return name, linkname
+
+
+def _kind(typeflag: int, name: str) -> str:
+    if typeflag in th.REGULAR_TYPES:
+        # "BSD tar uses the convention that a slash suffix means a directory" (GNU tar, extract.c)
+        return "other" if name.endswith("/") else "file"
+    if typeflag == th.GNU_SPARSE:
         return "file"
     if typeflag == th.HARDLINK:
         return "hardlink"

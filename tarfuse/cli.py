@@ -11,17 +11,21 @@ import logging
 import os
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tarfuse import __version__, daemon
+from tarfuse import __version__, compressed, daemon, index, remote
+from tarfuse.compressed import CompressedSource
 from tarfuse.errors import ArchiveError, TarfuseError, UsageError
 from tarfuse.fs import BLOCKING_READERS, ImageFs, ServedFile
-from tarfuse.image import Image, list_images, open_image
+from tarfuse.image import Image, list_images, open_first_image, open_image
+from tarfuse.mapper import HOLE, ImageMapper
 from tarfuse.source import ArchiveFile
 
 log = logging.getLogger("tarfuse")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+FUSE_CONF = "/etc/fuse.conf"  # fusermount3 reads user_allow_other from here
 _MAX_REQUEST = 1 << 20  # FUSE reads are at most max_pages (256) pages long; larger ones get their own buffer
 
 # Words that fstab, mount(8) and mount.fuse3 pass along and that mean nothing here (as in s3ql/sshfs).
@@ -37,7 +41,7 @@ _PASSED = frozenset({
     "norelatime", "strictatime", "nodiratime", "diratime", "dirsync", "lazytime", "nolazytime",
 })
 # fmt: on
-_OURS = ("member", "uid", "gid", "umask", "fsname", "readahead_kb")
+_OURS = ("member", "uid", "gid", "umask", "fsname", "readahead_kb", "index")
 
 
 @dataclass
@@ -51,6 +55,9 @@ class MountOptions:
     fsname: str | None = None
     readahead_kb: int = 4096  # measured: 1 MiB requests, several in flight (docs/benchmarks.md)
     fuse: set[str] = field(default_factory=set)
+    remote: list[str] = field(default_factory=list)  # header=, ca_file=, ... for http(s) archives
+    index: str | None = None  # where a compressed archive's seek index is kept (default: index.py)
+    noindex: bool = False  # keep no index on disk
 
 
 def split_mount_options(words: list[str], rw_is_default: bool = False) -> MountOptions:
@@ -64,6 +71,10 @@ def split_mount_options(words: list[str], rw_is_default: bool = False) -> MountO
         key, has_value, value = word.partition("=")
         if key in _OURS and has_value:
             _set_option(options, key, value)
+        elif key in remote.OPTION_KEYS and has_value:
+            options.remote.append(word)  # checked by remote.parse_options when a URL is opened
+        elif word == "noindex":
+            options.noindex = True
         elif word == "rw":
             if not rw_is_default:
                 raise UsageError(
@@ -80,7 +91,7 @@ def split_mount_options(words: list[str], rw_is_default: bool = False) -> MountO
 
 
 def _set_option(options: MountOptions, key: str, value: str) -> None:
-    if key in ("member", "fsname"):
+    if key in ("member", "fsname", "index"):
         if not value:
             raise UsageError(f"option {key}= needs a value")
         setattr(options, key, value)
@@ -102,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
         "unpacking it. Sparse members (GNU tar -S, every format) are served with their holes "
         "as zeros. Unmount with: fusermount3 -u MOUNTPOINT",
         epilog="mount options (-o): member=PATH (which image, if several), allow_other, uid=N, "
-        "gid=N, umask=OCTAL, fsname=NAME, readahead_kb=N (root only, default 4096); "
+        "gid=N, umask=OCTAL, fsname=NAME, readahead_kb=N (root only, default 4096); compressed "
+        "archives: index=PATH, noindex, cache_size=64M; for http(s) "
+        "URLs: header=NAME:VALUE (repeatable), ca_file=PEM, timeout=SECONDS, cache_size=64M, retries=N; "
         "generic words from fstab (ro, defaults, noauto, nofail, "
         "_netdev, nosuid, nodev, noexec, user, x-systemd.*) are accepted. "
         "fstab: /srv/vm.tar /mnt/vm fuse.tarfuse ro,allow_other,member=disk.raw 0 0",
@@ -132,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = split_mount_options(args.options, rw_is_default=_run_by_mount())
         if args.list:
-            return _list(args.archive)
+            return _list(args.archive, options)
         if args.mountpoint is None:
             raise UsageError("MOUNTPOINT is missing (or use --list to see what ARCHIVE holds)")
         return _mount(args, options)
@@ -140,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tarfuse: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except TarfuseError as exc:
-        print(f"tarfuse: {args.archive}: {exc}", file=sys.stderr)
+        print(f"tarfuse: {remote.display_name(args.archive)}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:
-        print(f"tarfuse: {exc.filename or args.archive}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"tarfuse: {exc.filename or remote.display_name(args.archive)}: {exc.strerror}", file=sys.stderr
+        )
         return EXIT_FAILED
 
 
@@ -162,11 +177,15 @@ def _run_by_mount() -> bool:
     return False
 
 
-def _list(path: str) -> int:
-    with ArchiveFile(path) as archive:
+def _list(path: str, options: MountOptions) -> int:
+    with _open_archive(path, options) as archive:
+        if isinstance(archive, CompressedSource):
+            where = _index_path(archive, options)
+            found = "none" if where is None else (where if index.use_saved_index(where, archive) else "none")
+            print(f"{remote.display_name(path)}: {archive.compression}-compressed, index: {found}")
         images = list_images(archive.pread, archive.size)
     if not images:
-        print(f"tarfuse: {path}: no disk image found", file=sys.stderr)
+        print(f"tarfuse: {remote.display_name(path)}: no disk image found", file=sys.stderr)
         return EXIT_FAILED
     rows = [("PATH", "FORMAT", "SIZE", "ALLOCATED", "EXTENTS", "OFFSET")]
     rows += [
@@ -189,8 +208,12 @@ def _list(path: str) -> int:
 def _mount(args: argparse.Namespace, options: MountOptions) -> int:
     mountpoint = os.path.realpath(args.mountpoint)  # now: once mounted, resolving it would hang
     root_is_file = _check_mountpoint(mountpoint)
-    archive = ArchiveFile(args.archive)
-    image = open_image(archive.pread, archive.size, options.member, archive.pread_into)
+    archive = _open_archive(args.archive, options)
+    job = None
+    if isinstance(archive, CompressedSource):
+        image, job = _open_compressed(archive, options)
+    else:
+        image = open_image(archive.pread, archive.size, options.member, archive.pread_into)
     log.debug("serving %s (%s, %d bytes)", image.name, image.format, image.mapper.size)
     served = _served_file(image, archive, options)
     ops = ImageFs(
@@ -202,15 +225,79 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         "ro",
         "default_permissions",
         "subtype=tarfuse",
-        f"fsname={options.fsname or os.path.abspath(args.archive)}",
+        f"fsname={options.fsname or remote.display_name(args.archive)}",
     }
     if args.debug_fuse:
         fuse_options.add("debug")
     try:
         daemon.mount(ops, mountpoint, fuse_options)
     except daemon.MountFailed:
-        raise ArchiveError(f"could not mount on {args.mountpoint} (see the message above)") from None
-    return daemon.serve(args.foreground, workers=BLOCKING_READERS if served.blocking else 1)
+        raise ArchiveError(f"could not mount on {args.mountpoint} ({_mount_failure_hint(options)})") from None
+    if not isinstance(archive, CompressedSource):
+        return daemon.serve(args.foreground, workers=BLOCKING_READERS if served.blocking else 1)
+    if not args.foreground:
+        archive.drop_decoder()  # decoder threads do not survive the fork; the daemon opens its own
+    try:
+        return daemon.serve(args.foreground, workers=BLOCKING_READERS, background=job)
+    finally:
+        archive.close()  # rapidgzip aborts the interpreter if its threads outlive it
+
+
+def _open_archive(path: str, options: MountOptions) -> ArchiveFile | remote.RemoteArchive | CompressedSource:
+    archive = remote.open_source(path, options.remote)
+    if not isinstance(archive, ArchiveFile):
+        return archive
+    return compressed.decompressed(archive, remote.parse_options(options.remote).cache_size)
+
+
+def _index_path(source: CompressedSource, options: MountOptions) -> str | None:
+    if options.noindex:
+        return None
+    return options.index or index.default_path(source.path, index.identity(source))
+
+
+def _open_compressed(
+    source: CompressedSource, options: MountOptions
+) -> tuple[Image, daemon.BackgroundJob | None]:
+    """Open the image as soon as its headers are decompressed; index the rest in the background.
+
+    With a complete index (a saved one, or xz's own) every header is cheap to reach: open as for a plain
+    archive. Otherwise serve the first candidate, and let the background pass look for others.
+    """
+    where = _index_path(source, options)
+    if source.size_known or (where is not None and index.use_saved_index(where, source)):
+        return open_image(source.pread, source.size, options.member, source.pread_into), None
+    image = open_first_image(source.pread, source.size, options.member, source.pread_into)
+    indexing = index.IndexingPass(source, image.name, where)
+    return image, daemon.BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
+
+
+def _cached(mapper: ImageMapper, source: CompressedSource) -> Callable[[int, int], bool]:
+    """Whether an image read needs no decompression: all holes, or all in the chunk cache."""
+
+    def ready(offset: int, size: int) -> bool:
+        return all(p == HOLE or source.cached(p, n) for p, n in mapper.plan(offset, size))
+
+    return ready
+
+
+def _mount_failure_hint(options: MountOptions) -> str:
+    """Say what to do after libfuse refused the mount; for the one cause we can check, say it exactly."""
+    if "allow_other" in options.fuse and os.getuid() != 0 and not _user_allow_other():
+        return (
+            f"-o allow_other needs a line 'user_allow_other' in {FUSE_CONF}, which root must add; "
+            "or mount without allow_other"
+        )
+    return "see the message above"
+
+
+def _user_allow_other() -> bool:
+    """Whether /etc/fuse.conf lets users mount with allow_other (a line of its own, as fusermount3 wants)."""
+    try:
+        with open(FUSE_CONF, encoding="utf-8", errors="replace") as conf:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in conf)
+    except OSError:
+        return False
 
 
 def _check_mountpoint(path: str) -> bool:
@@ -232,11 +319,15 @@ def _check_mountpoint(path: str) -> bool:
     raise UsageError(f"mount point {path} must be a directory or a regular file")
 
 
-def _served_file(image: Image, archive: ArchiveFile, options: MountOptions) -> ServedFile:
+def _served_file(
+    image: Image, archive: ArchiveFile | remote.RemoteArchive | CompressedSource, options: MountOptions
+) -> ServedFile:
     mapper = image.mapper
     # One buffer serves every request: handlers run one at a time on the trio loop, and pyfuse3 copies
-    # the reply to the kernel before the next request is read (see ImageFs.read).
-    buffer = memoryview(bytearray(_MAX_REQUEST))
+    # the reply to the kernel before the next request is read (see ImageFs.read). Blocking sources are
+    # read from several threads at once: each read gets its own buffer.
+    blocking = getattr(archive, "blocking", False)
+    buffer = memoryview(bytearray(0 if blocking else _MAX_REQUEST))
 
     def read(offset: int, size: int) -> memoryview:
         view = buffer[:size] if size <= len(buffer) else memoryview(bytearray(size))
@@ -253,9 +344,11 @@ def _served_file(image: Image, archive: ArchiveFile, options: MountOptions) -> S
         xattrs={
             "user.tarfuse.member": os.fsencode(image.name),
             "user.tarfuse.format": image.format.driver.encode(),
-            "user.tarfuse.archive": os.fsencode(os.path.abspath(archive.path)),
+            "user.tarfuse.archive": os.fsencode(remote.display_name(archive.path)),
         },
         uid=os.getuid() if options.uid is None else options.uid,
         gid=os.getgid() if options.gid is None else options.gid,
         umask=options.umask,
+        blocking=blocking,
+        ready=_cached(mapper, archive) if isinstance(archive, CompressedSource) else None,
     )

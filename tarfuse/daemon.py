@@ -10,6 +10,9 @@ import logging.handlers
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
@@ -24,6 +27,22 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 class MountFailed(Exception):
     """libfuse could not mount (its own message went to stderr)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackgroundJob:
+    """Work that runs in a thread while the mount serves (a compressed archive's indexing pass).
+
+    `run(stop)` must return soon after `stop` is set; `status()` is the progress line to show.
+    """
+
+    run: Callable[[threading.Event], None]
+    status: Callable[[], str]
+    done: Callable[[], bool]
+
+
+_PROGRESS_TTY = 1.0  # seconds between progress updates on a terminal
+_PROGRESS_LOG = 30.0  # ... and between log lines otherwise
 
 
 def mount(ops: ImageFs, mountpoint: str, options: set[str]) -> None:
@@ -75,14 +94,14 @@ def tune_readahead(mountpoint: str, kib: int) -> None:
         log.debug("could not set read_ahead_kb of %s: %s (sequential reads will be slower)", device, exc)
 
 
-def serve(foreground: bool, workers: int = 1) -> int:
+def serve(foreground: bool, workers: int = 1, background: BackgroundJob | None = None) -> int:
     """Run the mounted file system until it is unmounted or a stop signal comes; return the exit status."""
     ready_fd = None
     if not foreground:
         ready_fd = _detach()  # returns only in the child
     clean = False
     try:
-        trio.run(_run_until_unmounted, ready_fd, workers)
+        trio.run(_run_until_unmounted, ready_fd, workers, background)
         clean = True
     finally:
         # After a crash, leave the mount in place (ENOTCONN) rather than an empty directory that
@@ -92,9 +111,11 @@ def serve(foreground: bool, workers: int = 1) -> int:
     return 0
 
 
-async def _run_until_unmounted(ready_fd: int | None, workers: int) -> None:
+async def _run_until_unmounted(ready_fd: int | None, workers: int, background: BackgroundJob | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
+        if background is not None:
+            nursery.start_soon(_run_in_background, background)
         if ready_fd is not None:
             os.write(ready_fd, _READY)
             os.close(ready_fd)
@@ -104,6 +125,35 @@ async def _run_until_unmounted(ready_fd: int | None, workers: int) -> None:
         # default of up to 99 (docs/benchmarks.md). Blocking sources need one worker per reader thread.
         await pyfuse3.main(min_tasks=1, max_tasks=workers)
         nursery.cancel_scope.cancel()
+
+
+async def _run_in_background(job: BackgroundJob) -> None:
+    """Run the job in a thread, with progress; at unmount, tell it to stop and wait until it has."""
+    stop = threading.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_report_progress, job, stop)
+        try:
+            await trio.to_thread.run_sync(job.run, stop)  # not abandoned: it must close its decoder
+        finally:
+            stop.set()
+        nursery.cancel_scope.cancel()
+
+
+async def _report_progress(job: BackgroundJob, stop: threading.Event) -> None:
+    """On a terminal, one line rewritten in place; otherwise a log line now and then."""
+    on_tty = sys.stderr.isatty()
+    try:
+        await trio.sleep(_PROGRESS_TTY if on_tty else _PROGRESS_LOG)
+        while not stop.is_set() and not job.done():
+            if on_tty:
+                print(f"\r{job.status()}\033[K", end="", file=sys.stderr, flush=True)
+            else:
+                log.info("%s", job.status())
+            await trio.sleep(_PROGRESS_TTY if on_tty else _PROGRESS_LOG)
+    finally:
+        stop.set()  # also when cancelled at unmount, which is how the worker thread learns it
+        if on_tty:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 async def _terminate_on_signal() -> None:

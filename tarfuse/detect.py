@@ -138,8 +138,12 @@ def _some(files: list[Candidate]) -> str:
     return shown + (f" and {len(files) - 5} more files" if len(files) > 5 else "")
 
 
-def detect_format(read_at: ReadAt, size: int) -> ImageFormat | None:
-    """Name the image format from its content, or None if nothing is recognised."""
+def detect_format(read_at: ReadAt, size: int, read_tail: bool = True) -> ImageFormat | None:
+    """Name the image format from its content, or None if nothing is recognised.
+
+    Without `read_tail`, a fixed VHD (whose footer is the image's last sector) is not looked for: in a
+    compressed archive, reading the end of the image means decompressing all of it first.
+    """
     head = read_at(0, HEAD_SIZE)
     if head[:4] == b"QFI\xfb":
         version = int.from_bytes(head[4:8], "big")
@@ -152,7 +156,7 @@ def detect_format(read_at: ReadAt, size: int) -> ImageFormat | None:
         return ImageFormat("vdi")
     if head[:8] == b"conectix":
         return ImageFormat("vpc", "VHD, dynamic")
-    if size >= 512 and read_at(size - 512, 8) == b"conectix":
+    if read_tail and size >= 512 and read_at(size - 512, 8) == b"conectix":
         return ImageFormat("vpc", "VHD, fixed")
     if head[0x8001:0x8006] == b"CD001":
         return ImageFormat("raw", "ISO 9660")

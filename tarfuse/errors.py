@@ -14,12 +14,17 @@ class UsageError(TarfuseError):
 
 
 class ArchiveError(TarfuseError):
-    """The archive cannot be served; `offset` is where in the archive the problem was found."""
+    """The archive cannot be served; `offset` is where in the archive the problem was found.
+
+    In a compressed archive, offsets of the tar reader are positions in the decompressed stream.
+    """
+
+    offset_kind = "archive"
 
     def __init__(self, reason: str, offset: int | None = None) -> None:
         self.reason = reason
         self.offset = offset
-        where = f" at archive offset {offset}" if offset is not None else ""
+        where = f" at {self.offset_kind} offset {offset}" if offset is not None else ""
         super().__init__(f"{reason}{where}")
 
 
@@ -36,7 +41,13 @@ class CorruptSparseMap(ArchiveError):
 
 
 class CompressedArchive(ArchiveError):
-    """The archive is compressed; this build serves only uncompressed tar."""
+    """The archive is compressed in a format tarfuse cannot serve (lz4, lzip, compress)."""
+
+
+class CorruptCompressed(ArchiveError):
+    """The compressed stream is cut short or corrupt; `offset` is in the decompressed stream."""
+
+    offset_kind = "decompressed"
 
 
 class NoImage(ArchiveError):
@@ -45,3 +56,7 @@ class NoImage(ArchiveError):
 
 class ArchiveChanged(ArchiveError):
     """The archive file changed under a live mount, so its bytes can no longer be trusted."""
+
+
+class RemoteError(ArchiveError):
+    """The web server holding a remote archive refused or failed a request, even after retries."""

@@ -43,6 +43,8 @@ class ServedFile:
     # Reads may wait on a decompressor or the network: run them in worker threads so that the trio loop,
     # and with it every other request, never waits. Plain files are read inline (measured faster).
     blocking: bool = False
+    # For a blocking source: whether a read would not wait (its bytes are cached); those run inline.
+    ready: Callable[[int, int], bool] | None = None
 
 
 BLOCKING_READERS = 8  # threads serving blocking reads at once; also how many FUSE workers then run
@@ -136,7 +138,8 @@ class ImageFs(pyfuse3.Operations):
         # page-cached archives, and lets ServedFile.read reuse one buffer (pyfuse3 replies before it reads
         # the next request).
         try:
-            if self._served.blocking:
+            served = self._served
+            if served.blocking and not (served.ready is not None and served.ready(off, size)):
                 data = await trio.to_thread.run_sync(
                     self._served.read, off, size, limiter=self._blocking_limiter()
                 )

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tarfuse import detect, sparse
-from tarfuse.archive import Member, Pread, scan_members
-from tarfuse.detect import Candidate, ImageFormat
+from tarfuse.archive import Member, Pread, normalize_name, scan_members
+from tarfuse.detect import Candidate, ImageFormat, has_image_suffix
 from tarfuse.mapper import ImageMapper, PreadInto
 
 
@@ -24,10 +24,12 @@ class Image:
     extent_count: int
 
 
-def _open_candidate(candidate: Candidate, pread: Pread, pread_into: PreadInto | None = None) -> Image:
+def _open_candidate(
+    candidate: Candidate, pread: Pread, pread_into: PreadInto | None = None, read_tail: bool = True
+) -> Image:
     sparse_map = sparse.decode(candidate.member, pread)
     mapper = ImageMapper(pread, sparse_map, pread_into)
-    found = detect.detect_format(mapper.read, mapper.size)
+    found = detect.detect_format(mapper.read, mapper.size, read_tail)
     return Image(
         name=candidate.name,
         member=candidate.member,
@@ -55,6 +57,28 @@ def list_images(pread: Pread, archive_size: int) -> list[Image]:
     """Every candidate image in the archive, opened (for `tarfuse --list`)."""
     files = _files(pread, archive_size)
     return [_open_candidate(c, pread) for c in detect.find_candidates(files, _sniffer(pread))]
+
+
+def open_first_image(
+    pread: Pread, archive_size: int, wanted: str | None = None, pread_into: PreadInto | None = None
+) -> Image:
+    """The first member named `wanted`, or named like an image, without reading the headers after it.
+
+    For compressed archives, where every header further on costs decompressing the data before it. If no
+    member is named like an image, fall back to open_image's rules over the whole archive.
+    """
+    detect.check_uncompressed(pread(16, 0))
+    seen: list[Member] = []
+    for member in scan_members(pread, archive_size):
+        seen.append(member)
+        name = normalize_name(member.name)
+        if member.kind != "other" and (name == normalize_name(wanted) if wanted else has_image_suffix(name)):
+            found = [c for c in detect.resolve_files(seen) if normalize_name(c.name) == name]
+            if found:  # else a hard link to nothing, which tar -x cannot make either
+                return _open_candidate(found[-1], pread, pread_into, read_tail=False)
+    files = detect.resolve_files(seen)
+    candidates = [] if wanted else detect.find_candidates(files, _sniffer(pread))
+    return _open_candidate(detect.choose_image(files, candidates, wanted), pread, pread_into)
 
 
 def open_image(

@@ -167,36 +167,68 @@ def _validated(
     data_offset: int,
     data_size: int,
 ) -> SparseMap:
-    """Check the map the way a careful extractor must, then pack it into arrays."""
+    """Check the map the way a careful extractor must, then pack it into arrays.
+
+    GNU tar extracts a map entry by entry (src/sparse.c, sparse_extract_region): it seeks to the offset,
+    then writes `numbytes` bytes taken from the next whole blocks of the archive, or truncates the file
+    there if `numbytes` is 0, so the file ends where the map does. libarchive and tarfile read the data
+    packed and make the file `real_size` long. Both give the same file only for a sorted map (zero-length
+    entries included) that ends at the real size, whose data entries but the last fill whole blocks: what
+    GNU tar and bsdtar write, since they find holes in filesystem blocks. Anything else is refused, not
+    read one way or the other.
+    """
     where = member.sparse.header_offset if member.sparse else member.header_offset
+    name = member.name
     if member.real_size > MAX_REAL_SIZE:
         raise CorruptSparseMap(
-            f"member {member.name!r}: real size {member.real_size} is larger than any file can be", where
+            f"member {name!r}: real size {member.real_size} is larger than any file can be", where
         )
     offsets, lengths = numbers[0::2], numbers[1::2]
-    if 0 in lengths:  # GNU tar ends every map with (real_size, 0); old GNU pads with (0, 0)
-        offsets, lengths = _int64s(itertools.compress(offsets, lengths)), _int64s(filter(None, lengths))
     if offsets and (min(offsets) < 0 or min(lengths) < 0):  # base-256 can encode negatives
-        raise CorruptSparseMap(f"member {member.name!r}: negative sparse map entry", where)
-    # Iterators, not lists: a list of a million ends would cost more than the whole map.
-    if not all(map(operator.le, map(operator.add, offsets, lengths), itertools.islice(offsets, 1, None))):
-        i = next(i for i in range(len(offsets) - 1) if offsets[i] + lengths[i] > offsets[i + 1])
+        raise CorruptSparseMap(f"member {name!r}: negative sparse map entry", where)
+    _check_order(offsets, lengths, name, where)
+    _check_end(offsets[-1] + lengths[-1] if offsets else 0, member.real_size, name, where)
+    if 0 in lengths:  # GNU tar ends a map with (real_size, 0) when the file ends in a hole
+        offsets, lengths = _int64s(itertools.compress(offsets, lengths)), _int64s(filter(None, lengths))
+    but_last = max(len(lengths) - 1, 0)
+    if any(map(operator.mod, itertools.islice(lengths, but_last), itertools.repeat(th.BLOCK_SIZE))):
+        i = next(i for i in range(but_last) if lengths[i] % th.BLOCK_SIZE)
         raise CorruptSparseMap(
-            f"member {member.name!r}: sparse map entry {i + 1} (offset {offsets[i + 1]}) is unsorted "
-            f"or overlaps the one before (which ends at {offsets[i] + lengths[i]})",
-            where,
-        )
-    if offsets and (last_end := offsets[-1] + lengths[-1]) > member.real_size:
-        raise CorruptSparseMap(
-            f"member {member.name!r}: sparse data ends at {last_end}, past the real size {member.real_size}",
+            f"member {name!r}: sparse data at {offsets[i]} is {lengths[i]} bytes, not whole blocks, and more "
+            "follows: GNU tar reads the next data from the next block, other readers right after",
             where,
         )
     if (total := sum(lengths)) > data_size:
         raise CorruptSparseMap(
-            f"member {member.name!r}: sparse map lists {total} bytes of data but only {data_size} are stored",
-            where,
+            f"member {name!r}: sparse map lists {total} bytes of data but only {data_size} are stored", where
         )
     # Every value fits 64 bits: extents end by real_size <= MAX_REAL_SIZE, data within the archive.
     physical = _int64s(itertools.accumulate(lengths, initial=data_offset))
     physical.pop()  # accumulate's last value is where the data ends, not an extent
     return SparseMap(member.real_size, offsets, lengths, physical)
+
+
+def _check_order(offsets: array, lengths: array, name: str, where: int) -> None:  # type: ignore[type-arg]
+    """Each entry must start at or after the end of the one before, zero-length ones too."""
+    # Iterators, not lists: a list of a million ends would cost more than the whole map.
+    if not all(map(operator.le, map(operator.add, offsets, lengths), itertools.islice(offsets, 1, None))):
+        i = next(i for i in range(len(offsets) - 1) if offsets[i] + lengths[i] > offsets[i + 1])
+        raise CorruptSparseMap(
+            f"member {name!r}: sparse map entry {i + 1} (offset {offsets[i + 1]}) is unsorted "
+            f"or overlaps the one before (which ends at {offsets[i] + lengths[i]})",
+            where,
+        )
+
+
+def _check_end(map_end: int, real_size: int, name: str, where: int) -> None:
+    """The map must end exactly at the real size: where GNU tar's extracted file ends too."""
+    if map_end > real_size:
+        raise CorruptSparseMap(
+            f"member {name!r}: sparse data ends at {map_end}, past the real size {real_size}", where
+        )
+    if map_end < real_size:  # GNU tar would extract map_end bytes, tarfile real_size
+        raise CorruptSparseMap(
+            f"member {name!r}: sparse map ends at {map_end}, before the real size {real_size} "
+            f"(GNU tar writes a last entry ({real_size}, 0) for a file that ends in a hole)",
+            where,
+        )

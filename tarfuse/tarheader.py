@@ -48,6 +48,7 @@ class Header:
     typeflag: int  # a byte value, e.g. ord("0")
     linkname: str
     is_gnu: bool  # GNU/old GNU magic: the bytes after 345 are GNU fields, not a ustar prefix
+    is_ustar: bool = False  # POSIX magic "ustar\0": the only headers whose PAX sparse records GNU tar reads
     sparse_entries: tuple[tuple[int, int], ...] = ()  # old GNU 'S': in-header (offset, numbytes)
     is_extended: bool = False  # old GNU 'S': extension blocks follow the header
     real_size: int = 0  # old GNU 'S': size of the expanded file
@@ -66,6 +67,10 @@ def parse_number(field: bytes) -> int:
         return int.from_bytes(field, "big", signed=True)
     text = field.split(b"\0", 1)[0]
     if not text.strip(b" "):
+        # GNU tar skips one leading NUL ("buggy tar of unknown vintage", list.c from_header) and reads the
+        # digits after it; tarfile reads 0. Which size a member has must not depend on the reader.
+        if field[:1] == b"\0" and field[1:].lstrip(b" ")[:1].isdigit():
+            raise BadHeader(f"number after a leading NUL: {field!r}")
         return 0
     # int(x, 8) alone would accept "1_7", "+17" and "-1"; tarfile.nti(b"0000001_7\0") == 15.
     if (match := _OCTAL.fullmatch(text)) is None:
@@ -124,8 +129,9 @@ def _parse_fields(block: bytes) -> Header:
         typeflag=typeflag,
         linkname=decode_name(block[157:257]),
         is_gnu=is_gnu,
+        is_ustar=magic[:6] == USTAR_MAGIC,
     )
-    if typeflag == GNU_SPARSE:
+    if typeflag == GNU_SPARSE and is_gnu:  # GNU tar reads 'S' as a plain file under any other magic
         return _with_old_gnu_sparse(header, block)
     return header
 
@@ -142,6 +148,7 @@ def _with_old_gnu_sparse(header: Header, block: bytes) -> Header:
         typeflag=header.typeflag,
         linkname=header.linkname,
         is_gnu=header.is_gnu,
+        is_ustar=header.is_ustar,
         sparse_entries=entries,
         is_extended=block[482] != 0,
         real_size=real_size,
@@ -149,13 +156,17 @@ def _with_old_gnu_sparse(header: Header, block: bytes) -> Header:
 
 
 def parse_sparse_entries(raw: bytes, count: int) -> tuple[tuple[int, int], ...]:
-    """Decode `count` old GNU (offset, numbytes) slots; an all-NUL slot ends the list."""
+    """Decode `count` old GNU (offset, numbytes) slots, up to the first unused one."""
     numbers = parse_sparse_numbers(raw, count)
     return tuple(zip(numbers[0::2], numbers[1::2], strict=True))
 
 
 def parse_sparse_numbers(raw: bytes, count: int) -> list[int]:
-    """Decode `count` old GNU slots into a flat [offset, numbytes, offset, ...]; an all-NUL slot ends it."""
+    """Decode `count` old GNU slots into a flat [offset, numbytes, offset, ...], up to the first unused one.
+
+    A slot is unused when its numbytes field starts with NUL, as GNU tar decides (src/sparse.c,
+    oldgnu_add_sparse); its offset field does not matter.
+    """
     region = raw[: count * SPARSE_ENTRY_SIZE]
     match = _GNU_SLOTS.fullmatch(region)
     if match is not None and len(match[1]) % SPARSE_ENTRY_SIZE == 0:
@@ -163,10 +174,19 @@ def parse_sparse_numbers(raw: bytes, count: int) -> list[int]:
         return list(map(int, match[1].split(b"\0")[:-1], itertools.repeat(8)))
     numbers: list[int] = []
     for i in range(0, len(region), SPARSE_ENTRY_SIZE):
-        if region[i] == 0:  # unused slot: GNU tar leaves the rest zero-filled
+        if region[i + 12] == 0:  # unused slot: GNU tar leaves the rest zero-filled
             break
         numbers += (parse_number(region[i : i + 12]), parse_number(region[i + 12 : i + 24]))
     return numbers
+
+
+def sparse_slots_full(raw: bytes, count: int) -> bool:
+    """True if all `count` old GNU slots in `raw` are used, so that the map may go on in another block.
+
+    GNU tar reads the next extension block only then, whatever `isextended` says (src/sparse.c,
+    oldgnu_get_sparse_info): after a map that ends early, the data starts at once.
+    """
+    return all(raw[i + 12] != 0 for i in range(0, count * SPARSE_ENTRY_SIZE, SPARSE_ENTRY_SIZE))
 
 
 def parse_extension_block(block: bytes) -> tuple[list[int], bool]:

@@ -54,6 +54,26 @@ def layouts(
     )
 
 
+def gnu_layouts(max_runs: int = 8) -> st.SearchStrategy[Layout]:
+    """Layouts as GNU tar and bsdtar store them: every data run but the last fills whole 512-byte blocks.
+
+    They find holes in filesystem blocks; a map with a shorter run in the middle is one that GNU tar and
+    the other readers would expand differently, and tarfuse refuses it.
+    """
+    blocks = st.integers(1, 8).map(lambda n: 512 * n)
+    gaps = st.one_of(st.just(0), st.integers(1, 3000), st.integers(4096, 40_000))
+    runs = st.lists(st.tuples(gaps, blocks), max_size=max_runs)
+    last = st.integers(0, 511)  # the last run may end anywhere
+    tail = st.one_of(st.just(0), st.integers(1, 3000), st.integers(4096, 40_000))
+    return st.builds(_with_longer_last_run, runs, last, tail)
+
+
+def _with_longer_last_run(runs: list[tuple[int, int]], extra: int, tail: int) -> Layout:
+    if runs:
+        runs = [*runs[:-1], (runs[-1][0], runs[-1][1] + extra)]
+    return layout_from_runs(runs, tail)
+
+
 _NO_ZERO = bytes([1, *range(1, 256)])  # translate() table: 0 becomes 1, the rest stay
 
 

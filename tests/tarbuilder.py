@@ -208,9 +208,14 @@ def pax10_sparse(
     *,
     map_bytes: bytes | None = None,
     extra: Sequence[tuple[str, str]] = (),
+    stored_size: int | None = None,
 ) -> bytes:
-    """A PAX 1.0 sparse member as GNU tar writes it (pseudo name in the header, real one in the PAX)."""
-    body = (pax10_map(extents) if map_bytes is None else map_bytes) + data
+    """A PAX 1.0 sparse member as GNU tar writes it (pseudo name in the header, real one in the PAX).
+
+    `stored_size` claims that many bytes of data after the map, whatever `data` holds.
+    """
+    map_part = pax10_map(extents) if map_bytes is None else map_bytes
+    body = map_part + data
     records = [
         ("GNU.sparse.major", "1"),
         ("GNU.sparse.minor", "0"),
@@ -219,7 +224,8 @@ def pax10_sparse(
         *extra,
     ]
     pseudo = "GNUSparseFile.0/" + name.rsplit("/", 1)[-1]
-    return pax_header(records) + header(pseudo, size=len(body)) + pad(body)
+    size = len(body) if stored_size is None else len(map_part) + stored_size
+    return pax_header(records) + header(pseudo, size=size) + pad(body)
 
 
 def pax0_sparse(
@@ -280,10 +286,30 @@ def open_bytes(data: bytes, wanted: str | None = None) -> Image:
 SPARSE_VARIANTS = ("oldgnu", "pax0.0", "pax0.1", "pax1.0")
 
 
-def sparse_member(variant: str, name: str, extents: Sequence[Extent], real_size: int, data: bytes) -> bytes:
-    """A sparse member in one of the four GNU dialects, its map written exactly as given."""
+def gnu_map(extents: Sequence[Extent], real_size: int) -> list[Extent]:
+    """The map GNU tar writes: the extents, then (real_size, 0) if the file ends in a hole."""
+    end = extents[-1][0] + extents[-1][1] if extents else 0
+    return [*extents, (real_size, 0)] if end < real_size else list(extents)
+
+
+def sparse_member(
+    variant: str,
+    name: str,
+    extents: Sequence[Extent],
+    real_size: int,
+    data: bytes,
+    *,
+    end_entry: bool = True,
+    stored_size: int | None = None,
+) -> bytes:
+    """A sparse member in one of the four GNU dialects, its map as GNU tar writes it.
+
+    That is `extents`, then (real_size, 0) if the file ends in a hole, unless `end_entry` is false.
+    `stored_size` (old GNU and PAX 1.0) claims that many bytes of data, whatever `data` holds.
+    """
+    entries = gnu_map(extents, real_size) if end_entry else list(extents)
     if variant == "oldgnu":
-        return old_gnu_sparse(name, extents, real_size, data)
+        return old_gnu_sparse(name, entries, real_size, data, stored_size=stored_size)
     if variant == "pax1.0":
-        return pax10_sparse(name, extents, real_size, data)
-    return pax0_sparse(name, extents, real_size, data, version=variant.removeprefix("pax"))
+        return pax10_sparse(name, entries, real_size, data, stored_size=stored_size)
+    return pax0_sparse(name, entries, real_size, data, version=variant.removeprefix("pax"))

@@ -206,7 +206,7 @@ def test_negative_mtime_in_base256() -> None:
 
 def test_gnu_sparse_name_overrides_the_header_name() -> None:
     image = bytes(100) + b"data" + bytes(100)
-    data = tb.archive(tb.pax10_sparse("vm/real.img", [(100, 4)], len(image), b"data"))
+    data = tb.archive(tb.sparse_member("pax1.0", "vm/real.img", [(100, 4)], len(image), b"data"))
     (member,) = members(data)
     assert member.name == "vm/real.img"
     assert served(data) == ("vm/real.img", image)
@@ -214,8 +214,35 @@ def test_gnu_sparse_name_overrides_the_header_name() -> None:
 
 def test_gnu_sparse_name_overrides_a_pax_path() -> None:
     records = [("path", "GNUSparseFile.1/real.img"), ("GNU.sparse.name", "real.img")]
-    data = tb.archive(tb.pax0_sparse("ignored", [(0, 4)], 8, b"data", extra=records))
+    data = tb.archive(tb.pax0_sparse("ignored", [(0, 4), (8, 0)], 8, b"data", extra=records))
     assert served(data) == ("real.img", b"data" + bytes(4))
+
+
+def test_gnu_sparse_name_renames_a_member_that_is_not_sparse() -> None:
+    # GNU tar and tarfile apply GNU.sparse.name to any member: here the later one overwrites disk.img.
+    later = tb.pax_header([("GNU.sparse.name", "disk.img")]) + tb.file_member("notes.txt", b"notes")
+    data = tb.archive(tb.file_member("disk.img", DATA), later)
+    assert [m.name for m in members(data)] == ["disk.img", "disk.img"]
+    assert served(data) == ("disk.img", b"notes")
+
+
+def test_s_typeflag_under_ustar_magic_is_a_plain_file() -> None:
+    # GNU tar extracts it as it stands: the old GNU sparse fields exist only under GNU magic.
+    fields = {386: tb.octal(0, 12) + tb.octal(4, 12), 483: tb.octal(1000, 12)}
+    data = tb.archive(tb.file_member("disk.img", DATA, typeflag=b"S", fields=fields))
+    (member,) = members(data)
+    assert (member.kind, member.sparse, member.real_size) == ("file", None, len(DATA))
+    assert served(data) == ("disk.img", DATA)
+
+
+@pytest.mark.parametrize("typeflag", [b"0", b"\0", b"7"])
+def test_regular_file_named_with_a_slash_is_a_directory(typeflag: bytes) -> None:
+    # GNU tar extracts it as a directory: "BSD tar uses the convention that a slash suffix means a directory".
+    image = bytes(510) + b"\x55\xaa"  # an MBR signature: a candidate by content, if it were a file
+    data = tb.archive(tb.file_member("disk.img/", image, typeflag=typeflag), tb.file_member("a.txt", b"a"))
+    assert [m.kind for m in members(data)] == ["other", "file"]
+    with pytest.raises(NoImage):
+        tb.open_bytes(data, "disk.img")
 
 
 def test_duplicate_names_last_wins_with_member_option() -> None:

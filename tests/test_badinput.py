@@ -18,12 +18,12 @@ from tarfuse.archive import scan_members
 from tarfuse.errors import ArchiveError, BadHeader, NoImage, TruncatedArchive
 from tarfuse.image import Image
 
-LAYOUT = sparsegen.layout_from_runs([(1000, 700), (5000, 3), (0, 900), (70_000, 2000)], 333)
+LAYOUT = sparsegen.layout_from_runs([(1000, 1024), (5000, 512), (0, 512), (70_000, 2000)], 333)
 IMAGE = sparsegen.image_of(LAYOUT)
 PACKED = sparsegen.packed(LAYOUT, IMAGE)
 README = tb.file_member("readme.txt", b"not an image\n")
-MANY = [(300 * i + 17, 100 + i % 7) for i in range(300)]  # 300 extents: long maps in every dialect
-MANY_SIZE = 300 * 300 + 1000
+MANY = [(1024 * i + 17, 512) for i in range(120)]  # 120 extents: long maps in every dialect
+MANY_SIZE = 1024 * 120 + 1000
 
 
 def _many(variant: str) -> tuple[bytes, bytes]:
@@ -40,8 +40,8 @@ KINDS: dict[str, Callable[[], tuple[bytes, bytes]]] = {
         tb.pax_header([("path", "p" * 700 + ".img"), ("mtime", "1.5")]) + tb.file_member("x", IMAGE),
         IMAGE,
     ),
-    "oldgnu": lambda: (tb.old_gnu_sparse("s.img", LAYOUT.extents, LAYOUT.size, PACKED), IMAGE),
-    "pax1.0": lambda: (tb.pax10_sparse("s.img", LAYOUT.extents, LAYOUT.size, PACKED), IMAGE),
+    "oldgnu": lambda: (tb.sparse_member("oldgnu", "s.img", LAYOUT.extents, LAYOUT.size, PACKED), IMAGE),
+    "pax1.0": lambda: (tb.sparse_member("pax1.0", "s.img", LAYOUT.extents, LAYOUT.size, PACKED), IMAGE),
     "oldgnu-chain": lambda: _many("oldgnu"),
     "pax1.0-long-map": lambda: _many("pax1.0"),
     "pax0.0-long-payload": lambda: _many("pax0.0"),
@@ -195,6 +195,44 @@ def test_bad_pax_number(key: str, value: str, message: str) -> None:
     with pytest.raises(BadHeader, match=message) as info:
         tb.open_bytes(archive)
     assert info.value.offset == len(README) + len(pax)  # the header the records apply to
+
+
+def test_nul_in_a_pax_path() -> None:
+    # No file name holds a NUL: GNU tar would cut the name there, tarfile keep it.
+    pax = tb.pax_header([("path", "vm/dis\0k.img")])
+    with pytest.raises(BadHeader, match="has a NUL byte") as info:
+        tb.open_bytes(tb.archive(README, pax, tb.file_member("x", b"x")))
+    assert info.value.offset == len(README) + len(pax)
+
+
+def test_sparse_records_in_a_global_header() -> None:
+    # GNU tar applies them to every member after; tarfile ignores them.
+    records = [("GNU.sparse.map", "0,1"), ("GNU.sparse.size", "1")]
+    with pytest.raises(BadHeader, match="global PAX header") as info:
+        tb.open_bytes(
+            tb.archive(README, tb.pax_header(records, typeflag=b"g"), tb.file_member("d.img", b"x"))
+        )
+    assert info.value.offset == len(README) + 512
+
+
+def test_pax_sparse_records_on_a_gnu_header() -> None:
+    # GNU tar reads PAX sparse records only for a POSIX header; under GNU magic it extracts the raw data.
+    member = bytearray(tb.sparse_member("pax1.0", "d.img", [(0, 3)], 3, b"abc"))
+    header = 2 * tb.BLOCK  # the member's own header, after the PAX header and its records
+    block = bytearray(member[header : header + tb.BLOCK])
+    block[257:265] = tb.GNU
+    member[header : header + tb.BLOCK] = tb.set_checksum(block)
+    with pytest.raises(BadHeader, match="without POSIX magic") as info:
+        tb.open_bytes(tb.archive(bytes(member)))
+    assert info.value.offset == header
+
+
+def test_size_after_a_leading_nul() -> None:
+    # GNU tar extracts 512 zero bytes and goes on to notes.txt; tarfile sees an empty disk.img, then the end.
+    header = tb.header("disk.img", fields={124: b"\x0000000001000"})
+    with pytest.raises(BadHeader, match="after a leading NUL") as info:
+        tb.open_bytes(tb.archive(README, header + bytes(512), tb.file_member("notes.txt", b"hi")))
+    assert info.value.offset == len(README)
 
 
 def test_negative_size() -> None:

@@ -13,8 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tarfuse import sparse
-from tarfuse.archive import scan_members
+from tarfuse.archive import Pread, scan_members
 from tarfuse.errors import ArchiveError, BadHeader, CorruptSparseMap, TruncatedArchive
+from tarfuse.image import open_image
 
 DATA_DIR = Path(__file__).parent / "data"
 FIXTURES = {"gnu.tar": "oldgnu", "pax-0.0.tar": "pax0.0", "pax-0.1.tar": "pax0.1", "pax-1.0.tar": "pax1.0"}
@@ -39,7 +40,7 @@ def decode_only(data: bytes) -> sparse.SparseMap:
 
 
 @variants
-@given(layout=sparsegen.layouts(max_runs=30), seed=st.integers(0, 100))
+@given(layout=sparsegen.gnu_layouts(max_runs=30), seed=st.integers(0, 100))
 def test_decoded_image_matches(variant: str, layout: sparsegen.Layout, seed: int) -> None:
     data, image = build(variant, layout, seed)
     served = tb.open_bytes(data, "disk.img")
@@ -71,13 +72,49 @@ def test_trailing_zero_length_entry_is_dropped(variant: str) -> None:
 
 @variants
 def test_all_hole_file(variant: str) -> None:
-    image = tb.open_bytes(tb.archive(tb.sparse_member(variant, "d.img", [], 5000, b"")))
+    # GNU tar's map of a file without data is the one entry (real_size, 0).
+    member = tb.sparse_member(variant, "d.img", [], 5000, b"")
+    image = tb.open_bytes(tb.archive(member))
     assert (image.extent_count, image.mapper.read(0, 9999)) == (0, bytes(5000))
+
+
+@variants
+@pytest.mark.parametrize(
+    ("extents", "real_size"),
+    [([], 5000), ([(0, 512)], 5000), ([(0, 512), (600, 0)], 5000)],
+    ids=["empty", "data-then-hole", "short-end-entry"],
+)
+def test_map_that_ends_before_the_real_size(
+    variant: str, extents: list[tuple[int, int]], real_size: int
+) -> None:
+    # GNU tar's file ends where its map does (it seeks, writes and truncates); tarfile's at the real size.
+    data = bytes(sum(length for _, length in extents))
+    member = tb.sparse_member(variant, "d.img", extents, real_size, data, end_entry=False)
+    with pytest.raises(CorruptSparseMap, match="before the real size 5000") as info:
+        tb.open_bytes(tb.archive(member))
+    assert info.value.offset == 0
+
+
+@variants
+def test_zero_length_entry_inside_the_data(variant: str) -> None:
+    # GNU tar truncates the file at a zero-length entry: here, at 100, cutting the first extent short.
+    member = tb.sparse_member(variant, "d.img", [(0, 512), (100, 0), (1024, 512)], 1536, bytes(1024))
+    with pytest.raises(CorruptSparseMap, match=r"entry 1 \(offset 100\) is unsorted or overlaps"):
+        tb.open_bytes(tb.archive(member))
+
+
+@variants
+def test_short_extent_before_another(variant: str) -> None:
+    # GNU tar reads each extent's data from a fresh block, libarchive and tarfile right after the last.
+    member = tb.sparse_member(variant, "d.img", [(0, 10), (100, 5)], 200, b"abcdefghijvwxyz")
+    with pytest.raises(CorruptSparseMap, match="is 10 bytes, not whole blocks") as info:
+        tb.open_bytes(tb.archive(member))
+    assert info.value.offset == 0
 
 
 @pytest.mark.parametrize("count", [4, 5, 25, 26, 100])
 def test_old_gnu_extension_blocks(count: int) -> None:
-    layout = sparsegen.Layout(200 * count, tuple((200 * i + 7, 100) for i in range(count)))
+    layout = sparsegen.Layout(1024 * count - 505, tuple((1024 * i + 7, 512) for i in range(count)))
     data, image = build("oldgnu", layout)
     member = next(m for m in scan_members(tb.pread_of(data), len(data)) if m.sparse)
     assert member.sparse is not None
@@ -85,14 +122,21 @@ def test_old_gnu_extension_blocks(count: int) -> None:
     assert tb.open_bytes(data).mapper.read(0, len(image)) == image
 
 
-def test_old_gnu_extension_slots_end_at_first_empty_slot() -> None:
-    # GNU tar stops reading a block at its first unused slot; the next block goes on with the map.
-    extents = [(100 * i, 10) for i in range(4 + 21 + 1)]
-    member = bytearray(tb.old_gnu_sparse("d.img", extents, 3000, bytes(260)))
-    first_extension = 512
-    member[first_extension + 24 * 20 : first_extension + 24 * 21] = bytes(24)  # slot 21 emptied
-    sparse_map = decode_only(tb.archive(bytes(member)))
-    assert list(sparse_map.logical) == [100 * i for i in range(24)] + [2500]
+def test_old_gnu_map_that_ends_early_ends_the_extension_chain() -> None:
+    # GNU tar reads another extension block only after a full one (src/sparse.c, oldgnu_get_sparse_info):
+    # after an unused slot the map is over, whatever isextended says, and the next block is data.
+    extents = [(1024 * i, 512) for i in range(4 + 21 + 1)]
+    data = b"".join(bytes([65 + i % 26]) * 512 for i in range(26))
+    member = bytearray(tb.old_gnu_sparse("d.img", extents, 1024 * 23 + 512, data, stored_size=27 * 512))
+    member[512 + 24 * 20 : 512 + 24 * 21] = bytes(24)  # slot 21 of the first extension block emptied
+    archive = tb.archive(bytes(member))
+    (parsed,) = scan_members(tb.pread_of(archive), len(archive))
+    assert parsed.sparse is not None
+    assert (parsed.sparse.extension_blocks, parsed.data_offset) == (1, 1024)
+    image = tb.open_bytes(archive)
+    assert image.extent_count == 24
+    assert image.mapper.read(0, 512) == member[1024:1536]  # the second extension block, read as data
+    assert image.mapper.read(1024, 512) == b"A" * 512
 
 
 def test_old_gnu_garbage_in_extension_block() -> None:
@@ -105,23 +149,24 @@ def test_old_gnu_garbage_in_extension_block() -> None:
 
 
 def test_old_gnu_chain_runs_into_the_data() -> None:
-    # The last extension block claims another follows: the data block is read as one, and refused.
-    extents = [(100 * i, 10) for i in range(10)]
-    member = tb.old_gnu_sparse("d.img", extents, 1000, b"x" * 100, extension_flags=[True, True])
+    # The last (full) extension block claims another follows: the data block is read as one, and refused.
+    extents = [(1024 * i, 512) for i in range(4 + 21)]
+    data = b"x" * 504 + bytes(8) + b"y" * 24 * 512  # the data block that is read as a chain's last
+    member = tb.old_gnu_sparse("d.img", extents, 1024 * 25, data, extension_flags=[True, True])
     with pytest.raises(CorruptSparseMap, match="bad sparse extension block") as info:
         tb.open_bytes(tb.archive(member))
     assert info.value.offset == 1024  # the first data block
 
 
 def test_pax10_map_spanning_several_blocks() -> None:
-    layout = sparsegen.Layout(3000 * 400, tuple((3000 * i + 1000, 1000) for i in range(400)))
+    layout = sparsegen.Layout(3000 * 400, tuple((3000 * i + 1000, 512) for i in range(400)))
     assert len(tb.pax10_map(layout.extents)) > 4 * tb.BLOCK
     data, image = build("pax1.0", layout)
     assert tb.open_bytes(data).mapper.read(0, len(image)) == image
 
 
 def test_pax10_map_exactly_one_block() -> None:
-    text = b"1\n5\n3\n"
+    text = b"2\n5\n3\n10\n0\n"
     map_bytes = b"0" * (tb.BLOCK - len(text)) + text  # leading zeros are still decimal
     member = tb.pax10_sparse("d.img", [(5, 3)], 10, b"abc", map_bytes=map_bytes)
     image = tb.open_bytes(tb.archive(member))
@@ -129,15 +174,15 @@ def test_pax10_map_exactly_one_block() -> None:
 
 
 def test_pax10_count_line_longer_than_a_read_chunk() -> None:
-    count_line = b"0" * 100_000 + b"1\n"  # odd, but decimal: GNU tar reads it as 1
-    map_bytes = tb.pad(count_line + b"5\n3\n")
+    count_line = b"0" * 100_000 + b"2\n"  # odd, but decimal: GNU tar reads it as 2
+    map_bytes = tb.pad(count_line + b"5\n3\n10\n0\n")
     member = tb.pax10_sparse("d.img", [(5, 3)], 10, b"abc", map_bytes=map_bytes)
     image = tb.open_bytes(tb.archive(member))
     assert image.mapper.read(0, 10) == bytes(5) + b"abc" + bytes(2)
 
 
 def test_pax00_repeated_records() -> None:
-    layout = sparsegen.Layout(10_000, ((0, 10), (500, 1), (9000, 1000)))
+    layout = sparsegen.Layout(10_000, ((0, 512), (600, 512), (9000, 1000)))
     data, image = build("pax0.0", layout)
     assert tb.open_bytes(data).mapper.read(0, 10_000) == image
 
@@ -145,13 +190,13 @@ def test_pax00_repeated_records() -> None:
 @pytest.mark.parametrize("variant", ["oldgnu", "pax1.0", "pax0.1"])
 def test_image_larger_than_8_gib(variant: str) -> None:
     # Offsets and sizes past 8 GiB overflow 11 octal digits: base-256 in old GNU headers, decimal in PAX.
-    extents = [(0, 512), (4 * GIB + 3, 100), (9 * GIB - 4096, 4096)]
-    data = b"A" * 512 + b"B" * 100 + b"C" * 4096
+    extents = [(0, 512), (4 * GIB + 3, 512), (9 * GIB - 4096, 4096)]
+    data = b"A" * 512 + b"B" * 512 + b"C" * 4096
     image = tb.open_bytes(tb.archive(tb.sparse_member(variant, "big.img", extents, 9 * GIB, data)))
     read = image.mapper.read
     assert image.mapper.size == 9 * GIB
     assert read(0, 513) == b"A" * 512 + b"\0"
-    assert read(4 * GIB, 110) == bytes(3) + b"B" * 100 + bytes(7)
+    assert read(4 * GIB, 520) == bytes(3) + b"B" * 512 + bytes(5)
     assert read(9 * GIB - 4097, 8192) == b"\0" + b"C" * 4096
 
 
@@ -163,25 +208,52 @@ def test_base256_numbers_in_old_gnu_sparse_header() -> None:
     assert image.mapper.read(9 * GIB - 1, 10) == b"\0!"
 
 
+def lazy_archive(head: bytes, data_size: int) -> tuple[Pread, int]:
+    """`head` (one member's headers and map), `data_size` bytes of its data, then the end marker.
+
+    The data is made as it is read, never held: byte k of it is (k // 512) % 251 + 1, so in a map of
+    512-byte extents, extent i reads as i % 251 + 1 throughout.
+    """
+    size = len(head) + data_size + len(tb.END)
+
+    def pread(length: int, offset: int) -> bytes:
+        out = bytearray(head[offset : offset + length])
+        position = offset + len(out)
+        while position < min(offset + length, size):
+            k = position - len(head)
+            if k >= data_size:
+                out += bytes(min(offset + length, size) - position)
+                break
+            n = min(512 - k % 512, offset + length - position, data_size - k)
+            out += bytes([(k // 512) % 251 + 1]) * n
+            position += n
+        return bytes(out)
+
+    return pread, size
+
+
 @pytest.mark.parametrize("variant", ["oldgnu", "pax1.0"])
 def test_hundred_thousand_extents(variant: str) -> None:
     count = 100_000
-    extents = [(3 * i + 1, 1) for i in range(count)]
-    payload = bytes(i % 251 + 1 for i in range(count))
-    image = tb.open_bytes(tb.archive(tb.sparse_member(variant, "many.img", extents, 3 * count, payload)))
+    extents = [(1024 * i + 1, 512) for i in range(count)]
+    head = tb.sparse_member(variant, "many.img", extents, 1024 * count, b"", stored_size=512 * count)
+    image = open_image(*lazy_archive(head, 512 * count))
     assert image.extent_count == count
-    assert image.mapper.read(0, 3 * count)[1::3] == payload
+    for i in (0, 1, 250, 251, count // 2, count - 1):
+        assert image.mapper.read(1024 * i, 1024) == bytes(1) + bytes([i % 251 + 1]) * 512 + bytes(511)
 
 
 @pytest.mark.parametrize("variant", ["oldgnu", "pax1.0"])
 def test_million_extent_map(variant: str) -> None:
     count = 1_000_000
-    extents = [(2 * i, 1) for i in range(count)]
-    data = tb.archive(tb.sparse_member(variant, "many.img", extents, 2 * count, b"\1" * count))
-    sparse_map = decode_only(data)
+    extents = [(1024 * i, 512) for i in range(count)]
+    head = tb.sparse_member(variant, "many.img", extents, 1024 * count, b"", stored_size=512 * count)
+    pread, size = lazy_archive(head, 512 * count)
+    (member,) = scan_members(pread, size)
+    sparse_map = sparse.decode(member, pread)
     assert len(sparse_map.logical) == count
-    assert sparse_map.logical[-1] == 2 * count - 2
-    assert sparse_map.physical[-1] - sparse_map.physical[0] == count - 1
+    assert sparse_map.logical[-1] == 1024 * (count - 1)
+    assert sparse_map.physical[-1] - sparse_map.physical[0] == 512 * (count - 1)
 
 
 # ---- maps that must be refused --------------------------------------------------------------------
@@ -209,15 +281,15 @@ def test_bad_map(variant: str, extents: list[tuple[int, int]], real_size: int, m
 
 @variants
 def test_map_lists_more_data_than_stored(variant: str) -> None:
-    member = tb.sparse_member(variant, "d.img", [(0, 600), (1000, 600)], 2000, b"x" * 700)
-    with pytest.raises(CorruptSparseMap, match="1200 bytes of data but only 700") as info:
+    member = tb.sparse_member(variant, "d.img", [(0, 512), (1000, 600)], 2000, b"x" * 700)
+    with pytest.raises(CorruptSparseMap, match="1112 bytes of data but only 700") as info:
         tb.open_bytes(tb.archive(member))
     assert info.value.offset == 0
 
 
 @variants
 def test_real_size_past_off_t(variant: str) -> None:
-    member = tb.sparse_member(variant, "d.img", [(0, 1)], 2**63, b"x")
+    member = tb.sparse_member(variant, "d.img", [(0, 1)], 2**63, b"x", end_entry=False)
     with pytest.raises(CorruptSparseMap, match="real size 9223372036854775808") as info:
         tb.open_bytes(tb.archive(member))
     assert info.value.offset == 0

@@ -131,6 +131,33 @@ def test_old_gnu_sparse_header_fields() -> None:
     assert not header.is_extended
 
 
+@pytest.mark.parametrize("field", [b"\x0000000001000", b"\x00 0000001000"])
+def test_number_after_a_leading_nul(field: bytes) -> None:
+    # GNU tar reads 512 here (it skips one leading NUL), tarfile 0.
+    with pytest.raises(BadHeader, match="after a leading NUL"):
+        th.parse_number(field)
+
+
+def test_all_nul_number_is_zero() -> None:
+    assert th.parse_number(bytes(12)) == th.parse_number(b"\0" + b" " * 11) == 0
+
+
+def test_old_gnu_slot_is_unused_when_its_numbytes_starts_with_nul() -> None:
+    # GNU tar's rule (src/sparse.c, oldgnu_add_sparse): the offset field does not decide.
+    used = bytes(12) + tb.octal(512, 12)  # offset all NUL reads as 0
+    unused = tb.octal(4096, 12) + bytes(12)
+    assert th.parse_sparse_numbers(used + unused + used, 3) == [0, 512]
+    assert not th.sparse_slots_full(used + unused, 2)
+    assert th.sparse_slots_full(used + used, 2)
+
+
+def test_s_typeflag_without_gnu_magic_is_no_sparse_header() -> None:
+    # GNU tar reads the old GNU sparse fields only under GNU magic; under ustar 'S' is a plain file.
+    fields = {386: tb.octal(0, 12) + tb.octal(10, 12), 482: b"\1", 483: tb.octal(100, 12)}
+    header = th.parse_header(tb.header("s.img", size=10, typeflag=b"S", fields=fields), 0)
+    assert (header.sparse_entries, header.is_extended, header.real_size) == ((), False, 0)
+
+
 def test_old_gnu_sparse_header_base256_real_size() -> None:
     block = tb.old_gnu_sparse("s.img", [(9 * 2**30, 512)], 10 * 2**30, bytes(512))[: tb.BLOCK]
     header = th.parse_header(block, 0)

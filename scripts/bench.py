@@ -1,0 +1,509 @@
+"""Benchmark tarfuse against the physical limit and its peers (`make bench`; issue 4, "The benchmark").
+
+Builds the data (benchdata), serves it with every tool (benchtools), measures, and writes a markdown table
+and JSON (benchreport) to --out, plus docs/benchmarks.md after a full run. Everything it mounts, attaches
+or creates is undone before it exits, also on Ctrl-C or SIGTERM.
+
+    .venv/bin/python scripts/bench.py --quick            # smoke run, about two minutes
+    .venv/bin/python scripts/bench.py --only plain --tools tarfuse,ratarmount --reps 5
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchdata import CASES, Dataset, Sizes, build
+from benchreport import (
+    METRICS,
+    CaseInfo,
+    Results,
+    ToolInfo,
+    load_average,
+    machine,
+    markdown,
+    to_json,
+    write_docs,
+)
+from benchtools import Served, TimedOut, Tool, ToolFailed, all_tools, ensure_commands, mounts_under, unmount
+
+REPO = Path(__file__).resolve().parent.parent
+_CHUNK = 1 << 20
+_GRACE_S = 10.0  # past the cap, the watchdog kills a daemon whose read never returns
+
+
+@dataclass(frozen=True)
+class Options:
+    sizes: Sizes
+    reps: int
+    fio_runtime: float
+    cap: float
+    scratch: Path
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)
+    tools = _select_tools(args.tools)
+    cases = _select_cases(args.only)
+    started, load_start = time.monotonic(), load_average()
+    print(f"tools: {', '.join(t.name for t in tools)}; cases: {', '.join(cases)}", flush=True)
+    try:
+        ensure_commands({"fio": ("fio",), "qemu-img": ("qemu-utils",), "fusermount3": ("fuse3",)})
+    except ToolFailed as exc:
+        print(f"bench: cannot run: {exc}", file=sys.stderr)
+        return 1
+    for tool in tools:
+        tool.setup()
+        if tool.problem():
+            print(f"  {tool.name}: {tool.problem()}", flush=True)
+    results = Results([ToolInfo(t.name, t.role, t.version()) for t in tools])
+    workdir = Path(tempfile.mkdtemp(prefix="tarfuse-bench-", dir=args.workdir))
+    options = Options(
+        sizes=Sizes.quick() if args.quick else Sizes.full(),
+        reps=args.reps,
+        fio_runtime=args.runtime if args.runtime is not None else (0.5 if args.quick else 5.0),
+        cap=args.cap if args.cap is not None else (5.0 if args.quick else 30.0),
+        scratch=workdir,
+    )
+    try:
+        for case in cases:
+            run_case(case, tools, options, results)
+    finally:
+        _clean(workdir, keep=args.keep)
+    meta = machine() | {
+        "command": _command_shown(),
+        "tarfuse_commit": _tarfuse_commit(),
+        "load_start": load_start,
+        "load_end": load_average(),
+        "reps": options.reps,
+        "fio_runtime": options.fio_runtime,
+        "cap": options.cap,
+        "quick": args.quick,
+        "elapsed": f"{(time.monotonic() - started) / 60:.1f} min",
+    }
+    _write_outputs(results, meta, args)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small data and short runs (smoke test)")
+    parser.add_argument("--only", metavar="CASE[,CASE]", help=f"cases to run, of: {', '.join(CASES)}")
+    parser.add_argument("--tools", metavar="TOOL[,TOOL]", help="tools to run (the limits always run)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
+    parser.add_argument("--runtime", type=float, help="seconds per fio run (default 5, --quick 0.5)")
+    parser.add_argument("--cap", type=float, help="seconds before a step is cut off (default 30, --quick 5)")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "build" / "bench", help="where results.{md,json} go"
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="parent of the temporary data directory (default /tmp)"
+    )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        help="also write this markdown page (default after a full run: docs/benchmarks.md)",
+    )
+    parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--keep", action="store_true", help="keep the data directory (for debugging)")
+    return parser
+
+
+def _select_tools(names: str | None) -> list[Tool]:
+    tools = all_tools()
+    if names is None:
+        return tools
+    wanted = set(names.split(","))
+    unknown = wanted - {t.name for t in tools}
+    if unknown:
+        raise SystemExit(
+            f"unknown tool(s): {', '.join(sorted(unknown))}; known: {', '.join(t.name for t in tools)}"
+        )
+    return [t for t in tools if t.role == "limit" or t.name in wanted]
+
+
+def _select_cases(names: str | None) -> list[str]:
+    if names is None:
+        return list(CASES)
+    wanted = names.split(",")
+    unknown = set(wanted) - set(CASES)
+    if unknown:
+        raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}; known: {', '.join(CASES)}")
+    return [c for c in CASES if c in wanted]
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# ---- One case -----------------------------------------------------------------------------------------
+
+
+def run_case(case: str, tools: list[Tool], options: Options, results: Results) -> None:
+    """Build the data, check every tool's bytes, then measure: one repetition of all tools at a time."""
+    directory = options.scratch / case
+    directory.mkdir()
+    print(f"\n== {case}: building the data", flush=True)
+    began = time.monotonic()
+    dataset = build(case, directory, options.sizes)
+    print(
+        f"   {dataset.title} ({_mib(dataset.archive.stat().st_size)} archive, "
+        f"{time.monotonic() - began:.1f} s)",
+        flush=True,
+    )
+    results.cases.append(
+        CaseInfo(case, dataset.title, dataset.members, dataset.extent_count, dataset.metrics)
+    )
+    try:
+        usable = [tool for tool in tools if _admit(tool, dataset, options, results)]
+        rss_metric = "seq" if "seq" in dataset.metrics else "ready"
+        for metric in ("ready", *dataset.metrics):
+            for rep in range(options.reps):
+                shown = []
+                for tool in usable:
+                    if results.stopped(case, metric, tool.name):
+                        continue
+                    warm(dataset.archive)
+                    shown.append(_measure_once(metric, tool, dataset, options, results, rss_metric == metric))
+                print(f"   {metric} {rep + 1}/{options.reps}: {', '.join(shown)}", flush=True)
+    finally:
+        _detach_loops(dataset.archive)
+        shutil.rmtree(directory, ignore_errors=True)
+    print(f"   ({case} took {time.monotonic() - began:.0f} s)", flush=True)
+
+
+def _admit(tool: Tool, dataset: Dataset, options: Options, results: Results) -> bool:
+    """Whether the tool takes part in this case: installed, supported, and serving the right bytes."""
+    status = tool.problem()
+    if status is None and (reason := tool.unsupported(dataset)) is not None:
+        status = f"n/a: {reason}"
+    if status is None:
+        warm(dataset.archive)
+        try:
+            status, how = verify(tool, dataset, options)
+        except (TimedOut, ToolFailed) as exc:
+            status, how = _status(exc), ""
+        if status is None:
+            results.verified[(dataset.name, tool.name)] = how
+        print(f"   {tool.name}: {status or 'bytes ok (' + how + ')'}", flush=True)
+    if status is not None:
+        results.exclude(dataset.name, ("ready", *dataset.metrics, "rss"), tool.name, status)
+    return status is None
+
+
+def _status(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, TimedOut) else f"failed: {exc}"
+
+
+def _measure_once(
+    metric: str, tool: Tool, dataset: Dataset, options: Options, results: Results, record_rss: bool
+) -> str:
+    """One repetition of one metric for one tool, on a fresh mount; returns what to print."""
+    case = dataset.name
+    try:
+        with tool.serve(dataset, options.scratch, options.cap) as served:
+            try:
+                value = _run_metric(metric, served, dataset, options)
+            finally:  # also after a timed-out read: the peak so far is still a peak
+                rss = served.peak_rss() if record_rss and not served.aborted.is_set() else None
+                if rss is not None:
+                    results.add(case, "rss", tool.name, rss / (1 << 20))
+        if value is None:
+            results.stop(case, metric, tool.name, "n/a: sparse member (no single byte range)")
+            return f"{tool.name} n/a"
+        results.add(case, metric, tool.name, value)
+        return f"{tool.name} {METRICS[metric].format(value)}"
+    except (TimedOut, ToolFailed) as exc:
+        results.stop(case, metric, tool.name, _status(exc))
+        return f"{tool.name} {_status(exc)}"
+
+
+def _run_metric(metric: str, served: Served, dataset: Dataset, options: Options) -> float | None:
+    if metric == "ready":
+        return served.ready_s
+    if metric == "seq":
+        return dataset.size / timed_read(served, dataset.size, options.cap) / 1e9
+    if metric in ("rand1", "rand4"):
+        if served.fio_target is None:
+            return None
+        return run_fio(served, 1 if metric == "rand1" else 4, options)
+    if metric == "qemu":
+        if served.qemu_source is None:
+            return None
+        return run_qemu_convert(served, options)
+    raise ValueError(metric)
+
+
+# ---- Reading and checking -----------------------------------------------------------------------------
+
+
+@contextmanager
+def watchdog(served: Served, seconds: float) -> Iterator[None]:
+    """Kill the daemon if the block takes far too long: a read stuck in FUSE then fails."""
+    timer = threading.Timer(seconds, served.abort)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _read(served: Served, buffer: memoryview, offset: int, cap: float) -> int:
+    try:
+        return served.read_at(buffer, offset)
+    except OSError as exc:
+        if served.aborted.is_set():
+            raise TimedOut(cap) from None
+        raise ToolFailed(f"read at offset {offset}: {exc.strerror or exc}") from None
+
+
+def timed_read(served: Served, size: int, cap: float) -> float:
+    """Read [0, size) in 1 MiB requests; return the seconds it took."""
+    buffer = memoryview(bytearray(_CHUNK))
+    offset = 0
+    start = time.perf_counter()
+    with watchdog(served, cap + _GRACE_S):
+        while offset < size:
+            n = _read(served, buffer[: min(_CHUNK, size - offset)], offset, cap)
+            if n <= 0:
+                raise ToolFailed(f"read returned {n} at offset {offset} of {size}")
+            offset += n
+            if time.perf_counter() - start > cap:
+                raise TimedOut(cap)
+    return time.perf_counter() - start
+
+
+def _read_exact(served: Served, offset: int, size: int, cap: float) -> bytes:
+    buffer = memoryview(bytearray(size))
+    done = 0
+    while done < size:
+        n = _read(served, buffer[done:], offset + done, cap)
+        if n <= 0:
+            break
+        done += n
+    return bytes(buffer[:done])
+
+
+def sample_ranges(dataset: Dataset) -> list[tuple[int, int]]:
+    """Ranges to compare first: both ends, edges of some extents, and random places, odd sizes included."""
+    size, rng = dataset.size, random.Random(5)
+    ranges = [(0, min(size, 65536)), (max(0, size - 65536), min(size, 65536)), (max(0, size - 100), 200)]
+    extents = dataset.model.extents
+    for extent in (extents[i] for i in sorted({rng.randrange(len(extents)) for _ in range(8)})):
+        ranges += [(max(0, extent.offset - 300), 600), (max(0, extent.offset + extent.length - 300), 600)]
+    for _ in range(48):
+        n = rng.randrange(1, 256 * 1024)
+        ranges.append((rng.randrange(max(1, size - n)), n))
+    return ranges
+
+
+def verify(tool: Tool, dataset: Dataset, options: Options) -> tuple[str | None, str]:
+    """Compare what `tool` serves with the model; return (None, how) or ("WRONG ...", "")."""
+    model = dataset.model
+    with tool.serve(dataset, options.scratch, options.cap) as served:
+        if served.size != model.size:
+            return f"WRONG SIZE: {served.size:,} bytes served, the image has {model.size:,}", ""
+        ranges = sample_ranges(dataset)
+        with watchdog(served, options.cap + _GRACE_S):
+            for offset, size in ranges:
+                expected, got = model.read(offset, size), _read_exact(served, offset, size, options.cap)
+                if got != expected:
+                    at = offset + _first_difference(got, expected)
+                    eof = (
+                        " (read returned 0 bytes: end of file inside the image)"
+                        if len(got) < len(expected)
+                        else ""
+                    )
+                    return f"WRONG BYTES at image offset {at:,}{eof}", ""
+        try:
+            digest = _hash_all(served, model.size, options.cap)
+        except TimedOut as exc:
+            return None, f"{len(ranges)} sampled ranges; the full read {exc}"
+        if digest != _expected_sha256(dataset):
+            return "WRONG BYTES: the sha256 of the full read differs (the sampled ranges matched)", ""
+    return None, "sampled ranges and the sha256 of a full read"
+
+
+def _first_difference(got: bytes, expected: bytes) -> int:
+    for i, (a, b) in enumerate(zip(got, expected, strict=False)):
+        if a != b:
+            return i
+    return min(len(got), len(expected))
+
+
+def _hash_all(served: Served, size: int, cap: float) -> str:
+    digest, buffer, offset = hashlib.sha256(), memoryview(bytearray(_CHUNK)), 0
+    start = time.perf_counter()
+    with watchdog(served, cap + _GRACE_S):
+        while offset < size:
+            n = _read(served, buffer[: min(_CHUNK, size - offset)], offset, cap)
+            if n <= 0:
+                raise ToolFailed(f"read returned {n} at offset {offset} of {size}")
+            digest.update(buffer[:n])
+            offset += n
+            if time.perf_counter() - start > cap:
+                raise TimedOut(cap)
+    return digest.hexdigest()
+
+
+_sha256_cache: dict[str, str] = {}
+
+
+def _expected_sha256(dataset: Dataset) -> str:
+    key = f"{dataset.name}:{dataset.archive}"
+    if key not in _sha256_cache:
+        _sha256_cache[key] = dataset.model.sha256()
+    return _sha256_cache[key]
+
+
+def warm(path: Path) -> None:
+    """Read the archive, so the page cache holds it ("tar warm")."""
+    buffer = memoryview(bytearray(_CHUNK * 4))
+    with open(path, "rb", buffering=0) as archive:
+        while archive.readinto(buffer):
+            pass
+
+
+# ---- fio and qemu-img ---------------------------------------------------------------------------------
+
+
+def _run_capped(command: list[str], timeout: float, served: Served) -> str:
+    """Run a command in its own process group; kill the group (and the daemon) if it outlives `timeout`."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        served.abort()
+        process.communicate()
+        raise TimedOut(timeout) from None
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    if process.returncode != 0:
+        raise ToolFailed(f"{command[0]} exited with {process.returncode}: {output.strip()[-300:]}")
+    return output
+
+
+def run_fio(served: Served, readers: int, options: Options) -> float:
+    """Random 4 KiB reads for a fixed time; return reads per second over all readers."""
+    assert served.fio_target is not None
+    command = [
+        "fio", "--name=rand", "--rw=randread", "--bs=4k", "--ioengine=psync", f"--numjobs={readers}",
+        "--group_reporting", "--time_based", f"--runtime={round(options.fio_runtime * 1000)}ms",
+        "--randrepeat=1", "--norandommap", "--invalidate=0", "--readonly", "--output-format=json",
+        *served.fio_target,
+    ]  # fmt: skip
+    output = _run_capped(command, options.fio_runtime + options.cap, served)
+    report = json.loads(output[output.index("{") :])
+    job = report["jobs"][0]
+    if job.get("error"):
+        raise ToolFailed(f"fio: error {job['error']}")
+    return float(job["read"]["iops"])
+
+
+def run_qemu_convert(served: Served, options: Options) -> float:
+    """Convert the image to a raw file; return the seconds it took. The file is deleted."""
+    assert served.qemu_source is not None
+    target = options.scratch / "converted.raw"
+    source_format = [] if served.qemu_source.startswith("json:") else ["-f", "raw"]
+    start = time.perf_counter()
+    try:
+        _run_capped(
+            ["qemu-img", "convert", *source_format, "-O", "raw", served.qemu_source, str(target)],
+            options.cap,
+            served,
+        )
+        return time.perf_counter() - start
+    finally:
+        target.unlink(missing_ok=True)
+
+
+# ---- Cleanup and output -------------------------------------------------------------------------------
+
+
+def _detach_loops(archive: Path) -> None:
+    """Detach loop devices still backed by the archive (after a crash in the middle of a loop step)."""
+    listing = subprocess.run(["losetup", "-j", str(archive)], capture_output=True, text=True, check=False)
+    for line in listing.stdout.splitlines():
+        subprocess.run(["losetup", "-d", line.split(":", 1)[0]], check=False)
+
+
+def _clean(workdir: Path, keep: bool) -> None:
+    for mountpoint in mounts_under(workdir):
+        unmount(mountpoint)
+    if mounts_under(workdir):
+        print(f"warning: mounts left under {workdir}; not deleting it", file=sys.stderr)
+    elif keep:
+        print(f"data kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _write_outputs(results: Results, meta: dict[str, object], args: argparse.Namespace) -> None:
+    text = markdown(results, meta)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(text)
+    (args.out / "results.json").write_text(json.dumps(to_json(results, meta), indent=1) + "\n")
+    print("\n" + text)
+    print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}")
+    docs = args.docs
+    if docs is None and not (args.quick or args.only or args.tools or args.no_docs):
+        docs = REPO / "docs" / "benchmarks.md"
+    if docs is not None and not args.no_docs:
+        write_docs(docs, text)
+        print(f"written: {docs}")
+
+
+def _command_shown() -> str:
+    """The command line, less the options that only say where output goes."""
+    shown, skip = [], False
+    for word in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif word in ("--out", "--docs", "--workdir"):
+            skip = True
+        elif not word.startswith(("--out=", "--docs=", "--workdir=")):
+            shown.append(word)
+    return shlex.join(["python", "scripts/bench.py", *shown]) if shown else "make bench"
+
+
+def _tarfuse_commit() -> str:
+    """The commit of the tarfuse code measured, and whether tarfuse/ had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" with uncommitted changes" if git("status", "--porcelain", "--", "tarfuse") else "")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.0f} MiB"
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything mounted was unmounted", file=sys.stderr)
+        sys.exit(130)

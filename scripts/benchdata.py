@@ -1,0 +1,327 @@
+"""Benchmark data: deterministic disk images, the tar archives that hold them, and their expected bytes.
+
+An `ImageModel` is the oracle: it knows every byte of the image (data extents filled from a seeded pool,
+holes as zeros), so any tool's reads can be checked against it without keeping the extracted image.
+GNU tar writes the archives, except the 1,000,000-extent one: GNU tar would need hours to find that many
+holes in a real file, so `write_pax10_sparse` writes it directly, in the layout GNU tar 1.34 uses (GNU tar
+manual, "Sparse Formats", PAX 1.0), and `check_listing` has GNU tar read it back.
+"""
+
+import bisect
+import hashlib
+import os
+import random
+import subprocess
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+BLOCK = 4096  # the model's unit of content: each 4 KiB block starts with its own index
+_POOL_SPAN = 1 << 20
+_MIB = 1 << 20
+MEMBER = "disk.raw"
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of data in the image; everything between extents is a hole."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Where image bytes live in the archive: `physical` is None for a hole."""
+
+    logical: int
+    length: int
+    physical: int | None
+
+
+class ImageModel:
+    """Every byte of a (possibly sparse) image, computed on demand from a seed."""
+
+    def __init__(self, size: int, extents: Sequence[Extent], seed: int) -> None:
+        self.size = size
+        self.extents = tuple(extents)
+        self._starts = [e.offset for e in self.extents]
+        pool_random = random.Random(seed)
+        self._pool = pool_random.randbytes(_POOL_SPAN + BLOCK)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(e.length for e in self.extents)
+
+    def block(self, index: int) -> bytes:
+        """The content of 4 KiB block `index` where it is data: its index, then pool bytes."""
+        start = (index * 0x9E3779B1) % _POOL_SPAN  # odd multiplier: distinct starts for 2**20 blocks
+        return index.to_bytes(8, "little") + self._pool[start : start + BLOCK - 8]
+
+    def data(self, offset: int, size: int) -> bytes:
+        """The data bytes at [offset, offset + size), as if no part of the range were a hole."""
+        first, last = offset // BLOCK, (offset + size - 1) // BLOCK
+        joined = b"".join(self.block(k) for k in range(first, last + 1))
+        skip = offset - first * BLOCK
+        return joined[skip : skip + size]
+
+    def read(self, offset: int, size: int) -> bytes:
+        """The image bytes at [offset, offset + size), clipped at the end; holes are zeros."""
+        end = min(offset + size, self.size)
+        if end <= offset:
+            return b""
+        out = bytearray(end - offset)
+        i = max(bisect.bisect_right(self._starts, offset) - 1, 0)
+        while i < len(self.extents) and self.extents[i].offset < end:
+            extent = self.extents[i]
+            lo, hi = max(offset, extent.offset), min(end, extent.offset + extent.length)
+            if lo < hi:
+                out[lo - offset : hi - offset] = self.data(lo, hi - lo)
+            i += 1
+        return bytes(out)
+
+    def chunks(self, chunk: int = _MIB) -> Iterator[bytes]:
+        for offset in range(0, self.size, chunk):
+            yield self.read(offset, chunk)
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for piece in self.chunks():
+            digest.update(piece)
+        return digest.hexdigest()
+
+    def write_file(self, path: Path) -> None:
+        """Write the image as a file with real holes (truncate, then write each extent)."""
+        with open(path, "wb") as out:
+            out.truncate(self.size)
+            for extent in self.extents:
+                for offset in range(extent.offset, extent.offset + extent.length, _MIB):
+                    n = min(_MIB, extent.offset + extent.length - offset)
+                    os.pwrite(out.fileno(), self.data(offset, n), offset)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One benchmark case: an archive, the image member in it, and that image's expected bytes."""
+
+    name: str
+    title: str
+    archive: Path
+    member: str
+    model: ImageModel
+    segments: tuple[Segment, ...]  # the member's bytes in the archive, for the pread limit
+    members: int  # members in the archive
+    sparse: bool
+    metrics: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return self.model.size
+
+    @property
+    def extent_count(self) -> int:
+        return len(self.model.extents)
+
+    @property
+    def first_data(self) -> int:
+        """Archive offset of the member's first stored byte."""
+        return next(s.physical for s in self.segments if s.physical is not None)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big the data is: full size, or scaled down for --quick."""
+
+    image: int  # the non-sparse image
+    small_members: int  # small members in front of it in the "many" case
+    sparse_image: int
+    sparse_data: int
+    map_extents: int  # extents of the huge-map case
+
+    @classmethod
+    def full(cls) -> "Sizes":
+        return cls(1 << 30, 20_000, 4 << 30, 256 << 20, 1_000_000)
+
+    @classmethod
+    def quick(cls) -> "Sizes":
+        return cls(128 << 20, 2_000, 512 << 20, 32 << 20, 100_000)
+
+
+# The cases, in the order they run. Each builder gets (directory, sizes) and returns a Dataset.
+CASES = ("plain", "many", "sparse-oldgnu", "sparse-pax", "extents")
+_MAP_EXTENT, _MAP_STRIDE = 512, BLOCK  # huge map: 512 data bytes at the start of every 4 KiB
+
+
+def build(case: str, directory: Path, sizes: Sizes) -> Dataset:
+    """Create the archive of `case` in `directory`; the image file itself is removed again."""
+    if case == "plain":
+        model = ImageModel(sizes.image, [Extent(0, sizes.image)], seed=1)
+        return _gnu_tar_case(
+            case, "raw image, GNU tar", directory, model, [], ("seq", "rand1", "rand4", "qemu")
+        )
+    if case == "many":
+        model = ImageModel(sizes.image, [Extent(0, sizes.image)], seed=1)
+        smalls = _write_small_members(directory / "small", sizes.small_members)
+        title = f"image after {sizes.small_members:,} small members, GNU tar"
+        return _gnu_tar_case(case, title, directory, model, smalls, ())
+    if case in ("sparse-oldgnu", "sparse-pax"):
+        extents = scattered_extents(sizes.sparse_image, sizes.sparse_data, seed=2)
+        model = ImageModel(sizes.sparse_image, extents, seed=2)
+        flags = (
+            ["--format=oldgnu", "-S"]
+            if case == "sparse-oldgnu"
+            else ["--format=posix", "-S", "--sparse-version=1.0"]
+        )
+        dialect = "old GNU sparse" if case == "sparse-oldgnu" else "PAX 1.0 sparse"
+        title = f"sparse image, {_size(sizes.sparse_data)} of data in {len(extents):,} extents, {dialect}"
+        return _gnu_tar_case(case, title, directory, model, [], ("seq", "qemu"), flags)
+    if case == "extents":
+        return _extents_case(directory, sizes.map_extents)
+    raise ValueError(f"unknown case {case!r}")
+
+
+def _gnu_tar_case(
+    name: str,
+    title: str,
+    directory: Path,
+    model: ImageModel,
+    smalls: list[str],
+    metrics: tuple[str, ...],
+    flags: Sequence[str] = ("--format=gnu",),
+) -> Dataset:
+    image = directory / MEMBER
+    model.write_file(image)
+    archive = directory / f"{name}.tar"
+    command = ["tar", *flags, "--sort=name", "-cf", str(archive), "-C", str(directory), *smalls, MEMBER]
+    subprocess.run(command, check=True)
+    image.unlink()
+    sparse = len(model.extents) != 1 or model.extents[0] != Extent(0, model.size)
+    title = f"{_size(model.size)} {title}"
+    segments = member_segments(archive, MEMBER, model.size)
+    return Dataset(name, title, archive, MEMBER, model, segments, len(smalls) + 1, sparse, metrics)
+
+
+def _write_small_members(directory: Path, count: int) -> list[str]:
+    """Small files of 100 B to 3 KiB, sorted by name; returns their paths relative to the parent."""
+    directory.mkdir()
+    rng = random.Random(3)
+    names = []
+    for i in range(count):
+        name = f"f{i:06d}.txt"
+        (directory / name).write_bytes(rng.randbytes(rng.randrange(100, 3072)))
+        names.append(f"{directory.name}/{name}")
+    return names
+
+
+def scattered_extents(size: int, data: int, seed: int) -> list[Extent]:
+    """`data` bytes in 4 KiB-aligned extents of 4-252 KiB, at random places in an image of `size`."""
+    rng = random.Random(seed)
+    lengths = []
+    left = data
+    while left > 0:
+        length = min(left, rng.randrange(1, 64) * BLOCK)
+        lengths.append(length)
+        left -= length
+    hole_blocks = (size - data) // BLOCK
+    cuts = sorted(rng.randrange(hole_blocks + 1) for _ in lengths)
+    extents, offset, previous = [], 0, 0
+    for cut, length in zip(cuts, lengths, strict=True):
+        offset += (cut - previous) * BLOCK
+        extents.append(Extent(offset, length))
+        offset += length
+        previous = cut
+    return extents
+
+
+def member_segments(archive: Path, member: str, size: int) -> tuple[Segment, ...]:
+    """Where `member`'s image bytes are in `archive`, as Python's tarfile reads it."""
+    with tarfile.open(archive) as tar:
+        info = tar.getmember(member)
+    # typeshed does not describe TarInfo.sparse: a list of (offset, size) pairs, or None
+    sparse = cast(list[tuple[int, int]] | None, info.sparse)
+    runs = sparse if sparse is not None else [(0, info.size)]
+    return segments_from_runs([(o, n) for o, n in runs if n], info.offset_data, size)
+
+
+def segments_from_runs(runs: Sequence[tuple[int, int]], data_offset: int, size: int) -> tuple[Segment, ...]:
+    """Tile [0, size) with holes and data runs whose bytes are packed from `data_offset` on."""
+    segments, logical, physical = [], 0, data_offset
+    for offset, length in runs:
+        if offset > logical:
+            segments.append(Segment(logical, offset - logical, None))
+        segments.append(Segment(offset, length, physical))
+        logical, physical = offset + length, physical + length
+    if logical < size:
+        segments.append(Segment(logical, size - logical, None))
+    return tuple(segments)
+
+
+def _extents_case(directory: Path, count: int) -> Dataset:
+    extents = [Extent(i * _MAP_STRIDE, _MAP_EXTENT) for i in range(count)]
+    model = ImageModel(count * _MAP_STRIDE, extents, seed=4)
+    archive = directory / "extents.tar"
+    data_offset = write_pax10_sparse(archive, MEMBER, model)
+    check_listing(archive, MEMBER, model.size)
+    segments = segments_from_runs([(e.offset, e.length) for e in extents], data_offset, model.size)
+    title = (
+        f"{_size(model.size)} image with a {count:,}-extent sparse map ({_MAP_EXTENT} B every 4 KiB), PAX 1.0"
+    )
+    return Dataset("extents", title, archive, MEMBER, model, segments, 1, True, ("seq", "rand1"))
+
+
+def write_pax10_sparse(path: Path, name: str, model: ImageModel) -> int:
+    """Write a one-member PAX 1.0 sparse archive; return the archive offset of the member's data.
+
+    As GNU tar 1.34 does: an `x` header with GNU.sparse.{major,minor,name,realsize}, a ustar header
+    named GNUSparseFile.0/NAME whose size counts the map and the data, then the map in decimal ("count\\n"
+    and "offset\\nlength\\n" pairs, ending with a (realsize, 0) pair if the image ends in a hole) padded to
+    512 bytes, then the extents' bytes back to back.
+    """
+    runs = [(e.offset, e.length) for e in model.extents]
+    if not runs or sum(runs[-1]) < model.size:
+        runs.append((model.size, 0))  # as GNU tar does: without it, GNU tar cuts the file at the last run
+    lines = [f"{len(runs)}\n"] + [f"{offset}\n{length}\n" for offset, length in runs]
+    sparse_map = _pad("".join(lines).encode())
+    info = tarfile.TarInfo(f"GNUSparseFile.0/{name}")
+    info.size = len(sparse_map) + model.stored_bytes
+    info.mtime, info.mode = 1_700_000_000, 0o644
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": name,
+        "GNU.sparse.realsize": str(model.size),
+    }
+    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    with open(path, "wb") as out:
+        out.write(header + sparse_map)
+        pending: list[bytes] = []
+        for extent in model.extents:
+            pending.append(model.data(extent.offset, extent.length))
+            if len(pending) >= 2048:
+                out.write(b"".join(pending))
+                pending.clear()
+        out.write(b"".join(pending))
+        out.write(bytes(-model.stored_bytes % 512) + bytes(1024))
+        out.write(bytes(-out.tell() % 10240))  # GNU tar's default record size
+    return len(header) + len(sparse_map)
+
+
+def check_listing(archive: Path, name: str, size: int) -> None:
+    """Have GNU tar list `archive`: it must show `name` with its real size."""
+    listing = subprocess.run(["tar", "-tvf", str(archive)], capture_output=True, text=True, check=True).stdout
+    fields = listing.split()
+    if name not in fields or str(size) not in fields:
+        raise RuntimeError(f"GNU tar does not read {archive} as written: {listing.strip()!r}")
+
+
+def _pad(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 512)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"

@@ -1,0 +1,524 @@
+"""The programs under test: how to install, start, read and stop each one.
+
+Every tool turns a `Dataset` into a `Served` image: something to read at an offset, what to give fio and
+qemu-img, the daemon's processes (for peak RSS), and the time from its command's start to the first byte
+read. The limit "tools" serve the member's bytes with no FUSE in between: `pread` on the archive itself in
+this Python, and the kernel's loop device over the member's byte range.
+"""
+
+import bisect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from benchdata import Dataset, Segment
+
+ReadAt = Callable[[memoryview, int], int]  # fill the buffer from an image offset; return bytes read
+Role = Literal["limit", "tarfuse", "peer"]
+
+CACHE = Path(os.environ.get("TARFUSE_BENCH_CACHE", Path.home() / ".cache" / "tarfuse-bench"))
+_POLL_S = 0.001
+
+
+class ToolFailed(Exception):
+    """The tool did not serve the image (exited, refused, unreadable); the message says how."""
+
+
+class TimedOut(Exception):
+    """A step did not finish within the time cap."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"timed out after {seconds:g} s")
+
+
+@dataclass
+class Served:
+    """A served image, valid inside `Tool.serve`'s `with` block."""
+
+    ready_s: float
+    size: int  # the size the tool shows for the image
+    read_at: ReadAt
+    fio_target: list[str] | None  # fio options naming the bytes to read; None: not applicable
+    qemu_source: str | None  # what qemu-img convert reads; None: not applicable
+    pids: tuple[int, ...] = ()
+    abort: Callable[[], None] = lambda: None  # from another thread: make blocked reads fail now
+    aborted: threading.Event = field(default_factory=threading.Event)
+
+    def peak_rss(self) -> int | None:
+        """Peak resident memory (VmHWM) of the daemon and its children, in bytes; None without one."""
+        if not self.pids:
+            return None
+        total = 0
+        for pid in _with_descendants(self.pids):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024
+        return total
+
+
+class Tool(ABC):
+    """One way to serve the image; `problem()` says why it cannot run here, if so."""
+
+    name: str
+    role: Role
+
+    def __init__(self) -> None:
+        self._problem: str | None = None
+
+    def setup(self) -> None:
+        """Install what is missing; on failure remember why, for `problem()`."""
+        try:
+            self._setup()
+        except (OSError, subprocess.CalledProcessError, ToolFailed) as exc:
+            self._problem = f"not installed: {exc}"
+
+    def _setup(self) -> None:
+        return None
+
+    def problem(self) -> str | None:
+        return self._problem
+
+    def unsupported(self, dataset: Dataset) -> str | None:
+        """Why this tool has no figures for `dataset` (n/a), or None."""
+        return None
+
+    def version(self) -> str:
+        return ""
+
+    @abstractmethod
+    def serve(self, dataset: Dataset, scratch: Path, cap: float) -> AbstractContextManager[Served]:
+        """Serve the image of `dataset`; the timer starts when the tool's command starts."""
+
+
+# ---- The limit ---------------------------------------------------------------------------------------
+
+
+class PreadLimit(Tool):
+    """The member's bytes straight out of the tar with pread (page cache warm), in this Python.
+
+    Ready time is `dd` reading the member's first stored byte: a command, start to first byte.
+    """
+
+    name, role = "pread", "limit"
+
+    @contextmanager
+    def serve(self, dataset: Dataset, scratch: Path, cap: float) -> Iterator[Served]:
+        start = time.perf_counter()
+        subprocess.run(
+            ["dd", f"if={dataset.archive}", "of=/dev/null", "bs=1", "count=1", f"skip={dataset.first_data}"],
+            check=True,
+            stderr=subprocess.DEVNULL,
+        )
+        ready = time.perf_counter() - start
+        fd = os.open(dataset.archive, os.O_RDONLY)
+        try:
+            plain = None if dataset.sparse else dataset.segments[0]
+            last = dataset.segments[-1]
+            yield Served(
+                ready_s=ready,
+                size=last.logical + last.length,
+                read_at=_segment_reader(fd, dataset.segments),
+                fio_target=None if plain is None else _fio_region(dataset, plain),
+                qemu_source=None if plain is None else _qemu_region(dataset, plain),
+            )
+        finally:
+            os.close(fd)
+
+
+def _segment_reader(fd: int, segments: tuple[Segment, ...]) -> ReadAt:
+    """Read image bytes by following the member's segments: preadv for data, a zero copy for holes."""
+    starts = [s.logical for s in segments]
+    zeros = memoryview(bytearray(1 << 20))
+
+    def read_at(buffer: memoryview, offset: int) -> int:
+        done, i = 0, bisect.bisect_right(starts, offset) - 1
+        while done < len(buffer) and i < len(segments):
+            segment = segments[i]
+            skip = offset + done - segment.logical
+            n = min(len(buffer) - done, segment.length - skip)
+            if segment.physical is None:
+                for at in range(done, done + n, len(zeros)):
+                    step = min(len(zeros), done + n - at)
+                    buffer[at : at + step] = zeros[:step]
+            elif os.preadv(fd, [buffer[done : done + n]], segment.physical + skip) != n:
+                raise ToolFailed(f"short read of the archive at {segment.physical + skip}")
+            done, i = done + n, i + 1
+        return done
+
+    return read_at
+
+
+def _fio_region(dataset: Dataset, segment: Segment) -> list[str]:
+    # Buffered reads of the tar region: the page cache is the point of this limit.
+    return [
+        f"--filename={dataset.archive}",
+        f"--offset={segment.physical}",
+        f"--size={segment.length}",
+        "--direct=0",
+    ]
+
+
+def _qemu_region(dataset: Dataset, segment: Segment) -> str:
+    spec = {
+        "driver": "raw",
+        "offset": segment.physical,
+        "size": segment.length,
+        "file": {"driver": "file", "filename": str(dataset.archive)},
+    }
+    return "json:" + json.dumps(spec)
+
+
+class LoopLimit(Tool):
+    """`losetup -r --offset --sizelimit` on the tar: the kernel's own loop path (non-sparse members)."""
+
+    name, role = "losetup", "limit"
+
+    def _setup(self) -> None:
+        if os.geteuid() != 0:
+            raise ToolFailed("losetup needs root")
+
+    def unsupported(self, dataset: Dataset) -> str | None:
+        return "sparse member: a loop device can only map one byte range" if dataset.sparse else None
+
+    @contextmanager
+    def serve(self, dataset: Dataset, scratch: Path, cap: float) -> Iterator[Served]:
+        segment = dataset.segments[0]
+        start = time.perf_counter()
+        command = ["losetup", "-r", "--find", "--show", f"--offset={segment.physical}"]
+        command += [f"--sizelimit={segment.length}", str(dataset.archive)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ToolFailed(f"losetup: {result.stderr.strip()}")
+        device = result.stdout.strip()
+        try:
+            ready = _wait_readable(device, start, cap, lambda: None)
+            fd = os.open(device, os.O_RDONLY)
+            try:
+                yield Served(
+                    ready_s=ready,
+                    size=os.lseek(fd, 0, os.SEEK_END),
+                    read_at=lambda buffer, offset: os.preadv(fd, [buffer], offset),
+                    fio_target=[f"--filename={device}", "--direct=1"],
+                    qemu_source=device,
+                )
+            finally:
+                os.close(fd)
+        finally:
+            subprocess.run(["losetup", "-d", device], check=False)
+
+
+# ---- FUSE daemons -------------------------------------------------------------------------------------
+
+
+class FuseTool(Tool):
+    """A FUSE daemon run in the foreground (so its PID is ours), unmounted and stopped afterwards."""
+
+    commands: tuple[str, ...] = ()  # programs that must be on PATH
+    apt_packages: tuple[tuple[str, ...], ...] = ()  # per command: Debian packages that may provide it
+
+    def _setup(self) -> None:
+        for command, packages in zip(self.commands, self.apt_packages, strict=True):
+            if shutil.which(command) is None:
+                apt_install(command, packages)
+
+    @abstractmethod
+    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
+        """The command that serves `dataset` at `mountpoint`, and the path of the image it shows."""
+
+    @contextmanager
+    def serve(self, dataset: Dataset, scratch: Path, cap: float) -> Iterator[Served]:
+        mountpoint = Path(os.path.realpath(scratch)) / f"mnt-{self.name}"
+        mountpoint.mkdir(exist_ok=True)
+        argv, image = self.argv(dataset, mountpoint)
+        log_path = scratch / f"{self.name}.log"
+        with open(log_path, "ab") as log:
+            start = time.perf_counter()
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+        served: Served | None = None
+        try:
+
+            def exited() -> None:
+                if process.poll() is not None:
+                    raise ToolFailed(f"exited with status {process.returncode}: {_tail(log_path)}")
+
+            ready = _wait_readable(str(image), start, cap, exited)
+            fd = os.open(image, os.O_RDONLY)
+            served = Served(
+                ready_s=ready,
+                size=os.fstat(fd).st_size,
+                read_at=lambda buffer, offset: os.preadv(fd, [buffer], offset),
+                fio_target=[f"--filename={image}", "--direct=1"],
+                qemu_source=str(image),
+                pids=(process.pid,),
+            )
+            served.abort = lambda: _abort(process, mountpoint, served)
+            try:
+                yield served
+            finally:
+                os.close(fd)
+        finally:
+            _stop(process, mountpoint)
+
+    def _versions(self, *commands: list[str]) -> str:
+        return "; ".join(_first_line(c) for c in commands)
+
+
+class Tarfuse(FuseTool):
+    name, role = "tarfuse", "tarfuse"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.program = str(Path(sys.executable).with_name("tarfuse"))
+
+    def _setup(self) -> None:
+        if not os.access(self.program, os.X_OK):
+            raise ToolFailed(f"{self.program} is missing (run make dev)")
+
+    def version(self) -> str:
+        return _first_line([self.program, "--version"])
+
+    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
+        command = [
+            self.program,
+            "-f",
+            "-o",
+            f"member={dataset.member}",
+            str(dataset.archive),
+            str(mountpoint),
+        ]
+        return command, mountpoint / os.path.basename(dataset.member)
+
+
+class Ratarmount(FuseTool):
+    """ratarmount from PyPI, in its own venv; `--index-file :memory:` so every mount indexes afresh."""
+
+    name, role = "ratarmount", "peer"
+    venv = CACHE / "venv-ratarmount"
+
+    def _setup(self) -> None:
+        program = self.venv / "bin" / "ratarmount"
+        if program.exists():
+            return
+        print(f"installing ratarmount into {self.venv}", flush=True)
+        subprocess.run([_base_python(), "-m", "venv", str(self.venv)], check=True)
+        pip = [str(self.venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "ratarmount"], check=True)
+
+    def version(self) -> str:
+        return _first_line([str(self.venv / "bin" / "ratarmount"), "--version"])
+
+    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
+        program = str(self.venv / "bin" / "ratarmount")
+        command = [program, "-f", "--index-file", ":memory:", str(dataset.archive), str(mountpoint)]
+        return command, mountpoint / dataset.member
+
+
+class NbdkitTar(FuseTool):
+    """nbdkit's tar filter (it asks GNU tar for the member's offset) behind nbdfuse."""
+
+    name, role = "nbdkit+nbdfuse", "peer"
+    commands = ("nbdkit", "nbdfuse")
+    apt_packages = (("nbdkit",), ("nbdfuse", "libnbd-bin"))  # Debian 12 ships nbdfuse in libnbd-bin
+
+    def version(self) -> str:
+        return self._versions(["nbdkit", "--version"], ["nbdfuse", "--version"])
+
+    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
+        image = mountpoint / os.path.basename(dataset.member)
+        server = ["nbdkit", "--exit-with-parent", "-r", "file", str(dataset.archive), "--filter=tar"]
+        return ["nbdfuse", "-r", str(image), "[", *server, f"tar-entry={dataset.member}", "]"], image
+
+
+class Archivemount(FuseTool):
+    name, role = "archivemount", "peer"
+    commands = ("archivemount",)
+    apt_packages = (("archivemount",),)
+
+    def version(self) -> str:
+        return _first_line(["archivemount", "--version"])
+
+    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
+        command = ["archivemount", "-f", "-o", "readonly", str(dataset.archive), str(mountpoint)]
+        return command, mountpoint / dataset.member
+
+
+class FuseArchive(FuseTool):
+    """Google's fuse-archive (C++, libarchive), where Debian packages it (not in Debian 12)."""
+
+    name, role = "fuse-archive", "peer"
+    commands = ("fuse-archive",)
+    apt_packages = (("fuse-archive",),)
+
+    def version(self) -> str:
+        return _first_line(["fuse-archive", "--version"])
+
+    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
+        return ["fuse-archive", "-f", str(dataset.archive), str(mountpoint)], mountpoint / dataset.member
+
+
+def all_tools() -> list[Tool]:
+    return [PreadLimit(), LoopLimit(), Tarfuse(), Ratarmount(), NbdkitTar(), Archivemount(), FuseArchive()]
+
+
+# ---- Processes and mounts -----------------------------------------------------------------------------
+
+
+def _wait_readable(path: str, start: float, cap: float, check: Callable[[], None]) -> float:
+    """Poll until the first byte of `path` reads; return the seconds since `start`."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if os.pread(fd, 1, 0):
+                    return time.perf_counter() - start
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        check()
+        if time.perf_counter() - start > cap:
+            raise TimedOut(cap)
+        time.sleep(_POLL_S)
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
+        return any(line.split()[4].replace("\\040", " ") == target for line in mountinfo)
+
+
+def mounts_under(directory: Path) -> list[Path]:
+    prefix = str(directory).rstrip("/") + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
+        points = [line.split()[4].replace("\\040", " ") for line in mountinfo]
+    return [Path(p) for p in points if p.startswith(prefix)]
+
+
+def unmount(path: Path) -> None:
+    """Unmount a FUSE mount: politely first, lazily if it is busy."""
+    if not is_mounted(path):
+        return
+    if subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, check=False).returncode != 0:
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+
+
+def _stop(process: subprocess.Popen[bytes], mountpoint: Path) -> None:
+    """Unmount, let the daemon exit, and make sure it and its children (nbdkit) are gone."""
+    unmount(mountpoint)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    _kill_group(process.pid)
+    unmount(mountpoint)  # a daemon that died without unmounting leaves a dead mount behind
+
+
+def _abort(process: subprocess.Popen[bytes], mountpoint: Path, served: Served | None) -> None:
+    """Called by the watchdog: kill the daemon, so reads blocked on it fail at once."""
+    if served is not None:
+        served.aborted.set()
+    _kill_group(process.pid)
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, check=False)
+
+
+def _kill_group(pgid: int) -> None:
+    """Kill what is left of the process group we started (start_new_session=True made it ours)."""
+    with suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _with_descendants(pids: tuple[int, ...]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " / ".join(line.strip() for line in text[-lines:]) or "(no output)"
+
+
+def _first_line(command: list[str]) -> str:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (
+        (result.stdout or result.stderr).strip().splitlines()[0] if (result.stdout or result.stderr) else "?"
+    )
+
+
+# ---- Installing ---------------------------------------------------------------------------------------
+
+_apt_updated = False
+
+
+def apt_install(command: str, packages: tuple[str, ...]) -> None:
+    """Install the first of `packages` that Debian has, so that `command` exists; raise ToolFailed if none."""
+    global _apt_updated
+    if os.geteuid() != 0:
+        raise ToolFailed(f"{command} is missing; as root: apt-get install {packages[0]}")
+    if not _apt_updated:
+        subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL)
+        _apt_updated = True
+    for package in packages:
+        policy = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True, check=False)
+        if "Candidate:" not in policy.stdout or "Candidate: (none)" in policy.stdout:
+            continue
+        print(f"installing Debian package {package} (for {command})", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", package], check=True, env=env, stdout=subprocess.DEVNULL
+        )
+        if shutil.which(command) is not None:
+            return
+    raise ToolFailed(f"no Debian package provides {command} here (tried {', '.join(packages)})")
+
+
+def ensure_commands(needed: dict[str, tuple[str, ...]]) -> None:
+    """Install the helper programs the metrics need (fio, qemu-img) when missing."""
+    for command, packages in needed.items():
+        if shutil.which(command) is None:
+            apt_install(command, packages)
+
+
+def _base_python() -> str:
+    """The interpreter this venv was made from (a venv inside a venv would share nothing useful)."""
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return str(base) if base.exists() else sys.executable

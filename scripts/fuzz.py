@@ -1,0 +1,138 @@
+"""Fuzz tarfuse's archive reader: mutated archives from GNU tar, bsdtar and Python's tarfile.
+
+`make fuzz` runs this with 1,000,000 cases; `make fuzz FUZZ_ARGS="--cases 5000 --seed 7"` runs others.
+Each case must end in a served image or an ArchiveError with reason and offset; anything else (another
+exception, a case past --time-limit, memory past --memory-limit, other bytes than GNU tar extracts) is a
+finding: it is printed and its archive saved under --findings, and the exit status is 1.
+A case is made again from its number: `scripts/fuzz.py --seed S --replay N` runs case N alone, in this
+process, and says what tarfuse and GNU tar make of it.
+
+The engine is in tests/ (fuzzseeds.py: seed archives; fuzzlayout.py, fuzzmutate.py, fuzzmaps.py: mutations;
+fuzzing.py: one case; fuzzpool.py: worker processes), shared with tests/test_fuzz.py, which runs a short
+slice of the same cases in `make test`.
+"""
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the engine lives with the tests
+
+import fuzzing
+import fuzzpool
+import fuzzseeds
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="fuzz seed: with a case number, fixes a case")
+    parser.add_argument("--cases", type=int, default=1_000_000, help="how many cases (default 1,000,000)")
+    parser.add_argument("--start", type=int, default=0, help="first case number")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument(
+        "--compare-every", type=int, default=200, metavar="N", help="extract every Nth case with GNU tar too"
+    )
+    parser.add_argument("--time-limit", type=float, default=10.0, help="seconds a case may take")
+    parser.add_argument("--memory-limit", type=int, default=1024, help="MiB of address space per worker")
+    parser.add_argument("--findings", type=Path, default=Path("fuzz-findings"), help="where findings go")
+    parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument("--replay", type=int, metavar="CASE", help="run one case here, verbosely, and stop")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="tarfuse-seeds-") as tmp:
+        seeds = fuzzseeds.make_seeds(Path(tmp))
+    corpus = fuzzing.Corpus(seeds)
+    print(
+        f"fuzz: {len(seeds)} seed archives: "
+        + ", ".join(f"{s.name} ({len(s.data) // 1024} KiB)" for s in seeds)
+    )
+    config = fuzzpool.Config(
+        seed=args.seed,
+        cases=args.cases,
+        start=args.start,
+        jobs=args.jobs,
+        compare_every=args.compare_every,
+        time_limit=args.time_limit,
+        memory_limit=args.memory_limit << 20,
+    )
+    if args.replay is not None:
+        return replay(corpus, config, args.replay, args.findings)
+    started = time.monotonic()
+    summary = fuzzpool.run(corpus, config, progress=_progress(config), interval=args.progress_every)
+    elapsed = time.monotonic() - started
+    return report(corpus, config, summary, elapsed, args.findings)
+
+
+def _progress(config: fuzzpool.Config) -> fuzzpool.Progress:
+    def show(summary: fuzzpool.Summary, elapsed: float) -> None:
+        rate = summary.cases / elapsed if elapsed else 0.0
+        left = (config.cases - summary.cases) / rate if rate else 0.0
+        print(
+            f"fuzz: {summary.cases:,}/{config.cases:,} cases, {rate:,.0f} cases/s, "
+            f"{_share(summary.outcomes['served'], summary.cases)} served, {len(summary.findings)} findings, "
+            f"{sum(summary.compared.values())} compared with GNU tar, about {left / 60:.0f} min left",
+            flush=True,
+        )
+
+    return show
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def report(
+    corpus: fuzzing.Corpus, config: fuzzpool.Config, summary: fuzzpool.Summary, elapsed: float, findings: Path
+) -> int:
+    """Print the figures and every finding; save findings and disagreements; return the exit status."""
+    rate = summary.cases / elapsed if elapsed else 0.0
+    stopped = " (interrupted)" if summary.interrupted else ""
+    print(f"\nfuzz: {summary.cases:,} cases in {elapsed:,.0f} s, {rate:,.0f} cases/s", end="")
+    print(f", seed {config.seed}{stopped}")
+    for outcome, count in summary.outcomes.most_common():
+        print(f"  {outcome:<24} {count:>10,}  {_share(count, summary.cases)}")
+    if summary.compared:
+        print(f"compared with GNU tar: {sum(summary.compared.values()):,} cases")
+        for category, count in summary.compared.most_common():
+            print(f"  {category:<28} {count:>8,}")
+    for item in summary.inspect:
+        path = fuzzpool.save_finding(corpus, config, item, findings / "inspect")
+        print(f"to inspect (not a finding): {item.headline()}\n  {item.detail[:300]}\n  saved as {path}")
+    for finding in summary.findings:
+        path = fuzzpool.save_finding(corpus, config, finding, findings)
+        print(f"FINDING {finding.headline()}\n{finding.detail}\n  saved as {path}")
+    print(f"fuzz: {len(summary.findings)} findings")
+    return 1 if summary.findings or summary.interrupted else 0
+
+
+def replay(corpus: fuzzing.Corpus, config: fuzzpool.Config, number: int, directory: Path) -> int:
+    """Run one case in this process, say everything about it, and save its archive under `directory`."""
+    case = corpus.case(config.seed, number)
+    print(f"case {number} (seed {config.seed}): {case.seed}, {len(case.data)} bytes")
+    for step in case.steps:
+        print(f"  {step}")
+    try:
+        outcome = fuzzing.check_archive(case.data, random.Random(number))
+    except Exception:  # show it, whatever it is
+        traceback.print_exc()
+        outcome = "finding"
+    print(f"tarfuse: {outcome}")
+    with tempfile.TemporaryDirectory(prefix="tarfuse-replay-") as tmp:
+        category, detail = fuzzing.compare_with_gnu_tar(case.data, Path(tmp), random.Random(number))
+    print(f"GNU tar: {category}" + (f"\n{detail}" if detail else ""))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"replay-seed{config.seed}-case{number}.tar"
+    path.write_bytes(case.data)
+    print(f"archive written to {path}")
+    return 1 if outcome == "finding" or category in (fuzzing.DIFFERS, fuzzing.NOT_EXTRACTED) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

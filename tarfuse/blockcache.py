@@ -1,0 +1,235 @@
+"""A bounded cache of fixed-size blocks over a slow positional source, shared by reader threads.
+
+Owns which blocks are cached (LRU, bounded in bytes), which are on their way (so that two readers never
+fetch the same block: the second waits for the first), coalescing the missing blocks of one read into one
+fetch, and readahead for a sequential reader. Knows nothing about HTTP: a `Fetch` streams one byte range.
+Must not import pyfuse3 or trio.
+"""
+
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+
+from tarfuse.errors import TruncatedArchive
+
+Fetch = Callable[[int, int], Iterable[bytes]]  # (offset, size) -> chunks adding up to exactly size bytes
+
+BLOCK_SIZE = 128 * 1024
+MAX_FETCH = 16 * 1024 * 1024  # one request at most; a longer run of missing blocks takes several
+_SEQUENTIAL_SLACK = 16  # blocks: concurrent readahead requests from the kernel arrive slightly out of order
+_FIRST_WINDOW = 8  # blocks fetched ahead once a reader is seen going forward; doubles up to the maximum
+
+
+class BlockReader:
+    """Positional reads of `size` bytes served from cached blocks, fetching what is missing.
+
+    Thread-safe: reads run concurrently; the lock is held only for bookkeeping, never during a fetch.
+    """
+
+    def __init__(
+        self,
+        fetch: Fetch,
+        size: int,
+        cache_bytes: int,
+        readahead_bytes: int = 8 * 1024 * 1024,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
+        self._fetch, self.size, self._block = fetch, size, block_size
+        self._cache_blocks = cache_bytes // block_size
+        self._max_window = max(readahead_bytes // block_size, 0)
+        self._max_run = max(MAX_FETCH // block_size, 1)
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._pending: dict[int, Future[bytes]] = {}
+        self._readahead_threads: set[threading.Thread] = set()
+        self._last_block = -1 - _SEQUENTIAL_SLACK  # where the sequential reader got to
+        self._streak = 0
+        self._window = _FIRST_WINDOW
+        self._frontier = -1  # last block already fetched, or on its way, ahead of the reader
+        self.fetched_bytes = 0
+        _LIVE.add(self)
+
+    def prime(self, offset: int, data: bytes) -> None:
+        """Cache the whole blocks in `data`, which holds the bytes at `offset` (block-aligned)."""
+        for start in range(0, len(data), self._block):
+            block, piece = (offset + start) // self._block, data[start : start + self._block]
+            if len(piece) == self._block_length(block):
+                with self._lock:
+                    self._store(block, piece)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        buffer = bytearray(max(min(size, self.size - offset), 0))
+        self.pread_into(memoryview(buffer), offset)
+        return bytes(buffer)
+
+    def pread_into(self, buffer: memoryview, offset: int) -> int:
+        """Fill `buffer` from `offset`; short only at the end of the source."""
+        end = min(offset + len(buffer), self.size)
+        if end <= offset:
+            return 0
+        first, last = offset // self._block, (end - 1) // self._block
+        done = 0
+        for block, data in zip(range(first, last + 1), self._blocks(first, last), strict=True):
+            start = max(offset - block * self._block, 0)
+            piece = data[start : start + end - offset - done]
+            buffer[done : done + len(piece)] = piece
+            done += len(piece)
+        return done
+
+    def close(self) -> None:
+        """Drop the cache; readahead still on its way ends by itself (its threads are daemons)."""
+        with self._lock:
+            self._cache.clear()
+        _LIVE.discard(self)
+
+    def _blocks(self, first: int, last: int) -> list[bytes]:
+        for attempt in range(2):
+            with self._lock:
+                found, claimed = self._claim(range(first, last + 1))
+                ahead = self._note_read(first, last)
+            if ahead:
+                self._start_readahead(ahead)
+            if claimed:
+                self._fetch_runs(claimed)  # ours: its failure is ours to report
+            try:
+                return [item if isinstance(item, bytes) else item.result() for item in found]
+            except Exception:  # another reader's fetch failed (readahead, mostly): fetch it ourselves once
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _claim(self, blocks: Iterable[int]) -> tuple[list[bytes | Future[bytes]], list[int]]:
+        """Under the lock: each block as cached bytes or a future; claim (mark pending) the missing ones."""
+        found: list[bytes | Future[bytes]] = []
+        claimed = []
+        for block in blocks:
+            if (data := self._cache.get(block)) is not None:
+                self._cache.move_to_end(block)
+                found.append(data)
+            elif (future := self._pending.get(block)) is not None:
+                found.append(future)
+            else:
+                self._pending[block] = future = Future()
+                found.append(future)
+                claimed.append(block)
+        return found, claimed
+
+    def _note_read(self, first: int, last: int) -> list[int]:
+        """Under the lock: follow a sequential reader, and claim the blocks to fetch ahead of it."""
+        if abs(first - self._last_block) > _SEQUENTIAL_SLACK:
+            self._last_block, self._streak, self._window, self._frontier = last, 0, _FIRST_WINDOW, last
+            return []
+        if last > self._last_block:
+            self._last_block, self._streak = last, self._streak + 1
+        # Two reads going forward make a sequential reader; fetch ahead when less than half a window is left.
+        if self._streak < 2 or not self._max_window or self._frontier - last > self._window // 2:
+            return []
+        start = max(self._frontier, last) + 1
+        stop = min(last + self._window, self._block_count() - 1)
+        self._frontier = max(self._frontier, stop)
+        self._window = min(self._window * 2, self._max_window)
+        return self._claim(range(start, stop + 1))[1]
+
+    def _start_readahead(self, blocks: list[int]) -> None:
+        thread = threading.Thread(
+            target=self._read_ahead, args=(blocks,), name="tarfuse-readahead", daemon=True
+        )
+        with self._lock:
+            self._readahead_threads.add(thread)
+        thread.start()
+
+    def _read_ahead(self, blocks: list[int]) -> None:
+        try:
+            self._fetch_runs(blocks)
+        except Exception:  # the futures carry it to any reader that waits for these blocks
+            pass
+        finally:
+            with self._lock:
+                self._readahead_threads.discard(threading.current_thread())
+
+    def _fetch_runs(self, blocks: list[int]) -> None:
+        """Fetch claimed blocks, one request per run of adjacent blocks; fail the rest if one run fails."""
+        runs: list[list[int]] = []
+        for block in blocks:
+            if runs and block == runs[-1][-1] + 1 and len(runs[-1]) < self._max_run:
+                runs[-1].append(block)
+            else:
+                runs.append([block])
+        for index, run in enumerate(runs):
+            try:
+                self._fetch_run(run[0], len(run))
+            except BaseException as exc:
+                for later in runs[index + 1 :]:
+                    self._fail(later, exc)
+                raise
+
+    def _fetch_run(self, first: int, count: int) -> None:
+        offset = first * self._block
+        length = min(count * self._block, self.size - offset)
+        pending = bytearray()
+        block = first
+        try:
+            for chunk in self._fetch(offset, length):
+                pending += chunk
+                while block < first + count and len(pending) >= (n := self._block_length(block)):
+                    self._complete(block, bytes(pending[:n]))
+                    del pending[:n]
+                    block += 1
+            if block < first + count:
+                raise TruncatedArchive(f"the source sent {len(pending)} bytes short of block {block}")
+        except BaseException as exc:
+            self._fail(range(block, first + count), exc)
+            raise
+
+    def _complete(self, block: int, data: bytes) -> None:
+        with self._lock:
+            future = self._pending.pop(block)
+            self._store(block, data)
+            self.fetched_bytes += len(data)
+        future.set_result(data)
+
+    def _fail(self, blocks: Iterable[int], exc: BaseException) -> None:
+        with self._lock:
+            futures = [self._pending.pop(block) for block in blocks]
+        for future in futures:
+            future.set_exception(exc)
+
+    def _store(self, block: int, data: bytes) -> None:
+        """Under the lock: cache a block, dropping the least recently used ones beyond the budget."""
+        if self._cache_blocks <= 0:
+            return
+        self._cache[block] = data
+        self._cache.move_to_end(block)
+        while len(self._cache) > self._cache_blocks:
+            self._cache.popitem(last=False)
+
+    def _block_length(self, block: int) -> int:
+        return min(self._block, self.size - block * self._block)
+
+    def _block_count(self) -> int:
+        return -(-self.size // self._block)
+
+    def _quiesce(self) -> None:
+        """Wait for readahead in flight: a thread that is fetching at fork() would leave its blocks
+        pending forever in the child (the daemon forks after opening the archive)."""
+        while True:
+            with self._lock:
+                threads = list(self._readahead_threads)
+            if not threads:
+                return
+            for thread in threads:
+                thread.join()
+
+
+_LIVE: "weakref.WeakSet[BlockReader]" = weakref.WeakSet()
+
+
+def _quiesce_all() -> None:
+    for reader in list(_LIVE):
+        reader._quiesce()
+
+
+os.register_at_fork(before=_quiesce_all)

@@ -1,0 +1,231 @@
+"""The seek index of a compressed archive: where it is kept, its file format, and the pass that builds it.
+
+The index file is one header line of JSON (the archive's identity, the compression, the decompressed size, the
+length and SHA-256 of the library's index) and the library's index after it. It is trusted only if all of
+that matches the archive as it is now; anything else is rebuilt. The background pass decompresses the whole
+stream once, with its own decoder, walking the tar headers on the way to find other image candidates.
+Must not import pyfuse3 or trio.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tarfuse.archive import normalize_name, scan_members
+from tarfuse.compressed import DECODE_ERRORS, UNKNOWN_SIZE, CompressedSource, Decoder
+from tarfuse.detect import has_image_suffix
+from tarfuse.errors import ArchiveError, CorruptCompressed
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"tarfuse-index 1\n"
+SUFFIX = ".tarfuse-index"
+_STEP = 4 << 20  # the background pass reads this much at a time, then looks at its stop flag
+
+
+class Stopped(Exception):
+    """The background pass was asked to stop (unmount)."""
+
+
+def identity(source: CompressedSource) -> list[int]:
+    info = os.fstat(source.archive.fd)
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
+
+
+def default_path(archive_path: str, ident: list[int]) -> str:
+    """Next to the archive if its directory is writable, else under $XDG_CACHE_HOME/tarfuse/."""
+    absolute = os.path.abspath(archive_path)
+    directory = os.path.dirname(absolute)
+    if os.access(directory, os.W_OK) and not os.statvfs(directory).f_flag & os.ST_RDONLY:
+        return absolute + SUFFIX
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    key = hashlib.sha256(json.dumps([absolute, *ident]).encode()).hexdigest()[:32]
+    return os.path.join(cache, "tarfuse", key + SUFFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    size: int
+    blob: bytes
+
+
+def load(path: str, source: CompressedSource) -> Loaded | str:
+    """Read and check the index file; return it, or why it cannot be used ("" if there is none)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror})"
+    if not data.startswith(MAGIC):
+        return "not a tarfuse index"
+    line, _, blob = data[len(MAGIC) :].partition(b"\n")
+    try:
+        header = json.loads(line)
+        wanted = {"identity": identity(source), "compression": source.compression}
+        if any(header.get(k) != v for k, v in wanted.items()):
+            return "it belongs to another version of the archive (stale)"
+        if header["length"] != len(blob) or header["sha256"] != hashlib.sha256(blob).hexdigest():
+            return "it is damaged (checksum mismatch)"
+        size = header["size"]
+        if type(size) is not int or size < 0:
+            return "its size field is wrong"
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"its header is damaged ({exc.__class__.__name__})"
+    return Loaded(size, blob)
+
+
+def save(path: str, source: CompressedSource, size: int, blob: bytes) -> None:
+    """Write the index atomically (a temporary file renamed over the old one)."""
+    header = {
+        "identity": identity(source),
+        "compression": source.compression,
+        "size": size,
+        "length": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") as file:
+            file.write(MAGIC + json.dumps(header).encode() + b"\n" + blob)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def use_saved_index(path: str, source: CompressedSource) -> bool:
+    """Load the index at `path` into `source` if it is valid; log why if it is there but unusable."""
+    found = load(path, source)
+    if isinstance(found, Loaded):
+        try:
+            source.load_index(found.blob, found.size)
+        except DECODE_ERRORS as exc:
+            found = f"the decompressor refused it ({exc})"
+        else:
+            log.info("loaded index %s: decompressed size %d, no indexing pass needed", path, found.size)
+            return True
+    if found:
+        log.warning("index %s is unusable: %s; rebuilding it", path, found)
+    return False
+
+
+@dataclass
+class Progress:
+    """How far the background pass is, for the progress line."""
+
+    started: float
+    decompressed: int = 0
+    compressed: int | None = None
+    compressed_total: int = 0
+    done: bool = False
+
+
+class _ForwardReader:
+    """pread for scan_members over the pass's own decoder: only forward, in steps, watching `stop`."""
+
+    def __init__(self, decoder: Decoder, stop: threading.Event, progress: Progress) -> None:
+        self._decoder, self._stop, self._progress = decoder, stop, progress
+        self.position = 0
+        self.at_end = False
+
+    def advance(self, target: int) -> None:
+        while self.position < target and not self.at_end:
+            self.pread(min(_STEP, target - self.position), self.position)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        if offset > self.position:
+            self.advance(offset)
+        if self._stop.is_set():
+            raise Stopped
+        try:
+            data = self._decoder.read_at(offset, size)
+        except DECODE_ERRORS as exc:
+            raise CorruptCompressed(f"the compressed stream cannot be decompressed: {exc}", offset) from None
+        self.position = max(self.position, offset + len(data))
+        self.at_end = self.at_end or len(data) < size
+        self._progress.decompressed = self.position
+        self._progress.compressed = self._decoder.compressed_position()
+        return data
+
+
+class IndexingPass:
+    """Decompress the whole stream once in the background: complete the index, save it, hand it over."""
+
+    def __init__(self, source: CompressedSource, served: str, index_path: str | None) -> None:
+        self._source, self._served, self._index_path = source, served, index_path
+        self.progress = Progress(time.monotonic(), compressed_total=os.fstat(source.archive.fd).st_size)
+        self.others: list[str] = []
+
+    def run(self, stop: threading.Event) -> None:
+        """Run to the end of the stream (or until `stop`); log the outcome. Called in a worker thread."""
+        decoder = self._source.new_decoder()
+        try:
+            self._walk(decoder, stop)
+        except Stopped:
+            log.debug("indexing pass stopped at decompressed offset %d", self.progress.decompressed)
+        except CorruptCompressed as exc:
+            self._source.mark_broken(exc)
+            log.error("%s: %s; reads fail from now on", self._source.path, exc)
+        except ArchiveError as exc:
+            log.error("%s: indexing pass: %s", self._source.path, exc)
+        else:
+            self.progress.done = True
+            return self._finish(decoder)
+        decoder.close()
+
+    def _walk(self, decoder: Decoder, stop: threading.Event) -> None:
+        reader = _ForwardReader(decoder, stop, self.progress)
+        for member in scan_members(reader.pread, UNKNOWN_SIZE):
+            name = normalize_name(member.name)
+            if member.kind != "other" and has_image_suffix(name) and name != normalize_name(self._served):
+                self.others.append(member.name)
+                log.warning(
+                    "the archive also holds %r, which looks like a disk image too; this mount serves %r "
+                    "(choose with -o member=PATH)",
+                    member.name,
+                    self._served,
+                )
+        reader.advance(UNKNOWN_SIZE)
+
+    def _finish(self, decoder: Decoder) -> None:
+        size = decoder.complete_size() or self.progress.decompressed
+        blob = decoder.export_index()
+        self._source.adopt(decoder, size)
+        elapsed = time.monotonic() - self.progress.started
+        log.info("index complete: %d bytes decompressed in %.1f s", size, elapsed)
+        if self._index_path is not None and blob is not None:
+            try:
+                save(self._index_path, self._source, size, blob)
+                log.info("index saved to %s (%d bytes)", self._index_path, len(blob))
+            except OSError as exc:
+                log.warning("could not save the index to %s: %s", self._index_path, exc.strerror)
+
+    def status(self) -> str:
+        """One line: bytes done, rate and time left, in compressed bytes when the library says them."""
+        p = self.progress
+        elapsed = max(time.monotonic() - p.started, 1e-3)
+        if p.compressed is not None and p.compressed_total:
+            rate = p.compressed / elapsed
+            left = (p.compressed_total - p.compressed) / rate if rate else 0.0
+            return (
+                f"indexing: {_mib(p.compressed)} of {_mib(p.compressed_total)} compressed "
+                f"({100 * p.compressed / p.compressed_total:.0f}%), {_mib(p.decompressed)} out, "
+                f"{rate / 2**20:.0f} MiB/s, ETA {left:.0f} s"
+            )
+        return f"indexing: {_mib(p.decompressed)} decompressed, {p.decompressed / elapsed / 2**20:.0f} MiB/s"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+Job = Callable[[threading.Event], None]

@@ -1,0 +1,218 @@
+"""A range-capable HTTP/1.1 server on 127.0.0.1 for the remote-archive tests, with faults on demand.
+
+Serves named objects (bytes, or a file read with pread, so a sparse 1 GiB file costs nothing) with ETag
+and Last-Modified, answers `Range: bytes=A-B` with 206, and counts requests and body bytes sent. Faults
+apply to the next N requests (or all, with -1): dropped connections, delays, error statuses, truncated
+bodies, and ignoring Range. A request whose target is an absolute URL is served as a proxy would.
+"""
+
+import contextlib
+import email.utils
+import os
+import re
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+_WRITE = 64 * 1024
+
+
+@dataclass
+class Served:
+    """One object: its bytes (or a file holding them) and its version, which makes the ETag."""
+
+    data: bytes | Path
+    version: int
+
+    @property
+    def size(self) -> int:
+        return len(self.data) if isinstance(self.data, bytes) else self.data.stat().st_size
+
+    def read(self, offset: int, size: int) -> bytes:
+        if isinstance(self.data, bytes):
+            return self.data[offset : offset + size]
+        with self.data.open("rb") as file:
+            return os.pread(file.fileno(), size, offset)
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    headers: dict[str, str]
+
+
+@dataclass
+class Faults:
+    """How many of the next requests get each fault; -1 means every one from now on."""
+
+    drop: int = 0  # close the connection without answering
+    error: int = 0  # answer with `status`
+    status: int = 503
+    slow: int = 0  # wait `delay` seconds before answering
+    delay: float = 0.0
+    truncate: int = 0  # send half the body, then close the connection
+    ignore_range: bool = False  # answer every GET with 200 and the whole object
+
+    def take(self, name: str) -> bool:
+        left = getattr(self, name)
+        if left:
+            setattr(self, name, left - 1 if left > 0 else left)
+        return bool(left)
+
+
+@dataclass
+class ServerState:
+    objects: dict[str, Served] = field(default_factory=dict)
+    faults: Faults = field(default_factory=Faults)
+    requests: list[Request] = field(default_factory=list)
+    bytes_served: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class RangeServer:
+    """The running server: put objects, set faults, read the counters."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, state: ServerState, scheme: str) -> None:
+        self._httpd, self.state = httpd, state
+        self.base = f"{scheme}://127.0.0.1:{httpd.server_address[1]}"
+
+    def url(self, name: str, query: str = "") -> str:
+        return f"{self.base}/{name}" + (f"?{query}" if query else "")
+
+    def put(self, name: str, data: bytes | Path) -> str:
+        """Serve `data` at /name (again: a new version, with a new ETag and Last-Modified); return the URL."""
+        with self.state.lock:
+            old = self.state.objects.get(f"/{name}")
+            self.state.objects[f"/{name}"] = Served(data, old.version + 1 if old else 1)
+        return self.url(name)
+
+    @property
+    def faults(self) -> Faults:
+        return self.state.faults
+
+    @property
+    def bytes_served(self) -> int:
+        return self.state.bytes_served
+
+    @property
+    def requests(self) -> list[Request]:
+        with self.state.lock:
+            return list(self.state.requests)
+
+    def reset_counters(self) -> None:
+        with self.state.lock:
+            self.state.requests.clear()
+            self.state.bytes_served = 0
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go in separate writes: no delayed-ACK stalls
+    server: "_Server"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        state = self.server.state
+        with state.lock:
+            state.requests.append(Request(self.command, self.path, dict(self.headers.items())))
+            obj = state.objects.get(urlsplit(self.path).path)
+            faults = state.faults
+            drop, error, slow = faults.take("drop"), faults.take("error"), faults.take("slow")
+            truncate, ignore_range = faults.take("truncate"), faults.ignore_range
+        if drop:
+            self.close_connection = True
+            return
+        if slow:
+            time.sleep(faults.delay)
+        if error:
+            self._answer(faults.status, {"Retry-After": "0"}, b"")
+            return
+        if obj is None:
+            self._answer(404, {}, b"")
+            return
+        self._serve_object(obj, body, truncate, ignore_range)
+
+    def _serve_object(self, obj: Served, body: bool, truncate: bool, ignore_range: bool) -> None:
+        size = obj.size
+        headers = {
+            "ETag": f'"v{obj.version}"',
+            "Last-Modified": email.utils.formatdate(1_700_000_000 + obj.version, usegmt=True),
+            "Accept-Ranges": "bytes",
+        }
+        match = None if ignore_range else _RANGE.fullmatch(self.headers.get("Range", ""))
+        if match is None:
+            first, last, status = 0, size - 1, 200
+        else:
+            first = int(match[1])
+            last = min(int(match[2]) if match[2] else size - 1, size - 1)
+            if first >= size:
+                self._answer(416, {**headers, "Content-Range": f"bytes */{size}"}, b"")
+                return
+            status = 206
+            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        length = last - first + 1
+        self._start(status, {**headers, "Content-Length": str(length)})
+        if body:
+            self._send_body(obj, first, length // 2 if truncate else length)
+        if truncate:
+            self.close_connection = True
+
+    def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self._start(status, {**headers, "Content-Length": str(len(body))})
+        self.wfile.write(body)
+
+    def _start(self, status: int, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def _send_body(self, obj: Served, first: int, length: int) -> None:
+        state = self.server.state
+        for start in range(first, first + length, _WRITE):
+            chunk = obj.read(start, min(_WRITE, first + length - start))
+            self.wfile.write(chunk)
+            with state.lock:
+                state.bytes_served += len(chunk)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    state: ServerState
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that hangs up mid-body (as tarfuse does on a 200) is no error here
+
+
+@contextlib.contextmanager
+def serve(tls: tuple[Path, Path] | None = None) -> Iterator[RangeServer]:
+    """Run a server on 127.0.0.1 (HTTPS with `tls` = (cert, key)) until the block ends."""
+    httpd = _Server(("127.0.0.1", 0), _Handler)
+    httpd.state = ServerState()
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*map(str, tls))
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield RangeServer(httpd, httpd.state, "https" if tls else "http")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()

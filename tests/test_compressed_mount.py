@@ -1,0 +1,135 @@
+"""Compressed archives through real mounts: bytes, the saved index, QEMU boot, ext4 over a loop device."""
+
+import errno
+import hashlib
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MountFactory, SampleImage, make_archive, require_tool, tarfuse_command
+from test_mount import loop_device
+from test_qemu import boot_and_read_serial
+
+pytestmark = pytest.mark.fuse
+
+
+def gce_tarball(sample_image: SampleImage, out: Path) -> Path:
+    """`tar --format=oldgnu -Sczf image.tar.gz disk.raw`, the way GCE images are made."""
+    subprocess.run(
+        ["tar", "--format=oldgnu", "-Sczf", str(out), "-C", str(sample_image.path.parent), "disk.raw"],
+        check=True,
+    )
+    return out
+
+
+def test_a_tar_gz_mounts_and_serves_the_original_bytes(
+    sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+) -> None:
+    archive = gce_tarball(sample_image, tmp_path / "image.tar.gz")
+    (served := tmp_path / "mnt").mkdir()
+    mount(archive, served)
+    assert (served / "disk.raw").read_bytes() == sample_image.data
+
+
+def test_the_second_mount_uses_the_saved_index(
+    sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+) -> None:
+    archive = gce_tarball(sample_image, tmp_path / "image.tar.gz")
+    index = tmp_path / "image.tar.gz.tarfuse-index"
+    (served := tmp_path / "mnt").mkdir()
+    first = mount(archive, served)
+    deadline = time.monotonic() + 20
+    while not index.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert index.exists(), first.stderr_text()
+    subprocess.run(["fusermount3", "-u", str(served)], check=True)
+    first.process.wait(10)
+    second = mount(archive, served)
+    assert (served / "disk.raw").read_bytes() == sample_image.data
+    assert "loaded index" in second.stderr_text()
+    assert "index complete" not in second.stderr_text()  # no second pass
+
+
+def test_noindex_keeps_nothing_and_index_chooses_the_place(
+    sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+) -> None:
+    archive = gce_tarball(sample_image, tmp_path / "image.tar.gz")
+    (a := tmp_path / "a").mkdir()
+    (b := tmp_path / "b").mkdir()
+    chosen = tmp_path / "elsewhere" / "x.idx"
+    mount(archive, a, "-o", "noindex")
+    done = mount(archive, b, "-o", f"index={chosen}")
+    deadline = time.monotonic() + 20
+    while not chosen.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert chosen.exists(), done.stderr_text()
+    assert not (tmp_path / "image.tar.gz.tarfuse-index").exists()
+
+
+def test_list_says_the_compression_and_the_index(sample_image: SampleImage, tmp_path: Path) -> None:
+    archive = gce_tarball(sample_image, tmp_path / "image.tar.gz")
+    result = subprocess.run(tarfuse_command("--list", archive), capture_output=True, text=True, check=True)
+    assert "gzip-compressed, index: none" in result.stdout
+    assert "disk.raw" in result.stdout
+
+
+def test_a_corrupt_region_reads_as_eio(mount: MountFactory, tmp_path: Path) -> None:
+    data = random.Random(7).randbytes(12 << 20)
+    (image := tmp_path / "data.img").write_bytes(data)
+    plain = make_archive("gnu", image, tmp_path / "data.tar")
+    compressed = subprocess.run(["gzip", "-1", "-c", str(plain)], capture_output=True, check=True).stdout
+    middle = len(compressed) // 2
+    archive = tmp_path / "bad.tar.gz"
+    archive.write_bytes(compressed[:middle] + bytes(4096) + compressed[middle + 4096 :])
+    (served := tmp_path / "mnt").mkdir()
+    live = mount(archive, served, "-o", "noindex")
+    # Random data is stored, not Huffman-coded: the damage decodes, and only the CRC at the end of the
+    # stream shows it. The background pass finds it; from then on every read fails.
+    deadline = time.monotonic() + 20
+    while "reads fail from now on" not in live.stderr_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with (served / "data.img").open("rb", buffering=0) as file:
+        file.seek(len(data) - 4096)
+        with pytest.raises(OSError, match="Input/output error") as info:
+            file.read(4096)
+    assert info.value.errno == errno.EIO
+    assert "decompressed offset" in live.stderr_text()
+
+
+def test_qemu_boots_from_a_mounted_tar_gz(
+    sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+) -> None:
+    archive = gce_tarball(sample_image, tmp_path / "image.tar.gz")
+    (served := tmp_path / "mnt").mkdir()
+    mount(archive, served)
+    serial, qemu = boot_and_read_serial(served / "disk.raw", sample_image.message, tmp_path / "com1.log")
+    assert serial.startswith(sample_image.message), f"COM1: {serial!r}; QEMU: {qemu}"
+
+
+def test_ext4_in_a_tar_zst_mounts_through_a_loop_device(mount: MountFactory, tmp_path: Path) -> None:
+    if os.getuid() != 0 or not os.path.exists("/dev/loop-control"):
+        pytest.skip("loop devices need root and /dev/loop-control")
+    require_tool("mkfs.ext4")
+    require_tool("zstd")
+    content = random.Random(5).randbytes(300_000)
+    (tree := tmp_path / "tree").mkdir()
+    (tree / "payload.bin").write_bytes(content)
+    image = tmp_path / "ext4.img"
+    with image.open("wb") as sparse:
+        sparse.truncate(16 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image)], check=True)
+    plain = make_archive("gnu", image, tmp_path / "fs.tar")
+    subprocess.run(["zstd", "-q", "--rm", str(plain)], check=True)
+    (served := tmp_path / "mnt").mkdir()
+    mount(tmp_path / "fs.tar.zst", served)
+    (inner := tmp_path / "inner").mkdir()
+    with loop_device(served / "ext4.img") as device:
+        subprocess.run(["mount", "-t", "ext4", "-o", "ro", device, str(inner)], check=True)
+        try:
+            digest = hashlib.sha256((inner / "payload.bin").read_bytes()).hexdigest()
+        finally:
+            subprocess.run(["umount", str(inner)], check=False)
+    assert digest == hashlib.sha256(content).hexdigest()

@@ -1,0 +1,466 @@
+"""Security: unprivileged mounts through setuid fusermount3, read-only at every layer, no way out of archives.
+
+The unprivileged tests create real accounts (useradd) and remove them afterwards, so they need root; they
+run tarfuse with runuser. Two host settings are changed for the length of a test and always restored:
+
+- /etc/fuse.conf, with or without `user_allow_other`, to test both answers to `-o allow_other`;
+- /dev/fuse's mode, only if users cannot open it. libfuse 3 opens /dev/fuse itself before it calls
+  fusermount3, so a root-only /dev/fuse (as in some containers) stops every unprivileged mount; Debian's
+  udev makes it 0666 (50-udev-default.rules), and the tests restore that stock state while they run.
+
+The user must be able to run tarfuse's interpreter: if the venv's python lives where users cannot go (a
+pyenv under /root), the same python version from /usr/bin runs the same tarfuse sources and site-packages
+through PYTHONPATH; if there is none, the tests skip and say why.
+"""
+
+import contextlib
+import errno
+import hashlib
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from conftest import (
+    ArchiveFactory,
+    MountFactory,
+    SampleImage,
+    foreground_mount,
+    is_mounted,
+    mount_entry,
+    stop_daemon,
+    tarfuse_command,
+    unmount,
+)
+
+import tarfuse
+
+pytestmark = pytest.mark.fuse
+
+FUSE_CONF = Path("/etc/fuse.conf")
+DEV_FUSE = Path("/dev/fuse")
+TIMEOUT = 30.0
+PROJECT = Path(tarfuse.__file__).resolve().parents[1]
+
+
+def require_root() -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root: the test creates user accounts and edits /etc/fuse.conf")
+
+
+# --- host state, always restored -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+
+
+@contextlib.contextmanager
+def temporary_user() -> Iterator[User]:
+    """A fresh unprivileged account with its own group and no home; removed afterwards."""
+    name = f"tfsec{uuid.uuid4().hex[:10]}"
+    subprocess.run(["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", name], check=True, capture_output=True)
+    try:
+        entry = pwd.getpwnam(name)
+        yield User(name, entry.pw_uid, entry.pw_gid)
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+        subprocess.run(["groupdel", name], check=False, capture_output=True)  # if userdel left it
+
+
+@contextlib.contextmanager
+def fuse_conf(user_allow_other: bool) -> Iterator[None]:
+    """Make /etc/fuse.conf allow `-o allow_other` for users, or not; put the original back afterwards."""
+    original = FUSE_CONF.read_bytes() if FUSE_CONF.exists() else None
+    FUSE_CONF.write_text(
+        "# written by tarfuse's tests/test_security.py\n" + "user_allow_other\n" * user_allow_other
+    )
+    try:
+        yield
+    finally:
+        if original is None:
+            FUSE_CONF.unlink()
+        else:
+            FUSE_CONF.write_bytes(original)
+
+
+@contextlib.contextmanager
+def dev_fuse_open_to_users() -> Iterator[None]:
+    """Give /dev/fuse Debian's mode 0666 if users cannot open it (see the module docstring); restore it."""
+    mode = stat.S_IMODE(DEV_FUSE.stat().st_mode)
+    wanted = mode | 0o666
+    if wanted != mode:
+        DEV_FUSE.chmod(wanted)
+    try:
+        yield
+    finally:
+        if wanted != mode:
+            DEV_FUSE.chmod(mode)
+
+
+# --- running tarfuse as a user -------------------------------------------------------------------
+
+
+def as_user(user: User, *command: str | Path, env: dict[str, str] | None = None) -> list[str]:
+    """`command` run as `user` with a clean environment."""
+    variables = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **(env or {})}
+    return [
+        "runuser",
+        "-u",
+        user.name,
+        "--",
+        "env",
+        "-i",
+        *(f"{k}={v}" for k, v in variables.items()),
+        *command,
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Python:
+    """An interpreter `user` can run, with what it needs to import tarfuse."""
+
+    executable: str
+    env: dict[str, str]
+
+    def tarfuse(self, user: User, *args: str | Path) -> list[str]:
+        return as_user(user, self.executable, "-m", "tarfuse", *args, env=self.env)
+
+
+def python_for(user: User) -> Python:
+    """The venv's interpreter if `user` can run it; else the same python version from /usr/bin."""
+    paths = os.pathsep.join([str(PROJECT), sysconfig.get_paths()["purelib"]])
+    system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (Python(sys.executable, {}), Python(system, {"PYTHONPATH": paths})):
+        check = as_user(user, candidate.executable, "-c", "import tarfuse, pyfuse3, trio", env=candidate.env)
+        if subprocess.run(check, capture_output=True, timeout=TIMEOUT, check=False).returncode == 0:
+            return candidate
+    pytest.skip(f"user {user.name} can run neither {sys.executable} nor {system} with tarfuse's packages")
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """An owner and another user, a directory of the owner's holding a root-owned 0444 archive."""
+
+    owner: User
+    other: User
+    python: Python
+    archive: Path
+    mountpoint: Path
+
+
+@pytest.fixture
+def setup(sample_archive: Path) -> Iterator[Setup]:
+    require_root()
+    with contextlib.ExitStack() as stack:
+        owner, other = stack.enter_context(temporary_user()), stack.enter_context(temporary_user())
+        python = python_for(owner)
+        stack.enter_context(dev_fuse_open_to_users())
+        home = Path(tempfile.mkdtemp(prefix="tarfuse-security-"))  # not under pytest's 0700 tmp_path
+        stack.callback(shutil.rmtree, home, ignore_errors=True)
+        os.chown(home, owner.uid, owner.gid)
+        home.chmod(0o755)
+        archive = home / "vm.tar"
+        shutil.copyfile(sample_archive, archive)
+        archive.chmod(0o444)  # root's, read-only: the owner can read it, nobody can write it
+        (mountpoint := home / "mnt").mkdir()
+        os.chown(mountpoint, owner.uid, owner.gid)
+        stack.callback(unmount, mountpoint)
+        yield Setup(owner, other, python, archive, mountpoint)
+
+
+@contextlib.contextmanager
+def user_mount(setup: Setup, *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`tarfuse -f` run by the owner; unmounted (by root) and reaped at the end."""
+    log = setup.mountpoint.with_name("tarfuse.log")
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            setup.python.tarfuse(setup.owner, "-f", *options, setup.archive, setup.mountpoint),
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
+        )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not is_mounted(setup.mountpoint):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the user's tarfuse did not mount: {log.read_text(errors='replace')}")
+            time.sleep(0.05)
+        yield process
+    finally:
+        unmount(setup.mountpoint)
+        stop_daemon(process)
+
+
+def sha256_as(user: User, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        as_user(user, "sha256sum", path), capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- unprivileged use ----------------------------------------------------------------------------
+
+
+def daemon_uids(runuser: subprocess.Popen[bytes]) -> list[int]:
+    """The real, effective, saved and file system uids of the process that runuser started."""
+    children = Path(f"/proc/{runuser.pid}/task/{runuser.pid}/children").read_text().split()
+    assert len(children) == 1, children
+    status = Path(f"/proc/{children[0]}/status").read_text()
+    return [int(uid) for uid in next(s for s in status.splitlines() if s.startswith("Uid:")).split()[1:]]
+
+
+def test_user_mounts_through_setuid_fusermount3_and_reads_the_image(
+    setup: Setup, sample_image: SampleImage
+) -> None:
+    with user_mount(setup) as runuser:
+        entry = mount_entry(setup.mountpoint)
+        assert entry is not None
+        assert entry.fstype == "fuse.tarfuse"
+        assert f"user_id={setup.owner.uid}" in entry.super_options
+        assert daemon_uids(runuser) == [setup.owner.uid] * 4, "the daemon must run as the user"
+        result = sha256_as(setup.owner, setup.mountpoint / "disk.raw")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == digest(sample_image.data)
+
+
+def test_root_is_denied_a_users_mount_without_allow_other(setup: Setup) -> None:
+    # The kernel lets only the mounting user in (fuse_allow_current_process); root is no exception
+    # unless the fuse module's allow_sys_admin_access is set.
+    knob = Path("/sys/module/fuse/parameters/allow_sys_admin_access")
+    if knob.exists() and knob.read_text().strip() == "Y":
+        pytest.skip("fuse.allow_sys_admin_access=Y lets root into every FUSE mount")
+    with user_mount(setup), pytest.raises(PermissionError) as caught:
+        os.stat(setup.mountpoint / "disk.raw")
+    assert caught.value.errno == errno.EACCES
+
+
+def test_other_user_cannot_see_the_image_without_allow_other(setup: Setup) -> None:
+    with user_mount(setup):
+        listing = subprocess.run(
+            as_user(setup.other, "ls", setup.mountpoint), capture_output=True, text=True, timeout=TIMEOUT
+        )
+        reading = sha256_as(setup.other, setup.mountpoint / "disk.raw")
+    assert listing.returncode != 0
+    assert "Permission denied" in listing.stderr
+    assert reading.returncode != 0
+    assert "Permission denied" in reading.stderr
+
+
+def test_allow_other_without_user_allow_other_fails_with_one_line_saying_what_to_do(setup: Setup) -> None:
+    with fuse_conf(user_allow_other=False):
+        result = subprocess.run(
+            setup.python.tarfuse(setup.owner, "-o", "allow_other", setup.archive, setup.mountpoint),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        mounted = is_mounted(setup.mountpoint)
+    assert (result.returncode, mounted) == (1, False)
+    ours = [line for line in result.stderr.splitlines() if line.startswith("tarfuse: ")]
+    assert len(ours) == 1, result.stderr
+    assert "user_allow_other" in ours[0]
+    assert "/etc/fuse.conf" in ours[0]
+
+
+def test_allow_other_with_user_allow_other_lets_other_users_and_root_read(
+    setup: Setup, sample_image: SampleImage
+) -> None:
+    with fuse_conf(user_allow_other=True), user_mount(setup, "-o", "allow_other"):
+        other = sha256_as(setup.other, setup.mountpoint / "disk.raw")
+        by_root = digest((setup.mountpoint / "disk.raw").read_bytes())
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.split()[0] == by_root == digest(sample_image.data)
+
+
+# --- read-only at every layer --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mounted(archive_of: ArchiveFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One mount for the tests below, which all must fail to change it."""
+    mountpoint = tmp_path_factory.mktemp("readonly") / "mnt"
+    mountpoint.mkdir()
+    with foreground_mount(archive_of("oldgnu"), mountpoint):
+        yield mountpoint
+
+
+# test_mount.py covers open for writing, truncate, chmod, creating a file and setxattr.
+CHANGES: dict[str, Callable[[Path], object]] = {
+    "chown": lambda mnt: os.chown(mnt / "disk.raw", 1, 1),
+    "utime": lambda mnt: os.utime(mnt / "disk.raw", (0, 0)),
+    "removexattr": lambda mnt: os.removexattr(mnt / "disk.raw", "user.tarfuse.member"),
+    "mknod": lambda mnt: os.mknod(mnt / "fifo", 0o600 | stat.S_IFIFO),
+    "mkdir": lambda mnt: os.mkdir(mnt / "dir"),
+    "symlink": lambda mnt: os.symlink("disk.raw", mnt / "link"),
+    "link": lambda mnt: os.link(mnt / "disk.raw", mnt / "hard"),
+    "rename": lambda mnt: os.rename(mnt / "disk.raw", mnt / "other.raw"),
+    "unlink": lambda mnt: os.unlink(mnt / "disk.raw"),
+    "create read-only": lambda mnt: os.close(os.open(mnt / "new", os.O_CREAT | os.O_RDONLY, 0o444)),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())
+def test_every_change_fails_with_erofs(mounted: Path, change: Callable[[Path], object]) -> None:
+    with pytest.raises(OSError, match="Read-only") as caught:
+        change(mounted)
+    assert caught.value.errno == errno.EROFS
+    assert sorted(os.listdir(mounted)) == ["disk.raw"]
+
+
+def test_the_kernel_mount_is_read_only(mounted: Path) -> None:
+    entry = mount_entry(mounted)
+    assert entry is not None
+    assert "ro" in entry.super_options
+
+
+def open_files(pid: int) -> dict[str, int]:
+    """The files process `pid` holds open, path -> open(2) flags (from /proc/PID/fdinfo)."""
+    files = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+            flags = next(int(line.split()[1], 8) for line in info.splitlines() if line.startswith("flags:"))
+            files[target] = flags
+    return files
+
+
+def test_archive_is_opened_read_only_and_left_unchanged(
+    sample_archive: Path, sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+) -> None:
+    archive = tmp_path / "vm.tar"
+    shutil.copyfile(sample_archive, archive)
+    archive.chmod(0o444)
+    os.chown(archive, 65534, 65534)  # nobody's: only its mode lets anyone read it
+    before = (archive.stat(), digest(archive.read_bytes()))
+    (mountpoint := tmp_path / "mnt").mkdir()
+    served = mount(archive, mountpoint)
+    assert digest((mountpoint / "disk.raw").read_bytes()) == digest(sample_image.data)
+    flags = open_files(served.process.pid).get(str(archive))
+    unmount(mountpoint)
+    assert flags is not None, "the daemon does not hold the archive open"
+    assert flags & os.O_ACCMODE == os.O_RDONLY
+    after = (archive.stat(), digest(archive.read_bytes()))
+    assert after[1] == before[1]
+    assert (after[0].st_mtime_ns, after[0].st_ctime_ns, after[0].st_size) == (
+        before[0].st_mtime_ns,
+        before[0].st_ctime_ns,
+        before[0].st_size,
+    )
+
+
+def test_daemon_holds_nothing_open_for_writing_but_dev_fuse_and_its_log(
+    sample_archive: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    (mountpoint := tmp_path / "mnt").mkdir()
+    served = mount(sample_archive, mountpoint)
+    (mountpoint / "disk.raw").read_bytes()
+    allowed = {"/dev/fuse", os.devnull, str(served.stderr)}
+    writable = {
+        path
+        for path, flags in open_files(served.process.pid).items()
+        if path.startswith("/") and flags & os.O_ACCMODE != os.O_RDONLY
+    }
+    assert writable <= allowed
+
+
+# --- names inside the archive stay inside the archive --------------------------------------------
+
+HOST_FILE = "/etc/shadow"
+DECOY = b"not the host's /etc/shadow\n" * 40_000
+
+
+def tar_of(path: Path, *members: tuple[tarfile.TarInfo, bytes | None]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, BytesIO(data) if data is not None else None)
+    return path
+
+
+def regular(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def link(name: str, kind: bytes, target: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+def run_tarfuse(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        tarfuse_command(*args), capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL
+    )
+
+
+@pytest.mark.parametrize(
+    "member",
+    [link("disk.raw", tarfile.SYMTYPE, HOST_FILE), link("disk.raw", tarfile.LNKTYPE, HOST_FILE)],
+    ids=["symlink", "hardlink"],
+)
+@pytest.mark.parametrize("options", [[], ["-o", "member=disk.raw"]], ids=["chosen", "named"])
+def test_link_member_to_a_host_file_is_refused_and_nothing_mounted(
+    member: tuple[tarfile.TarInfo, None], options: list[str], tmp_path: Path
+) -> None:
+    archive = tar_of(tmp_path / "links.tar", member)
+    (mountpoint := tmp_path / "mnt").mkdir()
+    try:
+        result = run_tarfuse("-f", *options, archive, mountpoint)
+        mounted = is_mounted(mountpoint)
+    finally:
+        unmount(mountpoint)
+    assert (result.returncode, mounted) == (1, False), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "holds no regular files" in result.stderr  # the link is not one
+
+
+def test_symlink_member_beside_an_image_is_not_served(
+    sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+) -> None:
+    archive = tar_of(
+        tmp_path / "mixed.tar",
+        link("disk.raw", tarfile.SYMTYPE, HOST_FILE),
+        regular("vm.img", sample_image.data[: 1 << 20]),
+    )
+    (mountpoint := tmp_path / "mnt").mkdir()
+    mount(archive, mountpoint)
+    assert os.listdir(mountpoint) == ["vm.img"]
+    assert (mountpoint / "vm.img").read_bytes() == sample_image.data[: 1 << 20]
+
+
+def test_hardlink_to_an_absolute_name_serves_the_archives_member_not_the_host_file(
+    mount: MountFactory, tmp_path: Path
+) -> None:
+    # GNU tar -x strips the leading "/" of link targets too: the link gets the archive's etc/shadow.
+    archive = tar_of(
+        tmp_path / "decoy.tar",
+        regular("etc/shadow", DECOY),
+        link("disk.raw", tarfile.LNKTYPE, HOST_FILE),
+    )
+    (mountpoint := tmp_path / "mnt").mkdir()
+    mount(archive, mountpoint, "-o", "member=disk.raw")
+    served = (mountpoint / "disk.raw").read_bytes()
+    assert served == DECOY
+    assert served != Path(HOST_FILE).read_bytes()

@@ -1,0 +1,181 @@
+"""Unmounting while readers are in flight: nothing hangs, the daemon exits 0, nothing stays mounted.
+
+Readers are threads of this process and separate processes (tests/readers.py), each doing random reads of
+the image and checking every byte against the sample image. README: "Exit status: 0 success".
+"""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import Mount, MountFactory, SampleImage, is_mounted
+from readers import Tally, read_until
+
+pytestmark = pytest.mark.fuse
+
+READERS = Path(__file__).with_name("readers.py")
+THREADS = PROCESSES = 3
+TIMEOUT = 15.0  # a reader or daemon that takes longer than this hangs
+
+
+@dataclass
+class Readers:
+    """Reader threads and processes over one image; `stop` ends them and returns what each saw."""
+
+    threads: list[tuple[threading.Thread, list[Tally]]]
+    processes: list[subprocess.Popen[str]]
+    stopping: threading.Event
+    stop_file: Path
+
+    def stop(self) -> list[Tally]:
+        self.stopping.set()
+        self.stop_file.touch()
+        tallies = []
+        for thread, result in self.threads:
+            thread.join(TIMEOUT)
+            assert not thread.is_alive(), "a reader thread hangs"
+            tallies += result
+        for process in self.processes:
+            try:
+                out, err = process.communicate(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pytest.fail("a reader process hangs")
+            assert process.returncode == 0, err
+            tallies.append(Tally(**json.loads(out)))
+        return tallies
+
+
+@contextlib.contextmanager
+def busy_readers(image: Path, sample: SampleImage, workdir: Path, reopen: bool) -> Iterator[Readers]:
+    """Start THREADS + PROCESSES readers of `image`, wait until each has read once; stop them at the end."""
+    stop_file = workdir / "stop-readers"
+    ready = [workdir / f"reader-{n}.ready" for n in range(THREADS + PROCESSES)]
+    stopping = threading.Event()
+    threads = []
+    for seed in range(THREADS):
+        result: list[Tally] = []
+        thread = threading.Thread(
+            target=lambda s=seed, r=result: r.append(
+                read_until(str(image), sample.data, stopping.is_set, str(ready[s]), s, reopen)
+            ),
+            daemon=True,  # if one hangs in the kernel, pytest can still exit
+        )
+        thread.start()
+        threads.append((thread, result))
+    command = [sys.executable, str(READERS), str(image), str(sample.path), str(stop_file)]
+    processes = [
+        subprocess.Popen(
+            [*command, str(ready[seed]), str(seed), *(["--reopen"] if reopen else [])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in range(THREADS, THREADS + PROCESSES)
+    ]
+    readers = Readers(threads, processes, stopping, stop_file)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not all(path.exists() for path in ready):
+            assert time.monotonic() < deadline, "the readers did not start reading"
+            time.sleep(0.01)
+        yield readers
+    finally:
+        stopping.set()
+        stop_file.touch()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+
+
+def assert_all_bytes_right(tallies: list[Tally], allowed_errors: set[str], short_ok: bool = False) -> None:
+    """No reader saw a wrong byte, an error not in `allowed_errors`, or (unless `short_ok`) a short read."""
+    assert len(tallies) == THREADS + PROCESSES
+    assert sum(t.wrong for t in tallies) == 0, f"wrong bytes: {tallies}"
+    assert short_ok or sum(t.short for t in tallies) == 0, f"short reads: {tallies}"
+    errors = {e for t in tallies for e in t.errors}
+    assert errors <= allowed_errors, tallies
+
+
+@pytest.fixture
+def served(sample_archive: Path, mount: MountFactory, tmp_path: Path) -> Mount:
+    (mountpoint := tmp_path / "mnt").mkdir()
+    return mount(sample_archive, mountpoint)
+
+
+def fusermount_unmount(mountpoint: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+
+
+def test_fusermount_unmount_with_files_open_is_refused_and_serving_goes_on(
+    served: Mount, sample_image: SampleImage, tmp_path: Path
+) -> None:
+    with busy_readers(served.mountpoint / "disk.raw", sample_image, tmp_path, reopen=False) as readers:
+        refused = fusermount_unmount(served.mountpoint)
+        assert refused.returncode != 0
+        assert "busy" in refused.stderr
+        assert is_mounted(served.mountpoint)
+        time.sleep(0.3)
+        tallies = readers.stop()
+    assert_all_bytes_right(tallies, allowed_errors=set())
+    assert fusermount_unmount(served.mountpoint).returncode == 0
+    assert served.process.wait(TIMEOUT) == 0, served.stderr_text()
+    assert not is_mounted(served.mountpoint)
+
+
+def test_fusermount_unmount_between_reads_ends_daemon_and_readers(
+    served: Mount, sample_image: SampleImage, tmp_path: Path
+) -> None:
+    with busy_readers(served.mountpoint / "disk.raw", sample_image, tmp_path, reopen=True) as readers:
+        deadline = time.monotonic() + TIMEOUT
+        while (result := fusermount_unmount(served.mountpoint)).returncode != 0:
+            assert "busy" in result.stderr
+            assert time.monotonic() < deadline, "never a moment with no file open"
+            time.sleep(0.01)
+        assert served.process.wait(TIMEOUT) == 0, served.stderr_text()
+        assert not is_mounted(served.mountpoint)
+        time.sleep(0.3)  # let every reader meet the empty mount point
+        tallies = readers.stop()
+    # The mount point is an empty directory again: the next open finds no image.
+    assert_all_bytes_right(tallies, allowed_errors={"ENOENT"})
+
+
+@pytest.mark.parametrize("command", [["fusermount3", "-u", "-z"], ["umount", "-l"]], ids=" ".join)
+def test_lazy_unmount_serves_open_files_until_closed_then_exits_zero(
+    command: list[str], served: Mount, sample_image: SampleImage, tmp_path: Path
+) -> None:
+    if command[0] == "umount" and os.getuid() != 0:
+        pytest.skip("umount -l of a FUSE mount needs root")
+    with busy_readers(served.mountpoint / "disk.raw", sample_image, tmp_path, reopen=False) as readers:
+        subprocess.run([*command, str(served.mountpoint)], check=True, timeout=TIMEOUT)
+        assert not is_mounted(served.mountpoint)
+        time.sleep(0.5)
+        assert served.process.poll() is None, "the open files must still be served"
+        tallies = readers.stop()
+    assert_all_bytes_right(tallies, allowed_errors=set())
+    assert served.process.wait(TIMEOUT) == 0, served.stderr_text()
+
+
+def test_sigterm_with_readers_in_flight_unmounts_and_exits_zero(
+    served: Mount, sample_image: SampleImage, tmp_path: Path
+) -> None:
+    with busy_readers(served.mountpoint / "disk.raw", sample_image, tmp_path, reopen=False) as readers:
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(TIMEOUT) == 0, served.stderr_text()
+        assert not is_mounted(served.mountpoint)
+        time.sleep(0.3)
+        tallies = readers.stop()
+    # Reads of pages still in the page cache go on succeeding, the others find no daemon: a read that
+    # starts in cached pages ends short, with the right bytes, where they end.
+    assert_all_bytes_right(tallies, allowed_errors={"ENOTCONN"}, short_ok=True)

@@ -140,7 +140,8 @@ def _pax10_numbers(member: Member, pread: Pread) -> tuple[array, int]:  # type: 
             wanted = lines[used : used + 2 * count - len(numbers)]
             numbers.extend(_int64s(_decimals(wanted, where), where))
             used += len(wanted)
-            map_size = text_start + sum(len(line) + 1 for line in lines[:used])
+            if len(numbers) == 2 * count:  # the map ends in this chunk, after line `used`
+                map_size = text_start + len("\n".join(lines[:used])) + 1
     padded = -(-map_size // th.BLOCK_SIZE) * th.BLOCK_SIZE
     if padded > member.stored_size:
         raise CorruptSparseMap("PAX 1.0 sparse map runs past the member's data (into its padding)", where)

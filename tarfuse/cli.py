@@ -245,15 +245,14 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
 
 def _open_archive(path: str, options: MountOptions) -> ArchiveFile | remote.RemoteArchive | CompressedSource:
     archive = remote.open_source(path, options.remote)
-    if not isinstance(archive, ArchiveFile):
-        return archive
     return compressed.decompressed(archive, remote.parse_options(options.remote).cache_size)
 
 
 def _index_path(source: CompressedSource, options: MountOptions) -> str | None:
     if options.noindex:
         return None
-    return options.index or index.default_path(source.path, index.identity(source))
+    beside = isinstance(source.archive, ArchiveFile)  # a URL's index goes to the cache, never "beside" it
+    return options.index or index.default_path(source.path, index.identity(source), beside)
 
 
 def _open_compressed(

@@ -6,23 +6,23 @@ The decompressors are libraries made for seeking (docs/compressed.md says why th
 of decompressor state, made as the stream is first decompressed, so a later read decompresses only from the
 nearest one. Reads are served in whole chunks from a bounded cache of decompressed chunks.
 
-Library file objects are not thread-safe (seek + read), so each sits behind a lock. Must not import pyfuse3
-or trio.
+Library file objects are not thread-safe (seek + read), so each sits behind a lock. A local archive is
+opened by path; any other source (remote.RemoteArchive) through a `PreadFile`, for the libraries that take
+file objects. Must not import pyfuse3 or trio.
 """
 
 import io
 import json
 import lzma
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
+from typing import BinaryIO, Protocol, TypeVar, cast
 
 from xz.common import XZError
 
-from tarfuse.errors import CompressedArchive, CorruptCompressed
-from tarfuse.source import ArchiveFile
+from tarfuse.errors import CompressedArchive, CorruptCompressed, TarfuseError
+from tarfuse.source import ArchiveFile, ByteSource, PreadFile
 
 UNKNOWN_SIZE = 1 << 62  # the size until the stream's end is known: reads past the real end come back short
 CHUNK_SIZE = 1 << 20  # the unit of decompression and of the cache
@@ -93,7 +93,7 @@ class _SeekingDecoder:
 class _GzipDecoder(_SeekingDecoder):
     """rapidgzip: checkpoints every few MiB, exported in the indexed_gzip/gztool index format."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: "str | PreadFile") -> None:
         import rapidgzip  # only archives that need it pay for the import
 
         self._gz = rapidgzip.RapidgzipFile(path, parallelization=1)
@@ -139,14 +139,21 @@ class _OffsetsDecoder(_SeekingDecoder):
         self._file.set_block_offsets(dict(pairs))  # type: ignore[attr-defined]
 
 
-def _open_bzip2(path: str) -> Decoder:
+def _open_bzip2(path: "str | PreadFile") -> Decoder:
     import rapidgzip
 
     return _OffsetsDecoder(rapidgzip.IndexedBzip2File(path, parallelization=1), position_unit=8)
 
 
-def _open_zstd(path: str) -> Decoder:
+def _open_zstd(path: "str | PreadFile") -> Decoder:
     import indexed_zstd
+
+    if not isinstance(path, str):  # indexed_zstd takes a path or an fd, not a file object
+        raise CompressedArchive(
+            "zstd-compressed archives can only be read from a local file (indexed_zstd opens paths, not "
+            "file objects); download it first, or recompress it with gzip, xz or bzip2",
+            0,
+        )
 
     return _OffsetsDecoder(indexed_zstd.IndexedZstdFile(path), position_unit=1)
 
@@ -154,10 +161,10 @@ def _open_zstd(path: str) -> Decoder:
 class _XzDecoder(_SeekingDecoder):
     """python-xz: seeks by the block index every xz file ends with; nothing to build or keep."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: "str | PreadFile") -> None:
         import xz
 
-        self._xz = xz.open(path)
+        self._xz = xz.open(path if isinstance(path, str) else cast(BinaryIO, path))  # it reads, seeks
         super().__init__(self._xz)
 
     def compressed_position(self) -> int | None:
@@ -173,7 +180,7 @@ class _XzDecoder(_SeekingDecoder):
         pass
 
 
-DECODERS: dict[str, Callable[[str], Decoder]] = {
+DECODERS: dict[str, Callable[[str | PreadFile], Decoder]] = {
     "gzip": _GzipDecoder,
     "bzip2": _open_bzip2,
     "zstd": _open_zstd,
@@ -217,7 +224,7 @@ class CompressedSource:
 
     blocking = True  # a read may decompress: the daemon serves cache misses from threads (fs.ServedFile)
 
-    def __init__(self, archive: ArchiveFile, compression: str, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+    def __init__(self, archive: ByteSource, compression: str, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.path = archive.path
         self.compression = compression
         self.archive = archive
@@ -244,7 +251,10 @@ class CompressedSource:
 
     def new_decoder(self) -> Decoder:
         """Open another decoder over the same file (the background pass has its own)."""
-        decoder = self._open_decoder(f"/proc/self/fd/{self.archive.fd}")  # the very file we opened
+        if isinstance(self.archive, ArchiveFile):
+            decoder = self._open_decoder(f"/proc/self/fd/{self.archive.fd}")  # the very file we opened
+        else:
+            decoder = self._open_decoder(PreadFile(self.archive))
         if self._index is not None:
             decoder.import_index(self._index)
         return decoder
@@ -295,8 +305,13 @@ class CompressedSource:
             found = self.cache.get(index)  # another thread may have decompressed it while we waited
             if found is not None:
                 return found
+            decoder = self._decoder_locked()
             try:
-                data = self._decoder_locked().read_at(start, CHUNK_SIZE)
+                data = decoder.read_at(start, CHUNK_SIZE)
+            except TarfuseError:  # the source failed (a remote read): the decoder may be left unusable
+                decoder.close()
+                self._decoder = None
+                raise
             except DECODE_ERRORS as exc:
                 raise CorruptCompressed(
                     f"the {self.compression} stream cannot be decompressed: {exc}", start
@@ -338,15 +353,16 @@ class CompressedSource:
         self.close()
 
 
-def decompressed(
-    archive: ArchiveFile, cache_size: int = DEFAULT_CACHE_SIZE
-) -> ArchiveFile | CompressedSource:
+Source = TypeVar("Source", bound=ByteSource)
+
+
+def decompressed(archive: Source, cache_size: int = DEFAULT_CACHE_SIZE) -> Source | CompressedSource:
     """The archive as the tar reader must see it: itself, or a decompressed view chosen by its magic number.
 
     On failure the archive is closed.
     """
     try:
-        compression = sniff(os.pread(archive.fd, 8, 0))
+        compression = sniff(archive.pread(8, 0))
         if compression is None:
             return archive
         return CompressedSource(archive, compression, cache_size)

@@ -20,6 +20,7 @@ from tarfuse.archive import normalize_name, scan_members
 from tarfuse.compressed import DECODE_ERRORS, UNKNOWN_SIZE, CompressedSource, Decoder
 from tarfuse.detect import has_image_suffix
 from tarfuse.errors import ArchiveError, CorruptCompressed
+from tarfuse.source import Identity
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,16 @@ class Stopped(Exception):
     """The background pass was asked to stop (unmount)."""
 
 
-def identity(source: CompressedSource) -> list[int]:
-    info = os.fstat(source.archive.fd)
-    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
+def identity(source: CompressedSource) -> Identity:
+    """A local file's device, inode, size and mtime; a URL's display name, size, ETag and Last-Modified."""
+    return source.archive.identity()
 
 
-def default_path(archive_path: str, ident: list[int]) -> str:
-    """Next to the archive if its directory is writable, else under $XDG_CACHE_HOME/tarfuse/."""
-    absolute = os.path.abspath(archive_path)
+def default_path(archive_path: str, ident: Identity, beside: bool = True) -> str:
+    """Next to the archive if `beside` and its directory is writable, else under $XDG_CACHE_HOME/tarfuse/."""
+    absolute = os.path.abspath(archive_path) if beside else archive_path
     directory = os.path.dirname(absolute)
-    if os.access(directory, os.W_OK) and not os.statvfs(directory).f_flag & os.ST_RDONLY:
+    if beside and os.access(directory, os.W_OK) and not os.statvfs(directory).f_flag & os.ST_RDONLY:
         return absolute + SUFFIX
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     key = hashlib.sha256(json.dumps([absolute, *ident]).encode()).hexdigest()[:32]
@@ -162,7 +163,7 @@ class IndexingPass:
 
     def __init__(self, source: CompressedSource, served: str, index_path: str | None) -> None:
         self._source, self._served, self._index_path = source, served, index_path
-        self.progress = Progress(time.monotonic(), compressed_total=os.fstat(source.archive.fd).st_size)
+        self.progress = Progress(time.monotonic(), compressed_total=source.archive.size)
         self.others: list[str] = []
 
     def run(self, stop: threading.Event) -> None:

@@ -21,7 +21,7 @@ from urllib3.exceptions import HTTPError, MaxRetryError, SSLError
 
 from tarfuse.blockcache import BLOCK_SIZE, BlockReader
 from tarfuse.errors import ArchiveChanged, RemoteError, UsageError
-from tarfuse.source import ArchiveFile
+from tarfuse.source import ArchiveFile, Identity
 
 OPTION_KEYS = ("header", "ca_file", "timeout", "cache_size", "retries")
 _RETRIED_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -158,6 +158,10 @@ class RemoteArchive:
         """Raise ArchiveChanged if any response since open came from another version of the object."""
         if self.changed is not None:
             raise ArchiveChanged(self.changed)
+
+    def identity(self) -> Identity:
+        """The URL without its secrets, the size and the validators: one version of the object."""
+        return [self.path, self.size, self._validators.get("ETag"), self._validators.get("Last-Modified")]
 
     def close(self) -> None:
         self._blocks.close()

@@ -1,13 +1,35 @@
 """The bytes under the tar reader: an archive file opened read-only, read with positional reads.
 
 Positional reads share no file position, so threads and concurrent FUSE requests need no lock.
+`PreadFile` turns any source into a seekable file object, for decompressors that take one.
 Must not import pyfuse3 or trio.
 """
 
+import io
 import os
 import stat
+import threading
+from typing import TYPE_CHECKING, Protocol
 
 from tarfuse.errors import ArchiveChanged, UsageError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+Identity = list[int | str | None]  # what names one version of an archive (the seek index's key)
+
+
+class ByteSource(Protocol):
+    """What the layers above read through: ArchiveFile, remote.RemoteArchive."""
+
+    path: str
+    size: int
+
+    def pread(self, size: int, offset: int) -> bytes: ...
+    def pread_into(self, buffer: memoryview, offset: int) -> int: ...
+    def check_unchanged(self) -> None: ...
+    def identity(self) -> Identity: ...
+    def close(self) -> None: ...
 
 
 class ArchiveFile:
@@ -26,6 +48,7 @@ class ArchiveFile:
             raise
         self._identity = (info.st_size, info.st_mtime_ns)
         self._is_regular = stat.S_ISREG(info.st_mode)
+        self._key: Identity = [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
 
     def pread(self, size: int, offset: int) -> bytes:
         return os.pread(self.fd, size, offset)
@@ -44,6 +67,9 @@ class ArchiveFile:
                 "unmount and mount it again"
             )
 
+    def identity(self) -> Identity:
+        return self._key
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -52,6 +78,42 @@ class ArchiveFile:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class PreadFile(io.RawIOBase):
+    """A read-only, seekable file object over a source's `pread_into`; closing it leaves the source open.
+
+    The position is guarded by a lock: a library may call it from its own threads.
+    """
+
+    def __init__(self, source: ByteSource) -> None:
+        super().__init__()
+        self._source = source
+        self._position = 0
+        self._lock = threading.Lock()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        with self._lock:
+            base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._source.size}[whence]
+            if base + offset < 0:
+                raise ValueError(f"negative seek position {base + offset}")
+            self._position = base + offset
+            return self._position
+
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        with self._lock:
+            filled = self._source.pread_into(memoryview(buffer).cast("B"), self._position)
+            self._position += filled
+            return filled
 
 
 def _device_size(fd: int) -> int:

@@ -21,6 +21,7 @@ from typing import BinaryIO, Protocol, TypeVar, cast
 
 from xz.common import XZError
 
+from tarfuse import detect
 from tarfuse.errors import CompressedArchive, CorruptCompressed, TarfuseError
 from tarfuse.source import ArchiveFile, ByteSource, PreadFile
 
@@ -28,16 +29,6 @@ UNKNOWN_SIZE = 1 << 62  # the size until the stream's end is known: reads past t
 CHUNK_SIZE = 1 << 20  # the unit of decompression and of the cache
 DEFAULT_CACHE_SIZE = 32 << 20
 
-# Magic numbers, and what unpacks the ones we cannot serve.
-_MAGIC = (
-    (b"\x1f\x8b", "gzip", ""),
-    (b"BZh", "bzip2", ""),
-    (b"\xfd7zXZ\x00", "xz", ""),
-    (b"\x28\xb5\x2f\xfd", "zstd", ""),
-    (b"\x04\x22\x4d\x18", "lz4", "unlz4"),
-    (b"LZIP", "lzip", "lzip -d"),
-    (b"\x1f\x9d", "compress (.Z)", "uncompress"),
-)
 _SKIPPABLE_FIRST = frozenset(bytes([0x50 + i]) for i in range(16))  # zstd skippable frames: 0x184D2A5?
 # What the libraries raise on a corrupt or cut stream: rapidgzip and indexed_zstd raise ValueError or
 # RuntimeError, python-xz its own XZError or lzma's.
@@ -52,16 +43,16 @@ def sniff(head: bytes) -> str | None:
     """
     if head[:1] in _SKIPPABLE_FIRST and head[1:4] == b"\x2a\x4d\x18":  # pzstd starts with a skippable frame
         return "zstd"
-    for magic, name, command in _MAGIC:
-        if head.startswith(magic):
-            if command:
-                raise CompressedArchive(
-                    f"the archive is {name}-compressed, which tarfuse cannot serve; decompress it "
-                    f"first ({command} ARCHIVE), or recompress it with gzip, zstd, xz or bzip2",
-                    0,
-                )
-            return name
-    return None
+    if (found := detect.compression_of(head)) is None:
+        return None
+    name, command = found
+    if name not in DECODERS:
+        raise CompressedArchive(
+            f"the archive is {name}-compressed, which tarfuse cannot serve; decompress it "
+            f"first ({command} ARCHIVE), or recompress it with gzip, zstd, xz or bzip2",
+            0,
+        )
+    return name
 
 
 class Decoder(Protocol):

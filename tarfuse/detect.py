@@ -25,7 +25,8 @@ IMAGE_SUFFIXES = (
 )
 HEAD_SIZE = 0x8800  # enough to see the ISO 9660 volume descriptor at 0x8001
 
-_COMPRESSION_MAGIC = (
+# Compression magic numbers: the name, and the command that unpacks it.
+COMPRESSION_MAGIC = (
     (b"\x1f\x8b", "gzip", "gunzip"),
     (b"BZh", "bzip2", "bunzip2"),
     (b"\xfd7zXZ\x00", "xz", "unxz"),
@@ -63,15 +64,22 @@ class Candidate:
     member: Member
 
 
-def check_uncompressed(head: bytes) -> None:
-    """Refuse a compressed archive with the command that unpacks it, instead of a checksum error."""
-    for magic, name, command in _COMPRESSION_MAGIC:
+def compression_of(head: bytes) -> tuple[str, str] | None:
+    """Name the compression that the first bytes show, and the command that unpacks it; None if none."""
+    for magic, name, command in COMPRESSION_MAGIC:
         if head.startswith(magic):
-            raise CompressedArchive(
-                f"the archive is {name}-compressed; decompress it first ({command} ARCHIVE), "
-                "tarfuse reads uncompressed tar only",
-                0,
-            )
+            return name, command
+    return None
+
+
+def check_uncompressed(head: bytes) -> None:
+    """Refuse tar data that is still compressed (the source layer took one layer off) with what to do."""
+    if (found := compression_of(head)) is not None:
+        name, command = found
+        raise CompressedArchive(
+            f"the tar data is {name}-compressed (compressed twice?); decompress it first ({command} ARCHIVE)",
+            0,
+        )
 
 
 def resolve_files(members: Iterable[Member]) -> list[Candidate]:

@@ -53,8 +53,11 @@ type: dev
 
 check: lint type test
 
+# Plain, compressed and remote archives against the limit and the peers (docs/*.md); BENCH_ARGS=--quick.
 bench: dev
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+	$(PY) scripts/bench_compressed.py $(BENCH_ARGS)
+	$(PY) scripts/bench_remote.py $(BENCH_ARGS)
 
 # Compressed archives (docs/compressed.md); BENCH_ARGS=--quick for a 256 MiB image.
 bench-compressed: dev

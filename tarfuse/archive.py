@@ -214,29 +214,37 @@ def _make_member(
     pax.update(pending.pax or [])
     name, linkname = _names(header, pending, pax, offset)
     stored_size = _pax_int(pax, "size", header.size, offset)
-    real_size = stored_size
-    sparse = None
-    if header.typeflag == th.GNU_SPARSE and header.is_gnu:
-        sparse = SparseSpec("oldgnu", offset, extension_blocks=extension_blocks)
-        real_size = header.real_size
-    elif (variant := _pax_sparse_variant(pax, offset)) is not None:
-        if not header.is_ustar:  # GNU tar reads PAX sparse records only with POSIX magic, tarfile always
-            raise BadHeader(f"PAX sparse records for a header without POSIX magic ({variant})", offset)
-        sparse = SparseSpec(variant, pending.start, pax_records=tuple(pending.pax or ()))
-        real_size = _pax_int(pax, "GNU.sparse.realsize", 0, offset) or _pax_int(
-            pax, "GNU.sparse.size", 0, offset
-        )
+    sparse, real_size = _sparse_spec(header, pax, pending, offset, extension_blocks)
     return Member(
         name=name,
         kind=_kind(header.typeflag, name),
         header_offset=pending.start,
         data_offset=data_offset,
         stored_size=0 if header.typeflag == _DIRECTORY else stored_size,
-        real_size=real_size,
+        real_size=stored_size if real_size is None else real_size,
         mtime=_pax_mtime(pax, header.mtime, offset),
         linkname=linkname,
         sparse=sparse,
     )
+
+
+def _sparse_spec(
+    header: th.Header, pax: dict[str, str], pending: _Pending, offset: int, extension_blocks: int
+) -> tuple[SparseSpec | None, int | None]:
+    """Where the member's sparse map is, and its real size; (None, None) for a member that is not sparse."""
+    if header.typeflag == th.GNU_SPARSE and header.is_gnu:
+        return SparseSpec("oldgnu", offset, extension_blocks=extension_blocks), header.real_size
+    if (variant := _pax_sparse_variant(pax, offset)) is not None:
+        if not header.is_ustar:  # GNU tar reads PAX sparse records only with POSIX magic, tarfile always
+            raise BadHeader(f"PAX sparse records for a header without POSIX magic ({variant})", offset)
+        real_size = _pax_int(pax, "GNU.sparse.realsize", 0, offset) or _pax_int(
+            pax, "GNU.sparse.size", 0, offset
+        )
+        return SparseSpec(variant, pending.start, pax_records=tuple(pending.pax or ())), real_size
+    if "GNU.sparse.size" in pax or "GNU.sparse.realsize" in pax:
+        # GNU tar takes either as the size of the data to extract, sparse member or not; tarfile ignores them
+        raise BadHeader("GNU.sparse.size or GNU.sparse.realsize for a member without a sparse map", offset)
+    return None, None
 
 
 def _names(header: th.Header, pending: _Pending, pax: dict[str, str], offset: int) -> tuple[str, str]:
@@ -262,17 +270,17 @@ def _kind(typeflag: int, name: str) -> str:
 
 def _pax_sparse_variant(pax: dict[str, str], offset: int) -> str | None:
     """Name the PAX sparse dialect (GNU tar manual, "Storing Sparse Files"), or None."""
-    if pax.get("GNU.sparse.major") == "1" and pax.get("GNU.sparse.minor") == "0":
-        return "pax1.0"
-    if "GNU.sparse.map" in pax:
-        return "pax0.1"
-    if "GNU.sparse.offset" in pax or "GNU.sparse.numblocks" in pax:
-        return "pax0.0"
-    if "GNU.sparse.major" in pax:
+    if "GNU.sparse.major" in pax:  # GNU tar reads a map from the data for any major > 0, 0.x records or not
+        if pax["GNU.sparse.major"] == "1" and pax.get("GNU.sparse.minor") == "0":
+            return "pax1.0"
         raise BadHeader(
             f"unknown PAX sparse format {pax['GNU.sparse.major']}.{pax.get('GNU.sparse.minor')}",
             offset,
         )
+    if "GNU.sparse.map" in pax:
+        return "pax0.1"
+    if "GNU.sparse.offset" in pax or "GNU.sparse.numblocks" in pax:
+        return "pax0.0"
     return None
 
 

@@ -106,7 +106,24 @@ def _pax0_numbers(spec: SparseSpec) -> list[int]:
             f"GNU.sparse.numblocks={declared[-1]} but the map has {len(numbers) // 2} entries",
             where,
         )
+    _check_numblocks_first(spec, where)
     return numbers
+
+
+_PAX0_MAP_KEYS = frozenset(("GNU.sparse.offset", "GNU.sparse.numbytes", "GNU.sparse.map"))
+
+
+def _check_numblocks_first(spec: SparseSpec, where: int) -> None:
+    """GNU tar makes a new, empty map at each GNU.sparse.numblocks (xheader.c): it must come first.
+
+    It must be there, too: GNU tar 1.34 calls every map entry beyond it "excess".
+    """
+    keys = [key for key, _ in spec.pax_records]
+    first = next((i for i, key in enumerate(keys) if key in _PAX0_MAP_KEYS), len(keys))
+    if "GNU.sparse.numblocks" in keys[first:]:
+        raise CorruptSparseMap("GNU.sparse.numblocks after the map has begun: GNU tar starts it over", where)
+    if "GNU.sparse.numblocks" not in keys:
+        raise CorruptSparseMap("PAX 0.x sparse map without GNU.sparse.numblocks", where)
 
 
 def _pax10_numbers(member: Member, pread: Pread) -> tuple[array, int]:  # type: ignore[type-arg]

@@ -214,7 +214,7 @@ def parse_pax_records(payload: bytes, offset: int) -> list[tuple[str, str]]:
         if length <= len(match[0]) or record_end > end or payload[record_end - 1] != 0x0A:
             raise BadHeader(f"PAX record length {length} does not fit its record", offset + pos)
         keyword, sep, value = payload[match.end() : record_end - 1].partition(b"=")
-        if not sep or not keyword:
+        if not sep or not keyword or b"\0" in keyword:  # GNU tar: "missing equal sign" at a NUL
             raise BadHeader("PAX record has no keyword=value", offset + pos)
         records.append((_text(keyword), _text(value)))
         pos = record_end

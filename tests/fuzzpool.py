@@ -44,7 +44,7 @@ class Config:
 class Finding:
     case: int
     seed: str
-    kind: str  # the exception's class, "hang", "crash (...)" or "differs"
+    kind: str  # the exception's class, "hang", "crash (...)", "differs" or "not-extracted"
     detail: str
     steps: tuple[str, ...] = ()
 
@@ -98,7 +98,8 @@ def run_case(corpus: Corpus, config: Config, number: int, check: Check, work: Pa
             category, detail = compare_with_gnu_tar(case.data, work, rng)
         except Exception as exc:  # tarfuse's or the comparison's own: a finding either way
             detail = "".join(traceback.format_exception(exc))
-            summary.findings.append(Finding(number, case.seed, f"{type(exc).__name__} comparing", detail))
+            kind = f"{type(exc).__name__} comparing"
+            summary.findings.append(Finding(number, case.seed, kind, detail, case.steps))
             return
         summary.compared[category] += 1
         if category in (DIFFERS, NOT_EXTRACTED):

@@ -235,6 +235,17 @@ def test_size_after_a_leading_nul() -> None:
     assert info.value.offset == len(README)
 
 
+@pytest.mark.parametrize("key", ["GNU.sparse.size", "GNU.sparse.realsize"])
+def test_sparse_size_without_a_sparse_map(key: str) -> None:
+    # GNU tar extracts that many bytes (here, the rest of the archive too); tarfile ignores the record.
+    pax = tb.pax_header([(key, "26409")])
+    with pytest.raises(BadHeader, match="without a sparse map") as info:
+        tb.open_bytes(
+            tb.archive(README, pax, tb.file_member("notes.txt", b"hi"), tb.file_member("d.img", b"x"))
+        )
+    assert info.value.offset == len(README) + len(pax)
+
+
 def test_negative_size() -> None:
     header = tb.header("disk.img", fields={124: tb.base256(-512, 12)})
     with pytest.raises(BadHeader, match="negative size") as info:

@@ -365,6 +365,40 @@ def test_bad_pax0_map(records: list[tuple[str, str]], message: str) -> None:
     assert info.value.offset == 0
 
 
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        (
+            [
+                ("GNU.sparse.numblocks", "1"),
+                ("GNU.sparse.offset", "0"),
+                ("GNU.sparse.numblocks", "1"),
+                ("GNU.sparse.numbytes", "1"),
+            ],
+            "after the map has begun",
+        ),
+        ([("GNU.sparse.map", "0,1"), ("GNU.sparse.numblocks", "1")], "after the map has begun"),
+        ([("GNU.sparse.offset", "0"), ("GNU.sparse.numbytes", "1")], "without GNU.sparse.numblocks"),
+        ([("GNU.sparse.map", "0,1")], "without GNU.sparse.numblocks"),
+    ],
+    ids=["pax0.0-numblocks-inside", "pax0.1-numblocks-after", "pax0.0-no-numblocks", "pax0.1-no-numblocks"],
+)
+def test_pax0_numblocks_must_come_first(records: list[tuple[str, str]], message: str) -> None:
+    # GNU tar starts a new, empty map at each GNU.sparse.numblocks; tarfile reads the pairs regardless.
+    member = tb.pax_header([("GNU.sparse.size", "1"), *records]) + tb.file_member("d.img", b"x")
+    with pytest.raises(CorruptSparseMap, match=message) as info:
+        tb.open_bytes(tb.archive(member))
+    assert info.value.offset == 0
+
+
+def test_pax_sparse_major_without_minor_0() -> None:
+    # GNU tar reads a PAX 1.0 map from the data whenever GNU.sparse.major > 0, even beside a 0.1 map.
+    records = [("GNU.sparse.major", "1"), ("GNU.sparse.numblocks", "1"), ("GNU.sparse.map", "0,1")]
+    with pytest.raises(BadHeader, match=r"unknown PAX sparse format 1\.None") as info:
+        tb.open_bytes(tb.archive(tb.pax_header(records), tb.file_member("d.img", b"x")))
+    assert info.value.offset == 1024
+
+
 def test_unknown_pax_sparse_version() -> None:
     records = [("GNU.sparse.major", "2"), ("GNU.sparse.minor", "0"), ("GNU.sparse.realsize", "1")]
     with pytest.raises(BadHeader, match=r"unknown PAX sparse format 2\.0") as info:

@@ -142,6 +142,14 @@ def test_all_nul_number_is_zero() -> None:
     assert th.parse_number(bytes(12)) == th.parse_number(b"\0" + b" " * 11) == 0
 
 
+def test_pax_keyword_with_a_nul() -> None:
+    # GNU tar stops the keyword at the NUL and finds no '='; tarfile keeps it.
+    record = tb.pax_record("GNU.sparse.nu\0mblocks", "1")
+    with pytest.raises(BadHeader, match="no keyword=value") as info:
+        th.parse_pax_records(tb.pax_record("path", "a") + record, 1000)
+    assert info.value.offset == 1000 + len(tb.pax_record("path", "a"))
+
+
 def test_old_gnu_slot_is_unused_when_its_numbytes_starts_with_nul() -> None:
     # GNU tar's rule (src/sparse.c, oldgnu_add_sparse): the offset field does not decide.
     used = bytes(12) + tb.octal(512, 12)  # offset all NUL reads as 0

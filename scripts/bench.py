@@ -32,6 +32,7 @@ from benchreport import (
     CaseInfo,
     Results,
     ToolInfo,
+    from_json,
     load_average,
     machine,
     markdown,
@@ -56,6 +57,10 @@ class Options:
 
 def main() -> int:
     args = _parser().parse_args()
+    if args.render is not None:
+        results, meta = from_json(json.loads(args.render.read_text()))
+        _write_outputs(results, meta, args)
+        return 0
     signal.signal(signal.SIGTERM, _interrupt)
     tools = _select_tools(args.tools)
     cases = _select_cases(args.only)
@@ -70,7 +75,7 @@ def main() -> int:
         tool.setup()
         if tool.problem():
             print(f"  {tool.name}: {tool.problem()}", flush=True)
-    results = Results([ToolInfo(t.name, t.role, t.version()) for t in tools])
+    results = Results([ToolInfo(t.name, t.role, "" if t.problem() else t.version()) for t in tools])
     workdir = Path(tempfile.mkdtemp(prefix="tarfuse-bench-", dir=args.workdir))
     options = Options(
         sizes=Sizes.quick() if args.quick else Sizes.full(),
@@ -120,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--keep", action="store_true", help="keep the data directory (for debugging)")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: write the tables of an earlier results.json",
+    )
     return parser
 
 
@@ -466,7 +477,7 @@ def _write_outputs(results: Results, meta: dict[str, object], args: argparse.Nam
     print("\n" + text)
     print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}")
     docs = args.docs
-    if docs is None and not (args.quick or args.only or args.tools or args.no_docs):
+    if docs is None and not (args.quick or args.only or args.tools or args.no_docs or args.render):
         docs = REPO / "docs" / "benchmarks.md"
     if docs is not None and not args.no_docs:
         write_docs(docs, text)

@@ -362,6 +362,23 @@ def to_json(results: Results, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def from_json(data: dict[str, Any]) -> tuple[Results, dict[str, Any]]:
+    """Rebuild the results of a run from its results.json, to render them again."""
+    results = Results([ToolInfo(t["name"], t["role"], t["version"]) for t in data["tools"]])
+    for case in data["cases"]:
+        results.cases.append(
+            CaseInfo(case["name"], case["title"], case["members"], case["extents"], tuple(case["metrics"]))
+        )
+    for row in data["results"]:
+        outcome = results.outcome(row["case"], row["metric"], row["tool"])
+        outcome.samples, outcome.status = list(row["samples"]), row["status"]
+    for item in data["verified"]:
+        results.verified[(item["case"], item["tool"])] = item["how"]
+    for item in data["not_measured"]:
+        results.excluded[(item["case"], item["tool"])] = item["why"]
+    return results, data["meta"]
+
+
 def machine() -> dict[str, str]:
     cpu = "unknown CPU"
     try:

@@ -475,13 +475,14 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def _first_line(command: list[str]) -> str:
+    """The line of `command`'s output that names the program (archivemount prints libfuse's first)."""
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return "?"
-    return (
-        (result.stdout or result.stderr).strip().splitlines()[0] if (result.stdout or result.stderr) else "?"
-    )
+    lines = [line.strip() for line in (result.stderr + "\n" + result.stdout).splitlines() if line.strip()]
+    name = os.path.basename(command[0])
+    return next((line for line in lines if name in line), lines[0] if lines else "?")
 
 
 # ---- Installing ---------------------------------------------------------------------------------------

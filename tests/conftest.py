@@ -256,3 +256,46 @@ def archive_of(sample_image: SampleImage, tmp_path_factory: pytest.TempPathFacto
 def sample_archive(archive_of: ArchiveFactory) -> Path:
     """The sample image in an old GNU sparse archive, as GCE image tarballs are made."""
     return archive_of("oldgnu")
+
+
+# --- an ext4 file system inside the image, read through a loop device --------------------------------
+
+
+def make_ext4_image(image: Path, payload: bytes) -> Path:
+    """Write a 16 MiB sparse ext4 image holding `payload.bin`; skip without root, loop devices or mkfs."""
+    if os.getuid() != 0 or not os.path.exists("/dev/loop-control"):
+        pytest.skip("loop devices need root and /dev/loop-control")
+    require_tool("mkfs.ext4")
+    tree = image.parent / f"{image.name}.tree"
+    tree.mkdir()
+    (tree / "payload.bin").write_bytes(payload)
+    with image.open("wb") as sparse:
+        sparse.truncate(16 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image)], check=True)
+    return image
+
+
+@contextlib.contextmanager
+def loop_device(image: Path) -> Iterator[str]:
+    """Attach `image` read-only to a free loop device; always detach it."""
+    device = subprocess.run(
+        ["losetup", "-r", "--find", "--show", str(image)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+
+
+def read_payload_through_loop(served_image: Path, mountpoint: Path) -> bytes:
+    """`losetup -r` the served image, `mount -o ro` its ext4 on `mountpoint`, read payload.bin; clean up."""
+    mountpoint.mkdir()
+    with loop_device(served_image) as device:
+        subprocess.run(["mount", "-t", "ext4", "-o", "ro", device, str(mountpoint)], check=True)
+        try:
+            return (mountpoint / "payload.bin").read_bytes()
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=False)

@@ -1,16 +1,21 @@
 """Compressed archives through real mounts: bytes, the saved index, QEMU boot, ext4 over a loop device."""
 
 import errno
-import hashlib
-import os
 import random
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import MountFactory, SampleImage, make_archive, require_tool, tarfuse_command
-from test_mount import loop_device
+from conftest import (
+    MountFactory,
+    SampleImage,
+    make_archive,
+    make_ext4_image,
+    read_payload_through_loop,
+    require_tool,
+    tarfuse_command,
+)
 from test_qemu import boot_and_read_serial
 
 pytestmark = pytest.mark.fuse
@@ -110,26 +115,11 @@ def test_qemu_boots_from_a_mounted_tar_gz(
 
 
 def test_ext4_in_a_tar_zst_mounts_through_a_loop_device(mount: MountFactory, tmp_path: Path) -> None:
-    if os.getuid() != 0 or not os.path.exists("/dev/loop-control"):
-        pytest.skip("loop devices need root and /dev/loop-control")
-    require_tool("mkfs.ext4")
     require_tool("zstd")
     content = random.Random(5).randbytes(300_000)
-    (tree := tmp_path / "tree").mkdir()
-    (tree / "payload.bin").write_bytes(content)
-    image = tmp_path / "ext4.img"
-    with image.open("wb") as sparse:
-        sparse.truncate(16 * 1024 * 1024)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image)], check=True)
+    image = make_ext4_image(tmp_path / "ext4.img", content)
     plain = make_archive("gnu", image, tmp_path / "fs.tar")
     subprocess.run(["zstd", "-q", "--rm", str(plain)], check=True)
     (served := tmp_path / "mnt").mkdir()
     mount(tmp_path / "fs.tar.zst", served)
-    (inner := tmp_path / "inner").mkdir()
-    with loop_device(served / "ext4.img") as device:
-        subprocess.run(["mount", "-t", "ext4", "-o", "ro", device, str(inner)], check=True)
-        try:
-            digest = hashlib.sha256((inner / "payload.bin").read_bytes()).hexdigest()
-        finally:
-            subprocess.run(["umount", str(inner)], check=False)
-    assert digest == hashlib.sha256(content).hexdigest()
+    assert read_payload_through_loop(served / "ext4.img", tmp_path / "inner") == content

@@ -6,7 +6,7 @@ GNU tar manual's "Basic Tar Format" (old GNU sparse fields live where ustar keep
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tarfuse.errors import BadHeader
 
@@ -141,18 +141,7 @@ def _with_old_gnu_sparse(header: Header, block: bytes) -> Header:
     entries = parse_sparse_entries(block[386:482], OLD_GNU_SPARSE_ENTRIES)
     if (real_size := parse_number(block[483:495])) < 0:
         raise BadHeader(f"negative real size {real_size}")
-    return Header(
-        name=header.name,
-        size=header.size,
-        mtime=header.mtime,
-        typeflag=header.typeflag,
-        linkname=header.linkname,
-        is_gnu=header.is_gnu,
-        is_ustar=header.is_ustar,
-        sparse_entries=entries,
-        is_extended=block[482] != 0,
-        real_size=real_size,
-    )
+    return replace(header, sparse_entries=entries, is_extended=block[482] != 0, real_size=real_size)
 
 
 def parse_sparse_entries(raw: bytes, count: int) -> tuple[tuple[int, int], ...]:

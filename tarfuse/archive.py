@@ -16,6 +16,7 @@ Pread = Callable[[int, int], bytes]  # (size, offset) -> bytes, like os.pread wi
 
 _WINDOW = 64 * 1024  # headers of small members sit close together: read them in one go
 _DIRECTORY = ord("5")
+_NO_PAX: dict[str, str] = {}  # read only
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,8 +211,11 @@ def _make_member(
     pending: _Pending,
     global_pax: dict[str, str],
 ) -> Member:
-    pax = dict(global_pax)
-    pax.update(pending.pax or [])
+    if global_pax or pending.pax:
+        pax = dict(global_pax)
+        pax.update(pending.pax or [])
+    else:
+        pax = _NO_PAX  # most members have no PAX records: skip the copy
     name, linkname = _names(header, pending, pax, offset)
     stored_size = _pax_int(pax, "size", header.size, offset)
     sparse, real_size = _sparse_spec(header, pax, pending, offset, extension_blocks)

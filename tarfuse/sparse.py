@@ -6,6 +6,7 @@ GNU.sparse.map record) and PAX 1.0 (a decimal map at the start of the data area)
 Must not import pyfuse3 or trio.
 """
 
+import contextlib
 import itertools
 import operator
 from array import array
@@ -135,17 +136,17 @@ def _pax10_numbers(member: Member, pread: Pread) -> tuple[array, int]:  # type: 
     where = member.data_offset
     numbers = _int64s([])
     count: int | None = None  # from the first line
-    carry = ""  # the start of a line that the end of a chunk cut
+    carry = b""  # the start of a line that the end of a chunk cut
     read = 0
     map_size = 0
     while count is None or len(numbers) < 2 * count:
         if read >= member.stored_size:
             raise CorruptSparseMap("PAX 1.0 sparse map runs past the member's data", where)
         chunk = read_exact(pread, min(_MAP_CHUNK, member.stored_size - read), where + read)
-        text_start = read - len(carry)  # member offset of the first character of `text`
+        text_start = read - len(carry)  # member offset of the first byte of `text`
         read += len(chunk)
-        text = carry + chunk.decode("latin-1")  # latin-1: one character per byte
-        lines = text.split("\n")
+        text = carry + chunk
+        lines = text.split(b"\n")
         carry = lines.pop()
         used = 0
         if count is None and lines:
@@ -158,25 +159,31 @@ def _pax10_numbers(member: Member, pread: Pread) -> tuple[array, int]:  # type: 
             numbers.extend(_int64s(_decimals(wanted, where), where))
             used += len(wanted)
             if len(numbers) == 2 * count:  # the map ends in this chunk, after line `used`
-                map_size = text_start + len("\n".join(lines[:used])) + 1
+                map_size = text_start + len(b"\n".join(lines[:used])) + 1
     padded = -(-map_size // th.BLOCK_SIZE) * th.BLOCK_SIZE
     if padded > member.stored_size:
         raise CorruptSparseMap("PAX 1.0 sparse map runs past the member's data (into its padding)", where)
     return numbers, padded
 
 
-def _decimals(values: list[str], where: int) -> list[int]:
-    # The usual case stays in C (map, not a generator) for maps of millions of values.
-    if (
-        all(map(str.isdigit, values))
-        and all(map(str.isascii, values))
-        and max(map(len, values), default=0) <= th.MAX_DECIMAL_DIGITS
-    ):
-        return list(map(int, values))
+def _decimals(values: list[str] | list[bytes], where: int) -> list[int]:
+    """Decode decimal map values: PAX record text, or the raw lines of a PAX 1.0 map."""
+    # The usual case stays in C for maps of millions of values: one isdigit over them all, then int(),
+    # which refuses an empty value. A value too large for 64 bits is refused when packed (_int64s).
+    if not values:
+        return []
+    joined = values[0][:0].join(values)  # type: ignore[arg-type]  # str or bytes, as the values are
+    if joined.isascii() and joined.isdigit():
+        with contextlib.suppress(ValueError):
+            return list(map(int, values))
     try:
-        return [th.parse_decimal(value) for value in values]
+        return [th.parse_decimal(_text(value)) for value in values]
     except BadHeader as exc:
         raise CorruptSparseMap(f"sparse map value {exc.reason}", where) from None
+
+
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode("latin-1")  # one character per byte
 
 
 def _validated(
@@ -185,7 +192,7 @@ def _validated(
     data_offset: int,
     data_size: int,
 ) -> SparseMap:
-    """Check the map the way a careful extractor must, then pack it into arrays.
+    """Check the map the way a careful extractor must, then pack it into arrays; `numbers` is emptied.
 
     GNU tar extracts a map entry by entry (src/sparse.c, sparse_extract_region): it seeks to the offset,
     then writes `numbytes` bytes taken from the next whole blocks of the archive, or truncates the file
@@ -202,7 +209,10 @@ def _validated(
             f"member {name!r}: real size {member.real_size} is larger than any file can be", where
         )
     offsets, lengths = numbers[0::2], numbers[1::2]
-    if offsets and (min(offsets) < 0 or min(lengths) < 0):  # base-256 can encode negatives
+    del numbers[:]  # consumed: a million-extent map's flat copy would add 16 MB to the daemon's peak
+    # Base-256 can encode negatives. Sorted entries of non-negative lengths (_check_order) make every
+    # offset at least the first one.
+    if offsets and (offsets[0] < 0 or min(lengths) < 0):
         raise CorruptSparseMap(f"member {name!r}: negative sparse map entry", where)
     _check_order(offsets, lengths, name, where)
     _check_end(offsets[-1] + lengths[-1] if offsets else 0, member.real_size, name, where)

@@ -39,7 +39,17 @@ from benchreport import (
     to_json,
     write_docs,
 )
-from benchtools import Served, TimedOut, Tool, ToolFailed, all_tools, ensure_commands, mounts_under, unmount
+from benchtools import (
+    Served,
+    TimedOut,
+    Tool,
+    ToolFailed,
+    all_tools,
+    ensure_commands,
+    mounts_under,
+    reclaim_paused,
+    unmount,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 _CHUNK = 1 << 20
@@ -85,11 +95,13 @@ def main() -> int:
         scratch=workdir,
     )
     try:
-        for case in cases:
-            run_case(case, tools, options, results)
+        with reclaim_paused(args.keep_reclaim) as reclaim:
+            for case in cases:
+                run_case(case, tools, options, results)
     finally:
         _clean(workdir, keep=args.keep)
     meta = machine() | {
+        "reclaim": reclaim,
         "command": _command_shown(),
         "tarfuse_commit": _tarfuse_commit(),
         "load_start": load_start,
@@ -125,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--keep", action="store_true", help="keep the data directory (for debugging)")
+    parser.add_argument(
+        "--keep-reclaim",
+        action="store_true",
+        help="leave DAMON proactive reclaim running (by default it is paused for the run, as root)",
+    )
     parser.add_argument(
         "--render",
         type=Path,

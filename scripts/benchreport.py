@@ -273,6 +273,7 @@ def markdown(results: Results, meta: dict[str, Any]) -> str:
         f"- Machine: Linux {meta['kernel']}, {meta['cpu']}, {meta['cores']} cores, {meta['memory']} RAM; "
         f"load average {meta['load_start']} at the start, {meta['load_end']} at the end "
         "(a shared host: compare ratios, not absolute figures)",
+        f"- Page cache: {meta.get('reclaim', 'proactive reclaim not recorded')}",
         f"- Run: {meta['reps']} repetitions per figure, fio {meta['fio_runtime']} s per run, "
         f"time cap {meta['cap']:g} s per step; took {meta['elapsed']}",
         "- Versions: " + "; ".join(f"{t.name}: {t.version}" for t in results.tools if t.version),

@@ -523,3 +523,43 @@ def _base_python() -> str:
     """The interpreter this venv was made from (a venv inside a venv would share nothing useful)."""
     base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
     return str(base) if base.exists() else sys.executable
+
+
+_KDAMONDS = Path("/sys/kernel/mm/damon/admin/kdamonds")
+
+
+@contextmanager
+def reclaim_paused(keep: bool) -> Iterator[str]:
+    """Pause DAMON's proactive reclaim for the run; yield what the report should say about it.
+
+    Some VMs run a DAMON "pageout" scheme that evicts page-cache pages idle for a few seconds, regions
+    being coarse: a "warm" archive was half on disk again within seconds here, and every tool then read
+    it from disk. Restored afterwards.
+    """
+    running = [d for d in sorted(_KDAMONDS.glob("[0-9]*")) if _read(d / "state") == "on"]
+    if not running:
+        yield "no proactive reclaim (DAMON) running"
+        return
+    if keep:
+        yield "DAMON proactive reclaim left running: the archive may be evicted from the page cache"
+        return
+    try:
+        for kdamond in running:
+            (kdamond / "state").write_text("off\n")
+    except OSError as exc:
+        yield f"DAMON proactive reclaim running (could not pause it: {exc.strerror})"
+        return
+    print(f"paused DAMON proactive reclaim ({len(running)} kdamond) for the run", flush=True)
+    try:
+        yield "DAMON proactive reclaim paused for the run (it evicts a warm archive within seconds here)"
+    finally:
+        for kdamond in running:
+            with suppress(OSError):
+                (kdamond / "state").write_text("on\n")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""

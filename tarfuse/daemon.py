@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from tarfuse import eventloop
 from tarfuse.fs import ImageFs
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,14 @@ async def _run_until_unmounted(ready_fd: int | None, workers: int, background: B
         # One worker when every handler runs to completion without awaiting (fs.py): more workers only
         # add task churn. Measured with fio, 4 KiB random reads: ~27k/s with one, ~22k/s with pyfuse3's
         # default of up to 99 (docs/benchmarks.md). Blocking sources need one worker per reader thread.
-        await pyfuse3.main(min_tasks=1, max_tasks=workers)
+        direct = workers == 1 and background is None
+        if direct:
+            eventloop.install()
+        try:
+            await pyfuse3.main(min_tasks=1, max_tasks=workers)
+        finally:
+            if direct:
+                eventloop.uninstall()
         nursery.cancel_scope.cancel()
 
 

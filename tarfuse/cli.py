@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tarfuse import __version__, compressed, daemon, index, remote
+from tarfuse import __version__, compressed, daemon, remote
 from tarfuse.compressed import CompressedSource
 from tarfuse.errors import ArchiveError, TarfuseError, UsageError
 from tarfuse.fs import BLOCKING_READERS, ImageFs, ServedFile
@@ -180,6 +180,8 @@ def _run_by_mount() -> bool:
 def _list(path: str, options: MountOptions) -> int:
     with _open_archive(path, options) as archive:
         if isinstance(archive, CompressedSource):
+            from tarfuse import index  # with pyzstd (its spill): only compressed archives need it
+
             where = _index_path(archive, options)
             found = "none" if where is None else (where if index.use_saved_index(where, archive) else "none")
             print(f"{remote.display_name(path)}: {archive.compression}-compressed, index: {found}")
@@ -249,6 +251,8 @@ def _open_archive(path: str, options: MountOptions) -> ArchiveFile | remote.Remo
 
 
 def _index_path(source: CompressedSource, options: MountOptions) -> str | None:
+    from tarfuse import index
+
     if options.noindex:
         return None
     beside = isinstance(source.archive, ArchiveFile)  # a URL's index goes to the cache, never "beside" it
@@ -260,14 +264,21 @@ def _open_compressed(
 ) -> tuple[Image, daemon.BackgroundJob | None]:
     """Open the image as soon as its headers are decompressed; index the rest in the background.
 
-    With a complete index (a saved one, or xz's own) every header is cheap to reach: open as for a plain
-    archive. Otherwise serve the first candidate, and let the background pass look for others.
+    With a complete index (a saved one, or xz's and seekable zstd's own) every header is cheap to reach:
+    open as for a plain archive. Otherwise serve the first candidate, and let the background pass look for
+    others. A stream with no restart point but its start gets the pass too, for its spill.
     """
+    from tarfuse import index
+
     where = _index_path(source, options)
-    if source.size_known or (where is not None and index.use_saved_index(where, source)):
+    if where is not None and (not source.size_known or source.needs_spill()):
+        index.use_saved_index(where, source)  # gives the size, or serves from the spill
+    complete = source.size_known
+    if complete and not source.needs_spill():
         return open_image(source.pread, source.size, options.member, source.pread_into), None
-    image = open_first_image(source.pread, source.size, options.member, source.pread_into)
-    indexing = index.IndexingPass(source, image.name, where)
+    opener = open_image if complete else open_first_image
+    image = opener(source.pread, source.size, options.member, source.pread_into)
+    indexing = index.IndexingPass(source, image.name, where, scan=not complete)
     return image, daemon.BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
 
 
@@ -330,7 +341,11 @@ def _served_file(
 
     def read(offset: int, size: int) -> memoryview:
         view = buffer[:size] if size <= len(buffer) else memoryview(bytearray(size))
-        filled = mapper.read_into(view, offset)
+        try:
+            filled = mapper.read_into(view, offset)
+        except TarfuseError:
+            archive.check_unchanged()  # a read cut short by a truncated archive: name the cause
+            raise
         archive.check_unchanged()  # after the read: a change before it or during it is caught
         return view[:filled]
 
@@ -350,4 +365,5 @@ def _served_file(
         umask=options.umask,
         blocking=blocking,
         ready=_cached(mapper, archive) if isinstance(archive, CompressedSource) else None,
+        readers=getattr(archive, "readers", BLOCKING_READERS),
     )

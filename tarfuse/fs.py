@@ -27,6 +27,9 @@ _BLOCK = 4096
 ReadFn = Callable[[int, int], bytes | memoryview]  # (offset, size) -> image bytes
 
 
+BLOCKING_READERS = 8  # threads serving blocking reads at once; also how many FUSE workers then run
+
+
 @dataclass(frozen=True, slots=True)
 class ServedFile:
     """What the file system shows: a name, a size, owner and mode, and how to read it."""
@@ -45,9 +48,8 @@ class ServedFile:
     blocking: bool = False
     # For a blocking source: whether a read would not wait (its bytes are cached); those run inline.
     ready: Callable[[int, int], bool] | None = None
-
-
-BLOCKING_READERS = 8  # threads serving blocking reads at once; also how many FUSE workers then run
+    # For a blocking source: how many reads may run in threads at once.
+    readers: int = BLOCKING_READERS
 
 
 class ImageFs(pyfuse3.Operations):
@@ -153,7 +155,7 @@ class ImageFs(pyfuse3.Operations):
 
     def _blocking_limiter(self) -> trio.CapacityLimiter:
         if self._limiter is None:  # made on first use, inside trio.run
-            self._limiter = trio.CapacityLimiter(BLOCKING_READERS)
+            self._limiter = trio.CapacityLimiter(self._served.readers)
         return self._limiter
 
     def _log_once(self, message: str) -> None:

@@ -1,9 +1,12 @@
 """The seek index of a compressed archive: where it is kept, its file format, and the pass that builds it.
 
 The index file is one header line of JSON (the archive's identity, the compression, the decompressed size, the
-length and SHA-256 of the library's index) and the library's index after it. It is trusted only if all of
-that matches the archive as it is now; anything else is rebuilt. The background pass decompresses the whole
-stream once, with its own decoder, walking the tar headers on the way to find other image candidates.
+length and SHA-256 of the library's index, the length of the spill if there is one) and the library's index
+after it. It is trusted only if all of that matches the archive as it is now; anything else is rebuilt. The
+background pass decompresses the whole stream once, with its own decoder, walking the tar headers on the way
+to find other image candidates. A stream with no restart point but its start (one zstd frame, one xz block)
+is also copied into a spill (spill.py) beside the index file, which the index file then names: it is
+trusted on the same terms.
 Must not import pyfuse3 or trio.
 """
 
@@ -21,12 +24,15 @@ from tarfuse.compressed import DECODE_ERRORS, UNKNOWN_SIZE, CompressedSource, De
 from tarfuse.detect import has_image_suffix
 from tarfuse.errors import ArchiveError, CorruptCompressed
 from tarfuse.source import Identity
+from tarfuse.spill import SpillWriter
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"tarfuse-index 1\n"
 SUFFIX = ".tarfuse-index"
+SPILL_SUFFIX = ".tarfuse-spill.zst"
 _STEP = 4 << 20  # the background pass reads this much at a time, then looks at its stop flag
+_SPILL_ERRORS: tuple[type[Exception], ...] = (OSError, *DECODE_ERRORS)  # writing it, or reading it back
 
 
 class Stopped(Exception):
@@ -44,15 +50,26 @@ def default_path(archive_path: str, ident: Identity, beside: bool = True) -> str
     directory = os.path.dirname(absolute)
     if beside and os.access(directory, os.W_OK) and not os.statvfs(directory).f_flag & os.ST_RDONLY:
         return absolute + SUFFIX
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     key = hashlib.sha256(json.dumps([absolute, *ident]).encode()).hexdigest()[:32]
-    return os.path.join(cache, "tarfuse", key + SUFFIX)
+    return os.path.join(cache_dir(), key + SUFFIX)
+
+
+def cache_dir() -> str:
+    """$XDG_CACHE_HOME/tarfuse (~/.cache/tarfuse): indexes of read-only places and URLs, unnamed spills."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "tarfuse")
+
+
+def spill_path(index_path: str) -> str:
+    """Where the spill of the archive whose index is at `index_path` goes: beside it, named like it."""
+    return index_path.removesuffix(SUFFIX) + SPILL_SUFFIX
 
 
 @dataclass(frozen=True, slots=True)
 class Loaded:
     size: int
     blob: bytes
+    spill: int | None  # the spill's length in bytes, if the index names one
 
 
 def load(path: str, source: CompressedSource) -> Loaded | str:
@@ -74,22 +91,23 @@ def load(path: str, source: CompressedSource) -> Loaded | str:
             return "it belongs to another version of the archive (stale)"
         if header["length"] != len(blob) or header["sha256"] != hashlib.sha256(blob).hexdigest():
             return "it is damaged (checksum mismatch)"
-        size = header["size"]
-        if type(size) is not int or size < 0:
+        size, spill = header["size"], header.get("spill")
+        if type(size) is not int or size < 0 or not (spill is None or type(spill) is int):
             return "its size field is wrong"
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"its header is damaged ({exc.__class__.__name__})"
-    return Loaded(size, blob)
+    return Loaded(size, blob, spill)
 
 
-def save(path: str, source: CompressedSource, size: int, blob: bytes) -> None:
-    """Write the index atomically (a temporary file renamed over the old one)."""
+def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int | None = None) -> None:
+    """Write the index atomically (a temporary file renamed over the old one); `spill`: the spill's length."""
     header = {
         "identity": identity(source),
         "compression": source.compression,
         "size": size,
         "length": len(blob),
         "sha256": hashlib.sha256(blob).hexdigest(),
+        **({} if spill is None else {"spill": spill}),
     }
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"
@@ -107,16 +125,34 @@ def use_saved_index(path: str, source: CompressedSource) -> bool:
     """Load the index at `path` into `source` if it is valid; log why if it is there but unusable."""
     found = load(path, source)
     if isinstance(found, Loaded):
-        try:
-            source.load_index(found.blob, found.size)
-        except DECODE_ERRORS as exc:
-            found = f"the decompressor refused it ({exc})"
-        else:
-            log.info("loaded index %s: decompressed size %d, no indexing pass needed", path, found.size)
+        loaded, found = found, _use(path, found, source)
+        if not found:
+            log.info("loaded index %s: decompressed size %d, no indexing pass needed", path, loaded.size)
             return True
     if found:
         log.warning("index %s is unusable: %s; rebuilding it", path, found)
     return False
+
+
+def _use(path: str, loaded: Loaded, source: CompressedSource) -> str:
+    """Give `source` the loaded index, or serve it from the spill the index names; say why not, or ""."""
+    if loaded.spill is None:
+        try:
+            source.load_index(loaded.blob, loaded.size)
+        except DECODE_ERRORS as exc:
+            return f"the decompressor refused it ({exc})"
+        return ""
+    where = spill_path(path)
+    try:
+        if os.path.getsize(where) != loaded.spill:
+            return f"its spill {where} is not the one it names (another length)"
+        source.serve_spill(where, loaded.size)
+    except OSError as exc:
+        return f"its spill {where} cannot be read ({exc.strerror})"
+    except DECODE_ERRORS as exc:
+        return f"its spill {where} is damaged ({exc})"
+    log.info("reads are served from the spill %s", where)
+    return ""
 
 
 @dataclass
@@ -131,10 +167,15 @@ class Progress:
 
 
 class _ForwardReader:
-    """pread for scan_members over the pass's own decoder: only forward, in steps, watching `stop`."""
+    """pread for scan_members over the pass's own decoder: only forward, in steps, watching `stop`.
 
-    def __init__(self, decoder: Decoder, stop: threading.Event, progress: Progress) -> None:
-        self._decoder, self._stop, self._progress = decoder, stop, progress
+    Every decompressed byte goes once, in order, to `sink` (the spill).
+    """
+
+    def __init__(
+        self, decoder: Decoder, stop: threading.Event, progress: Progress, sink: Callable[[memoryview], None]
+    ) -> None:
+        self._decoder, self._stop, self._progress, self._sink = decoder, stop, progress, sink
         self.position = 0
         self.at_end = False
 
@@ -151,6 +192,8 @@ class _ForwardReader:
             data = self._decoder.read_at(offset, size)
         except DECODE_ERRORS as exc:
             raise CorruptCompressed(f"the compressed stream cannot be decompressed: {exc}", offset) from None
+        if offset + len(data) > self.position:
+            self._sink(memoryview(data)[self.position - offset :])
         self.position = max(self.position, offset + len(data))
         self.at_end = self.at_end or len(data) < size
         self._progress.decompressed = self.position
@@ -161,14 +204,19 @@ class _ForwardReader:
 class IndexingPass:
     """Decompress the whole stream once in the background: complete the index, save it, hand it over."""
 
-    def __init__(self, source: CompressedSource, served: str, index_path: str | None) -> None:
-        self._source, self._served, self._index_path = source, served, index_path
+    def __init__(
+        self, source: CompressedSource, served: str, index_path: str | None, scan: bool = True
+    ) -> None:
+        """`scan`: look for other image candidates (not when the image was chosen from all headers)."""
+        self._source, self._served, self._index_path, self._scan = source, served, index_path, scan
         self.progress = Progress(time.monotonic(), compressed_total=source.archive.size)
         self.others: list[str] = []
+        self._spill: SpillWriter | None = None
 
     def run(self, stop: threading.Event) -> None:
         """Run to the end of the stream (or until `stop`); log the outcome. Called in a worker thread."""
         decoder = self._source.new_decoder()
+        self._spill = self._open_spill() if decoder.single_stream() else None
         try:
             self._walk(decoder, stop)
         except Stopped:
@@ -181,11 +229,13 @@ class IndexingPass:
         else:
             self.progress.done = True
             return self._finish(decoder)
+        finally:
+            self._drop_spill()  # unless _finish took it
         decoder.close()
 
     def _walk(self, decoder: Decoder, stop: threading.Event) -> None:
-        reader = _ForwardReader(decoder, stop, self.progress)
-        for member in scan_members(reader.pread, UNKNOWN_SIZE):
+        reader = _ForwardReader(decoder, stop, self.progress, lambda data: self._spill_more(decoder, data))
+        for member in scan_members(reader.pread, UNKNOWN_SIZE) if self._scan else ():
             name = normalize_name(member.name)
             if member.kind != "other" and has_image_suffix(name) and name != normalize_name(self._served):
                 self.others.append(member.name)
@@ -200,15 +250,61 @@ class IndexingPass:
     def _finish(self, decoder: Decoder) -> None:
         size = decoder.complete_size() or self.progress.decompressed
         blob = decoder.export_index()
-        self._source.adopt(decoder, size)
+        spilled = self._serve_spill(decoder, size)
+        if spilled is None:
+            self._source.adopt(decoder, size)
+        else:
+            decoder.close()
         elapsed = time.monotonic() - self.progress.started
         log.info("index complete: %d bytes decompressed in %.1f s", size, elapsed)
-        if self._index_path is not None and blob is not None:
+        if self._index_path is not None and (blob is not None or spilled is not None):
             try:
-                save(self._index_path, self._source, size, blob)
-                log.info("index saved to %s (%d bytes)", self._index_path, len(blob))
+                save(self._index_path, self._source, size, blob or b"", spilled)
+                log.info("index saved to %s (%d bytes)", self._index_path, len(blob or b""))
             except OSError as exc:
                 log.warning("could not save the index to %s: %s", self._index_path, exc.strerror)
+
+    def _open_spill(self) -> SpillWriter | None:
+        where = None if self._index_path is None else spill_path(self._index_path)
+        try:
+            return SpillWriter(where, cache_dir())
+        except OSError as exc:
+            log.warning("cannot write a spill (%s): backwards reads will decompress from the start", exc)
+            return None
+
+    def _spill_more(self, decoder: Decoder, data: memoryview) -> None:
+        if self._spill is None:
+            return
+        if not decoder.single_stream():  # a second frame or block: restart points after all, no spill
+            self._drop_spill()
+            return
+        try:
+            self._spill.write(data)
+        except OSError as exc:
+            log.warning("cannot write the spill (%s): backwards reads will decompress from the start", exc)
+            self._drop_spill()
+
+    def _serve_spill(self, decoder: Decoder, size: int) -> int | None:
+        """Complete the spill and serve from it; return its length, or None if there is none."""
+        spill, self._spill = self._spill, None
+        if spill is None or not decoder.single_stream():
+            if spill is not None:
+                spill.abandon()
+            return None
+        try:
+            path, length = spill.finish()
+            self._source.serve_spill(path, size, spill.file if self._index_path is None else None)
+        except _SPILL_ERRORS as exc:
+            log.warning("cannot complete the spill (%s): backwards reads will decompress from the start", exc)
+            spill.abandon()
+            return None
+        log.info("spill complete: %s (%d bytes); reads are served from it", path, length)
+        return length
+
+    def _drop_spill(self) -> None:
+        if self._spill is not None:
+            self._spill.abandon()
+            self._spill = None
 
     def status(self) -> str:
         """One line: bytes done, rate and time left, in compressed bytes when the library says them."""

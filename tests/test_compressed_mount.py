@@ -58,6 +58,31 @@ def test_the_second_mount_uses_the_saved_index(
     assert "index complete" not in second.stderr_text()  # no second pass
 
 
+@pytest.mark.parametrize(("suffix", "command"), [("zst", ["zstd", "-q"]), ("xz", ["xz", "-T1", "-0"])])
+def test_the_second_mount_of_a_one_frame_archive_serves_from_the_spill(
+    sample_image: SampleImage, mount: MountFactory, tmp_path: Path, suffix: str, command: list[str]
+) -> None:
+    require_tool(command[0])
+    plain = make_archive("oldgnu", sample_image.path, tmp_path / "image.tar")
+    subprocess.run([*command, str(plain)], check=True)  # one zstd frame, one xz block
+    archive = tmp_path / f"image.tar.{suffix}"
+    spill = tmp_path / f"image.tar.{suffix}.tarfuse-spill.zst"
+    (served := tmp_path / "mnt").mkdir()
+    first = mount(archive, served)
+    deadline = time.monotonic() + 20
+    while "index saved" not in first.stderr_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert spill.exists(), first.stderr_text()
+    assert "reads are served from it" in first.stderr_text()
+    assert (served / "disk.raw").read_bytes() == sample_image.data
+    subprocess.run(["fusermount3", "-u", str(served)], check=True)
+    first.process.wait(10)
+    second = mount(archive, served)
+    assert (served / "disk.raw").read_bytes() == sample_image.data
+    assert f"reads are served from the spill {spill}" in second.stderr_text()
+    assert "index complete" not in second.stderr_text()  # no second pass
+
+
 def test_noindex_keeps_nothing_and_index_chooses_the_place(
     sample_image: SampleImage, mount: MountFactory, tmp_path: Path
 ) -> None:

@@ -130,6 +130,19 @@ def test_sequential_reader_is_served_by_readahead(server: RangeServer, blob: byt
     assert server.bytes_served <= len(blob)  # fetched ahead, never twice
 
 
+def test_a_short_run_is_read_ahead_by_at_most_half_its_length(server: RangeServer, blob: bytes) -> None:
+    # What a decompressor does to serve one read: its 1 MiB from a checkpoint on, in small reads.
+    source = remote(server.put("blob", blob))
+    server.reset_counters()
+    for offset in range(BLOCK_SIZE, BLOCK_SIZE + MiB, 64 * 1024):
+        assert source.pread(64 * 1024, offset) == blob[offset : offset + 64 * 1024]
+    settled = -1
+    while settled != server.bytes_served:  # readahead still on its way ends by itself
+        settled = server.bytes_served
+        time.sleep(0.2)
+    assert server.bytes_served <= MiB + MiB // 2
+
+
 def test_dropped_connections_are_retried(server: RangeServer, blob: bytes) -> None:
     source = remote(server.put("blob", blob))
     server.faults.drop = 2
@@ -284,8 +297,14 @@ def test_remote_options_go_through_the_command_line_parser() -> None:
 
 
 def test_remote_options_on_a_local_archive_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="only to http"):
-        open_source(str(tmp_path / "vm.tar"), ["header=A:b"])
+    with pytest.raises(UsageError, match="header= applies only to http"):
+        open_source(str(tmp_path / "vm.tar"), ["cache_size=8M", "header=A:b"])
+
+
+def test_cache_size_applies_to_local_archives_too(tmp_path: Path) -> None:
+    archive = tmp_path / "vm.tar.gz"  # the decompressed-chunk cache of a local compressed archive
+    archive.write_bytes(b"")
+    open_source(str(archive), ["cache_size=8M"]).close()
 
 
 # --- the command line and real mounts -----------------------------------------------------------------

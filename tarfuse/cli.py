@@ -9,6 +9,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable
@@ -138,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if argv is None:
+        _hide_secrets(sys.argv[1:])
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="tarfuse: %(message)s" if not args.debug else "tarfuse: %(name)s: %(message)s",
@@ -160,6 +163,22 @@ def main(argv: list[str] | None = None) -> int:
             f"tarfuse: {exc.filename or remote.display_name(args.archive)}: {exc.strerror}", file=sys.stderr
         )
         return EXIT_FAILED
+
+
+_HEADER_VALUE = re.compile(r"(header=[^:,]*:)[^,]*")
+
+
+def _hide_secrets(words: list[str]) -> None:
+    """Give `ps` a command line without a URL's query string or user info, or -o header= values.
+
+    /proc/PID/cmdline is readable by every user; setproctitle rewrites it in place. What it showed for the
+    fraction of a second before this runs cannot be taken back.
+    """
+    shown = [remote.display_name(w) if remote.is_url(w) else _HEADER_VALUE.sub(r"\1***", w) for w in words]
+    if shown != words:
+        import setproctitle
+
+        setproctitle.setproctitle(" ".join(["tarfuse", *shown]))
 
 
 def _run_by_mount() -> bool:
@@ -236,7 +255,9 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
     except daemon.MountFailed:
         raise ArchiveError(f"could not mount on {args.mountpoint} ({_mount_failure_hint(options)})") from None
     if not isinstance(archive, CompressedSource):
-        return daemon.serve(args.foreground, workers=BLOCKING_READERS if served.blocking else 1)
+        return daemon.serve(
+            args.foreground, workers=BLOCKING_READERS if served.blocking else 1, settled=ops.settled
+        )
     if not args.foreground:
         archive.drop_decoder()  # decoder threads do not survive the fork; the daemon opens its own
     try:

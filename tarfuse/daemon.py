@@ -95,14 +95,22 @@ def tune_readahead(mountpoint: str, kib: int) -> None:
         log.debug("could not set read_ahead_kb of %s: %s (sequential reads will be slower)", device, exc)
 
 
-def serve(foreground: bool, workers: int = 1, background: BackgroundJob | None = None) -> int:
-    """Run the mounted file system until it is unmounted or a stop signal comes; return the exit status."""
+def serve(
+    foreground: bool,
+    workers: int = 1,
+    background: BackgroundJob | None = None,
+    settled: Callable[[], bool] = lambda: True,
+) -> int:
+    """Run the mounted file system until it is unmounted or a stop signal comes; return the exit status.
+
+    `settled()`: whether the file system's FUSE INIT follow-up has run (ImageFs.settled).
+    """
     ready_fd = None
     if not foreground:
         ready_fd = _detach()  # returns only in the child
     clean = False
     try:
-        trio.run(_run_until_unmounted, ready_fd, workers, background)
+        trio.run(_run_until_unmounted, ready_fd, workers, background, settled)
         clean = True
     finally:
         # After a crash, leave the mount in place (ENOTCONN) rather than an empty directory that
@@ -112,7 +120,9 @@ def serve(foreground: bool, workers: int = 1, background: BackgroundJob | None =
     return 0
 
 
-async def _run_until_unmounted(ready_fd: int | None, workers: int, background: BackgroundJob | None) -> None:
+async def _run_until_unmounted(
+    ready_fd: int | None, workers: int, background: BackgroundJob | None, settled: Callable[[], bool]
+) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         if background is not None:
@@ -126,7 +136,7 @@ async def _run_until_unmounted(ready_fd: int | None, workers: int, background: B
         # default of up to 99 (docs/benchmarks.md). Blocking sources need one worker per reader thread.
         direct = workers == 1 and background is None
         if direct:
-            eventloop.install()
+            eventloop.install(settled)
         try:
             await pyfuse3.main(min_tasks=1, max_tasks=workers)
         finally:

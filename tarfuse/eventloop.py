@@ -15,6 +15,7 @@ YIELD_EVERY requests, and waits in trio once idle for IDLE_WAIT_MS, so that sign
 
 import select
 import types
+from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -43,25 +44,29 @@ class _FreeLock:
 class _DirectWait:
     """wait_readable that polls the FUSE fd itself while requests keep coming."""
 
-    def __init__(self) -> None:
+    def __init__(self, settled: Callable[[], bool]) -> None:
         self._poll: Any = None
         self._streak = 0
+        # Until `settled`, every wait goes through trio: what ImageFs.init deferred with run_sync_soon (the
+        # readahead, which INIT's reply resets) must run before requests are served outside trio; a file
+        # opened before it would keep the 128 KiB default readahead (0.6 GB/s instead of 1.5).
+        self._settled = settled
 
     async def __call__(self, fd: int) -> None:
         if self._poll is None:
             self._poll = select.poll()
             self._poll.register(fd, select.POLLIN)
-        if self._streak < YIELD_EVERY and self._poll.poll(IDLE_WAIT_MS):  # also true on POLLERR: unmounted
+        if self._settled() and self._streak < YIELD_EVERY and self._poll.poll(IDLE_WAIT_MS):  # or POLLERR
             self._streak += 1
             return
         self._streak = 0
         await trio.lowlevel.wait_readable(fd)
 
 
-def install() -> None:
-    """Make pyfuse3 use the direct waits; call before pyfuse3.main()."""
+def install(settled: Callable[[], bool]) -> None:
+    """Make pyfuse3 use the direct waits once `settled()`; call before pyfuse3.main()."""
     lowlevel = types.SimpleNamespace(**vars(trio.lowlevel))
-    lowlevel.wait_readable = _DirectWait()
+    lowlevel.wait_readable = _DirectWait(settled)
     facade = types.SimpleNamespace(**vars(trio))
     facade.lowlevel = lowlevel
     facade.Lock = _FreeLock

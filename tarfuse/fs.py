@@ -62,6 +62,7 @@ class ImageFs(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self._after_init = after_init
+        self._init_done = after_init is None
         self._served = served
         self._name = os.fsencode(served.name)
         self._file_inode = InodeT(pyfuse3.ROOT_INODE) if root_is_file else IMAGE_INODE
@@ -77,7 +78,16 @@ class ImageFs(pyfuse3.Operations):
         task yields, by which time the reply has been written.
         """
         if self._after_init is not None:
-            trio.lowlevel.current_trio_token().run_sync_soon(self._after_init)
+            trio.lowlevel.current_trio_token().run_sync_soon(self._run_after_init)
+
+    def _run_after_init(self) -> None:
+        assert self._after_init is not None
+        self._after_init()
+        self._init_done = True
+
+    def settled(self) -> bool:
+        """Whether the work deferred from FUSE INIT has run (eventloop waits through trio until then)."""
+        return self._init_done
 
     def _attributes(self, inode: InodeT) -> pyfuse3.EntryAttributes:
         served = self._served

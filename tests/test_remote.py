@@ -442,7 +442,7 @@ def test_endless_503s_give_eio(
 
 
 @pytest.mark.fuse
-def test_secrets_stay_out_of_mount_output_and_logs(
+def test_secrets_stay_out_of_mount_output_logs_and_ps(
     server: RangeServer, random_archive: tuple[Path, bytes], mount: MountFactory, tmp_path: Path
 ) -> None:
     archive, data = random_archive
@@ -461,7 +461,10 @@ def test_secrets_stay_out_of_mount_output_and_logs(
     assert findmnt.split()[0] == server.url("vm.tar")
     logs = mounted.stderr_text()
     assert "HTTP 503" in logs
-    for seen in (findmnt, logs, Path("/proc/self/mountinfo").read_text()):
+    cmdline = Path(f"/proc/{mounted.process.pid}/cmdline").read_bytes().decode(errors="replace")
+    assert "vm.tar" in cmdline  # what ps shows: the URL without its query string, header names only
+    assert "Authorization:***" in cmdline
+    for seen in (findmnt, logs, Path("/proc/self/mountinfo").read_text(), cmdline):
         assert token not in seen
         assert header_secret not in seen
     assert {r.headers.get("Authorization") for r in server.requests} == {f"Bearer {header_secret}"}

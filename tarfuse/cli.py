@@ -256,12 +256,16 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         raise ArchiveError(f"could not mount on {args.mountpoint} ({_mount_failure_hint(options)})") from None
     if not isinstance(archive, CompressedSource):
         return daemon.serve(
-            args.foreground, workers=BLOCKING_READERS if served.blocking else 1, settled=ops.settled
+            args.foreground,
+            workers=BLOCKING_READERS if served.blocking else 1,
+            before_wait=ops.after_init_replied,
         )
     if not args.foreground:
         archive.drop_decoder()  # decoder threads do not survive the fork; the daemon opens its own
     try:
-        return daemon.serve(args.foreground, workers=BLOCKING_READERS, background=job)
+        return daemon.serve(
+            args.foreground, workers=BLOCKING_READERS, background=job, before_wait=ops.after_init_replied
+        )
     finally:
         archive.close()  # rapidgzip aborts the interpreter if its threads outlive it
 

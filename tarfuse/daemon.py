@@ -99,18 +99,18 @@ def serve(
     foreground: bool,
     workers: int = 1,
     background: BackgroundJob | None = None,
-    settled: Callable[[], bool] = lambda: True,
+    before_wait: Callable[[], None] = lambda: None,
 ) -> int:
     """Run the mounted file system until it is unmounted or a stop signal comes; return the exit status.
 
-    `settled()`: whether the file system's FUSE INIT follow-up has run (ImageFs.settled).
+    `before_wait` runs before each wait for a request (ImageFs.after_init_replied).
     """
     ready_fd = None
     if not foreground:
         ready_fd = _detach()  # returns only in the child
     clean = False
     try:
-        trio.run(_run_until_unmounted, ready_fd, workers, background, settled)
+        trio.run(_run_until_unmounted, ready_fd, workers, background, before_wait)
         clean = True
     finally:
         # After a crash, leave the mount in place (ENOTCONN) rather than an empty directory that
@@ -121,7 +121,7 @@ def serve(
 
 
 async def _run_until_unmounted(
-    ready_fd: int | None, workers: int, background: BackgroundJob | None, settled: Callable[[], bool]
+    ready_fd: int | None, workers: int, background: BackgroundJob | None, before_wait: Callable[[], None]
 ) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
@@ -134,14 +134,11 @@ async def _run_until_unmounted(
         # One worker when every handler runs to completion without awaiting (fs.py): more workers only
         # add task churn. Measured with fio, 4 KiB random reads: ~27k/s with one, ~22k/s with pyfuse3's
         # default of up to 99 (docs/benchmarks.md). Blocking sources need one worker per reader thread.
-        direct = workers == 1 and background is None
-        if direct:
-            eventloop.install(settled)
+        eventloop.install(before_wait, direct=workers == 1 and background is None)
         try:
             await pyfuse3.main(min_tasks=1, max_tasks=workers)
         finally:
-            if direct:
-                eventloop.uninstall()
+            eventloop.uninstall()
         nursery.cancel_scope.cancel()
 
 

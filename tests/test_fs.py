@@ -173,3 +173,15 @@ async def test_blocking_reads_run_in_threads_and_overlap():
         nursery.start_soon(read_at, 0)
         nursery.start_soon(read_at, 5000)
     assert results == {0: IMAGE[:100], 5000: IMAGE[5000:5100]}
+
+
+def test_the_after_init_hook_runs_once_and_only_after_init():
+    calls = []
+    fs = ImageFs(served(), root_is_file=True, after_init=lambda: calls.append("tuned"))
+    fs.after_init_replied()  # the wait for the INIT request itself: too early
+    assert calls == []
+    fs.init()  # libfuse builds the INIT reply now
+    assert calls == []
+    fs.after_init_replied()  # the wait for the next request: the reply is out
+    fs.after_init_replied()
+    assert calls == ["tuned"]

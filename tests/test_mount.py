@@ -504,3 +504,16 @@ def test_background_daemon_exits_after_unmount(sample_archive: Path, tmp_path: P
         while daemon_pids(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not daemon_pids(tmp_path)
+
+
+@pytest.mark.fuse
+def test_readahead_is_raised_before_the_first_request_after_init(
+    sample_archive: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root may set a mount's read_ahead_kb")
+    (mnt := tmp_path / "mnt").mkdir()
+    mount(sample_archive, mnt)
+    major_minor = os.stat(mnt).st_dev
+    knob = Path(f"/sys/class/bdi/{os.major(major_minor)}:{os.minor(major_minor)}/read_ahead_kb")
+    assert knob.read_text().strip() == "4096"  # a file opened with the kernel's 128 KiB default keeps it

@@ -100,22 +100,21 @@ def wait_for_index(tmp_path: Path, count: int = 1) -> list[Path]:
 )
 def test_remote_decompressed_reads_match_the_tar(server: RangeServer, command: list[str]) -> None:
     plain = random_tar(3 * MiB)
-    source = decompressed(RemoteArchive(server.put("a", compress(plain, command))))
-    assert isinstance(source, CompressedSource)
-    with source:
-        rng = random.Random(3)
-        for _ in range(20):
-            offset, size = rng.randrange(len(plain)), rng.choice([512, 4096, 300_000])
-            assert source.pread(size, offset) == plain[offset : offset + size]
+    check_random_reads(RemoteArchive(server.put("a", compress(plain, command))), plain, seed=3)
 
 
 @pytest.mark.parametrize("layout", ZSTD_LAYOUTS)
 def test_remote_tar_zst_reads_match_the_tar(server: RangeServer, layout: str) -> None:
     plain = random_tar(3 * MiB)
-    source = decompressed(RemoteArchive(server.put("a.tar.zst", zstd_layout(plain, layout))))
+    check_random_reads(RemoteArchive(server.put("a.tar.zst", zstd_layout(plain, layout))), plain, seed=4)
+
+
+def check_random_reads(archive: RemoteArchive, plain: bytes, seed: int) -> None:
+    """Reads at random places of the decompressed view of `archive` give the bytes of `plain`."""
+    source = decompressed(archive)
     assert isinstance(source, CompressedSource)
     with source:
-        rng = random.Random(4)
+        rng = random.Random(seed)
         for _ in range(20):
             offset, size = rng.randrange(len(plain)), rng.choice([512, 4096, 300_000])
             assert source.pread(size, offset) == plain[offset : offset + size]

@@ -164,6 +164,7 @@ class _XzDecoder(_SeekingDecoder):
     def __init__(self, path: "str | PreadFile") -> None:
         import xz  # imported here, with its XZError: a plain mount does not pay ~15 ms for it
 
+        self._error = xz.XZError
         try:
             self._xz = xz.open(path if isinstance(path, str) else cast(BinaryIO, path))  # it reads, seeks
         except xz.XZError as exc:
@@ -171,11 +172,9 @@ class _XzDecoder(_SeekingDecoder):
         super().__init__(self._xz)
 
     def read_at(self, offset: int, size: int) -> bytes:
-        import xz
-
         try:
             return super().read_at(offset, size)
-        except xz.XZError as exc:
+        except self._error as exc:
             raise ValueError(f"xz: {exc}") from None
 
     def compressed_position(self) -> int | None:

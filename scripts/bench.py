@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,8 +300,8 @@ def _read(served: Served, buffer: memoryview, offset: int, cap: float) -> int:
         raise ToolFailed(f"read at offset {offset}: {exc.strerror or exc}") from None
 
 
-def timed_read(served: Served, size: int, cap: float) -> float:
-    """Read [0, size) in 1 MiB requests; return the seconds it took."""
+def timed_read(served: Served, size: int, cap: float, consume: Callable[[memoryview], object] = len) -> float:
+    """Read [0, size) in 1 MiB requests, giving each piece to `consume`; return the seconds it took."""
     buffer = memoryview(bytearray(_CHUNK))
     offset = 0
     start = time.perf_counter()
@@ -310,6 +310,7 @@ def timed_read(served: Served, size: int, cap: float) -> float:
             n = _read(served, buffer[: min(_CHUNK, size - offset)], offset, cap)
             if n <= 0:
                 raise ToolFailed(f"read returned {n} at offset {offset} of {size}")
+            consume(buffer[:n])
             offset += n
             if time.perf_counter() - start > cap:
                 raise TimedOut(cap)
@@ -375,17 +376,8 @@ def _first_difference(got: bytes, expected: bytes) -> int:
 
 
 def _hash_all(served: Served, size: int, cap: float) -> str:
-    digest, buffer, offset = hashlib.sha256(), memoryview(bytearray(_CHUNK)), 0
-    start = time.perf_counter()
-    with watchdog(served, cap + _GRACE_S):
-        while offset < size:
-            n = _read(served, buffer[: min(_CHUNK, size - offset)], offset, cap)
-            if n <= 0:
-                raise ToolFailed(f"read returned {n} at offset {offset} of {size}")
-            digest.update(buffer[:n])
-            offset += n
-            if time.perf_counter() - start > cap:
-                raise TimedOut(cap)
+    digest = hashlib.sha256()
+    timed_read(served, size, cap, digest.update)
     return digest.hexdigest()
 
 

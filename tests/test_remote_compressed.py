@@ -92,6 +92,14 @@ def wait_for_index(tmp_path: Path, count: int = 1) -> list[Path]:
     return saved_indexes(tmp_path)
 
 
+def index_on_first_mount(mount: MountFactory, url: str, served: Path, tmp_path: Path) -> None:
+    """Mount `url` until its background pass has saved the index, then unmount."""
+    first = mount(url, served)
+    assert len(wait_for_index(tmp_path)) == 1, first.stderr_text()
+    subprocess.run(["fusermount3", "-u", str(served)], check=True)
+    first.process.wait(10)
+
+
 # --- in-process --------------------------------------------------------------------------------------
 
 
@@ -180,10 +188,7 @@ def test_the_second_mount_of_a_remote_tar_gz_fetches_only_what_is_read(
     archive = compress(plain, ["gzip", "-1", "-c"])
     url = server.put("big.tar.gz", archive)
     (served := tmp_path / "mnt").mkdir()
-    first = mount(url, served)
-    assert len(wait_for_index(tmp_path)) == 1, first.stderr_text()
-    subprocess.run(["fusermount3", "-u", str(served)], check=True)
-    first.process.wait(10)
+    index_on_first_mount(mount, url, served, tmp_path)
     server.reset_counters()
     second = mount(url, served)
     at_mount = server.bytes_served
@@ -207,10 +212,7 @@ def test_a_changed_remote_object_does_not_use_the_old_index(
     data = gce_tarball(sample_image, tmp_path / "image.tar.gz").read_bytes()
     url = server.put("image.tar.gz", data)
     (served := tmp_path / "mnt").mkdir()
-    first = mount(url, served)
-    assert len(wait_for_index(tmp_path)) == 1, first.stderr_text()
-    subprocess.run(["fusermount3", "-u", str(served)], check=True)
-    first.process.wait(10)
+    index_on_first_mount(mount, url, served, tmp_path)
     server.put("image.tar.gz", data)  # a new version: another ETag and Last-Modified
     second = mount(url, served)
     assert (served / "disk.raw").read_bytes() == sample_image.data

@@ -6,11 +6,9 @@ the shape of the command line, as for sshfs. Exit codes: 0 success, 1 the archiv
 """
 
 import argparse
-import errno
 import logging
 import os
 import re
-import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +40,8 @@ _PASSED = frozenset({
     "norelatime", "strictatime", "nodiratime", "diratime", "dirsync", "lazytime", "nolazytime",
 })
 # fmt: on
+# uid_t and gid_t are 32 bits, and (uid_t)-1 means "no change" to chown(2): never a file's owner.
+_OPTION_MAX = {"uid": 2**32 - 2, "gid": 2**32 - 2, "umask": 0o777}
 _OURS = ("member", "uid", "gid", "umask", "fsname", "readahead_kb", "index")
 
 
@@ -102,8 +102,10 @@ def _set_option(options: MountOptions, key: str, value: str) -> None:
         number = int(value, base)
     except ValueError:
         raise UsageError(f"option {key}={value!r} is not a number") from None
-    if number < 0 or (key == "umask" and number > 0o777):
-        raise UsageError(f"option {key}={value!r} is out of range")
+    limit = _OPTION_MAX.get(key)
+    if number < 0 or (limit is not None and number > limit):
+        most = "" if limit is None else f"; at most {limit:o}" if base == 8 else f"; at most {limit}"
+        raise UsageError(f"option {key}={value!r} is out of range{most}")
     setattr(options, key, number)
 
 
@@ -227,8 +229,7 @@ def _list(path: str, options: MountOptions) -> int:
 
 
 def _mount(args: argparse.Namespace, options: MountOptions) -> int:
-    mountpoint = os.path.realpath(args.mountpoint)  # now: once mounted, resolving it would hang
-    root_is_file = _check_mountpoint(mountpoint)
+    mountpoint = daemon.pin_mountpoint(args.mountpoint)  # now: once mounted, resolving it would hang
     archive = _open_archive(args.archive, options)
     job = None
     if isinstance(archive, CompressedSource):
@@ -239,17 +240,19 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
     served = _served_file(image, archive, options)
     ops = ImageFs(
         served,
-        root_is_file,
-        after_init=lambda: daemon.tune_readahead(mountpoint, options.readahead_kb),
+        mountpoint.is_file,
+        after_init=lambda: daemon.tune_readahead(mountpoint.path, options.readahead_kb),
     )
     fuse_options = set(options.fuse) | {
         "ro",
         "default_permissions",
         "subtype=tarfuse",
-        f"fsname={options.fsname or remote.display_name(args.archive)}",
+        "fsname=" + fuse_option_value(options.fsname or remote.display_name(args.archive)),
     }
     if args.debug_fuse:
         fuse_options.add("debug")
+    if isinstance(archive, CompressedSource) and not args.foreground:
+        archive.drop_decoder()  # decoder threads do not survive the fork; the daemon opens its own
     try:
         daemon.mount(ops, mountpoint, fuse_options)
     except daemon.MountFailed:
@@ -260,14 +263,24 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
             workers=BLOCKING_READERS if served.blocking else 1,
             before_wait=ops.after_init_replied,
         )
-    if not args.foreground:
-        archive.drop_decoder()  # decoder threads do not survive the fork; the daemon opens its own
     try:
         return daemon.serve(
             args.foreground, workers=BLOCKING_READERS, background=job, before_wait=ops.after_init_replied
         )
     finally:
         archive.close()  # rapidgzip aborts the interpreter if its threads outlive it
+
+
+def fuse_option_value(value: str) -> str:
+    """Escape a value for one libfuse -o word: a ',' would end it and start another option.
+
+    An archive named `vm.tar,allow_other` must not mount with allow_other. libfuse's option parser
+    (fuse_opt.c, process_real_option_group) reads `\\NNN` as an octal byte; pyfuse3 passes each option as
+    ASCII, so every byte that is not printable ASCII, and ',' and '\\' themselves, is written that way.
+    """
+    return "".join(
+        chr(b) if 0x20 < b < 0x7F and b not in b",\\" else f"\\{b:03o}" for b in os.fsencode(value)
+    )
 
 
 def _open_archive(path: str, options: MountOptions) -> ArchiveFile | remote.RemoteArchive | CompressedSource:
@@ -333,25 +346,6 @@ def _user_allow_other() -> bool:
             return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in conf)
     except OSError:
         return False
-
-
-def _check_mountpoint(path: str) -> bool:
-    """Return whether the mount point is a file; refuse a stale or busy one with what to do."""
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise UsageError(
-                f"{path}: a stale FUSE mount is there (its daemon died); clear it with fusermount3 -u {path}"
-            ) from None
-        raise UsageError(f"mount point {path}: {exc.strerror}") from None
-    if daemon.find_mount(path) is not None:
-        raise UsageError(f"{path} is already a mount point; unmount it first (fusermount3 -u {path})")
-    if stat.S_ISDIR(info.st_mode):
-        return False
-    if stat.S_ISREG(info.st_mode):
-        return True
-    raise UsageError(f"mount point {path} must be a directory or a regular file")
 
 
 def _served_file(

@@ -5,10 +5,12 @@ status, and the parent returns only once the mount is live and the child's event
 Never fork while trio runs.
 """
 
+import errno
 import logging
 import logging.handlers
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -18,6 +20,7 @@ import pyfuse3
 import trio
 
 from tarfuse import eventloop
+from tarfuse.errors import UsageError
 from tarfuse.fs import ImageFs
 
 log = logging.getLogger(__name__)
@@ -46,10 +49,85 @@ _PROGRESS_TTY = 1.0  # seconds between progress updates on a terminal
 _PROGRESS_LOG = 30.0  # ... and between log lines otherwise
 
 
-def mount(ops: ImageFs, mountpoint: str, options: set[str]) -> None:
-    """Mount, or raise MountFailed; libfuse prints the reason itself."""
+@dataclass(frozen=True, slots=True)
+class MountPoint:
+    """The mount point, held by a descriptor from the moment the command names it until mount(2).
+
+    Between the two, the archive is scanned, for as long as its author likes. Resolving the path again at
+    mount time would let whoever can write a parent directory swap the mount point for a symlink to a
+    directory of root's choosing (the mount would hide it, or serve the image in its place): so root mounts
+    on the pinned inode itself (/proc/self/fd/N), and any caller refuses a path that no longer leads to it.
+    """
+
+    path: str  # absolute, without symlinks: what /proc/self/mountinfo will show
+    fd: int  # O_PATH: pins the inode without opening it for I/O
+    is_file: bool  # a file mount point: the mount is the image itself
+    device: int
+    inode: int
+
+    def target(self, options: set[str]) -> str:
+        """What to hand libfuse: the pinned inode when it calls mount(2) itself (root, no auto_unmount).
+
+        fusermount3 (users, and auto_unmount) resolves the path on its own and does not accept another
+        process's descriptor; it checks that the user may write there, and `check_unchanged` went first.
+        The descriptor stays open for the daemon's life: libfuse unmounts by the path it mounted.
+        """
+        if os.geteuid() == 0 and "auto_unmount" not in options:
+            return f"/proc/self/fd/{self.fd}"
+        return self.path
+
+    def check_unchanged(self) -> None:
+        """Refuse to mount if the path now leads somewhere else (replaced, moved, or a symlink put there)."""
+        try:
+            now = os.stat(self.path)
+        except OSError as exc:
+            raise UsageError(
+                f"mount point {self.path} changed while the archive was read: {exc.strerror}"
+            ) from None
+        if (now.st_dev, now.st_ino) != (self.device, self.inode):
+            raise UsageError(
+                f"mount point {self.path} was replaced while the archive was read; refusing to mount"
+            )
+
+
+def pin_mountpoint(path: str) -> MountPoint:
+    """Open the mount point as the command names it (symlinks in it are the caller's); refuse a bad one.
+
+    A stale FUSE mount (its daemon died) and one already mounted are refused with what to do.
+    """
     try:
-        pyfuse3.init(ops, mountpoint, options)
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(_mountpoint_problem(path, exc)) from None
+    try:
+        info = os.fstat(fd)
+        resolved = os.readlink(f"/proc/self/fd/{fd}")
+        if find_mount(resolved) is not None:
+            raise UsageError(
+                f"{resolved} is already a mount point; unmount it first (fusermount3 -u {resolved})"
+            )
+        if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
+            raise UsageError(f"mount point {path} must be a directory or a regular file")
+    except OSError as exc:
+        os.close(fd)
+        raise UsageError(_mountpoint_problem(path, exc)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return MountPoint(resolved, fd, stat.S_ISREG(info.st_mode), info.st_dev, info.st_ino)
+
+
+def _mountpoint_problem(path: str, exc: OSError) -> str:
+    if exc.errno == errno.ENOTCONN:
+        return f"{path}: a stale FUSE mount is there (its daemon died); clear it with fusermount3 -u {path}"
+    return f"mount point {path}: {exc.strerror}"
+
+
+def mount(ops: ImageFs, mountpoint: MountPoint, options: set[str]) -> None:
+    """Mount, or raise MountFailed; libfuse prints the reason itself."""
+    mountpoint.check_unchanged()
+    try:
+        pyfuse3.init(ops, mountpoint.target(options), options)
     except RuntimeError as exc:
         raise MountFailed(str(exc)) from None
 
@@ -107,7 +185,11 @@ def serve(
     """
     ready_fd = None
     if not foreground:
-        ready_fd = _detach()  # returns only in the child
+        try:
+            ready_fd = _detach()  # returns only in the child
+        except BaseException:
+            pyfuse3.close(unmount=True)  # no daemon will serve this mount: take it away
+            raise
     clean = False
     try:
         trio.run(_run_until_unmounted, ready_fd, workers, background, before_wait)

@@ -6,11 +6,13 @@ change the file system fails with EROFS, even though the kernel already refuses 
 """
 
 import errno
+import functools
 import logging
 import os
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -26,6 +28,9 @@ _BLOCK = 4096
 
 ReadFn = Callable[[int, int], bytes | memoryview]  # (offset, size) -> image bytes
 
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 BLOCKING_READERS = 8  # threads serving blocking reads at once; also how many FUSE workers then run
 
@@ -52,6 +57,28 @@ class ServedFile:
     readers: int = BLOCKING_READERS
 
 
+def _eio_on_bug(
+    handler: Callable[Concatenate["ImageFs", _P], Coroutine[object, object, _T]],
+) -> Callable[Concatenate["ImageFs", _P], Coroutine[object, object, _T]]:
+    """Answer EIO, with one log line, where a handler fails in a way nobody planned for.
+
+    pyfuse3 answers only FUSEError; anything else ends its loop and leaves every user of the image a dead
+    mount ("Transport endpoint is not connected"). One bad request must cost one request.
+    """
+
+    @functools.wraps(handler)
+    async def guarded(self: "ImageFs", /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await handler(self, *args, **kwargs)
+        except FUSEError:
+            raise
+        except Exception as exc:
+            self.log_unexpected(handler.__name__, exc)
+            raise FUSEError(errno.EIO) from None
+
+    return guarded
+
+
 class ImageFs(pyfuse3.Operations):
     """Serve one file. With `root_is_file` the mount point itself is the file (a file mount point)."""
 
@@ -67,7 +94,7 @@ class ImageFs(pyfuse3.Operations):
         self._file_inode = InodeT(pyfuse3.ROOT_INODE) if root_is_file else IMAGE_INODE
         self._root_is_file = root_is_file
         self._xattrs = {os.fsencode(k): v for k, v in served.xattrs.items()}
-        self._logged_errors: set[str] = set()
+        self._logged_errors: set[tuple[str, int | None]] = set()
         self._init_seen = False
         self._limiter: trio.CapacityLimiter | None = None
 
@@ -109,10 +136,12 @@ class ImageFs(pyfuse3.Operations):
         if inode not in (pyfuse3.ROOT_INODE, self._file_inode):
             raise FUSEError(errno.ENOENT)
 
+    @_eio_on_bug
     async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> pyfuse3.EntryAttributes:
         self._check_inode(inode)
         return self._attributes(inode)
 
+    @_eio_on_bug
     async def lookup(
         self, parent_inode: InodeT, name: bytes, ctx: RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
@@ -122,11 +151,13 @@ class ImageFs(pyfuse3.Operations):
             raise FUSEError(errno.ENOENT)
         return self._attributes(self._file_inode)
 
+    @_eio_on_bug
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         if inode != pyfuse3.ROOT_INODE or self._root_is_file:
             raise FUSEError(errno.ENOTDIR)
         return FileHandleT(inode)
 
+    @_eio_on_bug
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         if start_id == 0:
             pyfuse3.readdir_reply(token, self._name, self._attributes(self._file_inode), 1)
@@ -134,6 +165,7 @@ class ImageFs(pyfuse3.Operations):
     async def releasedir(self, fh: FileHandleT) -> None:
         pass
 
+    @_eio_on_bug
     async def open(self, inode: InodeT, flags: int, ctx: RequestContext) -> FileInfo:
         if inode != self._file_inode:
             raise FUSEError(errno.EISDIR)
@@ -154,23 +186,35 @@ class ImageFs(pyfuse3.Operations):
                 data = served.read(off, size)
             return data  # type: ignore[return-value]  # pyfuse3 takes any buffer
         except TarfuseError as exc:
-            self._log_once(f"read of {size} bytes at image offset {off} failed: {exc}")
+            self._log_once(exc, f"read of {size} bytes at image offset {off} failed: {exc}")
             raise FUSEError(errno.EIO) from None
         except OSError as exc:
-            self._log_once(f"read of {size} bytes at image offset {off} failed: {exc}")
+            self._log_once(exc, f"read of {size} bytes at image offset {off} failed: {exc}")
             raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception as exc:  # a bug must not end the daemon (see _eio_on_bug)
+            self.log_unexpected("read", exc)
+            raise FUSEError(errno.EIO) from None
 
     def _blocking_limiter(self) -> trio.CapacityLimiter:
         if self._limiter is None:  # made on first use, inside trio.run
             self._limiter = trio.CapacityLimiter(self._served.readers)
         return self._limiter
 
-    def _log_once(self, message: str) -> None:
-        """Log a failure at ERROR the first time, then at DEBUG: a guest retries the same read often."""
-        key = message.split(" failed: ", 1)[-1]
+    def _log_once(self, exc: Exception, message: str) -> None:
+        """Log a failure at ERROR the first time, then at DEBUG: a guest retries the same read often.
+
+        Keyed on the kind of failure, not its text: the text holds the offset, and a truncated archive read
+        at every offset would log a line for each, in a set that grows without bound.
+        """
+        key = (type(exc).__name__, exc.errno if isinstance(exc, OSError) else None)
         level = logging.DEBUG if key in self._logged_errors else logging.ERROR
         self._logged_errors.add(key)
         log.log(level, "%s", message)
+
+    def log_unexpected(self, handler: str, exc: Exception) -> None:
+        """One line for a failure no handler expected (the traceback at DEBUG): it is a bug to report."""
+        self._log_once(exc, f"{handler} failed unexpectedly, answered EIO: {type(exc).__name__}: {exc}")
+        log.debug("traceback of the %s failure", handler, exc_info=exc)
 
     async def release(self, fh: FileHandleT) -> None:
         pass
@@ -178,6 +222,7 @@ class ImageFs(pyfuse3.Operations):
     async def flush(self, fh: FileHandleT) -> None:
         pass
 
+    @_eio_on_bug
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = _BLOCK
@@ -188,6 +233,7 @@ class ImageFs(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
+    @_eio_on_bug
     async def getxattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> bytes:
         self._check_inode(inode)
         value = self._xattrs.get(name) if inode == self._file_inode else None
@@ -195,6 +241,7 @@ class ImageFs(pyfuse3.Operations):
             raise FUSEError(pyfuse3.ENOATTR)
         return value
 
+    @_eio_on_bug
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[bytes]:
         self._check_inode(inode)
         return list(self._xattrs) if inode == self._file_inode else []

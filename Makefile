@@ -3,29 +3,44 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# What pip needs to build pyfuse3 (from source: there is no wheel), for the venv and for `make install`.
+BUILD_PACKAGES := libfuse3-dev pkg-config gcc python3 python3-venv python3-dev
 # What the tests and the demo run: FUSE, QEMU, and the other tar programs the tests compare against.
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils qemu-system-x86 libarchive-tools busybox \
-	e2fsprogs fio util-linux gzip zstd xz-utils bzip2
+APT_PACKAGES := $(BUILD_PACKAGES) fuse3 qemu-utils qemu-system-x86 libarchive-tools busybox \
+	e2fsprogs fio util-linux gzip zstd xz-utils bzip2 man-db
 APT_STAMP := $(VENV)/.apt-done
+BUILD_STAMP := $(VENV)/.build-deps-done
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: all deps dev demo test test-fast lint format type check bench bench-compressed fuzz stress fixtures install clean
+.PHONY: all deps build-deps dev demo test test-fast lint format type check bench bench-compressed fuzz \
+	stress fixtures install uninstall clean
 
 all: dev
 
-deps: $(APT_STAMP)
-$(APT_STAMP):
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+# Install the Debian packages named in $(1) that are missing: as root with apt-get, else say how.
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 		| grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
 		if [ "$$(id -u)" != 0 ]; then echo "run as root, or: sudo apt-get install $$missing" >&2; exit 1; fi; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+endef
+
+deps: $(APT_STAMP)
+$(APT_STAMP):
+	$(call apt_install,$(APT_PACKAGES))
+	@mkdir -p $(VENV) && touch $@ $(BUILD_STAMP)
+
+# lint, type and test-fast need only these (and no root once they are there): not QEMU.
+build-deps: $(BUILD_STAMP)
+$(BUILD_STAMP):
+	$(call apt_install,$(BUILD_PACKAGES))
 	@mkdir -p $(VENV) && touch $@
 
 dev: $(VENV_STAMP)
-$(VENV_STAMP): pyproject.toml $(APT_STAMP)
+$(VENV_STAMP): pyproject.toml $(BUILD_STAMP)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# compat: the checkout goes on sys.path through a .pth line; the default mode's import hook costs
@@ -33,20 +48,25 @@ $(VENV_STAMP): pyproject.toml $(APT_STAMP)
 	$(PY) -m pip install -q -e '.[test,dev]' --config-settings editable_mode=compat
 	@touch $@
 
-demo: dev
+demo: dev deps
 	$(PY) scripts/demo.py
 
-test: dev
+test: dev deps
 	$(PY) -m pytest -q
 
 test-fast: dev
 	$(PY) -m pytest -q -m "not fuse"
 
-lint: dev
+# ruff alone: linting needs neither the package nor its build dependencies.
+$(VENV)/bin/ruff:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q ruff
+
+lint: $(VENV)/bin/ruff
 	$(VENV)/bin/ruff check tarfuse tests scripts
 	$(VENV)/bin/ruff format --check tarfuse tests scripts
 
-format: dev
+format: $(VENV)/bin/ruff
 	$(VENV)/bin/ruff format tarfuse tests scripts
 	$(VENV)/bin/ruff check --fix tarfuse tests scripts
 
@@ -56,30 +76,46 @@ type: dev
 check: lint type test
 
 # Plain, compressed and remote archives against the limit and the peers (docs/*.md); BENCH_ARGS=--quick.
-bench: dev
+bench: dev deps
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 	$(PY) scripts/bench_compressed.py $(BENCH_ARGS)
 	$(PY) scripts/bench_remote.py $(BENCH_ARGS)
 
 # Compressed archives (docs/compressed.md); BENCH_ARGS=--quick for a 256 MiB image.
-bench-compressed: dev
+bench-compressed: dev deps
 	$(PY) scripts/bench_compressed.py $(BENCH_ARGS)
 
 # The long forms of what `make test` runs briefly: >= 1,000,000 mutated archives; a 10-minute load.
-fuzz: dev
+fuzz: dev deps
 	$(PY) scripts/fuzz.py $(FUZZ_ARGS)
 
-stress: dev
+stress: dev deps
 	$(PY) scripts/stress.py $(STRESS_ARGS)
 
 fixtures:
 	scripts/make-fixtures.sh
 
-# mount.fuse3 (fstab, systemd .mount units) runs `tarfuse` with a fixed PATH: link it where that PATH looks.
+# mount.fuse3 (fstab, systemd .mount units) runs `tarfuse` with mount's own fixed PATH (/usr/local/bin is on
+# it). The install is a venv of its own under $(PREFIX)/lib/tarfuse, made from Debian's python3 (which every
+# user can run; the checkout's may live in root's home), with a non-editable copy of tarfuse: `make clean`,
+# or moving or deleting the checkout, leaves it working. `make uninstall` removes all of it.
 PREFIX ?= /usr/local
-install: dev
-	ln -sf $(abspath $(VENV))/bin/tarfuse $(DESTDIR)$(PREFIX)/bin/tarfuse
-	@echo "linked $(DESTDIR)$(PREFIX)/bin/tarfuse -> $(abspath $(VENV))/bin/tarfuse"
+INSTALL_PYTHON ?= /usr/bin/python3
+INSTALL_DIR := $(PREFIX)/lib/tarfuse
+install: build-deps
+	$(INSTALL_PYTHON) -m venv --clear $(INSTALL_DIR)
+	$(INSTALL_DIR)/bin/python -m pip install -q --upgrade pip
+	$(INSTALL_DIR)/bin/python -m pip install -q .
+	install -d $(PREFIX)/bin $(PREFIX)/share/man/man1
+	ln -sfn $(INSTALL_DIR)/bin/tarfuse $(PREFIX)/bin/tarfuse
+	$(INSTALL_DIR)/bin/python -m tarfuse.manpage > $(PREFIX)/share/man/man1/tarfuse.1
+	@echo "installed $(PREFIX)/bin/tarfuse (in $(INSTALL_DIR)) and $(PREFIX)/share/man/man1/tarfuse.1"
+
+uninstall:
+	@if [ -L $(PREFIX)/bin/tarfuse ] && [ "$$(readlink $(PREFIX)/bin/tarfuse)" = $(INSTALL_DIR)/bin/tarfuse ]; \
+		then rm -f $(PREFIX)/bin/tarfuse; fi
+	rm -rf $(INSTALL_DIR)
+	rm -f $(PREFIX)/share/man/man1/tarfuse.1
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

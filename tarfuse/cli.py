@@ -6,10 +6,12 @@ the shape of the command line, as for sshfs. Exit codes: 0 success, 1 the archiv
 """
 
 import argparse
+import json
 import logging
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -109,38 +111,109 @@ def _set_option(options: MountOptions, key: str, value: str) -> None:
     setattr(options, key, number)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+DESCRIPTION = (
+    "Mount the disk image inside a tar archive as one read-only file, without unpacking it. Sparse "
+    "members (GNU tar -S, every format) are served with their holes as zeros. Unmount with: "
+    "fusermount3 -u MOUNTPOINT"
+)
+GENERIC_WORDS = (
+    "The generic words that mount, fstab and systemd pass (ro, defaults, noauto, nofail, _netdev, user, "
+    "users, nosuid, nodev, noexec, x-systemd.*, ...) are accepted. The mount is always read-only: -o rw "
+    "on the tarfuse command line is refused; the rw that mount(8) adds by itself is accepted. An unknown "
+    "option is an error that names it."
+)
+FSTAB_EXAMPLE = "/srv/vm.tar /mnt/vm fuse.tarfuse ro,allow_other,member=disk.raw,nofail 0 0"
+EXIT_STATUS = "Exit status: 0 success, 1 the archive or the mount failed, 2 usage error."
+# The -o options, for people: --help, the man page (scripts/manpage.py) and the README's table are all
+# made from this one list (tests/test_docs.py checks the README against it).
+MOUNT_OPTION_HELP = (
+    ("member=PATH", "which image to serve when the archive holds several (--list shows them)"),
+    (
+        "allow_other",
+        "let other users (e.g. a QEMU running as libvirt-qemu) read the image; for non-root users it "
+        "needs a line user_allow_other in /etc/fuse.conf",
+    ),
+    ("uid=N,gid=N,umask=OCTAL", "owner and mode of the served file (default: the mounting user, mode 0444)"),
+    (
+        "fsname=NAME",
+        "what mount and findmnt show as the source (default: the archive's path; for a URL, the URL "
+        "without its query string)",
+    ),
+    ("readahead_kb=N", "the mount's readahead, for root (default 4096: 1 MiB requests, several in flight)"),
+    (
+        "index=PATH",
+        "where a compressed archive's seek index is kept (default: beside the archive if only root or "
+        "the caller can change that directory, else the caller's cache directory; docs/compressed.md)",
+    ),
+    (
+        "noindex",
+        "keep no index on disk: every mount of a compressed archive indexes it again (a spill, if one is "
+        "made, is an unnamed temporary file, gone at unmount)",
+    ),
+    (
+        "cache_size=SIZE",
+        "memory for decompressed chunks of a compressed archive, and the block cache of an http(s) "
+        "archive (default 64M)",
+    ),
+    (
+        "header=NAME:VALUE",
+        "http(s) archives: a request header, e.g. Authorization:Bearer TOKEN (repeatable; no commas in "
+        "the value); never logged, never sent to another host",
+    ),
+    (
+        "ca_file=PEM,timeout=SECONDS,retries=N",
+        "http(s) archives: CA bundle (default: the system's), the time one request may take (20), "
+        "failed tries in a row before a read fails with EIO (5); HTTPS_PROXY, HTTP_PROXY and NO_PROXY "
+        "are honoured (docs/remote.md)",
+    ),
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line, for main() and for the man page (manpage.py)."""
+    command = argparse.ArgumentParser(
         prog="tarfuse",
-        description="Mount the disk image inside a tar archive as one read-only file, without "
-        "unpacking it. Sparse members (GNU tar -S, every format) are served with their holes "
-        "as zeros. Unmount with: fusermount3 -u MOUNTPOINT",
-        epilog="mount options (-o): member=PATH (which image, if several), allow_other, uid=N, "
-        "gid=N, umask=OCTAL, fsname=NAME, readahead_kb=N (root only, default 4096); compressed "
-        "archives: index=PATH, noindex, cache_size=64M; for http(s) "
-        "URLs: header=NAME:VALUE (repeatable), ca_file=PEM, timeout=SECONDS, cache_size=64M, retries=N; "
-        "generic words from fstab (ro, defaults, noauto, nofail, "
-        "_netdev, nosuid, nodev, noexec, user, x-systemd.*) are accepted. "
-        "fstab: /srv/vm.tar /mnt/vm fuse.tarfuse ro,allow_other,member=disk.raw 0 0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(DESCRIPTION, 78),
+        epilog="mount options (-o):\n"
+        + "".join(
+            f"  {words}\n{textwrap.fill(meaning, 78, initial_indent=' ' * 6, subsequent_indent=' ' * 6)}\n"
+            for words, meaning in MOUNT_OPTION_HELP
+        )
+        + f"\n{textwrap.fill(GENERIC_WORDS, 78)}\n\nfstab: {FSTAB_EXAMPLE}\n{EXIT_STATUS.lower()}",
     )
-    parser.add_argument("archive", metavar="ARCHIVE", help="tar archive holding the image")
-    parser.add_argument(
+    command.add_argument("archive", metavar="ARCHIVE", help="tar archive holding the image")
+    command.add_argument(
         "mountpoint",
         metavar="MOUNTPOINT",
         nargs="?",
         help="a directory (the image appears inside it) or a file (it becomes the image)",
     )
-    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
-    parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    parser.add_argument("-d", "--debug", action="store_true", help="log debug messages")
-    parser.add_argument("--debug-fuse", action="store_true", help="also log libfuse's requests")
-    parser.add_argument("-l", "--list", action="store_true", help="list the disk images in ARCHIVE and exit")
-    parser.add_argument("-V", "--version", action="version", version=f"tarfuse {__version__}")
-    return parser
+    command.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT[,OPT...]",
+        help="mount options (below)",
+    )
+    command.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground (systemd Type=simple services, debugging); otherwise return once the "
+        "mount is live, the daemon logging to syslog or the journal",
+    )
+    command.add_argument("-d", "--debug", action="store_true", help="log debug messages")
+    command.add_argument("--debug-fuse", action="store_true", help="also log libfuse's requests")
+    command.add_argument("-l", "--list", action="store_true", help="list the disk images in ARCHIVE and exit")
+    command.add_argument("--json", action="store_true", help="with --list: one JSON object, for scripts")
+    command.add_argument("-V", "--version", action="version", version=f"tarfuse {__version__}")
+    return command
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     if argv is None:
         _hide_secrets(sys.argv[1:])
     logging.basicConfig(
@@ -149,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         options = split_mount_options(args.options, rw_is_default=_run_by_mount())
+        if args.json and not args.list:
+            raise UsageError("--json goes with --list")
         if args.list:
-            return _list(args.archive, options)
+            return _list(args.archive, options, args.json)
         if args.mountpoint is None:
             raise UsageError("MOUNTPOINT is missing (or use --list to see what ARCHIVE holds)")
         return _mount(args, options)
@@ -198,18 +273,50 @@ def _run_by_mount() -> bool:
     return False
 
 
-def _list(path: str, options: MountOptions) -> int:
+def _list(path: str, options: MountOptions, as_json: bool = False) -> int:
+    compression = found = None
     with _open_archive(path, options) as archive:
         if isinstance(archive, CompressedSource):
             from tarfuse import index  # with pyzstd (its spill): only compressed archives need it
 
+            compression = archive.compression
             where = _index_path(archive, options)
-            found = "none" if where is None else (where if index.use_saved_index(where, archive) else "none")
-            print(f"{remote.display_name(path)}: {archive.compression}-compressed, index: {found}")
+            found = where if where is not None and index.use_saved_index(where, archive) else None
         images = list_images(archive.pread, archive.size)
+    if as_json:
+        print(json.dumps(_listing(path, compression, found, images), indent=2))
+    elif compression is not None:
+        print(f"{remote.display_name(path)}: {compression}-compressed, index: {found or 'none'}")
     if not images:
         print(f"tarfuse: {remote.display_name(path)}: no disk image found", file=sys.stderr)
         return EXIT_FAILED
+    if not as_json:
+        _print_table(images)
+    return EXIT_OK
+
+
+def _listing(path: str, compression: str | None, index: str | None, images: list[Image]) -> dict[str, object]:
+    """What --list shows, for scripts: the same fields, with their types, and the format's QEMU name apart."""
+    return {
+        "archive": remote.display_name(path),
+        "compression": compression,
+        "index": index,
+        "images": [
+            {
+                "path": i.name,
+                "format": i.format.driver,
+                "format_detail": i.format.detail,
+                "size": i.mapper.size,
+                "allocated": i.stored_bytes,
+                "extents": i.extent_count,
+                "offset": i.member.data_offset,
+            }
+            for i in images
+        ],
+    }
+
+
+def _print_table(images: list[Image]) -> None:
     rows = [("PATH", "FORMAT", "SIZE", "ALLOCATED", "EXTENTS", "OFFSET")]
     rows += [
         (
@@ -225,7 +332,6 @@ def _list(path: str, options: MountOptions) -> int:
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return EXIT_OK
 
 
 def _mount(args: argparse.Namespace, options: MountOptions) -> int:

@@ -1,8 +1,10 @@
 """The command line without mounting: -o parsing, --list, exit codes and one-line errors."""
 
+import json
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +92,36 @@ def test_version_and_help_work_as_commands():
     )
     assert "MOUNTPOINT" in usage.stdout
     assert "member=PATH" in usage.stdout
+
+
+def test_list_json_gives_the_table_s_fields_to_scripts() -> None:
+    archive = Path(__file__).with_name("data") / "pax-1.0.tar"
+    shown = subprocess.run(
+        [sys.executable, "-m", "tarfuse", "--list", "--json", archive], capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    listing = json.loads(shown.stdout)
+    assert listing["archive"] == str(archive)
+    assert listing["compression"] is None
+    [image] = listing["images"]
+    table = subprocess.run(
+        [sys.executable, "-m", "tarfuse", "--list", archive], capture_output=True, text=True
+    )
+    row = table.stdout.splitlines()[1].split()
+    assert row == [
+        image["path"],
+        image["format"],
+        str(image["size"]),
+        str(image["allocated"]),
+        str(image["extents"]),
+        str(image["offset"]),
+    ]
+    assert image["extents"] == 2
+
+
+def test_json_without_list_is_a_usage_error() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "tarfuse", "--json", "x.tar", "/mnt"], capture_output=True, text=True
+    )
+    assert shown.returncode == 2
+    assert "--json goes with --list" in shown.stderr

@@ -1,0 +1,106 @@
+"""`make install`: a tarfuse of its own that mount.fuse3's fixed PATH finds and that outlives the checkout.
+
+The install is a venv under PREFIX/lib/tarfuse holding a copy of tarfuse (`pip install .`), so this also shows
+that `pip install .` into a fresh environment gives a working `tarfuse`.
+"""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import SampleImage, is_mounted, unmount, wait_for_mount
+
+import tarfuse
+
+pytestmark = pytest.mark.fuse
+
+CHECKOUT = Path(tarfuse.__file__).resolve().parents[1]
+MOUNT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # plus PREFIX/bin: the shape of mount(8)'s fixed PATH
+
+
+def make(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "-C", str(CHECKOUT), *args], capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.getuid() != 0:
+        pytest.skip("make install may need apt-get for the build dependencies: run as root")
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    prefix = tmp_path_factory.mktemp("prefix")
+    result = make("install", f"PREFIX={prefix}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return prefix
+
+
+def installed(prefix: Path, *args: str | Path, cwd: str = "/") -> subprocess.CompletedProcess[str]:
+    """Run the installed tarfuse as mount.fuse3 would: a bare environment and a fixed PATH, from /."""
+    return subprocess.run(
+        ["env", "-i", f"PATH={prefix}/bin:{MOUNT_PATH}", "tarfuse", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def test_the_installed_tarfuse_runs_its_own_copy_not_the_checkout(prefix: Path) -> None:
+    assert installed(prefix, "--version").stdout.strip() == f"tarfuse {tarfuse.__version__}"
+    python = prefix / "lib" / "tarfuse" / "bin" / "python"
+    where = subprocess.run(
+        [python, "-c", "import tarfuse; print(tarfuse.__file__)"], capture_output=True, text=True, cwd="/"
+    )
+    assert where.stdout.startswith(str(prefix / "lib" / "tarfuse")), where
+    assert not where.stdout.startswith(str(CHECKOUT / "tarfuse"))
+
+
+def test_the_installed_tarfuse_mounts_and_serves_the_image(
+    prefix: Path, sample_archive: Path, sample_image: SampleImage, tmp_path: Path
+) -> None:
+    (mountpoint := tmp_path / "mnt").mkdir()
+    log = tmp_path / "tarfuse.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            ["env", "-i", f"PATH={prefix}/bin:{MOUNT_PATH}", "tarfuse", "-f", sample_archive, mountpoint],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
+            cwd="/",
+        )
+    try:
+        wait_for_mount(mountpoint, process, log)
+        assert (mountpoint / "disk.raw").read_bytes() == sample_image.data
+    finally:
+        unmount(mountpoint)
+        process.wait(timeout=30)
+    assert process.returncode == 0
+    assert not is_mounted(mountpoint)
+
+
+def test_the_man_page_is_installed_and_renders(prefix: Path) -> None:
+    page = prefix / "share" / "man" / "man1" / "tarfuse.1"
+    shown = subprocess.run(
+        ["man", "--warnings", "-l", page],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MANWIDTH": "100"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stderr == ""
+    assert "-o member=PATH" in shown.stdout
+
+
+def test_uninstall_removes_everything_install_made(prefix: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    result = make("install", f"PREFIX={other}")
+    assert result.returncode == 0, result.stderr
+    result = make("uninstall", f"PREFIX={other}")
+    assert result.returncode == 0, result.stderr
+    left = [p for p in other.rglob("*") if not p.is_dir()]
+    assert left == []

@@ -1,0 +1,129 @@
+"""tarfuse.eventloop: the request wait and the lock it gives pyfuse3, and that pyfuse3 still takes them.
+
+eventloop replaces pyfuse3's module attribute `trio`, an internal hook (pyfuse3.asyncio uses it); if a pyfuse3
+release stopped reading it, tarfuse would silently lose its readahead hook and its fast loop. The last test
+runs a real mount and fails loudly then.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tarfuse import eventloop
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    read_fd, write_fd = os.pipe()
+    yield read_fd, write_fd
+    os.close(read_fd)
+    os.close(write_fd)
+
+
+async def test_a_free_lock_is_taken_without_a_checkpoint() -> None:
+    lock = eventloop._FreeLock()
+    with trio.CancelScope() as scope:
+        scope.cancel()  # any checkpoint inside would raise Cancelled now
+        async with lock:
+            taken = True
+    assert taken
+    assert not scope.cancelled_caught
+
+
+async def test_a_held_lock_makes_the_next_taker_wait() -> None:
+    lock = eventloop._FreeLock()
+    order = []
+
+    async def second() -> None:
+        async with lock:
+            order.append("second")
+
+    async with trio.open_nursery() as nursery, lock:
+        nursery.start_soon(second)
+        await trio.sleep(0.01)
+        order.append("first")
+    assert order == ["first", "second"]
+
+
+async def test_the_direct_wait_returns_at_once_while_requests_are_queued(pipe: tuple[int, int]) -> None:
+    read_fd, write_fd = pipe
+    calls = []
+    wait = eventloop._Wait(lambda: calls.append(1), direct=True)
+    os.write(write_fd, b"x")
+    with trio.CancelScope() as scope:
+        scope.cancel()  # the direct path must not go through trio while the fd is readable
+        for _ in range(10):
+            await wait(read_fd)
+    assert not scope.cancelled_caught
+    assert len(calls) == 10  # the hook runs before every wait
+
+
+async def test_the_direct_wait_yields_to_trio_every_so_many_requests(pipe: tuple[int, int]) -> None:
+    read_fd, write_fd = pipe
+    wait = eventloop._Wait(lambda: None, direct=True)
+    os.write(write_fd, b"x")
+    for _ in range(eventloop.YIELD_EVERY):
+        await wait(read_fd)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await wait(read_fd)  # the streak is full: this one is a trip through trio (a checkpoint)
+    assert scope.cancelled_caught
+
+
+async def test_an_idle_direct_wait_waits_in_trio_so_other_tasks_run(pipe: tuple[int, int]) -> None:
+    read_fd, write_fd = pipe
+    wait = eventloop._Wait(lambda: None, direct=True)
+
+    async def request_later() -> None:
+        await trio.sleep(0.05)  # runs only if the wait below lets trio schedule it
+        os.write(write_fd, b"x")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request_later)
+        with trio.fail_after(5):
+            await wait(read_fd)
+
+
+_PROBE = textwrap.dedent(
+    """
+    import os, sys, threading
+    import pyfuse3, trio
+    from tarfuse import eventloop
+
+    waits = []
+
+    async def run(mountpoint):
+        eventloop.install(lambda: waits.append(1), direct=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pyfuse3.main)
+            await trio.to_thread.run_sync(os.path.exists, mountpoint)  # any answer will do
+            pyfuse3.terminate()
+        eventloop.uninstall()
+
+    pyfuse3.init(pyfuse3.Operations(), sys.argv[1], {"fsname=eventloop-probe"})
+    try:
+        trio.run(run, sys.argv[1])
+    finally:
+        pyfuse3.close(unmount=True)
+    print(len(waits))
+    """
+)
+
+
+@pytest.mark.fuse
+def test_pyfuse3_still_waits_for_requests_through_the_installed_facade(tmp_path: Path) -> None:
+    (mountpoint := tmp_path / "mnt").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(mountpoint)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 0, (
+        "pyfuse3 no longer reads its module attribute `trio`: tarfuse.eventloop has no effect "
+        "(no readahead hook, no direct loop); see the pin in pyproject.toml"
+    )

@@ -163,7 +163,8 @@ def tune_readahead(mountpoint: str, kib: int) -> None:
     """Raise the mount's readahead so the kernel sends 1 MiB reads, several at a time.
 
     pyfuse3 cannot ask for it at FUSE init; the bdi sysfs knob can, for root. Measured on 2 vCPUs:
-    sequential reads went from ~0.6 GB/s (128 KiB default) to ~1.5 GB/s (docs/benchmarks.md).
+    with the kernel's 128 KiB default, sequential reads come as many small requests, each a round trip
+    through the daemon (figures: docs/benchmarks.md, "Levers, measured").
     """
     device = find_mount(mountpoint)
     try:
@@ -214,8 +215,8 @@ async def _run_until_unmounted(
             os.close(ready_fd)
         log.info("serving")
         # One worker when every handler runs to completion without awaiting (fs.py): more workers only
-        # add task churn. Measured with fio, 4 KiB random reads: ~27k/s with one, ~22k/s with pyfuse3's
-        # default of up to 99 (docs/benchmarks.md). Blocking sources need one worker per reader thread.
+        # add task churn: fio's 4 KiB random reads were slower with pyfuse3's default of up to 99 than with
+        # one (docs/benchmarks.md). Blocking sources need one worker per reader thread.
         eventloop.install(before_wait, direct=workers == 1 and background is None)
         try:
             await pyfuse3.main(min_tasks=1, max_tasks=workers)

@@ -10,9 +10,8 @@ It looks these names up in its module attribute `trio`, which it lets a compatib
   requests are already queued. For a loop whose handlers never await (a plain archive) and that has no
   other work, the Lock does not yield when free and the wait first asks the kernel directly (poll(2),
   blocking up to IDLE_WAIT_MS). While it blocks in poll no other trio task runs, so it still yields to
-  trio every YIELD_EVERY requests, and waits in trio once idle, so that signals are handled. Measured
-  with fio, 4 KiB random reads, 4 readers: ~34k/s -> ~60k/s; sequential 1.5 -> 3.2 GB/s
-  (docs/benchmarks.md).
+  trio every YIELD_EVERY requests, and waits in trio once idle, so that signals are handled. Random and
+  sequential reads both gained by about 2x (docs/benchmarks.md, "Levers, measured").
 """
 
 import select

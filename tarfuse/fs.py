@@ -107,7 +107,7 @@ class ImageFs(pyfuse3.Operations):
         request, by which time the INIT reply (which resets the mount's readahead) has been written.
 
         Before the next request, not "soon": a file opened before the readahead is raised keeps the
-        kernel's 128 KiB default for good (~1 GB/s instead of 3).
+        kernel's 128 KiB default for good, and reads it in small requests (docs/benchmarks.md).
         """
         if self._init_seen and self._after_init is not None:
             hook, self._after_init = self._after_init, None

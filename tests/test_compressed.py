@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from tarfuse import index
 from tarfuse.cli import split_mount_options
 from tarfuse.compressed import CHUNK_SIZE, CompressedSource, decompressed, sniff
-from tarfuse.errors import ArchiveError, CompressedArchive, CorruptCompressed
+from tarfuse.errors import ArchiveError, CompressedArchive, CorruptCompressed, TruncatedArchive
 from tarfuse.image import open_first_image
 from tarfuse.source import ArchiveFile
 from tarfuse.zstdframes import ZstdFrames
@@ -254,21 +254,57 @@ def test_the_first_image_is_served_and_a_later_one_is_named_in_a_warning(
     assert "'b.qcow2'" in caplog.text
 
 
-@pytest.mark.parametrize("kind", ["gzip", "zstd-single-frame", "zstd-multi-frame"])
-def test_a_truncated_stream_is_an_archive_error(
-    kind: str, compressed_of: Callable[[str], Path], tmp_path: Path
+@pytest.mark.parametrize(
+    ("kind", "refused_by", "error"),
+    [
+        ("gzip", "read", TruncatedArchive),  # rapidgzip ends the stream early; the mapper finds data missing
+        ("zstd-single-frame", "open", CorruptCompressed),  # the headers' chunk is the whole small frame
+        ("zstd-multi-frame", "open", CorruptCompressed),
+    ],
+)
+def test_a_stream_cut_short_is_refused_by_the_step_that_reaches_the_cut(
+    kind: str,
+    refused_by: str,
+    error: type[ArchiveError],
+    compressed_of: Callable[[str], Path],
+    tmp_path: Path,
 ) -> None:
     data = compressed_of(kind).read_bytes()
     cut = tmp_path / f"cut.{kind}"
     cut.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(ArchiveError):  # zstd: when the image is opened (its first chunk holds the cut)
-        _read_whole_image(cut)
+    with open_compressed(cut) as source:
+        if refused_by == "open":
+            with pytest.raises(error) as info:
+                open_first_image(source.pread, source.size, None, source.pread_into)
+        else:
+            image = open_first_image(source.pread, source.size, None, source.pread_into)
+            with pytest.raises(error) as info:
+                image.mapper.read(0, image.mapper.size)
+    assert info.value.offset is not None
 
 
-def _read_whole_image(archive: Path) -> None:
-    with open_compressed(archive) as source:
-        image = open_first_image(source.pread, source.size, None, source.pread_into)
-        image.mapper.read(0, image.mapper.size)
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("gzip", TruncatedArchive),
+        ("zstd-single-frame", CorruptCompressed),
+        ("zstd-multi-frame", CorruptCompressed),
+    ],
+)
+def test_a_stream_cut_inside_the_image_fails_the_read_that_reaches_the_cut(
+    kind: str, error: type[ArchiveError], dense_tar: Path, tmp_path: Path
+) -> None:
+    whole = tmp_path / f"dense.{kind}"
+    COMPRESSORS[kind](dense_tar, whole)
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut.{kind}"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with open_compressed(cut) as source:
+        image = open_first_image(source.pread, source.size, None, source.pread_into)  # headers decode
+        assert image.mapper.read(0, 1 << 20) == dense_tar.read_bytes()[512 : 512 + (1 << 20)]
+        with pytest.raises(error) as info:
+            image.mapper.read(0, image.mapper.size)
+    assert info.value.offset is not None
 
 
 def _corrupt_middle(path: Path, out: Path) -> None:

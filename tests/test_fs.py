@@ -1,6 +1,7 @@
 """The pyfuse3 handlers, awaited directly (no kernel): attributes, errno mapping, read-only everywhere."""
 
 import errno
+import logging
 import os
 import stat
 
@@ -62,8 +63,9 @@ async def test_file_root_is_the_image_itself():
     attr = await fs.getattr(ROOT)
     assert stat.S_ISREG(attr.st_mode)
     assert attr.st_size == len(IMAGE)
-    with pytest.raises(FUSEError):
+    with pytest.raises(FUSEError) as caught:
         await fs.opendir(ROOT, None)
+    assert caught.value.errno == errno.ENOTDIR
 
 
 async def test_read_returns_the_image_bytes():
@@ -126,14 +128,34 @@ async def test_read_failures_become_errno_values(error, expected, caplog):
 
 
 async def test_a_repeated_failure_is_logged_once_at_error_level(caplog):
-    def failing_read(offset, size):
-        raise ArchiveChanged("archive changed")
+    """A truncated archive fails every read past the cut, each with its own offset in the message."""
 
+    def failing_read(offset, size):
+        raise TruncatedArchive("archive file ends before the data does", 1000 + offset)
+
+    caplog.set_level(logging.DEBUG, logger="tarfuse.fs")
     fs = ImageFs(served(read=failing_read), root_is_file=True)
     for offset in (0, 4096, 8192):
-        with pytest.raises(FUSEError):
+        with pytest.raises(FUSEError) as caught:
             await fs.read(1, offset, 4096)
+        assert caught.value.errno == errno.EIO
     assert [r.levelname for r in caplog.records].count("ERROR") == 1
+    assert [r.levelname for r in caplog.records].count("DEBUG") == 2
+
+
+async def test_failures_of_another_kind_are_logged_too(caplog):
+    errors = iter(
+        [TruncatedArchive("cut", 512), ArchiveChanged("archive changed"), OSError(errno.EIO, "bad")]
+    )
+
+    def failing_read(offset, size):
+        raise next(errors)
+
+    fs = ImageFs(served(read=failing_read), root_is_file=True)
+    for _ in range(3):
+        with pytest.raises(FUSEError):
+            await fs.read(1, 0, 4096)
+    assert [r.levelname for r in caplog.records].count("ERROR") == 3
 
 
 async def test_xattrs_describe_the_member():

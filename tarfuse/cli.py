@@ -213,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # options anywhere, as mount helpers take them
     if argv is None:
         _hide_secrets(sys.argv[1:])
     logging.basicConfig(

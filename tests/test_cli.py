@@ -125,3 +125,16 @@ def test_json_without_list_is_a_usage_error() -> None:
     )
     assert shown.returncode == 2
     assert "--json goes with --list" in shown.stderr
+
+
+def test_options_may_stand_between_the_archive_and_the_mount_point(tmp_path: Path) -> None:
+    """mount helpers take `SOURCE -o OPTS MOUNTPOINT` too; argparse refused it ("unrecognized arguments")."""
+    archive = Path(__file__).with_name("data") / "gnu.tar"
+    missing = tmp_path / "missing"
+    shown = subprocess.run(
+        [sys.executable, "-m", "tarfuse", archive, "-o", "member=disk.img", missing, "-f"],
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == EXIT_USAGE
+    assert f"mount point {missing}: No such file or directory" in shown.stderr

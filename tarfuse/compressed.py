@@ -158,6 +158,11 @@ def _open_zstd(path: "str | PreadFile") -> Decoder:
     return ZstdFrames(open(path, "rb", buffering=0) if isinstance(path, str) else path)
 
 
+def _open_spill(file: BinaryIO) -> Decoder:
+    """A decoder over the spill `file`, with a file position of its own: the same inode, not a name."""
+    return _open_zstd(f"/proc/self/fd/{file.fileno()}")
+
+
 class _XzDecoder(_SeekingDecoder):
     """python-xz: seeks by the block index every xz file ends with; nothing to build or keep."""
 
@@ -251,7 +256,7 @@ class CompressedSource:
         self._decoder: Decoder | None = None
         self._index: bytes | None = None  # a complete index to give every decoder this source opens
         self._spill: str | None = None  # serve from this seekable copy (spill.py) rather than the archive
-        self._spill_file: BinaryIO | None = None  # an unnamed spill's file, open while it is served
+        self._spill_file: BinaryIO | None = None  # ... read through this file, open while it is served
         self._size: int | None = None
         self._broken: CorruptCompressed | None = None
         with self._lock:
@@ -270,7 +275,7 @@ class CompressedSource:
 
     @property
     def spill(self) -> str | None:
-        """The spill that reads are served from, if any (a path, or /proc/self/fd/N if unnamed)."""
+        """The spill that reads are served from, if any (its path, or /proc/self/fd/N if unnamed)."""
         return self._spill
 
     def new_decoder(self) -> Decoder:
@@ -285,7 +290,7 @@ class CompressedSource:
 
     def _decoder_locked(self) -> Decoder:
         if self._decoder is None:
-            self._decoder = self.new_decoder() if self._spill is None else _open_zstd(self._spill)
+            self._decoder = self.new_decoder() if self._spill_file is None else _open_spill(self._spill_file)
         return self._decoder
 
     def needs_spill(self) -> bool:
@@ -293,20 +298,36 @@ class CompressedSource:
         with self._lock:
             return self._spill is None and self._decoder_locked().single_stream()
 
-    def serve_spill(self, path: str, size: int, file: BinaryIO | None = None) -> None:
-        """Serve from now on from the spill at `path`; raise ValueError if it does not hold `size` bytes.
+    def serve_spill(self, path: str, size: int, file: BinaryIO, check_start: bool = False) -> None:
+        """Serve from now on from the spill `file` (shown as `path`); raise ValueError if it is not right.
 
-        `file`: an unnamed spill's file (`path` is its /proc/self/fd link), closed with this source.
+        The source owns `file` once this returns (it is closed with the source) and reads it through its
+        descriptor, never by name: the file checked or written is the file read. Wrong: it does not hold
+        `size` bytes, or, with `check_start`, its first chunk is not what the archive decompresses to (a
+        cheap check against an archive rewritten with its size and mtime kept, or a spill of another).
         """
-        decoder = _open_zstd(path)
-        if (found := decoder.complete_size()) != size:  # a spill has its seek table, which gives the size
+        decoder = _open_spill(file)
+        try:
+            if (found := decoder.complete_size()) != size:  # a spill has its seek table, which gives the size
+                raise ValueError(f"it holds {found} bytes, not {size}")
+            if check_start and self._spill is None:
+                self._check_spill_start(decoder)
+        except BaseException:
             decoder.close()
-            raise ValueError(f"it holds {found} bytes, not {size}")
+            raise
         with self._lock:
             old, self._decoder, self._size = self._decoder, decoder, size
-            self._spill, self._spill_file = path, file
+            old_file, self._spill, self._spill_file = self._spill_file, path, file
         if old is not None:
             old.close()
+        if old_file is not None:
+            old_file.close()
+
+    def _check_spill_start(self, spill: Decoder) -> None:
+        """Raise ValueError unless the spill's first chunk is the archive's (decompressed from its start)."""
+        expected = self.chunk(0)  # from the archive: no spill is served yet; cached for the headers
+        if spill.read_at(0, len(expected)) != expected:
+            raise ValueError(f"its first {len(expected)} bytes are not the archive's")
 
     def load_index(self, blob: bytes, size: int) -> None:
         """Give this source a complete index (from an index file); raise ValueError if it is unusable."""

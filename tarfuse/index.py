@@ -2,11 +2,15 @@
 
 The index file is one header line of JSON (the archive's identity, the compression, the decompressed size, the
 length and SHA-256 of the library's index, the length of the spill if there is one) and the library's index
-after it. It is trusted only if all of that matches the archive as it is now; anything else is rebuilt. The
-background pass decompresses the whole stream once, with its own decoder, walking the tar headers on the way
-to find other image candidates. A stream with no restart point but its start (one zstd frame, one xz block)
-is also copied into a spill (spill.py) beside the index file, which the index file then names: it is
-trusted on the same terms.
+after it. It is used only if all of that matches the archive as it is now (anything else is rebuilt), and
+only if the caller or root wrote it where nobody else could change it (sidefiles.py): everything in the
+header is something anyone who can stat the archive can compute. So the index goes beside the archive only
+when nobody but the caller or root can change the archive's directory, and otherwise into the caller's
+cache directory. The background pass decompresses the whole stream once, with its own decoder, walking the
+tar headers on the way to find other image candidates. A stream with no restart point but its start (one
+zstd frame, one xz block) is also copied into a spill (spill.py) beside the index file, which the index
+file then names: it is trusted on the same terms, checked on the descriptor it is then read through, and
+its first chunk is compared with the archive's before it is served.
 Must not import pyfuse3 or trio.
 """
 
@@ -18,7 +22,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
+from tarfuse import sidefiles
 from tarfuse.archive import normalize_name, scan_members
 from tarfuse.compressed import DECODE_ERRORS, UNKNOWN_SIZE, CompressedSource, Decoder
 from tarfuse.detect import has_image_suffix
@@ -44,20 +50,51 @@ def identity(source: CompressedSource) -> Identity:
     return source.archive.identity()
 
 
-def default_path(archive_path: str, ident: Identity, beside: bool = True) -> str:
-    """Next to the archive if `beside` and its directory is writable, else under $XDG_CACHE_HOME/tarfuse/."""
+def default_path(archive_path: str, ident: Identity, beside: bool = True) -> str | None:
+    """Where the index of an archive goes: beside it, else the cache directory; None: nowhere safe (logged).
+
+    Beside it only if `beside`, nobody but the caller or root can change its directory (for root,
+    writable says nothing: root may write anywhere), and the caller can write there on a writable file
+    system. The cache directory is sidefiles.cache_dir(), keyed by the archive's path and identity.
+    """
     absolute = os.path.abspath(archive_path) if beside else archive_path
-    directory = os.path.dirname(absolute)
-    if beside and os.access(directory, os.W_OK) and not os.statvfs(directory).f_flag & os.ST_RDONLY:
-        return absolute + SUFFIX
+    untrusted = ""
+    if beside:
+        directory = os.path.dirname(absolute)
+        try:
+            sidefiles.check_directory(directory)
+            if os.access(directory, os.W_OK) and not os.statvfs(directory).f_flag & os.ST_RDONLY:
+                return absolute + SUFFIX
+        except OSError as exc:
+            untrusted = exc.strerror or str(exc)
+    try:
+        cache = sidefiles.cache_dir()
+    except sidefiles.Untrusted as exc:
+        log.warning(
+            "keeping no index on disk: no cache directory that only you (or root) can change (%s); "
+            "set XDG_CACHE_HOME to a directory of yours, mode 0700, or choose with -o index=PATH",
+            exc.strerror,
+        )
+        return None
     key = hashlib.sha256(json.dumps([absolute, *ident]).encode()).hexdigest()[:32]
-    return os.path.join(cache_dir(), key + SUFFIX)
+    where = os.path.join(cache, key + SUFFIX)
+    if untrusted:
+        _say_why_not_beside(absolute, where, untrusted)
+    return where
 
 
-def cache_dir() -> str:
-    """$XDG_CACHE_HOME/tarfuse (~/.cache/tarfuse): indexes of read-only places and URLs, unnamed spills."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "tarfuse")
+def _say_why_not_beside(archive: str, where: str, reason: str) -> None:
+    """Log that the index is kept in the cache directory because others can change the archive's directory."""
+    planted = [p for p in (archive + SUFFIX, spill_path(archive + SUFFIX)) if os.path.lexists(p)]
+    if planted:
+        log.warning(
+            "ignoring %s: %s, so someone else could have written it; the index is kept in %s",
+            " and ".join(planted),
+            reason,
+            where,
+        )
+    else:
+        log.info("the index is kept in %s, not beside the archive: %s", where, reason)
 
 
 def spill_path(index_path: str) -> str:
@@ -75,10 +112,12 @@ class Loaded:
 def load(path: str, source: CompressedSource) -> Loaded | str:
     """Read and check the index file; return it, or why it cannot be used ("" if there is none)."""
     try:
-        with open(path, "rb") as file:
+        with sidefiles.open_trusted(path) as file:
             data = file.read()
     except FileNotFoundError:
         return ""
+    except sidefiles.Untrusted as exc:
+        return f"it is not trusted: {exc.strerror}"
     except OSError as exc:
         return f"cannot read it ({exc.strerror})"
     if not data.startswith(MAGIC):
@@ -100,7 +139,11 @@ def load(path: str, source: CompressedSource) -> Loaded | str:
 
 
 def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int | None = None) -> None:
-    """Write the index atomically (a temporary file renamed over the old one); `spill`: the spill's length."""
+    """Write the index atomically and privately (sidefiles.write_file); `spill`: the spill's length.
+
+    Raises:
+        OSError: sidefiles.Untrusted if someone else could change the directory; what writing said.
+    """
     header = {
         "identity": identity(source),
         "compression": source.compression,
@@ -109,20 +152,15 @@ def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int
         "sha256": hashlib.sha256(blob).hexdigest(),
         **({} if spill is None else {"spill": spill}),
     }
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(temporary, "wb") as file:
-            file.write(MAGIC + json.dumps(header).encode() + b"\n" + blob)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    sidefiles.write_file(path, MAGIC + json.dumps(header).encode() + b"\n" + blob)
 
 
 def use_saved_index(path: str, source: CompressedSource) -> bool:
-    """Load the index at `path` into `source` if it is valid; log why if it is there but unusable."""
+    """Load the index at `path` into `source` if it is valid; log why if it is there but unusable.
+
+    First remove what a killed tarfuse left in that directory (sidefiles.remove_stale).
+    """
+    remove_stale(os.path.dirname(os.path.abspath(path)))
     found = load(path, source)
     if isinstance(found, Loaded):
         loaded, found = found, _use(path, found, source)
@@ -144,15 +182,39 @@ def _use(path: str, loaded: Loaded, source: CompressedSource) -> str:
         return ""
     where = spill_path(path)
     try:
-        if os.path.getsize(where) != loaded.spill:
+        file = sidefiles.open_trusted(where)
+    except sidefiles.Untrusted as exc:
+        return f"its spill {where} is not trusted: {exc.strerror}"
+    except OSError as exc:
+        return f"its spill {where} cannot be read ({exc.strerror})"
+    if found := _serve_spill_file(where, file, loaded, source):
+        file.close()
+        return found
+    log.info("reads are served from the spill %s", where)
+    return ""
+
+
+def _serve_spill_file(where: str, file: BinaryIO, loaded: Loaded, source: CompressedSource) -> str:
+    """Serve from the spill `file` if it is the one the index names; say why not, or ""."""
+    try:
+        if os.fstat(file.fileno()).st_size != loaded.spill:
             return f"its spill {where} is not the one it names (another length)"
-        source.serve_spill(where, loaded.size)
+        source.serve_spill(where, loaded.size, file, check_start=True)
     except OSError as exc:
         return f"its spill {where} cannot be read ({exc.strerror})"
     except DECODE_ERRORS as exc:
         return f"its spill {where} is damaged ({exc})"
-    log.info("reads are served from the spill %s", where)
     return ""
+
+
+def remove_stale(directory: str) -> None:
+    """Remove the temporary files a killed tarfuse of ours left in `directory`; log each."""
+    try:
+        removed = sidefiles.remove_stale(directory)
+    except OSError:
+        return  # missing, or others can change it: we write nothing there, so nothing of ours is there
+    for name in removed:
+        log.info("removed %s, left behind by a tarfuse that did not finish", os.path.join(directory, name))
 
 
 @dataclass
@@ -215,6 +277,7 @@ class IndexingPass:
 
     def run(self, stop: threading.Event) -> None:
         """Run to the end of the stream (or until `stop`); log the outcome. Called in a worker thread."""
+        self._index_path = self._safe_place(self._index_path)
         decoder = self._source.new_decoder()
         self._spill = self._open_spill() if decoder.single_stream() else None
         try:
@@ -264,12 +327,26 @@ class IndexingPass:
             except OSError as exc:
                 log.warning("could not save the index to %s: %s", self._index_path, exc.strerror)
 
-    def _open_spill(self) -> SpillWriter | None:
-        where = None if self._index_path is None else spill_path(self._index_path)
+    @staticmethod
+    def _safe_place(where: str | None) -> str | None:
+        """`where` if its directory is (made) one that only the caller or root can change, else None."""
+        if where is None:
+            return None
         try:
-            return SpillWriter(where, cache_dir())
+            sidefiles.make_directory(os.path.dirname(os.path.abspath(where)))
         except OSError as exc:
-            log.warning("cannot write a spill (%s): backwards reads will decompress from the start", exc)
+            log.warning("not keeping the index at %s: %s", where, exc.strerror)
+            return None
+        return where
+
+    def _open_spill(self) -> SpillWriter | None:
+        try:
+            if self._index_path is None:
+                return SpillWriter.unnamed(sidefiles.unnamed_dir())
+            return SpillWriter.named(spill_path(self._index_path))
+        except OSError as exc:
+            reason = exc.strerror or exc
+            log.warning("cannot write a spill (%s): backwards reads will decompress from the start", reason)
             return None
 
     def _spill_more(self, decoder: Decoder, data: memoryview) -> None:
@@ -291,12 +368,15 @@ class IndexingPass:
             if spill is not None:
                 spill.abandon()
             return None
+        file = None
         try:
-            path, length = spill.finish()
-            self._source.serve_spill(path, size, spill.file if self._index_path is None else None)
+            path, length, file = spill.finish()
+            self._source.serve_spill(path, size, file)
         except _SPILL_ERRORS as exc:
             log.warning("cannot complete the spill (%s): backwards reads will decompress from the start", exc)
             spill.abandon()
+            if file is not None:
+                file.close()
             return None
         log.info("spill complete: %s (%d bytes); reads are served from it", path, length)
         return length

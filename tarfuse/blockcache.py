@@ -13,9 +13,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
-from tarfuse.errors import TruncatedArchive
+from tarfuse.errors import ArchiveError, TruncatedArchive
 
 Fetch = Callable[[int, int], Iterable[bytes]]  # (offset, size) -> chunks adding up to exactly size bytes
+# (more is refused after the chunk that overshoots, so a faulty fetch cannot fill memory)
 
 BLOCK_SIZE = 128 * 1024
 MAX_FETCH = 16 * 1024 * 1024  # one request at most; a longer run of missing blocks takes several
@@ -174,9 +175,12 @@ class BlockReader:
         offset = first * self._block
         length = min(count * self._block, self.size - offset)
         pending = bytearray()
-        block = first
+        block, received = first, 0
         try:
             for chunk in self._fetch(offset, length):
+                received += len(chunk)
+                if received > length:  # what a fetch brings is held here: never more than was asked
+                    raise ArchiveError(f"the source sent more than the {length} bytes asked", offset)
                 pending += chunk
                 while block < first + count and len(pending) >= (n := self._block_length(block)):
                     self._complete(block, bytes(pending[:n]))

@@ -74,7 +74,7 @@ def split_mount_options(words: list[str], rw_is_default: bool = False) -> MountO
         key, has_value, value = word.partition("=")
         if key in _OURS and has_value:
             _set_option(options, key, value)
-        elif key in remote.OPTION_KEYS and has_value:
+        elif key in remote.OPTION_KEYS and (has_value or word in remote.FLAG_KEYS):
             options.remote.append(word)  # checked by remote.parse_options when a URL is opened
         elif word == "noindex":
             options.noindex = True
@@ -162,9 +162,14 @@ MOUNT_OPTION_HELP = (
     ),
     (
         "ca_file=PEM,timeout=SECONDS,retries=N",
-        "http(s) archives: CA bundle (default: the system's), the time one request may take (20), "
-        "failed tries in a row before a read fails with EIO (5); HTTPS_PROXY, HTTP_PROXY and NO_PROXY "
-        "are honoured (docs/remote.md)",
+        "http(s) archives: CA bundle (default: the system's), connect and read timeout (20; a whole "
+        "request, body included, must end within twice that), failed tries in a row before a read fails "
+        "with EIO (5); HTTPS_PROXY, HTTP_PROXY and NO_PROXY are honoured (docs/remote.md)",
+    ),
+    (
+        "follow_redirects",
+        "http(s) archives: follow a redirect to another host (another scheme, host or port), without the "
+        "header= values; without it such a redirect is refused; https to http is always refused",
     ),
 )
 

@@ -3,7 +3,10 @@
 Serves named objects (bytes, or a file read with pread, so a sparse 1 GiB file costs nothing) with ETag
 and Last-Modified, answers `Range: bytes=A-B` with 206, and counts requests and body bytes sent. Faults
 apply to the next N requests (or all, with -1): dropped connections, delays, error statuses, truncated
-bodies, and ignoring Range. A request whose target is an absolute URL is served as a proxy would.
+bodies, and ignoring Range. Hostile behaviours apply to every request while set: a Content-Range that
+claims more than was asked, a body longer than its Content-Range, a drip of one byte at a time (headers
+too, if asked), and redirects (`redirect()`), to another port or loopback address (`serve(host=...)`) or
+from https to http. A request whose target is an absolute URL is served as a proxy would.
 """
 
 import contextlib
@@ -59,6 +62,12 @@ class Faults:
     delay: float = 0.0
     truncate: int = 0  # send half the body, then close the connection
     ignore_range: bool = False  # answer every GET with 200 and the whole object
+    claim: int = 0  # answer `claim` bytes from the first one asked, whatever the range asked (a lying 206)
+    body_extra: int = 0  # Content-Length and the body run this many bytes past the Content-Range
+    drip: float = 0.0  # seconds between two bytes of the body, sent one at a time
+    drip_headers: bool = False  # the status line and headers too
+    pace: float = 0.0  # seconds between two 64 KiB writes of the body: slow, but steady
+    content_range: str = ""  # sent instead of the true Content-Range of a 206
 
     def take(self, name: str) -> bool:
         left = getattr(self, name)
@@ -70,6 +79,7 @@ class Faults:
 @dataclass
 class ServerState:
     objects: dict[str, Served] = field(default_factory=dict)
+    redirects: dict[str, tuple[int, str]] = field(default_factory=dict)  # path -> (status, Location)
     faults: Faults = field(default_factory=Faults)
     requests: list[Request] = field(default_factory=list)
     bytes_served: int = 0
@@ -79,9 +89,9 @@ class ServerState:
 class RangeServer:
     """The running server: put objects, set faults, read the counters."""
 
-    def __init__(self, httpd: ThreadingHTTPServer, state: ServerState, scheme: str) -> None:
+    def __init__(self, httpd: ThreadingHTTPServer, state: ServerState, scheme: str, host: str) -> None:
         self._httpd, self.state = httpd, state
-        self.base = f"{scheme}://127.0.0.1:{httpd.server_address[1]}"
+        self.base = f"{scheme}://{host}:{httpd.server_address[1]}"
 
     def url(self, name: str, query: str = "") -> str:
         return f"{self.base}/{name}" + (f"?{query}" if query else "")
@@ -91,6 +101,12 @@ class RangeServer:
         with self.state.lock:
             old = self.state.objects.get(f"/{name}")
             self.state.objects[f"/{name}"] = Served(data, old.version + 1 if old else 1)
+        return self.url(name)
+
+    def redirect(self, name: str, location: str, status: int = 302) -> str:
+        """Answer every request for /name with `status` and `location`; return the URL of /name."""
+        with self.state.lock:
+            self.state.redirects[f"/{name}"] = (status, location)
         return self.url(name)
 
     @property
@@ -131,6 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             state.requests.append(Request(self.command, self.path, dict(self.headers.items())))
             obj = state.objects.get(urlsplit(self.path).path)
+            redirect = state.redirects.get(urlsplit(self.path).path)
             faults = state.faults
             drop, error, slow = faults.take("drop"), faults.take("error"), faults.take("slow")
             truncate, ignore_range = faults.take("truncate"), faults.ignore_range
@@ -142,12 +159,16 @@ class _Handler(BaseHTTPRequestHandler):
         if error:
             self._answer(faults.status, {"Retry-After": "0"}, b"")
             return
+        if redirect is not None:
+            self._answer(redirect[0], {"Location": redirect[1]}, b"")
+            return
         if obj is None:
             self._answer(404, {}, b"")
             return
         self._serve_object(obj, body, truncate, ignore_range)
 
     def _serve_object(self, obj: Served, body: bool, truncate: bool, ignore_range: bool) -> None:
+        faults = self.server.state.faults
         size = obj.size
         headers = {
             "ETag": f'"v{obj.version}"',
@@ -164,8 +185,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._answer(416, {**headers, "Content-Range": f"bytes */{size}"}, b"")
                 return
             status = 206
-            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-        length = last - first + 1
+            if faults.claim:
+                last = min(first + faults.claim, size) - 1
+            headers["Content-Range"] = faults.content_range or f"bytes {first}-{last}/{size}"
+        length = last - first + 1 + faults.body_extra
         self._start(status, {**headers, "Content-Length": str(length)})
         if body:
             self._send_body(obj, first, length // 2 if truncate else length)
@@ -180,15 +203,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
-        self.end_headers()
+        faults = self.server.state.faults
+        if not (faults.drip and faults.drip_headers):
+            self.end_headers()
+            return
+        self._headers_buffer.append(b"\r\n")  # what end_headers() would write, a byte at a time
+        self._drip(b"".join(self._headers_buffer), faults.drip)
+        self._headers_buffer = []
 
     def _send_body(self, obj: Served, first: int, length: int) -> None:
         state = self.server.state
         for start in range(first, first + length, _WRITE):
             chunk = obj.read(start, min(_WRITE, first + length - start))
-            self.wfile.write(chunk)
+            chunk += bytes(min(_WRITE, first + length - start) - len(chunk))  # body_extra: past the end
+            if state.faults.drip:
+                self._drip(chunk, state.faults.drip)
+            else:
+                time.sleep(state.faults.pace)
+                self.wfile.write(chunk)
             with state.lock:
                 state.bytes_served += len(chunk)
+
+    def _drip(self, data: bytes, interval: float) -> None:
+        """Send `data` one byte every `interval` seconds, until the client hangs up."""
+        for index in range(len(data)):
+            self.wfile.write(data[index : index + 1])
+            self.wfile.flush()
+            time.sleep(interval)
 
 
 class _Server(ThreadingHTTPServer):
@@ -200,9 +241,9 @@ class _Server(ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def serve(tls: tuple[Path, Path] | None = None) -> Iterator[RangeServer]:
-    """Run a server on 127.0.0.1 (HTTPS with `tls` = (cert, key)) until the block ends."""
-    httpd = _Server(("127.0.0.1", 0), _Handler)
+def serve(tls: tuple[Path, Path] | None = None, host: str = "127.0.0.1") -> Iterator[RangeServer]:
+    """Run a server on `host`, a loopback address (HTTPS with `tls` = (cert, key)), until the block ends."""
+    httpd = _Server((host, 0), _Handler)
     httpd.state = ServerState()
     if tls is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -211,7 +252,7 @@ def serve(tls: tuple[Path, Path] | None = None) -> Iterator[RangeServer]:
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield RangeServer(httpd, httpd.state, "https" if tls else "http")
+        yield RangeServer(httpd, httpd.state, "https" if tls else "http", host)
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -427,7 +427,13 @@ def _open_compressed(
         return open_image(source.pread, source.size, options.member, source.pread_into), None
     opener = open_image if complete else open_first_image
     image = opener(source.pread, source.size, options.member, source.pread_into)
-    indexing = index.IndexingPass(source, image.name, where, scan=not complete)
+    indexing = index.IndexingPass(
+        source,
+        image.name,
+        where,
+        scan=not complete,
+        served_header=None if complete else image.member.header_offset,
+    )
     return image, daemon.BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
 
 

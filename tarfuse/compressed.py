@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import BinaryIO, Protocol, TypeVar, cast
 
 from tarfuse import detect
-from tarfuse.errors import CompressedArchive, CorruptCompressed, TarfuseError
+from tarfuse.errors import ArchiveError, CompressedArchive, CorruptCompressed, TarfuseError
 from tarfuse.source import ArchiveFile, ByteSource, PreadFile
 
 UNKNOWN_SIZE = 1 << 62  # the size until the stream's end is known: reads past the real end come back short
@@ -258,7 +258,7 @@ class CompressedSource:
         self._spill: str | None = None  # serve from this seekable copy (spill.py) rather than the archive
         self._spill_file: BinaryIO | None = None  # ... read through this file, open while it is served
         self._size: int | None = None
-        self._broken: CorruptCompressed | None = None
+        self._broken: ArchiveError | None = None
         with self._lock:
             try:
                 self._size = self._decoder_locked().complete_size()
@@ -343,8 +343,9 @@ class CompressedSource:
         if old is not None:
             old.close()
 
-    def mark_broken(self, error: CorruptCompressed) -> None:
-        """Fail every later read: the stream was found corrupt, so no decompressed byte can be trusted."""
+    def mark_broken(self, error: ArchiveError) -> None:
+        """Fail every later read with `error`: the stream was found corrupt, so no decompressed byte can be
+        trusted, or what is served turned out not to be what tar -x extracts."""
         self._broken = error
 
     def drop_decoder(self) -> None:

@@ -27,7 +27,7 @@ from typing import BinaryIO
 from tarfuse import sidefiles
 from tarfuse.archive import normalize_name, scan_members
 from tarfuse.compressed import DECODE_ERRORS, UNKNOWN_SIZE, CompressedSource, Decoder
-from tarfuse.detect import has_image_suffix
+from tarfuse.detect import Candidate, has_image_suffix, resolve_files
 from tarfuse.errors import ArchiveError, CorruptCompressed
 from tarfuse.source import Identity
 from tarfuse.spill import SpillWriter
@@ -267,10 +267,18 @@ class IndexingPass:
     """Decompress the whole stream once in the background: complete the index, save it, hand it over."""
 
     def __init__(
-        self, source: CompressedSource, served: str, index_path: str | None, scan: bool = True
+        self,
+        source: CompressedSource,
+        served: str,
+        index_path: str | None,
+        scan: bool = True,
+        served_header: int | None = None,
     ) -> None:
-        """`scan`: look for other image candidates (not when the image was chosen from all headers)."""
+        """`scan`: read every header (not needed when the image was chosen from all of them): look for
+        other image candidates, and check that the member served is the one tar -x extracts under its name:
+        the one whose header is at `served_header` (decompressed offset)."""
         self._source, self._served, self._index_path, self._scan = source, served, index_path, scan
+        self._served_header = served_header
         self.progress = Progress(time.monotonic(), compressed_total=source.archive.size)
         self.others: list[str] = []
         self._spill: SpillWriter | None = None
@@ -298,17 +306,53 @@ class IndexingPass:
 
     def _walk(self, decoder: Decoder, stop: threading.Event) -> None:
         reader = _ForwardReader(decoder, stop, self.progress, lambda data: self._spill_more(decoder, data))
-        for member in scan_members(reader.pread, UNKNOWN_SIZE) if self._scan else ():
-            name = normalize_name(member.name)
-            if member.kind != "other" and has_image_suffix(name) and name != normalize_name(self._served):
-                self.others.append(member.name)
+        if self._scan:
+            files = resolve_files(scan_members(reader.pread, UNKNOWN_SIZE))  # as tar -x leaves them
+            self._check_served(files)
+            self._warn_of_others(files)
+        reader.advance(UNKNOWN_SIZE)
+
+    def _check_served(self, files: list[Candidate]) -> None:
+        """Fail reads if a later member replaces the one served (tar -x keeps the last of a name).
+
+        The image was served as soon as its header was decompressed, before the rest of the archive was
+        read: serving early and serving what tar -x extracts meet here. Bytes are never switched under a
+        reader: the mount fails every read from now on, and says to mount again, which serves the right
+        member from the saved index at once.
+        """
+        if self._served_header is None:
+            return
+        name = normalize_name(self._served)
+        final = next((c for c in files if normalize_name(c.name) == name), None)
+        if final is not None and final.member.header_offset == self._served_header:
+            return
+        later = "is not a regular file there" if final is None else "holds other data"
+        where = None if final is None else final.member.header_offset
+        remedy = (
+            "unmount and mount again: the saved index serves the last copy at once"
+            if self._index_path is not None
+            else "this mount keeps no index (-o noindex, or no safe place for one), so a new mount would "
+            "serve the first copy again: mount it with an index kept"
+        )
+        error = ArchiveError(
+            f"a later member named {self._served!r} replaces the one this mount served, as tar -x would "
+            f"(it {later}); reads fail from now on; {remedy}",
+            where,
+        )
+        self._source.mark_broken(error)
+        log.error("%s: %s", self._source.path, error)
+
+    def _warn_of_others(self, files: list[Candidate]) -> None:
+        served = normalize_name(self._served)
+        for candidate in files:
+            if has_image_suffix(candidate.name) and normalize_name(candidate.name) != served:
+                self.others.append(candidate.name)
                 log.warning(
                     "the archive also holds %r, which looks like a disk image too; this mount serves %r "
                     "(choose with -o member=PATH)",
-                    member.name,
+                    candidate.name,
                     self._served,
                 )
-        reader.advance(UNKNOWN_SIZE)
 
     def _finish(self, decoder: Decoder) -> None:
         size = decoder.complete_size() or self.progress.decompressed

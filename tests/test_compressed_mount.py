@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    Mount,
     MountFactory,
     SampleImage,
     make_archive,
@@ -148,3 +149,75 @@ def test_ext4_in_a_tar_zst_mounts_through_a_loop_device(mount: MountFactory, tmp
     (served := tmp_path / "mnt").mkdir()
     mount(tmp_path / "fs.tar.zst", served)
     assert read_payload_through_loop(served / "ext4.img", tmp_path / "inner") == content
+
+
+# --- a name that occurs more than once (tar -r): tar -x keeps the last copy -------------------------------
+
+COPIES = 3
+COPY_SIZE = 1 << 20
+
+
+def appended_copies(tmp_path: Path, name: str) -> tuple[Path, list[bytes]]:
+    """`tar -r` the same path three times with other content, then gzip: as issue 12 found archives."""
+    tree = tmp_path / "tree"
+    (tree / "foo" / "fighter").mkdir(parents=True)
+    plain = tmp_path / "ufo.tar"
+    contents = []
+    for copy in range(COPIES):
+        data = random.Random(copy).randbytes(COPY_SIZE)
+        (tree / "foo" / "fighter" / name).write_bytes(data)
+        subprocess.run(["tar", "-rf", str(plain), "-C", str(tree), f"foo/fighter/{name}"], check=True)
+        contents.append(data)
+    subprocess.run(["gzip", "-k", str(plain)], check=True)
+    return plain.with_name("ufo.tar.gz"), contents
+
+
+def wait_for_log(mounted: Mount, text: str) -> str:
+    deadline = time.monotonic() + 20
+    while text not in (log := mounted.stderr_text()):
+        assert time.monotonic() < deadline, log
+        time.sleep(0.05)
+    return log
+
+
+@pytest.mark.parametrize(("name", "options"), [("ufo.img", ()), ("ufo", ("-o", "member=foo/fighter/ufo"))])
+def test_a_compressed_archive_whose_image_is_replaced_later_never_serves_the_first_copy_unsaid(
+    mount: MountFactory, tmp_path: Path, name: str, options: tuple[str, ...]
+) -> None:
+    archive, contents = appended_copies(tmp_path, name)
+    (served := tmp_path / "mnt").mkdir()
+    first = mount(archive, served, *options)
+    log = wait_for_log(first, "index saved")
+    assert f"a later member named 'foo/fighter/{name}' replaces the one this mount served" in log
+    assert "unmount and mount again" in log
+    with pytest.raises(OSError, match="Input/output error") as failed:
+        (served / name).read_bytes()
+    assert failed.value.errno == errno.EIO
+
+    subprocess.run(["fusermount3", "-u", str(served)], check=True)
+    first.process.wait(10)
+    second = mount(archive, served, *options)
+    assert (served / name).read_bytes() == contents[-1]  # what tar -x leaves
+    assert "replaces" not in second.stderr_text()
+
+
+def test_without_an_index_the_message_says_a_new_mount_would_not_help(
+    mount: MountFactory, tmp_path: Path
+) -> None:
+    archive, _ = appended_copies(tmp_path, "ufo.img")
+    (served := tmp_path / "mnt").mkdir()
+    mounted = mount(archive, served, "-o", "noindex")
+    log = wait_for_log(mounted, "replaces the one this mount served")
+    assert "a new mount would serve the first copy again: mount it with an index kept" in log
+    with pytest.raises(OSError, match="Input/output error") as failed:
+        (served / "ufo.img").read_bytes()
+    assert failed.value.errno == errno.EIO
+
+
+def test_a_plain_archive_with_the_image_three_times_serves_the_last(
+    mount: MountFactory, tmp_path: Path
+) -> None:
+    archive, contents = appended_copies(tmp_path, "ufo.img")
+    (served := tmp_path / "mnt").mkdir()
+    mount(archive.with_suffix(""), served)
+    assert (served / "ufo.img").read_bytes() == contents[-1]

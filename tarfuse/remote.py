@@ -11,6 +11,7 @@ urllib.request are imported when a URL is opened: a local mount does not pay the
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import logging
@@ -161,14 +162,14 @@ class RemoteArchive:
 
     def __init__(self, url: str, options: RemoteOptions = RemoteOptions()) -> None:
         self.path = display_name(url)  # never the URL itself: it may carry a token in its query string
-        self._url = url
         try:
             self._origin = _origin(url)
         except ValueError:
             raise UsageError(f"{self.path}: not a usable http(s) URL") from None
         self._options = options
-        self._headers = {"Accept-Encoding": "identity", **dict(options.headers)}
-        self._user_headers = frozenset(name for name, _ in options.headers)
+        self._url, user_headers = _without_user_info(url, options.headers)
+        self._headers = {"Accept-Encoding": "identity", **dict(user_headers)}
+        self._user_headers = frozenset(name for name, _ in user_headers)
         self._secrets = _secrets_of(url, options)
         self._pool = _pool_manager(url, options)
         import urllib3
@@ -426,6 +427,26 @@ class RemoteArchive:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def _without_user_info(
+    url: str, headers: tuple[tuple[str, str], ...]
+) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Turn `https://user:password@host/...` into Basic authentication, a user header like any other.
+
+    urllib3 sends no credentials for a URL's user info, so the server answered 401 and the user was not told
+    why; as a header it is also never sent to another host (see _redirect) and never shown (_secrets_of).
+    """
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, headers
+    secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    basic = ("Authorization", "Basic " + base64.b64encode(secret).decode("ascii"))
+    given = any(name.lower() == "authorization" for name, _ in headers)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl(), headers if given else (
+        *headers,
+        basic,
+    )
 
 
 class _Transient(Exception):

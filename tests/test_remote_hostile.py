@@ -6,6 +6,7 @@ Everything talks to loopback addresses only: "another host" is another port, ano
 another name for 127.0.0.1. Timeouts are a fraction of a second, so that the slow cases stay fast.
 """
 
+import base64
 import os
 import random
 import subprocess
@@ -302,3 +303,21 @@ def test_slow_but_steady_answer_is_resumed_past_the_deadline(server: RangeServer
     server.faults.pace = 0.05  # 64 KiB every 50 ms: 1 MiB takes 0.8 s, more than the 0.6 s deadline
     assert source.pread(MiB, MiB // 2) == blob[MiB // 2 : MiB // 2 + MiB]
     assert len(server.requests) >= 2  # cut off once at least, and resumed where it stopped
+
+
+def test_user_info_in_the_url_is_sent_as_basic_auth_to_that_server_only(
+    server: RangeServer, elsewhere: tuple[str, RangeServer], blob: bytes
+) -> None:
+    """urllib3 sent nothing for `user:password@`, and the server's 401 did not say why."""
+    target, other = elsewhere
+    other.put("blob", blob)
+    url = server.redirect("vm.tar", f"{target}/blob", status=307)
+    with_user = url.replace("://", "://alice:s%40cret@", 1)
+    source = remote(with_user, follow_redirects=True)
+    assert source.pread(10, 0) == blob[:10]
+    first = [r for r in server.requests if r.target == "/vm.tar"]
+    assert {r.headers.get("Authorization") for r in first} == {
+        "Basic " + base64.b64encode(b"alice:s@cret").decode()
+    }
+    assert all("Authorization" not in r.headers for r in other.requests if r.target == "/blob")
+    assert "alice" not in source.path

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tarfuse import mountinfo
 from tarfuse.sample import DataRun, boot_command, boot_sector, data_runs
 
 MiB = 1 << 20
@@ -46,8 +47,7 @@ def plain_tar(image: bytes) -> bytes:
 
 
 def is_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo", encoding="utf-8") as info:
-        return any(line.split()[4] == str(path) for line in info)
+    return mountinfo.find(path) is not None
 
 
 @contextmanager

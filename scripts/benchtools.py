@@ -24,6 +24,8 @@ from typing import Literal
 
 from benchdata import Dataset, Segment
 
+from tarfuse import mountinfo
+
 ReadAt = Callable[[memoryview, int], int]  # fill the buffer from an image offset; return bytes read
 Role = Literal["limit", "tarfuse", "peer"]
 
@@ -399,16 +401,11 @@ def _wait_readable(path: str, start: float, cap: float, check: Callable[[], None
 
 
 def is_mounted(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
-        return any(line.split()[4].replace("\\040", " ") == target for line in mountinfo)
+    return mountinfo.find(path) is not None
 
 
 def mounts_under(directory: Path) -> list[Path]:
-    prefix = str(directory).rstrip("/") + "/"
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
-        points = [line.split()[4].replace("\\040", " ") for line in mountinfo]
-    return [Path(p) for p in points if p.startswith(prefix)]
+    return [Path(p) for p in mountinfo.under(directory)]
 
 
 def unmount(path: Path) -> None:

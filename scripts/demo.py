@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tarfuse import mountinfo
 from tarfuse.sample import boot_command, kvm_usable, write_sparse_boot_image
 
 IMAGE_SIZE = 256 * 1024 * 1024
@@ -52,10 +53,7 @@ def run(*command: str, keep: Callable[[str], bool] = lambda line: True) -> str:
 
 
 def is_mounted(path: Path) -> bool:
-    # Resolve only the parent: stat() on a mount point whose daemon hangs would never return.
-    target = str(path.absolute().parent.resolve() / path.name)
-    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
-        return any(line.split()[4].replace("\\040", " ") == target for line in mountinfo)
+    return mountinfo.find(path) is not None
 
 
 def sha256_of(path: Path) -> str:

@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tarfuse import mountinfo
+
 MIB = 1 << 20
 MIN_READ, MAX_READ = 512, 4 * MIB
 MOUNT_TIMEOUT = 30.0
@@ -231,9 +233,7 @@ class Readers:
 
 
 def is_mounted(path: Path) -> bool:
-    # Compare with mountinfo rather than stat the mount point: a stat of a hung mount never returns.
-    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
-        return any(line.split()[4].replace("\\040", " ") == str(path) for line in mountinfo)
+    return mountinfo.find(path) is not None
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from tarfuse import eventloop
+from tarfuse import eventloop, mountinfo
 from tarfuse.errors import UsageError
 from tarfuse.fs import ImageFs
 
@@ -135,28 +135,14 @@ def mount(ops: ImageFs, mountpoint: MountPoint, options: set[str]) -> None:
 def find_mount(path: str) -> str | None:
     """Return the device ("major:minor") of the topmost mount at `path`, or None if none is there.
 
-    `path` must be absolute and resolved (os.path.realpath) *before* mounting: once our mount is there,
-    any stat of it waits for our own loop. Reads /proc/self/mountinfo, as os.path.ismount misses mounts
-    on files.
+    `path` must be resolved *before* mounting: once our mount is there, any stat of it waits for our own
+    loop.
     """
-    target = path
-    device = None
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
-            for line in info:
-                fields = line.split()
-                if _unescape(fields[4]) == target:
-                    device = fields[2]  # a later line is a mount on top of an earlier one
+        found = mountinfo.find(path)
     except OSError:
         return None
-    return device
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040 ...)."""
-    for code in ("\\040", "\\011", "\\012", "\\134"):
-        field = field.replace(code, chr(int(code[1:], 8)))
-    return field
+    return None if found is None else found.device
 
 
 def tune_readahead(mountpoint: str, kib: int) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tarfuse import mountinfo
 from tarfuse.sample import write_sparse_boot_image
 
 IMAGE_SIZE = 24 * 1024 * 1024
@@ -74,42 +75,14 @@ def require_tool(name: str) -> str:
     return path
 
 
-def _unescape_mountinfo(field: str) -> str:
-    for escaped, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(escaped, char)
-    return field
-
-
 def mount_target(path: str | Path) -> str:
-    """Return `path` as mountinfo spells it, without stat()ing `path` itself.
-
-    os.path.realpath would lstat the mount point, and a stat of a mount whose daemon hangs blocks for
-    good; only the parent directory is resolved.
-    """
-    absolute = os.path.abspath(path)
-    return os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+    """Return `path` as mountinfo spells it, without stat()ing `path` itself."""
+    return mountinfo.spelled(path)
 
 
-@dataclass(frozen=True, slots=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo, the parts the tests look at."""
-
-    fstype: str
-    source: str
-    super_options: frozenset[str]
-
-
-def mount_entry(path: str | Path) -> MountEntry | None:
+def mount_entry(path: str | Path) -> mountinfo.Mount | None:
     """Return the topmost mount on `path` (a directory or a file), or None."""
-    target = mount_target(path)
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
-        for line in mountinfo:
-            fields, _, tail = line.partition(" - ")
-            if _unescape_mountinfo(fields.split()[4]) == target:
-                fstype, source, options = tail.split()[:3]
-                found = MountEntry(fstype, _unescape_mountinfo(source), frozenset(options.split(",")))
-    return found
+    return mountinfo.find(path)
 
 
 def is_mounted(path: str | Path) -> bool:

@@ -2,21 +2,51 @@
 
 All I/O goes through a `pread(size, offset)` callable, so the walk runs the same over a plain file or, later,
 a decompressed view. Member data is never read, except the payloads that carry metadata (L/K/x/g) and the
-`isextended` chain of old GNU sparse headers. Sparse maps are decoded later, by sparse.py, and only for the
-member that is served. Must not import pyfuse3 or trio.
+`isextended` chain of old GNU sparse headers, each within a bound (MAX_* below). Sparse maps are decoded
+later, by sparse.py, and only for the member that is served. Must not import pyfuse3 or trio.
 """
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tarfuse import tarheader as th
-from tarfuse.errors import BadHeader, TruncatedArchive
+from tarfuse.errors import BadHeader, CorruptSparseMap, TruncatedArchive
 
 Pread = Callable[[int, int], bytes]  # (size, offset) -> bytes, like os.pread without the fd
 
+# Bounds on what is read whole, or kept, for metadata. A header can claim any size up to 2**88, and a
+# compressed archive is no check: 512 MiB of one repeated byte is 16 KB of zstd. Each bound is far above
+# what real tools write, and an archive past one is refused with the bound in the message.
+MAX_LONG_NAME_SIZE = 1 << 20  # a GNU 'L'/'K' payload. Linux paths end at PATH_MAX (4 KiB), and GNU tar
+# cannot extract a longer name; libarchive ("Special header too large") and Go's archive/tar refuse more.
+MAX_PAX_SIZE = 8 << 20  # the 'x' payloads of one member together, and each 'g' payload. Real ones hold
+# paths, times, xattrs (Linux: at most 64 KiB a value) and GNU tar's PAX 0.0/0.1 sparse maps (20-60 bytes
+# an extent: 8 MiB is 140,000 extents or more); libarchive 3.6 and Go refuse any over 1 MiB.
+MAX_SPARSE_ENTRIES = 1 << 21  # 2,097,152 map entries in any dialect: twice the million-extent map of the
+# benchmarks (docs/benchmarks.md), 48 MiB as a SparseMap. GNU tar writes one entry per run of data.
+_MAX_EXTENSION_BLOCKS = -(-(MAX_SPARSE_ENTRIES - th.OLD_GNU_SPARSE_ENTRIES) // th.EXTENSION_ENTRIES)
+MAX_MTIME = (2**63 - 1) // 10**9  # seconds whose nanoseconds fit FUSE's signed 64-bit st_mtime_ns: 292 years
+
 _WINDOW = 64 * 1024  # headers of small members sit close together: read them in one go
-_DIRECTORY = ord("5")
 _NO_PAX: dict[str, str] = {}  # read only
+_EXTENDED = frozenset((th.GNU_LONGNAME, th.GNU_LONGLINK, th.PAX_LOCAL, th.SOLARIS_PAX, th.PAX_GLOBAL))
+# The PAX keywords the walk reads; the other records are dropped once parsed, so a header's memory ends
+# with it (GNU.sparse.offset/numbytes and GNU.sparse.map are read again by sparse.py, for the served member).
+_PAX_KEYS = frozenset(("path", "linkpath", "size", "mtime")) | {
+    f"GNU.sparse.{key}"
+    for key in ("name", "major", "minor", "realsize", "size", "map", "offset", "numblocks")
+}
+# Type flags whose size field is not data (hard link, symlink, character and block device, directory, FIFO).
+# GNU tar 1.34 extracts no data for them: read_header sets a hard link's size to 0 ("links 0 size on tape",
+# src/list.c), and the extractors of 2-6 read none, so the next header follows at once. (Its `tar -t` does
+# skip the size of 2, 3, 4 and 6, and then loses the member after.) tarfile's _proc_builtin skips data only
+# for regular and unknown types. bsdtar (header_common) agrees for a size in the header, but in an archive
+# with PAX headers it reads data for a hard link, and for a PAX `size` record on any of them. '7'
+# (contiguous) is a regular file, and a GNU 'D' (directory dump) carries its list of names as data: all
+# three skip that, and so does the walk, as for every other type.
+_NO_DATA = frozenset(b"123456")
+_PAX_TIME = re.compile(r"(-?)([0-9]+)(?:\.[0-9]*)?")  # "-12.75"; [0-9], not \d, which takes other digits
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,14 +54,15 @@ class SparseSpec:
     """Where a member's sparse map is and in which dialect, before it is decoded.
 
     `variant` is "oldgnu", "pax0.0", "pax0.1" or "pax1.0". Old GNU keeps the map in the header block at
-    `header_offset` and `extension_blocks` blocks after it; PAX 0.0/0.1 keep it in `pax_records`; PAX 1.0
-    keeps it at the start of the member's data area.
+    `header_offset` and `extension_blocks` blocks after it; PAX 0.0/0.1 keep it in the records of the 'x'
+    payloads at `pax_payloads` (offset, size each), which sparse.py reads again for the member it serves
+    rather than every member keeping them; PAX 1.0 keeps it at the start of the member's data area.
     """
 
     variant: str
     header_offset: int
     extension_blocks: int = 0
-    pax_records: tuple[tuple[str, str], ...] = ()
+    pax_payloads: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +75,12 @@ class Member:
     data_offset: int  # first byte of data in the archive
     stored_size: int  # bytes of data in the archive (a PAX 1.0 sparse map included)
     real_size: int  # size of the extracted file
-    mtime: int
+    mtime: int  # whole seconds, within ±MAX_MTIME
     linkname: str = ""
     sparse: SparseSpec | None = None
+    # What was wrong with metadata that does not change the bytes served (an mtime that is not a number,
+    # or out of range), and what is served instead: one line each, for the CLI to log once.
+    warnings: tuple[str, ...] = ()
 
 
 def normalize_name(name: str) -> str:
@@ -66,22 +100,36 @@ class _BlockReader:
         self._window = b""
 
     def block(self, offset: int) -> bytes:
+        """The block at `offset`; b"" if the data ends at or before it (a stream of unknown size ended)."""
         start = offset - self._window_offset
         if start < 0 or start + th.BLOCK_SIZE > len(self._window):
             self._window_offset = offset
             self._window = _read_upto(self._pread, min(_WINDOW, self.archive_size - offset), offset)
             start = 0
-            if len(self._window) < th.BLOCK_SIZE:  # the file shrank, or a stream of unknown size ended
+            if 0 < len(self._window) < th.BLOCK_SIZE:  # the file shrank, or a stream of unknown size ended
                 raise TruncatedArchive("archive ends in the middle of a header block", offset)
         return self._window[start : start + th.BLOCK_SIZE]
 
-    def read(self, size: int, offset: int) -> bytes:
+    def read(self, size: int, offset: int) -> bytes | bytearray:
+        """Read a metadata payload whole, in one buffer even when the reads come back short."""
         if offset + size > self.archive_size:
             raise TruncatedArchive(
                 f"archive ends at {self.archive_size}, before the {size} bytes that should be here",
                 offset,
             )
-        return read_exact(self._pread, size, offset)
+        data = self._pread(size, offset)
+        if len(data) == size:
+            return data
+        payload = bytearray(size)  # filled in place: a list of parts and their join would hold it twice
+        with memoryview(payload) as view:
+            done = len(data)
+            view[:done] = data
+            while done < size:
+                if not (chunk := self._pread(size - done, offset + done)):
+                    raise TruncatedArchive(f"archive file ends before the {size} bytes expected here", offset)
+                view[done : done + len(chunk)] = chunk
+                done += len(chunk)
+        return payload
 
 
 def _read_upto(pread: Pread, size: int, offset: int) -> bytes:
@@ -121,7 +169,9 @@ class _Pending:
     start: int
     long_name: str | None = None
     long_link: str | None = None
-    pax: list[tuple[str, str]] | None = None
+    pax: dict[str, str] | None = None  # the records in _PAX_KEYS, the last of each keyword
+    pax_payloads: tuple[tuple[int, int], ...] = ()  # (offset, size) of each 'x' payload
+    pax_size: int = 0  # their sizes added up, against MAX_PAX_SIZE
 
 
 def scan_members(pread: Pread, archive_size: int) -> Iterator[Member]:
@@ -130,20 +180,25 @@ def scan_members(pread: Pread, archive_size: int) -> Iterator[Member]:
     global_pax: dict[str, str] = {}
     offset = 0
     pending = _Pending(start=0)
+    ignored: tuple[Member, int] | None = None  # the member before, if its size field was not data
+    previous: Member | None = None  # the last thing walked over, if a member: its data was not read
+    read_end = 0  # where the last bytes that were read end: the archive goes on at least that far
     while True:
         if archive_size - offset < th.BLOCK_SIZE:
             _check_clean_end(offset, archive_size, pending)
             return
         block = reader.block(offset)
+        if not block:  # `archive_size` was an upper bound (a stream of unknown size): the data ended
+            _check_stream_end(pread, offset, previous, read_end, pending)
+            return
         if block == th.ZERO_BLOCK:  # end-of-archive marker (GNU tar stops at the first one too)
             _check_clean_end(offset, offset, pending)
             return
-        header = th.parse_header(block, offset)
+        header = _parse_header(block, offset, ignored)
         data_offset = offset + th.BLOCK_SIZE
-        flag = header.typeflag
-        if flag in (th.GNU_LONGNAME, th.GNU_LONGLINK, th.PAX_LOCAL, th.SOLARIS_PAX, th.PAX_GLOBAL):
-            payload = reader.read(header.size, data_offset)
-            _take_extended(flag, payload, data_offset, pending, global_pax)
+        if header.typeflag in _EXTENDED:
+            _take_extended(reader, header, offset, pending, global_pax)
+            previous, read_end = None, data_offset + header.size
             offset = data_offset + _padded(header.size)
             continue
         extension_blocks = _count_extension_blocks(reader, header, offset)
@@ -156,8 +211,57 @@ def scan_members(pread: Pread, archive_size: int) -> Iterator[Member]:
                 member.header_offset,
             )
         yield member
+        ignored = None
+        if header.typeflag in _NO_DATA and (claimed := _claimed_size(header, pending, global_pax, offset)):
+            ignored = (member, claimed)
+        previous, read_end = member, data_offset
         offset = data_offset + _padded(member.stored_size)
         pending = _Pending(start=offset)
+
+
+def _check_stream_end(
+    pread: Pread, offset: int, previous: Member | None, read_end: int, pending: _Pending
+) -> None:
+    """Where data of unknown size ended, found at the header expected at `offset`: say it as for a file.
+
+    Either the data ends right there (a tar without end-of-archive blocks, as _check_clean_end decides), or
+    before it, in bytes the walk skipped: the data of the member before, or the padding after it.
+    """
+    if offset == 0 or pread(1, offset - 1):
+        _check_clean_end(offset, offset, pending)
+        return
+    if previous is not None:
+        data_end = previous.data_offset + previous.stored_size
+        if previous.stored_size and not pread(1, data_end - 1):
+            raise TruncatedArchive(
+                f"member {previous.name[:200]!r} needs {previous.stored_size} bytes of data but the archive "
+                "ends before them",
+                previous.header_offset,
+            )
+        read_end = data_end
+    what = "a member's data" if previous is not None else "an extended header"
+    raise TruncatedArchive(f"archive ends inside the padding after {what}", read_end)
+
+
+def _claimed_size(header: th.Header, pending: _Pending, global_pax: dict[str, str], offset: int) -> int:
+    """The size that the header, or a PAX record, gives a member (which may not be its data size)."""
+    pax = pending.pax if pending.pax and "size" in pending.pax else global_pax
+    return _pax_int(pax, "size", header.size, offset)
+
+
+def _parse_header(block: bytes, offset: int, ignored: tuple[Member, int] | None) -> th.Header:
+    """parse_header, saying so when the header before had a size that the walk did not take as data."""
+    try:
+        return th.parse_header(block, offset)
+    except BadHeader as exc:
+        if ignored is None:
+            raise
+        member, size = ignored
+        raise BadHeader(
+            f"{exc.reason}, after {member.name[:200]!r}, whose size of {size} bytes GNU tar does not read "
+            "as data for its type (bsdtar may, in an archive with PAX headers)",
+            offset,
+        ) from None
 
 
 def _check_clean_end(offset: int, archive_size: int, pending: _Pending) -> None:
@@ -170,20 +274,47 @@ def _check_clean_end(offset: int, archive_size: int, pending: _Pending) -> None:
 
 
 def _take_extended(
-    flag: int, payload: bytes, offset: int, pending: _Pending, global_pax: dict[str, str]
+    reader: _BlockReader, header: th.Header, offset: int, pending: _Pending, global_pax: dict[str, str]
 ) -> None:
-    """Record an L/K/x/g payload for the member that follows."""
+    """Read an L/K/x/g payload, within its bound, and record it for the member that follows."""
+    flag = header.typeflag
+    data_offset = offset + th.BLOCK_SIZE
+    payload = reader.read(_payload_size(header, offset, pending), data_offset)
     if flag == th.GNU_LONGNAME:
         pending.long_name = th.decode_name(payload)
     elif flag == th.GNU_LONGLINK:
         pending.long_link = th.decode_name(payload)
     elif flag == th.PAX_GLOBAL:
-        records = th.parse_pax_records(payload, offset)
+        records = th.parse_pax_records(payload, data_offset)
         if any(key.startswith("GNU.sparse.") for key, _ in records):  # tarfile ignores them, GNU tar not
-            raise BadHeader("GNU.sparse.* records in a global PAX header", offset)
-        global_pax.update(records)
+            raise BadHeader("GNU.sparse.* records in a global PAX header", data_offset)
+        global_pax.update((key, value) for key, value in records if key in _PAX_KEYS)
     else:
-        pending.pax = (pending.pax or []) + th.parse_pax_records(payload, offset)
+        records = th.parse_pax_records(payload, data_offset)
+        pending.pax = pending.pax if pending.pax is not None else {}
+        pending.pax.update((key, value) for key, value in records if key in _PAX_KEYS)
+        pending.pax_payloads += ((data_offset, header.size),)
+        pending.pax_size += header.size
+
+
+def _payload_size(header: th.Header, offset: int, pending: _Pending) -> int:
+    """The size of an extended header's payload; refuse one past its bound before reading it."""
+    size, together = header.size, ""
+    if header.typeflag in (th.GNU_LONGNAME, th.GNU_LONGLINK):
+        what, limit = f"GNU long name ('{chr(header.typeflag)}')", MAX_LONG_NAME_SIZE
+    elif header.typeflag == th.PAX_GLOBAL:
+        what, limit = "global PAX header", MAX_PAX_SIZE
+    elif pending.pax_size:  # several 'x' headers before one member add up
+        what, limit, together = "PAX extended headers", MAX_PAX_SIZE, " together"
+        size += pending.pax_size
+    else:
+        what, limit = "PAX extended header", MAX_PAX_SIZE
+    if size > limit:
+        raise BadHeader(
+            f"{what}: {size} bytes{together}, past tarfuse's limit of {limit} bytes ({limit >> 20} MiB)",
+            offset,
+        )
+    return header.size
 
 
 def _count_extension_blocks(reader: _BlockReader, header: th.Header, offset: int) -> int:
@@ -194,11 +325,18 @@ def _count_extension_blocks(reader: _BlockReader, header: th.Header, offset: int
     count = 0
     extended = header.is_extended and len(header.sparse_entries) == th.OLD_GNU_SPARSE_ENTRIES
     while extended:
+        if count == _MAX_EXTENSION_BLOCKS:
+            raise CorruptSparseMap(
+                f"old GNU sparse map goes on past {_MAX_EXTENSION_BLOCKS} extension blocks: tarfuse reads "
+                f"at most {MAX_SPARSE_ENTRIES} map entries",
+                offset,
+            )
         count += 1
         block_offset = offset + count * th.BLOCK_SIZE
         if reader.archive_size - block_offset < th.BLOCK_SIZE:
             raise TruncatedArchive("archive ends inside a sparse extension block", block_offset)
-        block = reader.block(block_offset)
+        if not (block := reader.block(block_offset)):
+            raise TruncatedArchive("archive ends inside a sparse extension block", block_offset)
         extended = block[504] != 0 and th.sparse_slots_full(block, th.EXTENSION_ENTRIES)
     return count
 
@@ -213,22 +351,26 @@ def _make_member(
 ) -> Member:
     if global_pax or pending.pax:
         pax = dict(global_pax)
-        pax.update(pending.pax or [])
+        pax.update(pending.pax or ())
     else:
         pax = _NO_PAX  # most members have no PAX records: skip the copy
     name, linkname = _names(header, pending, pax, offset)
     stored_size = _pax_int(pax, "size", header.size, offset)
+    if header.typeflag in _NO_DATA:  # see _NO_DATA: the size is not skipped, whatever it says
+        stored_size = 0
     sparse, real_size = _sparse_spec(header, pax, pending, offset, extension_blocks)
+    mtime, warnings = _mtime(header.mtime, pax.get("mtime"), name, offset)
     return Member(
         name=name,
         kind=_kind(header.typeflag, name),
         header_offset=pending.start,
         data_offset=data_offset,
-        stored_size=0 if header.typeflag == _DIRECTORY else stored_size,
+        stored_size=stored_size,
         real_size=stored_size if real_size is None else real_size,
-        mtime=_pax_mtime(pax, header.mtime, offset),
+        mtime=mtime,
         linkname=linkname,
         sparse=sparse,
+        warnings=warnings,
     )
 
 
@@ -244,7 +386,7 @@ def _sparse_spec(
         real_size = _pax_int(pax, "GNU.sparse.realsize", 0, offset) or _pax_int(
             pax, "GNU.sparse.size", 0, offset
         )
-        return SparseSpec(variant, pending.start, pax_records=tuple(pending.pax or ())), real_size
+        return SparseSpec(variant, pending.start, pax_payloads=pending.pax_payloads), real_size
     if "GNU.sparse.size" in pax or "GNU.sparse.realsize" in pax:
         # GNU tar takes either as the size of the data to extract, sparse member or not; tarfile ignores them
         raise BadHeader("GNU.sparse.size or GNU.sparse.realsize for a member without a sparse map", offset)
@@ -300,13 +442,47 @@ def _pax_decimal(key: str, value: str, offset: int) -> int:
         raise BadHeader(f"PAX {key}: {exc.reason}", offset) from None
 
 
-def _pax_mtime(pax: dict[str, str], default: int, offset: int) -> int:
-    """PAX mtime is decimal seconds, possibly fractional and negative ("-12.5")."""
-    value = pax.get("mtime")
-    if value is None:
-        return default
-    whole, _, fraction = value.partition(".")
-    if fraction and not (fraction.isascii() and fraction.isdigit()):
-        raise BadHeader(f"PAX mtime={value[:40]!r} is not a number", offset)
-    seconds = _pax_decimal("mtime", whole.removeprefix("-"), offset)
-    return -seconds if whole.startswith("-") else seconds
+def _mtime(
+    header_mtime: int | None, pax_mtime: str | None, name: str, offset: int
+) -> tuple[int, tuple[str, ...]]:
+    """The mtime to serve, in whole seconds, and a warning if the archive's could not be used.
+
+    An mtime does not change the bytes served, so one that is not a number, or that FUSE cannot carry,
+    does not refuse the image: a bad PAX mtime falls back to the header's, a bad header mtime to 0, with
+    one warning. GNU tar does the same for a PAX mtime it cannot read ("Malformed extended header: invalid
+    mtime=--1") or that is out of range, though it reads "999xxx9324" as 999, and uses -1 for a bad header
+    field; bsdtar and tarfile use 0 for a PAX mtime they cannot parse.
+    """
+    header_seconds = _usable(header_mtime)
+    if pax_mtime is None:
+        if header_seconds is not None:
+            return header_seconds, ()
+        problem = f"the header's mtime is {_why(header_mtime)}"
+    else:
+        pax_seconds = _pax_seconds(pax_mtime)
+        if (usable := _usable(pax_seconds)) is not None:
+            return usable, ()
+        problem = f"PAX mtime={pax_mtime[:40]!r} is {_why(pax_seconds)}"
+        if header_seconds is not None:
+            return header_seconds, (_warning(name, offset, problem, f"the header's mtime {header_seconds}"),)
+    return 0, (_warning(name, offset, problem, "0 (1970-01-01)"),)
+
+
+def _pax_seconds(value: str) -> int | None:
+    """Whole seconds of a PAX time: decimal, maybe fractional and negative ("-12.75" is -12); None if not."""
+    if (match := _PAX_TIME.fullmatch(value)) is None:
+        return None
+    seconds = int(match[2].lstrip("0")[:21] or "0")  # 21 digits are out of range already; int() refuses 4300
+    return -seconds if match[1] else seconds
+
+
+def _usable(seconds: int | None) -> int | None:
+    return seconds if seconds is not None and -MAX_MTIME <= seconds <= MAX_MTIME else None
+
+
+def _why(seconds: int | None) -> str:
+    return "not a number" if seconds is None else f"out of range (more than {MAX_MTIME} s from 1970)"
+
+
+def _warning(name: str, offset: int, problem: str, used: str) -> str:
+    return f"member {name[:200]!r}: {problem}; serving {used} as its mtime, at archive offset {offset}"

@@ -295,6 +295,8 @@ def _list(path: str, options: MountOptions, as_json: bool = False) -> int:
     if not images:
         print(f"tarfuse: {remote.display_name(path)}: no disk image found", file=sys.stderr)
         return EXIT_FAILED
+    for warning in (warning for image in images for warning in image.member.warnings):
+        print(f"tarfuse: {remote.display_name(path)}: warning: {warning}", file=sys.stderr)
     if not as_json:
         _print_table(images)
     return EXIT_OK
@@ -347,6 +349,8 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         image, job = _open_compressed(archive, options)
     else:
         image = open_image(archive.pread, archive.size, options.member, archive.pread_into)
+    for warning in image.member.warnings:  # metadata tar -x would also have taken leniently
+        log.warning("%s: warning: %s", remote.display_name(args.archive), warning)
     log.debug("serving %s (%s, %d bytes)", image.name, image.format, image.mapper.size)
     served = _served_file(image, archive, options)
     ops = ImageFs(

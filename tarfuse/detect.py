@@ -86,19 +86,18 @@ def resolve_files(members: Iterable[Member]) -> list[Candidate]:
     """List the regular files tar -x would leave, hard links resolved to their target's data.
 
     A later member replaces an earlier one of the same name, as on extraction; a hard link points to the
-    last earlier member of its target's name.
+    last earlier member of its target's name, and one to its own name leaves that file as it is (GNU tar
+    and tarfile extract it intact; bsdtar says "Skipping hardlink pointing to itself"). A link to nothing
+    removes its name, as tar -x cannot make it either.
     """
-    latest: dict[str, Member] = {}
-    files: dict[str, Candidate] = {}
+    files: dict[str, Candidate] = {}  # normalized name -> the file there now
     for member in members:
         name = normalize_name(member.name)
-        latest.pop(name, None)
-        files.pop(name, None)
         target = member if member.kind == "file" else None
-        if member.kind == "hardlink":  # tar -x cannot make a link to nothing either
-            target = latest.get(normalize_name(member.linkname))
+        if member.kind == "hardlink" and (found := files.get(normalize_name(member.linkname))) is not None:
+            target = found.member  # looked up before its own name goes: it may be the link's own
+        files.pop(name, None)  # the name moves to the end, in archive order
         if target is not None:
-            latest[name] = target
             files[name] = Candidate(member.name, target)
     return list(files.values())
 

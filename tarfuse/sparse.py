@@ -14,11 +14,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tarfuse import tarheader as th
-from tarfuse.archive import Member, Pread, SparseSpec, read_exact
+from tarfuse.archive import MAX_SPARSE_ENTRIES, Member, Pread, SparseSpec, read_exact
 from tarfuse.errors import BadHeader, CorruptSparseMap
 
 MAX_REAL_SIZE = 2**63 - 1  # off_t: neither the kernel nor FUSE can describe a larger file
-_MAP_CHUNK = 64 * 1024  # PAX 1.0 maps are read this much at a time, never more than the member holds
+_MAP_CHUNK = 64 * 1024  # maps are read and split this much at a time, never more than the member holds
+_CHAIN_CHUNK = _MAP_CHUNK // th.BLOCK_SIZE  # old GNU extension blocks read at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +57,18 @@ def decode(member: Member, pread: Pread) -> SparseMap:
         numbers, map_size = _pax10_numbers(member, pread)
         data_offset, data_size = member.data_offset + map_size, member.stored_size - map_size
     else:
-        numbers = _int64s(_pax0_numbers(spec), spec.header_offset)
+        numbers = _pax0_numbers(spec, pread)
         data_offset, data_size = member.data_offset, member.stored_size
+    _check_count(len(numbers) // 2, spec.header_offset)
     return _validated(member, numbers, data_offset, data_size)
+
+
+def _check_count(entries: int, where: int) -> None:
+    """Refuse a map of more entries than MAX_SPARSE_ENTRIES (archive.py says why that many)."""
+    if entries > MAX_SPARSE_ENTRIES:
+        raise CorruptSparseMap(
+            f"sparse map claims {entries} entries: tarfuse reads at most {MAX_SPARSE_ENTRIES}", where
+        )
 
 
 def _int64s(values: Iterable[int], where: int | None = None) -> array:  # type: ignore[type-arg]
@@ -70,56 +80,74 @@ def _int64s(values: Iterable[int], where: int | None = None) -> array:  # type: 
 
 
 def _old_gnu_numbers(spec: SparseSpec, pread: Pread) -> array:  # type: ignore[type-arg]
-    """Read the 'S' header and its extension blocks; return offset, numbytes, offset, ... ."""
-    blocks = read_exact(pread, (1 + spec.extension_blocks) * th.BLOCK_SIZE, spec.header_offset)
-    numbers = _int64s(th.parse_sparse_numbers(blocks[386:482], th.OLD_GNU_SPARSE_ENTRIES), spec.header_offset)
-    for start in range(th.BLOCK_SIZE, len(blocks), th.BLOCK_SIZE):
-        try:
-            numbers.extend(th.parse_extension_block(blocks[start : start + th.BLOCK_SIZE])[0])
-        except BadHeader as exc:
-            raise CorruptSparseMap(
-                f"bad sparse extension block: {exc.reason}", spec.header_offset + start
-            ) from None
-        except OverflowError:  # base-256 fields can hold more than 64 bits
-            raise CorruptSparseMap("sparse map value too large", spec.header_offset + start) from None
+    """Read the 'S' header and its extension blocks, a chunk at a time; return offset, numbytes, ... ."""
+    where = spec.header_offset
+    header = read_exact(pread, th.BLOCK_SIZE, where)
+    numbers = _int64s(th.parse_sparse_numbers(header[386:482], th.OLD_GNU_SPARSE_ENTRIES), where)
+    for first in range(1, spec.extension_blocks + 1, _CHAIN_CHUNK):
+        count = min(_CHAIN_CHUNK, spec.extension_blocks + 1 - first)
+        blocks = read_exact(pread, count * th.BLOCK_SIZE, where + first * th.BLOCK_SIZE)
+        for start in range(0, len(blocks), th.BLOCK_SIZE):
+            block_offset = where + first * th.BLOCK_SIZE + start
+            try:
+                numbers.extend(th.parse_extension_block(blocks[start : start + th.BLOCK_SIZE])[0])
+            except BadHeader as exc:
+                raise CorruptSparseMap(f"bad sparse extension block: {exc.reason}", block_offset) from None
+            except OverflowError:  # base-256 fields can hold more than 64 bits
+                raise CorruptSparseMap("sparse map value too large", block_offset) from None
     return numbers
 
 
-def _pax0_numbers(spec: SparseSpec) -> list[int]:
-    """PAX 0.1 keeps "off,size,off,size" in GNU.sparse.map; 0.0 repeats offset/numbytes records."""
+def _pax0_numbers(spec: SparseSpec, pread: Pread) -> array:  # type: ignore[type-arg]
+    """PAX 0.1 keeps "off,size,off,size" in GNU.sparse.map; 0.0 repeats offset/numbytes records.
+
+    The records are read again from the member's 'x' payloads (at most archive.MAX_PAX_SIZE together).
+    """
     where = spec.header_offset
-    records = spec.pax_records
+    records = []
+    for offset, size in spec.pax_payloads:
+        records += th.parse_pax_records(read_exact(pread, size, offset), offset)
     declared = [value for key, value in records if key == "GNU.sparse.numblocks"]
     if spec.variant == "pax0.1":
-        text = [value for key, value in records if key == "GNU.sparse.map"][-1]
-        numbers = _decimals(text.split(",") if text else [], where)
+        numbers = _split_decimals([value for key, value in records if key == "GNU.sparse.map"][-1], where)
     else:
         keys = [key for key, _ in records if key in ("GNU.sparse.offset", "GNU.sparse.numbytes")]
         if keys != ["GNU.sparse.offset", "GNU.sparse.numbytes"] * (len(keys) // 2) or len(keys) % 2:
             raise CorruptSparseMap("GNU.sparse.offset/numbytes records do not come in pairs", where)
-        numbers = _decimals(
-            [v for k, v in records if k in ("GNU.sparse.offset", "GNU.sparse.numbytes")], where
-        )
+        values = [v for k, v in records if k in ("GNU.sparse.offset", "GNU.sparse.numbytes")]
+        numbers = _int64s(_decimals(values, where), where)
     if len(numbers) % 2:
         raise CorruptSparseMap("sparse map has an odd number of values", where)
     if declared and _decimals(declared[-1:], where) != [len(numbers) // 2]:
         raise CorruptSparseMap(
-            f"GNU.sparse.numblocks={declared[-1]} but the map has {len(numbers) // 2} entries",
+            f"GNU.sparse.numblocks={declared[-1][:40]} but the map has {len(numbers) // 2} entries",
             where,
         )
-    _check_numblocks_first(spec, where)
+    _check_numblocks_first([key for key, _ in records], where)
+    return numbers
+
+
+def _split_decimals(text: str, where: int) -> array:  # type: ignore[type-arg]
+    """Decode "1,2,3" a slice at a time: one str per value of a long map would cost 50 bytes each."""
+    numbers = _int64s([])
+    start = 0
+    while text:
+        end = text.find(",", start + _MAP_CHUNK)
+        numbers.extend(_int64s(_decimals(text[start : None if end < 0 else end].split(","), where), where))
+        if end < 0:
+            break
+        start = end + 1
     return numbers
 
 
 _PAX0_MAP_KEYS = frozenset(("GNU.sparse.offset", "GNU.sparse.numbytes", "GNU.sparse.map"))
 
 
-def _check_numblocks_first(spec: SparseSpec, where: int) -> None:
+def _check_numblocks_first(keys: list[str], where: int) -> None:
     """GNU tar makes a new, empty map at each GNU.sparse.numblocks (xheader.c): it must come first.
 
     It must be there, too: GNU tar 1.34 calls every map entry beyond it "excess".
     """
-    keys = [key for key, _ in spec.pax_records]
     first = next((i for i, key in enumerate(keys) if key in _PAX0_MAP_KEYS), len(keys))
     if "GNU.sparse.numblocks" in keys[first:]:
         raise CorruptSparseMap("GNU.sparse.numblocks after the map has begun: GNU tar starts it over", where)
@@ -142,6 +170,7 @@ def _pax10_numbers(member: Member, pread: Pread) -> tuple[array, int]:  # type: 
     while count is None or len(numbers) < 2 * count:
         if read >= member.stored_size:
             raise CorruptSparseMap("PAX 1.0 sparse map runs past the member's data", where)
+        carry = _line_start(carry, where)  # the map goes on: `carry` is part of it
         chunk = read_exact(pread, min(_MAP_CHUNK, member.stored_size - read), where + read)
         text_start = read - len(carry)  # member offset of the first byte of `text`
         read += len(chunk)
@@ -151,6 +180,7 @@ def _pax10_numbers(member: Member, pread: Pread) -> tuple[array, int]:  # type: 
         used = 0
         if count is None and lines:
             count = _decimals(lines[:1], where)[0]
+            _check_count(count, where)  # before reading them: the member's size may be 2**62 (compressed)
             if 4 * count > member.stored_size:  # an entry takes at least 4 bytes ("0\n0\n")
                 raise CorruptSparseMap(f"PAX 1.0 map claims {count} entries", where)
             used = 1
@@ -164,6 +194,20 @@ def _pax10_numbers(member: Member, pread: Pread) -> tuple[array, int]:  # type: 
     if padded > member.stored_size:
         raise CorruptSparseMap("PAX 1.0 sparse map runs past the member's data (into its padding)", where)
     return numbers, padded
+
+
+def _line_start(carry: bytes, where: int) -> bytes:
+    """The start of a map line that a chunk's end cut, kept short: a line that never ends is not held whole.
+
+    Leading zeros go (GNU tar reads "0002" as 2; one zero stays, for a line "0"); what is left is no
+    decimal of at most 20 digits if it is longer, and can only be refused.
+    """
+    short = carry.lstrip(b"0") or carry[:1]
+    if len(short) > th.MAX_DECIMAL_DIGITS:
+        raise CorruptSparseMap(
+            f"PAX 1.0 sparse map line {short[:40]!r}... has more than {th.MAX_DECIMAL_DIGITS} digits", where
+        )
+    return short
 
 
 def _decimals(values: list[str] | list[bytes], where: int) -> list[int]:

@@ -48,7 +48,7 @@ class Header:
 
     name: str
     size: int  # bytes of data that follow the header in the archive, before padding
-    mtime: int
+    mtime: int | None  # None if the field is not a number: archive.py warns and serves another mtime
     typeflag: int  # a byte value, e.g. ord("0")
     linkname: str
     is_gnu: bool  # GNU/old GNU magic: the bytes after 345 are GNU fields, not a ustar prefix
@@ -58,9 +58,12 @@ class Header:
     real_size: int = 0  # old GNU 'S': size of the expanded file
 
 
-def decode_name(raw: bytes) -> str:
+def decode_name(raw: bytes | bytearray) -> str:
     """Turn a NUL-terminated header string into str; bytes that are not UTF-8 survive round trips."""
-    return _text(raw.split(b"\0", 1)[0])
+    if len(raw) <= BLOCK_SIZE:  # a header field: split is the fastest way
+        return _text(raw.split(b"\0", 1)[0])
+    end = raw.find(0)  # a GNU long name's payload: a memoryview, not a copy of up to a megabyte
+    return str(raw if end < 0 else memoryview(raw)[:end], "utf-8", "surrogateescape")
 
 
 def parse_number(field: bytes) -> int:
@@ -137,7 +140,7 @@ def _parse_fields(block: bytes) -> Header:
     header = Header(
         name=decode_name(name),
         size=size,
-        mtime=parse_number(block[136:148]),
+        mtime=_lenient_number(block[136:148]),
         typeflag=typeflag,
         linkname=decode_name(block[157:257]),
         is_gnu=is_gnu,
@@ -146,6 +149,17 @@ def _parse_fields(block: bytes) -> Header:
     if typeflag == GNU_SPARSE and is_gnu:  # GNU tar reads 'S' as a plain file under any other magic
         return _with_old_gnu_sparse(header, block)
     return header
+
+
+def _lenient_number(field: bytes) -> int | None:
+    """A number field that does not change the bytes served (mtime): None rather than BadHeader.
+
+    GNU tar warns ("Archive contains 'x' where numeric time_t value expected") and extracts the file.
+    """
+    try:
+        return parse_number(field)
+    except BadHeader:
+        return None
 
 
 def _with_old_gnu_sparse(header: Header, block: bytes) -> Header:
@@ -195,13 +209,15 @@ def parse_extension_block(block: bytes) -> tuple[list[int], bool]:
     return parse_sparse_numbers(block, EXTENSION_ENTRIES), block[504] != 0
 
 
-def parse_pax_records(payload: bytes, offset: int) -> list[tuple[str, str]]:
+def parse_pax_records(payload: bytes | bytearray, offset: int) -> list[tuple[str, str]]:
     """Split a PAX extended header payload into ordered (keyword, value) records.
 
     A list, not a dict: PAX sparse 0.0 repeats GNU.sparse.offset/numbytes, and order matters.
-    `offset` is where the payload starts in the archive, for error messages.
+    `offset` is where the payload starts in the archive, for error messages. Each keyword is made a str
+    once per payload: a PAX 0.0 map repeats two of them hundreds of thousands of times.
     """
     records = []
+    keywords: dict[bytes, str] = {}
     pos = 0
     end = len(payload)
     while pos < end:
@@ -217,10 +233,12 @@ def parse_pax_records(payload: bytes, offset: int) -> list[tuple[str, str]]:
         keyword, sep, value = payload[match.end() : record_end - 1].partition(b"=")
         if not sep or not keyword or b"\0" in keyword:  # GNU tar: "missing equal sign" at a NUL
             raise BadHeader("PAX record has no keyword=value", offset + pos)
-        records.append((_text(keyword), _text(value)))
+        if (text := keywords.get(key := bytes(keyword))) is None:  # bytes: a bytearray is no dict key
+            text = keywords[key] = _text(keyword)
+        records.append((text, _text(value)))
         pos = record_end
     return records
 
 
-def _text(raw: bytes) -> str:
+def _text(raw: bytes | bytearray) -> str:
     return raw.decode("utf-8", "surrogateescape")

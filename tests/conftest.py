@@ -150,6 +150,41 @@ def tarfuse_command(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "tarfuse", *map(str, args)]
 
 
+# Runs `python -m tarfuse ARGS...` and writes its peak RSS (VmHWM, in kB) to the file named by $PEAK_FILE.
+_WITH_PEAK = """
+import atexit, os, runpy
+
+def _peak():
+    with open("/proc/self/status") as status, open(os.environ["PEAK_FILE"], "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+
+atexit.register(_peak)
+runpy.run_module("tarfuse", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_tarfuse_measuring_peak_rss(
+    *args: str | Path, scratch: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run `tarfuse ARGS...` to its end; return the result and its peak RSS in bytes.
+
+    Not the rusage of the child: a child's ru_maxrss starts at the RSS of the process that spawned it
+    (Linux keeps the high-water mark across exec), and a pytest process deep in the suite holds hundreds
+    of MiB. VmHWM, read by the child itself as it exits, is its own.
+    """
+    peak_file = scratch / f"peak.{os.getpid()}.{time.monotonic_ns()}"
+    result = subprocess.run(
+        [sys.executable, "-c", _WITH_PEAK, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**(env if env is not None else os.environ), "PEAK_FILE": str(peak_file)},
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
+    return result, int(peak_file.read_text()) * 1024
+
+
 @contextlib.contextmanager
 def foreground_mount(archive: Path, mountpoint: Path, *options: str) -> Iterator[Mount]:
     """Run `tarfuse -f ARCHIVE MOUNTPOINT OPTIONS...` until the block ends, then unmount."""

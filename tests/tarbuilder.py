@@ -256,6 +256,29 @@ def pread_of(data: bytes) -> Callable[[int, int], bytes]:
     return pread
 
 
+def endless(head: bytes, unit: bytes, *, budget: int) -> Callable[[int, int], bytes]:
+    """A `pread` over `head`, then `unit` over and over: an archive of any size, made as it is read.
+
+    Reading more than `budget` bytes in all fails the test with AssertionError, before the bytes are
+    made: code that reads what it should refuse unread fails here, instead of exhausting memory or time.
+    """
+    done = 0
+
+    def pread(size: int, offset: int) -> bytes:
+        nonlocal done
+        done += size
+        if done > budget:
+            raise AssertionError(f"read {done} bytes in all, more than the {budget} this archive allows")
+        out = head[offset : offset + size]
+        start = max(offset, len(head)) - len(head)  # into the repeated part
+        if (rest := size - len(out)) > 0:
+            skip = start % len(unit)
+            out += (unit * (-(-(skip + rest) // len(unit))))[skip : skip + rest]
+        return out
+
+    return pread
+
+
 def with_tarfile(*entries: tarfile.TarInfo | tuple[str, bytes], fmt: int = tarfile.PAX_FORMAT) -> bytes:
     """An archive written by stdlib tarfile: (name, data) pairs are regular files, TarInfos go as they are."""
     out = io.BytesIO()

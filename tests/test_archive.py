@@ -9,8 +9,10 @@ import time
 import pytest
 import tarbuilder as tb
 
+from tarfuse import archive
 from tarfuse.archive import Member, normalize_name, scan_members
 from tarfuse.errors import BadHeader, NoImage, TruncatedArchive
+from tarfuse.image import open_image
 
 DATA = bytes(range(256)) * 7  # 1792 bytes: not a multiple of the block size
 
@@ -310,3 +312,88 @@ def test_later_symlink_replaces_an_image() -> None:
     link = tb.tarinfo("old.img", tarfile.SYMTYPE, linkname="disk.img")
     data = tb.with_tarfile(("old.img", b"stale"), ("disk.img", DATA), link)
     assert served(data) == ("disk.img", DATA)
+
+
+@pytest.mark.parametrize(
+    ("value", "mtime"),
+    [
+        (str(archive.MAX_MTIME), archive.MAX_MTIME),
+        (f"-{archive.MAX_MTIME}.999", -archive.MAX_MTIME),
+        ("00000000000000000000000000000012.5", 12),  # leading zeros: still 12
+        (str(archive.MAX_MTIME + 1), 1_700_000_000),  # its nanoseconds do not fit 64 bits: the header's
+        (f"-{archive.MAX_MTIME + 1}", 1_700_000_000),
+    ],
+)
+def test_pax_mtime_range(value: str, mtime: int) -> None:
+    # FUSE's st_mtime_ns is a signed 64-bit count of nanoseconds: years 1677 to 2262.
+    data = tb.archive(tb.pax_header([("mtime", value)]), tb.file_member("disk.img", DATA))
+    (member,) = members(data)
+    assert member.mtime == mtime
+    assert len(member.warnings) == (mtime == 1_700_000_000)
+
+
+@pytest.mark.parametrize("mtime", [archive.MAX_MTIME, -archive.MAX_MTIME])
+def test_base256_header_mtime_at_the_range_ends(mtime: int) -> None:
+    data = tb.archive(tb.file_member("disk.img", DATA, fields={136: tb.base256(mtime, 12)}))
+    (member,) = members(data)
+    assert (member.mtime, member.warnings) == (mtime, ())
+
+
+def test_short_reads_give_the_same_members() -> None:
+    # Payloads are then filled into one buffer (a bytearray) instead of joined from parts.
+    data = tb.archive(
+        tb.gnu_long("l" * 3000 + ".img"),
+        tb.file_member("x", DATA),
+        tb.pax_header([("path", "p" * 2000 + ".img"), ("mtime", "12.5")]),
+        tb.file_member("y", DATA),
+    )
+    whole = tb.pread_of(data)
+
+    def short(size: int, offset: int) -> bytes:
+        return whole(min(size, 100), offset)
+
+    assert list(scan_members(short, len(data))) == members(data)
+    assert served(data, "l" * 3000 + ".img") == ("l" * 3000 + ".img", DATA)
+
+
+# ---- a stream of unknown size (compressed): where it ends is found by reading --------------------------
+
+UNKNOWN = 1 << 62  # what a compressed source says until its end is decompressed
+
+
+def stream_members(data: bytes) -> list[Member]:
+    return list(scan_members(tb.pread_of(data), UNKNOWN))
+
+
+def test_stream_without_end_of_archive_blocks() -> None:
+    # Served from a plain file, and now from a .tar.gz too (it said "ends in the middle of a header block").
+    data = tb.archive(tb.file_member("a.txt", b"a"), tb.file_member("disk.img", DATA), end=False)
+    assert [m.name for m in stream_members(data)] == ["a.txt", "disk.img"]
+    image = open_image(tb.pread_of(data), UNKNOWN)
+    assert image.mapper.read(0, len(DATA) + 1) == DATA
+
+
+@pytest.mark.parametrize(
+    ("cut", "message", "offset"),
+    [
+        (
+            1024 + 512 + 1000,
+            "member 'disk.img' needs 1792 bytes of data but the archive ends before them",
+            1024,
+        ),
+        (1024 + 512 + 1792 + 100, "inside the padding after a member's data", 1024 + 512 + 1792),
+        (512 + 300, "inside the padding after an extended header", 512 + 201),
+        (1024, "after an extended header, before its member", 1024),
+    ],
+    ids=["in-data", "in-padding", "in-extended-padding", "after-extended"],
+)
+def test_stream_that_ends_early_says_where_inside_it(cut: int, message: str, offset: int) -> None:
+    # The offset is inside what was decompressed: the header expected next is past the end of it.
+    if "extended" in message:
+        data = tb.archive(tb.gnu_long("x" * 200), tb.file_member("disk.img", DATA))[:cut]
+    else:
+        data = tb.archive(tb.file_member("a.txt", b"a"), tb.file_member("disk.img", DATA))[:cut]
+    with pytest.raises(TruncatedArchive, match=message) as info:
+        stream_members(data)
+    assert info.value.offset == offset
+    assert info.value.offset <= len(data)

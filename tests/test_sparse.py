@@ -256,6 +256,73 @@ def test_million_extent_map(variant: str) -> None:
     assert sparse_map.physical[-1] - sparse_map.physical[0] == 512 * (count - 1)
 
 
+@pytest.mark.parametrize("variant", tb.SPARSE_VARIANTS)
+def test_map_at_the_entry_limit(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The limit is archive.MAX_SPARSE_ENTRIES; made small here so that both sides of it are cheap to build.
+    monkeypatch.setattr(sparse, "MAX_SPARSE_ENTRIES", 30, raising=False)
+    at_limit = [(1024 * i, 512) for i in range(29)]  # and GNU tar's (real_size, 0): 30 entries
+    data = bytes(512 * 29)
+    image = tb.open_bytes(tb.archive(tb.sparse_member(variant, "d.img", at_limit, 40_000, data)))
+    assert image.extent_count == 29
+    past = tb.archive(
+        tb.sparse_member(variant, "d.img", [*at_limit, (29 * 1024, 512)], 40_000, data + data[:512])
+    )
+    with pytest.raises(CorruptSparseMap, match="claims 31 entries: tarfuse reads at most 30"):
+        tb.open_bytes(past)
+
+
+def _old_gnu_chain_head() -> tuple[bytes, bytes]:
+    """An old GNU 'S' header whose four slots are full and say more follows, and an extension block that
+    says the same: repeated, a chain that never ends."""
+    fields = {386: tb.sparse_entries([(0, 512)] * 4, 4), 482: b"\1", 483: tb.octal(1 << 30, 12)}
+    header = tb.header("d.img", size=1 << 30, typeflag=b"S", magic=tb.GNU, fields=fields)
+    block = tb.sparse_entries([(0, 512)] * 21, 21) + b"\1" + bytes(7)  # isextended at 504
+    return header, block
+
+
+def test_old_gnu_chain_that_never_ends() -> None:
+    header, block = _old_gnu_chain_head()
+    assert len(block) == tb.BLOCK
+    pread = tb.endless(header, block, budget=64 << 20)  # the walk reads the chain's 51 MB, not more
+    with pytest.raises(CorruptSparseMap, match=r"past 99865 extension blocks: .* at most 2097152") as info:
+        list(scan_members(pread, 1 << 40))
+    assert info.value.offset == 0
+
+
+def _pax10_head(map_start: bytes) -> bytes:
+    """A PAX 1.0 sparse member claiming 2**50 bytes of data, whose map starts with `map_start`."""
+    records = [("GNU.sparse.major", "1"), ("GNU.sparse.minor", "0"), ("GNU.sparse.realsize", str(1 << 40))]
+    return tb.pax_header(records) + tb.header("d.img", size=1 << 50) + map_start
+
+
+def test_pax10_map_count_past_the_limit_is_refused_unread() -> None:
+    # The member's size is no check in a compressed archive (2**62 until its end is known).
+    pread = tb.endless(_pax10_head(b"3000000\n"), b"0\n0\n", budget=1 << 20)
+    member = next(scan_members(pread, 1 << 60))
+    with pytest.raises(
+        CorruptSparseMap, match="claims 3000000 entries: tarfuse reads at most 2097152"
+    ) as info:
+        sparse.decode(member, pread)
+    assert info.value.offset == 1536
+
+
+def test_pax10_map_line_that_never_ends() -> None:
+    pread = tb.endless(_pax10_head(b"1\n"), b"1", budget=16 << 20)
+    member = next(scan_members(pread, 1 << 60))
+    with pytest.raises(CorruptSparseMap, match="more than 20 digits") as info:
+        sparse.decode(member, pread)
+    assert info.value.offset == 1536
+
+
+def test_pax10_map_line_of_zeros_across_chunks() -> None:
+    # Leading zeros are dropped as they are read: a long line costs no memory, and "000…0" is still 0.
+    zeros = b"0" * 200_000
+    map_bytes = tb.pad(b"2\n" + zeros + b"5\n3\n" + zeros + b"10\n" + zeros + b"\n")
+    member = tb.pax10_sparse("d.img", [(5, 3)], 10, b"abc", map_bytes=map_bytes)
+    image = tb.open_bytes(tb.archive(member))
+    assert image.mapper.read(0, 10) == bytes(5) + b"abc" + bytes(2)
+
+
 # ---- maps that must be refused --------------------------------------------------------------------
 
 

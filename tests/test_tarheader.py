@@ -108,6 +108,13 @@ def test_negative_mtime_in_base256() -> None:
     assert th.parse_header(block, 0).mtime == -86400
 
 
+@pytest.mark.parametrize("field", [b"zzzzzzzzzzz\0", b"\x0000000001000", b"0000001_7\0"])
+def test_mtime_that_is_not_a_number_is_none(field: bytes) -> None:
+    # It does not change the bytes served: archive.py warns and serves another mtime; the size still refuses.
+    header = th.parse_header(tb.header("a.img", size=5, fields={136: field}), 0)
+    assert (header.mtime, header.size) == (None, 5)
+
+
 def test_negative_size_is_rejected() -> None:
     block = tb.header("a.img", fields={124: tb.base256(-512, 12)})
     with pytest.raises(BadHeader, match="negative size") as info:
@@ -259,3 +266,16 @@ def test_random_blocks_never_crash(block: bytes) -> None:
 def test_random_blocks_with_valid_checksum_never_crash(block: bytes) -> None:
     with contextlib.suppress(BadHeader):
         th.parse_header(tb.set_checksum(block), 0)
+
+
+def test_long_name_payload_keeps_bytes_that_are_not_utf8() -> None:
+    payload = b"\xff" * 600 + b".img\0garbage after the NUL"
+    assert th.decode_name(payload) == "\udcff" * 600 + ".img"
+    assert th.decode_name(bytearray(payload)) == "\udcff" * 600 + ".img"
+    assert th.decode_name(b"x" * 700) == "x" * 700  # no NUL at all: the whole payload
+
+
+def test_pax_records_from_a_bytearray() -> None:
+    payload = tb.pax_payload([("path", "a.img"), ("mtime", "1.5"), ("path", "b.img")])
+    assert th.parse_pax_records(bytearray(payload), 0) == th.parse_pax_records(payload, 0)
+    assert th.parse_pax_records(payload, 0)[2] == ("path", "b.img")

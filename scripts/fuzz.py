@@ -2,8 +2,9 @@
 
 `make fuzz` runs this with 1,000,000 cases; `make fuzz FUZZ_ARGS="--cases 5000 --seed 7"` runs others.
 Each case must end in a served image or an ArchiveError with reason and offset; anything else (another
-exception, a case past --time-limit, memory past --memory-limit, other bytes than GNU tar extracts) is a
-finding: it is printed and its archive saved under --findings, and the exit status is 1.
+exception, a case past --time-limit, a peak RSS past --rss-ceiling or an allocation past --memory-limit,
+other bytes than GNU tar extracts, a compressed or HTTP archive served otherwise than the same tar plain)
+is a finding: it is printed and its archive saved under --findings, and the exit status is 1.
 A case is made again from its number: `scripts/fuzz.py --seed S --replay N` runs case N alone, in this
 process, and says what tarfuse and GNU tar make of it.
 
@@ -13,6 +14,8 @@ slice of the same cases in `make test`.
 """
 
 import argparse
+import logging
+import os
 import random
 import sys
 import tempfile
@@ -37,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
         "--compare-every", type=int, default=200, metavar="N", help="extract every Nth case with GNU tar too"
     )
     parser.add_argument("--time-limit", type=float, default=10.0, help="seconds a case may take")
-    parser.add_argument("--memory-limit", type=int, default=1024, help="MiB of address space per worker")
+    parser.add_argument(
+        "--memory-limit", type=int, default=2048, help="MiB of address space per worker (RLIMIT_AS)"
+    )
+    parser.add_argument(
+        "--rss-ceiling", type=int, default=256, help="MiB of peak RSS per worker: more is a finding"
+    )
     parser.add_argument("--findings", type=Path, default=Path("fuzz-findings"), help="where findings go")
     parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--replay", type=int, metavar="CASE", help="run one case here, verbosely, and stop")
@@ -61,9 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         compare_every=args.compare_every,
         time_limit=args.time_limit,
         memory_limit=args.memory_limit << 20,
+        rss_ceiling=args.rss_ceiling << 20,
     )
     if args.replay is not None:
         return replay(corpus, config, args.replay, args.findings)
+    stride, cycle = fuzzing.DIFFERENTIAL_STRIDE, fuzzing.DIFFERENTIAL_STRIDE * len(fuzzing.PLANS)
+    if args.compare_every and (args.compare_every % stride or args.compare_every % cycle == 0):
+        print(
+            f"fuzz: --compare-every {args.compare_every} is not a multiple of {stride}, or is one of "
+            f"{cycle}: the cases compared with GNU tar do not go through every plan (fuzzing.PLANS)"
+        )
     started = time.monotonic()
     summary = fuzzpool.run(corpus, config, progress=_progress(config), interval=args.progress_every)
     elapsed = time.monotonic() - started
@@ -77,7 +92,8 @@ def _progress(config: fuzzpool.Config) -> fuzzpool.Progress:
         print(
             f"fuzz: {summary.cases:,}/{config.cases:,} cases, {rate:,.0f} cases/s, "
             f"{_share(summary.outcomes['served'], summary.cases)} served, {len(summary.findings)} findings, "
-            f"{sum(summary.compared.values())} compared with GNU tar, about {left / 60:.0f} min left",
+            f"{sum(summary.compared.values())} compared with GNU tar, "
+            f"peak RSS {summary.memory.peak >> 20} MiB, about {left / 60:.0f} min left",
             flush=True,
         )
 
@@ -97,7 +113,13 @@ def report(
     print(f"\nfuzz: {summary.cases:,} cases in {elapsed:,.0f} s, {rate:,.0f} cases/s", end="")
     print(f", seed {config.seed}{stopped}")
     for outcome, count in summary.outcomes.most_common():
-        print(f"  {outcome:<24} {count:>10,}  {_share(count, summary.cases)}")
+        print(f"  {outcome:<34} {count:>10,}  {_share(count, summary.cases)}")
+    memory = summary.memory
+    print(
+        f"memory per worker: {memory.baseline >> 20} MiB resident at the start, peak RSS {memory.peak >> 20} "
+        f"MiB (after case {memory.peak_case}; ceiling {config.rss_ceiling >> 20} MiB), "
+        f"peak address space {memory.address_space >> 20} MiB (RLIMIT_AS {config.memory_limit >> 20} MiB)"
+    )
     if summary.compared:
         print(f"compared with GNU tar: {sum(summary.compared.values()):,} cases")
         for category, count in summary.compared.most_common():
@@ -118,18 +140,20 @@ def replay(corpus: fuzzing.Corpus, config: fuzzpool.Config, number: int, directo
     print(f"case {number} (seed {config.seed}): {case.seed}, {len(case.data)} bytes")
     for step in case.steps:
         print(f"  {step}")
-    try:
-        outcome = fuzzing.check_archive(case.data, random.Random(number))
-    except Exception:  # show it, whatever it is
-        traceback.print_exc()
-        outcome = "finding"
-    print(f"tarfuse: {outcome}")
+    logging.basicConfig(format="tarfuse log: %(levelname)s %(message)s", level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="tarfuse-replay-") as tmp:
-        category, detail = fuzzing.compare_with_gnu_tar(case.data, Path(tmp), random.Random(number))
+        os.environ["XDG_CACHE_HOME"] = tmp  # spills of a compressed case
+        try:
+            outcome = fuzzing.check_archive(case, random.Random(number))
+        except Exception:  # show it, whatever it is
+            traceback.print_exc()
+            outcome = "finding"
+        print(f"tarfuse: {outcome}")
+        category, detail = fuzzing.compare_with_gnu_tar(case, Path(tmp), random.Random(number))
     print(f"GNU tar: {category}" + (f"\n{detail}" if detail else ""))
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"replay-seed{config.seed}-case{number}.tar"
-    path.write_bytes(case.data)
+    path = directory / f"replay-seed{config.seed}-case{number}{case.suffix}"
+    path.write_bytes(case.archive())
     print(f"archive written to {path}")
     return 1 if outcome == "finding" or category in (fuzzing.DIFFERS, fuzzing.NOT_EXTRACTED) else 0
 

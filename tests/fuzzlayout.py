@@ -1,8 +1,9 @@
 """Where things are in a tar archive, found without trusting it; the edits and values mutations share.
 
 `walk` finds header blocks, old GNU extension blocks, PAX and long-name payloads, PAX 1.0 maps and member
-data, and stops quietly at the first block that is no header. The helpers below it re-sign a header, replace
-a payload (fixing the header's size field, usually), and make the odd numbers mutations write.
+data, and the members themselves (where each one's headers start, its name), and stops quietly at the first
+block that is no header. The helpers below it re-sign a header, replace a payload (fixing the header's size
+field, usually), and make the odd numbers mutations write.
 """
 
 import random
@@ -20,6 +21,7 @@ _PAX_FLAGS = frozenset(b"xXg")
 _LONG_FLAGS = frozenset(b"LK")
 _MAX_HEADERS = 2000  # the walk gives up after this many: mutations only need the first ones
 _MAX_MAP_LINES = 20_001
+IMAGE_SUFFIX = ".img"  # every seed names its disk image so (fuzzseeds.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +31,21 @@ class Span:
     header: int
     offset: int
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One member: where its headers start (a PAX or long-name header before its own), its name, its data."""
+
+    start: int
+    data: Span  # its own header block (data.header) and its data area
+    name: str  # from a PAX path or GNU.sparse.name record, a GNU long name, or the header's name fields
+    typeflag: int
+
+    @property
+    def end(self) -> int:
+        """Where the next member's headers start."""
+        return self.data.offset + padded(self.data.size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +60,14 @@ class Layout:
     long_names: tuple[Span, ...] = ()  # 'L' and 'K' payloads
     maps: tuple[Span, ...] = ()  # PAX 1.0 map text (up to its last newline) at the start of member data
     data: tuple[Span, ...] = ()  # member data areas
+    entries: tuple[Entry, ...] = ()  # the members, one per data area
     end: int | None = None  # the first zero block, if the walk got there
+
+    def image(self) -> Entry | None:
+        """The first file, sparse file or hard link named like a disk image: the one a seed serves."""
+        return next(
+            (e for e in self.entries if e.name.endswith(IMAGE_SUFFIX) and e.typeflag in b"0\x0017S"), None
+        )
 
     def boundaries(self) -> list[tuple[int, str]]:
         """Offsets where a truncation is most interesting, each with a label."""
@@ -70,7 +94,9 @@ def walk(data: bytes | bytearray) -> Layout:
     sparse_headers: list[int] = []
     extension_blocks: list[int] = []
     spans: dict[str, list[Span]] = {"pax": [], "long_names": [], "maps": [], "data": []}
+    entries: list[Entry] = []
     offset, end, pax10_next = 0, None, False
+    start, name = None, None  # where the current member's headers began; its name from one of them
     while offset + BLOCK <= len(data) and len(headers) < _MAX_HEADERS:
         block = bytes(data[offset : offset + BLOCK])
         if block == ZERO_BLOCK:
@@ -79,6 +105,7 @@ def walk(data: bytes | bytearray) -> Layout:
         if (size := _header_size(block)) is None:
             break
         headers.append(offset)
+        start = offset if start is None else start
         body = offset + BLOCK
         flag = block[156]
         if flag == ord("S"):
@@ -90,14 +117,23 @@ def walk(data: bytes | bytearray) -> Layout:
         span = Span(offset, body, min(size, len(data) - body))  # a claimed size: what is really there
         if flag in _PAX_FLAGS:
             spans["pax"].append(span)
-            pax10_next = flag != ord("g") and b"GNU.sparse.major=1\n" in data[body : body + size]
+            payload = bytes(data[body : body + size])
+            pax10_next = flag != ord("g") and b"GNU.sparse.major=1\n" in payload
+            if flag == ord("g"):
+                start = None  # a global header belongs to no member
+            else:
+                name = _pax_name(payload) or name
         elif flag in _LONG_FLAGS:
             spans["long_names"].append(span)
+            if flag == ord("L"):
+                text = bytes(data[body : body + min(size, 4096)]).split(b"\0", 1)[0]
+                name = text.decode("utf-8", "replace")
         else:
             spans["data"].append(span)
+            entries.append(Entry(start, span, name or _header_name(block), flag))
             if pax10_next and size:
                 spans["maps"].append(Span(offset, body, _map_text_size(data[body : body + size])))
-            pax10_next = False
+            pax10_next, start, name = False, None, None
         offset = body + padded(size)
     return Layout(
         len(data),
@@ -105,8 +141,24 @@ def walk(data: bytes | bytearray) -> Layout:
         tuple(sparse_headers),
         tuple(extension_blocks),
         **{key: tuple(value) for key, value in spans.items()},
+        entries=tuple(entries),
         end=end,
     )
+
+
+def _header_name(block: bytes) -> str:
+    """The name fields of a header: a POSIX ustar prefix and name joined; GNU headers have no prefix."""
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:263] == b"ustar\0" and (prefix := block[345:500].split(b"\0", 1)[0]):
+        name = prefix + b"/" + name
+    return name.decode("utf-8", "replace")
+
+
+def _pax_name(payload: bytes) -> str | None:
+    """The name a PAX payload gives its member: GNU.sparse.name (sparse 0.1/1.0) over path."""
+    found = dict(record_parts(r) for r in split_records(payload)[0])
+    value = found.get("GNU.sparse.name", found.get("path"))
+    return None if value is None else value.decode("utf-8", "replace")
 
 
 def _header_size(block: bytes) -> int | None:

@@ -2,23 +2,28 @@
 
 Each mutation picks a place from the structure that fuzzlayout.walk found (a header, a field, a PAX record,
 a long name, a boundary to cut at) and breaks it in one way, returning a description for the report;
-fuzzmaps breaks sparse maps. `mutate` chains one to four mutations, each on the structure left by the one
-before. Everything is deterministic given the `random.Random` passed in.
+fuzzmaps breaks sparse maps. Two add members that real archives have and readers disagree on: more members
+named like the image (`tar -r`), and link, device, directory, FIFO, contiguous and dumpdir headers with a
+size. `mutate` chains one to four mutations, each on the structure left by the one before. Everything is
+deterministic given the `random.Random` passed in.
 """
 
 import random
 from collections.abc import Callable
 
+import sparsegen
 import tarbuilder as tb
 from fuzzlayout import (
     BLOCK,
     ZERO_BLOCK,
+    Entry,
     Layout,
     Span,
     decimal_text,
     fit,
     frame,
     number_field,
+    padded,
     pick,
     record_parts,
     replace_area,
@@ -290,6 +295,118 @@ def rewrite_anywhere(buf: bytearray, layout: Layout, rng: random.Random) -> str 
     return f"{len(raw)} random bytes at {start}"
 
 
+# ---- members that readers disagree on (issue 12) --------------------------------------------------------
+
+
+def duplicate_image(buf: bytearray, layout: Layout, rng: random.Random) -> str | None:
+    """Add one or two more members named like the image, with other bytes, where `tar -r` appends them.
+
+    tar -x keeps the last one; a reader that serves the first serves other bytes.
+    """
+    image = layout.image()
+    if image is None:
+        return None
+    where = layout.end if layout.end is not None else len(buf)  # tar -r writes over the end blocks
+    if rng.random() < 0.15:
+        where = min(image.end, len(buf))
+    copies = [_other_copy(buf, layout, image, rng) for _ in range(rng.choice([1, 1, 2]))]
+    buf[where:where] = b"".join(member for member, _ in copies)
+    what = "; ".join(note for _, note in copies)
+    return f"{len(copies)} more member(s) named {image.name!r} at {where}: {what}"
+
+
+def _other_copy(buf: bytearray, layout: Layout, image: Entry, rng: random.Random) -> tuple[bytes, str]:
+    """The image's member again with other bytes: its own headers with stored bytes changed, or a file."""
+    content = image.data.offset  # past a PAX 1.0 map, which starts the data
+    if (found := next((m for m in layout.maps if m.offset == image.data.offset), None)) is not None:
+        content += padded(found.size)
+    content_end = image.data.offset + image.data.size
+    if image.typeflag != ord("1") and content < content_end and rng.random() < 0.7:
+        copy = bytearray(buf[image.start : image.end])
+        positions = sorted({rng.randrange(content, content_end) for _ in range(rng.randint(1, 4))})
+        for position in positions:
+            copy[position - image.start] ^= rng.randrange(1, 256)
+        return bytes(copy), f"its headers again, stored bytes changed at {positions}"
+    size = rng.choice([0, 1, 511, 4096, 20_000, rng.randrange(70_000)])
+    name = image.name.encode("utf-8", "surrogateescape")
+    data = sparsegen.fill(size, rng.randrange(1 << 16))
+    if len(name) > 100:
+        return tb.gnu_long(name) + tb.file_member(name[:100], data, magic=tb.GNU), f"a {size}-byte file"
+    return tb.file_member(name, data), f"a {size}-byte file"
+
+
+_SPECIAL_NAMES = {
+    ord("1"): "vm/link",
+    ord("2"): "vm/symlink",
+    ord("3"): "vm/char",
+    ord("4"): "vm/block",
+    ord("5"): "vm/dir/",
+    ord("6"): "vm/fifo",
+    ord("7"): "vm/contiguous",
+    ord("D"): "vm/dumpdir/",
+}
+
+
+def sized_special(buf: bytearray, layout: Layout, rng: random.Random) -> str | None:
+    """Add a header of type 1-7 or D with a size and that much data, just before or after the image.
+
+    GNU tar reads the data after types 1-6 as the next headers, and skips it after 7 and D: data that is
+    itself a member named like the image tells the two readings apart.
+    """
+    image = layout.image()
+    if image is None:
+        return None
+    where, place = rng.choice([(image.start, "before"), (image.end, "after"), (image.end, "after")])
+    where = min(where, len(buf))
+    flag = rng.choice(b"123456" * 3 + b"7D")  # 7 and D: data that every reader skips
+    body, what = _special_body(image.name, place, rng)
+    size = rng.choice(
+        [len(body)] * 4 + [max(1, len(body) - rng.randint(1, 511)), len(body) + BLOCK, rng.randint(1, 511)]
+    )
+    fields = {}
+    if flag in b"34":  # device numbers
+        fields = {329: tb.octal(rng.randrange(256), 8), 337: tb.octal(rng.randrange(256), 8)}
+    linkname = rng.choice([image.name, "vm/notes.txt", "nowhere"]) if flag in b"12" else ""
+    pax, field = b"", size
+    if rng.random() < 0.25:  # the size in a PAX record (bsdtar reads data for it, whatever the type)
+        pax, field = tb.pax_header([("size", str(size))], name="vm/PaxHeaders/special"), rng.choice([0, size])
+        what += f", the size in a PAX record (the header says {field})"
+    header = tb.header(
+        _SPECIAL_NAMES[flag],
+        size=field,
+        typeflag=bytes([flag]),
+        mode=0o755 if flag in b"5D" else 0o644,
+        linkname=fit(linkname.encode("utf-8", "surrogateescape"), 100).rstrip(b"\0"),
+        magic=tb.USTAR if pax else rng.choice([tb.GNU, tb.USTAR]),
+        fields=fields,
+    )
+    buf[where:where] = pax + header + tb.pad(body)
+    return f"{chr(flag)!r} header of size {size} {place} the image, at {where}, over {what}"
+
+
+def _special_body(image_name: str, place: str, rng: random.Random) -> tuple[bytes, str]:
+    """The data after a sized special header: a member (named like the image, or not), or no member.
+
+    After the image, a member named like it shows which reading a reader took; before it, zero blocks do
+    (the end of the archive, for a reader that takes them for headers).
+    """
+    kinds = ["image", "member", "random", "zeros", "dumpdir"]
+    kind = rng.choices(kinds, [4, 1, 1, 1, 1] if place == "after" else [1, 1, 2, 3, 1])[0]
+    name = image_name.encode("utf-8", "surrogateescape")
+    if kind == "image" and len(name) <= 100:
+        data = sparsegen.fill(rng.choice([1, 700, 5000]), rng.randrange(1 << 16))
+        return tb.file_member(name, data), f"a {len(data)}-byte member named {image_name!r}"
+    if kind == "member":
+        return tb.file_member("vm/inner.txt", b"read as a header\n"), "a member vm/inner.txt"
+    if kind == "zeros":
+        count = rng.choice([1, 2])
+        return ZERO_BLOCK * count, f"{count} zero blocks"
+    if kind == "dumpdir":
+        return b"Ydisk.img\0Nnotes.txt\0Dsub\0\0", "a dumpdir's name list"
+    data = rng.randbytes(rng.choice([1, 100, 512, 1500]))
+    return data, f"{len(data)} random bytes"
+
+
 Mutation = Callable[[bytearray, Layout, random.Random], str | None]
 MUTATIONS: list[tuple[Mutation, int]] = [
     (flip_bits, 10),
@@ -304,14 +421,24 @@ MUTATIONS: list[tuple[Mutation, int]] = [
     (truncate, 12),
     (rearrange_blocks, 5),
     (rewrite_anywhere, 2),
+    (duplicate_image, 3),
+    (sized_special, 4),
 ]
 _FUNCTIONS = [m for m, _ in MUTATIONS]
 _WEIGHTS = [w for _, w in MUTATIONS]
 
 
-def mutate(data: bytes, layout: Layout, rng: random.Random) -> tuple[bytes, list[str]]:
-    """Apply one to four mutations to `data` (whose structure is `layout`); return it and what was done."""
+def mutate(
+    data: bytes, layout: Layout, rng: random.Random, first: Mutation | None = None
+) -> tuple[bytes, list[str]]:
+    """Apply one to four mutations to `data` (whose structure is `layout`); return it and what was done.
+
+    With `first`, apply that one mutation alone.
+    """
     buf = bytearray(data)
+    if first is not None:
+        done = first(buf, layout, rng)
+        return bytes(buf), [] if done is None else [done]
     steps = []
     for n in range(rng.choices([1, 2, 3, 4], [60, 25, 10, 5])[0]):
         if n:

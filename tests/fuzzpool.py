@@ -1,12 +1,16 @@
 """Run many fuzz cases in worker processes, and turn whatever goes wrong in them into findings.
 
-Workers are forked; each runs batches of case numbers under RLIMIT_AS, publishes the case it is on and
-its deadline in shared memory, and sends results back. A case past its deadline is a hang: the parent
-sends SIGABRT and faulthandler prints where the worker was. A worker that dies is a crash. Either way the
+Workers are forked from a fork server (a fresh interpreter with tarfuse imported, as the daemon is, not a
+copy of whatever process runs the fuzzer); each runs batches of case numbers under RLIMIT_AS, publishes the
+case it is on and its deadline in shared memory, and sends results back. A case past its deadline is a
+hang: the parent sends SIGABRT and faulthandler prints where the worker was. A worker that dies is a crash.
+A case after which the worker's peak RSS is over the memory ceiling (issue 11: 256 MiB for any archive, at
+any point of a mount's life) is a finding too, and the worker makes way for a fresh one. Either way the
 batch goes on in a new worker, and the finding names the case, which fuzzing.Corpus can make again.
 """
 
 import contextlib
+import dataclasses
 import faulthandler
 import math
 import multiprocessing
@@ -14,6 +18,7 @@ import os
 import random
 import resource
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -23,9 +28,23 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from fuzzing import DIFFERS, INSPECT, NOT_EXTRACTED, Check, Corpus, check_archive, compare_with_gnu_tar
+from fuzzing import (
+    DIFFERS,
+    INSPECT,
+    NOT_EXTRACTED,
+    Check,
+    Corpus,
+    check_archive,
+    compare_with_gnu_tar,
+    quiet_logs,
+)
 
+MIB = 1 << 20
 INSPECT_KEPT = 10  # differential disagreements of each kind saved for a person to look at
+# What the fork server imports once for every worker: what the daemon imports, the decompressors, and
+# what unpickling a worker's arguments imports (hypothesis: fuzzseeds imports sparsegen, which imports it).
+# pytest too when it runs the fuzzer: a check function of a test module imports it.
+_PRELOAD = ["tarfuse.cli", "tarfuse.index", "rapidgzip", "xz", "pyzstd", "hypothesis"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +55,12 @@ class Config:
     jobs: int = 2
     compare_every: int = 200  # every Nth case is also extracted with GNU tar; 0: never
     time_limit: float = 10.0  # seconds a case may take (six times that with a GNU tar comparison)
-    memory_limit: int = 1 << 30  # RLIMIT_AS of each worker, in bytes
+    # RLIMIT_AS of each worker, in bytes: the stop for runaway allocations, above the address space that
+    # libraries reserve and never touch. rapidgzip maps 256 MiB at a time (three such mappings after .tar.gz
+    # reads): the workers peak at 1.35 GiB of address space (VmPeak) with 75 MiB resident, and under 1 GiB
+    # rapidgzip dies of SIGSEGV. What is really used is held to rss_ceiling.
+    memory_limit: int = 2 << 30
+    rss_ceiling: int = 256 * MIB  # peak RSS a worker may reach: more after a case is a finding
     batch: int = 100  # cases handed to a worker at a time
 
 
@@ -44,12 +68,28 @@ class Config:
 class Finding:
     case: int
     seed: str
-    kind: str  # the exception's class, "hang", "crash (...)", "differs" or "not-extracted"
+    kind: str  # the exception's class, "hang", "crash (...)", "memory-ceiling", "differs", "not-extracted"
     detail: str
     steps: tuple[str, ...] = ()
 
     def headline(self) -> str:
         return f"case {self.case}: {self.kind} on {self.seed} after {' + '.join(self.steps) or '?'}"
+
+
+@dataclass
+class Memory:
+    """The workers' memory, in bytes: the most any had at its start, and the highest peaks any reached."""
+
+    baseline: int = 0  # resident when the worker started, before its first case
+    peak: int = 0  # peak RSS (VmHWM, ru_maxrss) after a case
+    peak_case: int = -1  # the case after which the worker reached `peak`
+    address_space: int = 0  # peak virtual size (VmPeak), what RLIMIT_AS limits
+
+    def merge(self, other: "Memory") -> None:
+        self.baseline = max(self.baseline, other.baseline)
+        self.address_space = max(self.address_space, other.address_space)
+        if other.peak > self.peak:
+            self.peak, self.peak_case = other.peak, other.peak_case
 
 
 @dataclass
@@ -60,6 +100,7 @@ class Summary:
     compared: Counter[str] = field(default_factory=Counter)  # differential categories
     findings: list[Finding] = field(default_factory=list)
     inspect: list[Finding] = field(default_factory=list)  # differential disagreements, not findings
+    memory: Memory = field(default_factory=Memory)
 
     def merge(self, other: "Summary") -> None:
         self.cases += other.cases
@@ -68,6 +109,7 @@ class Summary:
         self.findings += other.findings
         for item in other.inspect:
             self.keep(item)
+        self.memory.merge(other.memory)
 
     def keep(self, item: Finding) -> None:
         """Keep a differential disagreement, unless INSPECT_KEPT of its kind are kept already."""
@@ -87,7 +129,7 @@ def run_case(corpus: Corpus, config: Config, number: int, check: Check, work: Pa
         return
     rng = random.Random(number)
     try:
-        summary.outcomes[check(case.data, rng)] += 1
+        summary.outcomes[check(case, rng)] += 1
     except Exception as exc:  # everything but an ArchiveError is what we are looking for
         summary.outcomes["finding"] += 1
         detail = "".join(traceback.format_exception(exc))
@@ -95,7 +137,7 @@ def run_case(corpus: Corpus, config: Config, number: int, check: Check, work: Pa
         return
     if config.compare_every and number % config.compare_every == 0:
         try:
-            category, detail = compare_with_gnu_tar(case.data, work, rng)
+            category, detail = compare_with_gnu_tar(case, work, rng)
         except Exception as exc:  # tarfuse's or the comparison's own: a finding either way
             detail = "".join(traceback.format_exception(exc))
             kind = f"{type(exc).__name__} comparing"
@@ -117,12 +159,17 @@ def _worker_main(
     """Run the batches the parent sends; publish (case, deadline) in `slot` for the parent's watchdog.
 
     Results go back as (summary, next case number) at the end of a batch, and at once after a finding,
-    so that a later case that kills the worker cannot take it along.
+    so that a later case that kills the worker cannot take it along. After a case that took the peak
+    RSS over the ceiling, the worker sends its results and ends: the batch goes on in a fresh one.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     resource.setrlimit(resource.RLIMIT_AS, (config.memory_limit, config.memory_limit))
+    os.environ["XDG_CACHE_HOME"] = str(work / "cache")  # spills of compressed cases, not in ~/.cache
+    quiet_logs()
+    meter = _MemoryMeter()
     with (work / "traceback").open("w") as log:
         faulthandler.enable(file=log, all_threads=True)  # SIGABRT from the watchdog: print the stack
+        os.dup2(log.fileno(), 2)  # and what libraries print before they abort (rapidgzip: corrupt streams)
         while (task := conn.recv()) is not None:
             summary = Summary()
             for number in range(*task):
@@ -131,11 +178,64 @@ def _worker_main(
                 comparing = bool(config.compare_every) and number % config.compare_every == 0
                 slot[1] = time.monotonic() + config.time_limit * (6 if comparing else 1)
                 run_case(corpus, config, number, check, work, summary)
-                if summary.findings and number + 1 < task[1]:
+                over = meter.after_case(number, config.rss_ceiling, summary, corpus, config.seed)
+                if over or (summary.findings and number + 1 < task[1]):
+                    summary.memory = meter.figures()
                     conn.send((summary, number + 1))
                     summary = Summary()
+                if over:
+                    return
             slot[1] = math.inf
+            summary.memory = meter.figures()
             conn.send((summary, task[1]))
+
+
+class _MemoryMeter:
+    """This process's peak RSS after every case, against the ceiling; its start and peaks, for the report."""
+
+    def __init__(self) -> None:
+        self.memory = Memory(baseline=_peak_rss())
+        self.memory.peak = self.memory.baseline
+
+    def after_case(self, number: int, ceiling: int, summary: Summary, corpus: Corpus, seed: int) -> bool:
+        """Record the peak after case `number`; if it is over `ceiling`, add a finding and return True."""
+        peak = _peak_rss()  # getrusage: one system call, cheap enough for every case
+        if peak <= self.memory.peak:
+            return False
+        before, self.memory.peak, self.memory.peak_case = self.memory.peak, peak, number
+        if peak <= ceiling:
+            return False
+        try:
+            case = corpus.case(seed, number)
+            name, steps = case.seed, case.steps
+        except Exception:  # a fuzzer error: run_case reported it
+            name, steps = "?", ()
+        detail = (
+            f"peak RSS {peak / MIB:.0f} MiB after this case, over the {ceiling / MIB:.0f} MiB ceiling "
+            f"(before it: {before / MIB:.0f} MiB; the worker started at {self.memory.baseline / MIB:.0f} "
+            f"MiB, now {_status('VmRSS') / MIB:.0f} MiB resident)"
+        )
+        summary.findings.append(Finding(number, name, "memory-ceiling", detail, steps))
+        return True
+
+    def figures(self) -> Memory:
+        self.memory.address_space = max(self.memory.address_space, _status("VmPeak"))
+        return dataclasses.replace(self.memory)
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set (its threads' too), in bytes: what the ceiling is about."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts KiB
+
+
+def _status(key: str) -> int:
+    """A "kB" line of /proc/self/status, in bytes (0 if it is not there)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name == key:
+                return int(value.split()[0]) * 1024
+    return 0
 
 
 @dataclass
@@ -157,7 +257,8 @@ class _Pool:
 
     def __init__(self, corpus: Corpus, config: Config, check: Check, work: Path) -> None:
         self.corpus, self.config, self.check, self.work = corpus, config, check, work
-        self.context = multiprocessing.get_context("fork")
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(_PRELOAD + (["pytest"] if "pytest" in sys.modules else []))
         end = config.start + config.cases
         self.tasks = deque((s, min(s + config.batch, end)) for s in range(config.start, end, config.batch))
         self.summary = Summary()
@@ -219,12 +320,18 @@ class _Pool:
                 worker.process.kill()
 
     def retire(self, worker: _Worker) -> None:
-        """Reap a worker that finished or died; a death in a batch is a finding, and the batch goes on."""
+        """Reap a worker that finished, made way or died (a finding); the rest of its batch goes on."""
         worker.process.join(5 if worker.task is None else None)
         self.workers.remove(worker)
+        with contextlib.suppress(EOFError, OSError):  # results it sent before it ended
+            while worker.conn.poll():
+                summary, worker.reported = worker.conn.recv()
+                self.summary.merge(summary)
         worker.conn.close()
         if worker.task is not None and worker.process.exitcode != 0:
             self._record_death(worker)
+        elif worker.task is not None and worker.reported < worker.task[1]:  # it made way: go on
+            self.tasks.appendleft((worker.reported, worker.task[1]))
         if self.tasks and len(self.workers) < self.config.jobs:
             self.spawn()
 
@@ -286,17 +393,19 @@ def run(
 def save_finding(corpus: Corpus, config: Config, finding: Finding, directory: Path) -> Path:
     """Write the finding's archive and a note (how to make it again, what happened) under `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    kind = finding.kind.split(" ")[0]
-    path = directory / f"{kind}-seed{config.seed}-case{finding.case}.tar"
+    stem = f"{finding.kind.split(' ')[0]}-seed{config.seed}-case{finding.case}"
+    path = directory / f"{stem}.txt"  # the note, and the archive if it can be made
     try:
-        path.write_bytes(corpus.case(config.seed, finding.case).data)
+        case = corpus.case(config.seed, finding.case)
+        path = directory / f"{stem}{case.suffix}"
+        path.write_bytes(case.archive())
     except Exception:  # a fuzzer error: the note says what it was
-        path = path.with_suffix(".txt")
+        path = directory / f"{stem}.txt"
     note = [
         finding.headline(),
         f"replay: scripts/fuzz.py --seed {config.seed} --replay {finding.case}",
         "",
         finding.detail,
     ]
-    path.with_suffix(".txt").write_text("\n".join(note))
+    (directory / f"{stem}.txt").write_text("\n".join(note))
     return path

@@ -2,8 +2,10 @@
 
 GNU tar (gnu, oldgnu, posix with sparse 0.0/0.1/1.0, a 9 GiB sparse image), bsdtar (pax) and Python's
 tarfile (ustar, pax, gnu), over one small tree: a sparse disk image, long names (ustar prefix, GNU 'L',
-PAX path), a hard link, a symlink, directories. The committed GNU tar fixtures in tests/data join them.
-Every seed is a few KiB to a few tens of KiB, and the same bytes on every run (see `_normalize`).
+PAX path), a hard link, a symlink, directories. GNU tar and bsdtar also append changed copies of the
+image with `-r`, so that it is in the archive two or three times. The committed GNU tar fixtures in
+tests/data join them. Every seed is a few KiB to a few hundred KiB, and the same bytes on every run (see
+`_normalize`).
 """
 
 import os
@@ -44,6 +46,12 @@ _COMMANDS: dict[str, tuple[list[str], str]] = {
     "gnutar-gnu-9g": (["tar", "--format=gnu", *_GNU_COMMON], "big"),
     "gnutar-pax1.0-9g": (["tar", *_POSIX, "--sparse-version=1.0", *_GNU_COMMON], "big"),
 }
+# name -> (program and options, times the image is in the archive): created, then the image changed and
+# appended with -r (tar -x keeps the last copy). GNU tar 1.34 appends to a posix archive without --sparse.
+_APPENDED: dict[str, tuple[list[str], int]] = {
+    "gnutar-gnu-appended": (["tar", "--format=gnu", *_GNU_COMMON], 3),
+    "gnutar-pax1.0-appended": (["tar", *_POSIX, "--sparse-version=1.0", *_GNU_COMMON], 2),
+}
 _TARFILE_FORMATS = {
     "tarfile-ustar": tarfile.USTAR_FORMAT,
     "tarfile-pax": tarfile.PAX_FORMAT,
@@ -78,6 +86,10 @@ def make_seeds(work: Path) -> list[Seed]:
     _run(["bsdtar", "--format=pax", "-cf", str(bsdtar), f"@{work / 'gnutar-gnu.tar'}"])
     seeds.append(Seed("bsdtar-pax", bsdtar.read_bytes()))
     seeds += [_tarfile_seed(name, fmt, trees["small"]) for name, fmt in _TARFILE_FORMATS.items()]
+    seeds += [_appended_seed(work, name, *how) for name, how in _APPENDED.items()]
+    bsdtar = work / "bsdtar-pax-appended.tar"  # from an archive, as above: no ctime or inode gets in
+    _run(["bsdtar", "--format=pax", "-cf", str(bsdtar), f"@{work / 'gnutar-gnu-appended.tar'}"])
+    seeds.append(Seed("bsdtar-pax-appended", bsdtar.read_bytes()))
     seeds += [Seed(f"fixture-{p.stem}", p.read_bytes()) for p in sorted(DATA_DIR.glob("*.tar"))]
     return seeds
 
@@ -99,6 +111,20 @@ def _make_tree(top: Path, layout: sparsegen.Layout, image: str = "disk.img") -> 
     for directory, dirs, files in os.walk(top):
         for name in dirs + files:
             os.utime(os.path.join(directory, name), (MTIME, MTIME), follow_symlinks=False)
+
+
+def _appended_seed(work: Path, name: str, command: list[str], copies: int) -> Seed:
+    """An archive of the disk tree, then `copies - 1` times: change the image, append it with -r."""
+    tree, path = work / name, work / f"{name}.tar"
+    _make_tree(tree, DISK)
+    _run([*command, "-cf", str(path), "-C", str(tree), "vm"])
+    image = tree / "vm" / "disk.img"
+    for copy in range(1, copies):
+        with open(image, "r+b") as f:  # a data run of its own, changed in place: the holes stay holes
+            os.pwrite(f.fileno(), sparsegen.fill(4096, 100 + copy), DISK.extents[copy][0])
+        os.utime(image, (MTIME + copy, MTIME + copy))
+        _run([*command, "-rf", str(path), "-C", str(tree), "vm/disk.img"])
+    return Seed(name, _normalize(path.read_bytes()))
 
 
 def _run(command: list[str]) -> None:

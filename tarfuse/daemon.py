@@ -124,11 +124,18 @@ def _mountpoint_problem(path: str, exc: OSError) -> str:
 
 
 def mount(ops: ImageFs, mountpoint: MountPoint, options: set[str]) -> None:
-    """Mount, or raise MountFailed; libfuse prints the reason itself."""
+    """Mount, or raise MountFailed; libfuse prints the reason itself.
+
+    The stop signals are held back from here until serve() listens for them: one that came in between
+    would end the process by default and leave the mount with no daemon ("Transport endpoint is not
+    connected"); held back, it unmounts cleanly as soon as the loop runs.
+    """
     mountpoint.check_unchanged()
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         pyfuse3.init(ops, mountpoint.target(options), options)
     except RuntimeError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         raise MountFailed(str(exc)) from None
 
 
@@ -193,7 +200,7 @@ async def _run_until_unmounted(
     ready_fd: int | None, workers: int, background: BackgroundJob | None, before_wait: Callable[[], None]
 ) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_terminate_on_signal)
+        await nursery.start(_terminate_on_signal)
         if background is not None:
             nursery.start_soon(_run_in_background, background)
         if ready_fd is not None:
@@ -240,8 +247,11 @@ async def _report_progress(job: BackgroundJob, stop: threading.Event) -> None:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
-async def _terminate_on_signal() -> None:
+async def _terminate_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        # Held back since mount(): from now on they come here.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        task_status.started()
         async for signum in signals:
             log.info("got %s, unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()

@@ -216,13 +216,13 @@ class _Handler(BaseHTTPRequestHandler):
         for start in range(first, first + length, _WRITE):
             chunk = obj.read(start, min(_WRITE, first + length - start))
             chunk += bytes(min(_WRITE, first + length - start) - len(chunk))  # body_extra: past the end
+            with state.lock:  # counted before the client can have it: reset_counters() then sees it all
+                state.bytes_served += len(chunk)
             if state.faults.drip:
                 self._drip(chunk, state.faults.drip)
             else:
                 time.sleep(state.faults.pace)
                 self.wfile.write(chunk)
-            with state.lock:
-                state.bytes_served += len(chunk)
 
     def _drip(self, data: bytes, interval: float) -> None:
         """Send `data` one byte every `interval` seconds, until the client hangs up."""

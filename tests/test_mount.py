@@ -383,6 +383,34 @@ def test_mount_command_mounts_type_fuse_tarfuse(
 # --- lifecycle -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_stop_signal_the_moment_the_mount_appears_unmounts_and_exits_zero(
+    signum: signal.Signals, sample_archive: Path, tmp_path: Path
+) -> None:
+    # Between mount(2) and the loop's signal handler, a stop signal used to kill the daemon by default
+    # and leave the mount dead ("Transport endpoint is not connected"); it is held back until then now.
+    for attempt in range(6):
+        mountpoint = tmp_path / str(attempt)
+        mountpoint.mkdir()
+        process = subprocess.Popen(
+            tarfuse_command("-f", sample_archive, mountpoint),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while not is_mounted(mountpoint) and process.poll() is None and time.monotonic() < deadline:
+                pass  # no sleep: the signal must come the moment the mount is there
+            process.send_signal(signum)
+            _, stderr = process.communicate(timeout=10)
+            assert process.returncode == 0, (attempt, stderr.decode(errors="replace"))
+            assert not is_mounted(mountpoint)
+        finally:
+            process.kill()
+            unmount(mountpoint)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_stop_signal_unmounts_and_exits_zero(
     signum: signal.Signals, sample_archive: Path, mount: MountFactory, tmp_path: Path

@@ -7,17 +7,14 @@ another name for 127.0.0.1. Timeouts are a fraction of a second, so that the slo
 """
 
 import base64
-import os
 import random
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import tarfuse_command
+from conftest import run_tarfuse_measuring_peak_rss
 from httpserver import RangeServer, serve
 from test_remote import tls_files  # noqa: F401  # a fixture: a self-signed certificate for 127.0.0.1
 
@@ -133,28 +130,14 @@ def test_content_range_that_is_not_plain_digits_is_refused(
         remote(server.put("blob", blob))
 
 
-def peak_rss_of(command: list[str]) -> tuple[int, str, int]:
-    """Run `command`; return its exit status, its output and the peak RSS (bytes) of it and its children."""
-    with tempfile.TemporaryFile() as output:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
-        killer = threading.Timer(120, process.kill)
-        killer.start()
-        try:
-            _, status, usage = os.wait4(process.pid, 0)  # rusage of this child alone
-        finally:
-            killer.cancel()
-        process.returncode = os.waitstatus_to_exitcode(status)
-        output.seek(0)
-        return process.returncode, output.read().decode(errors="replace"), usage.ru_maxrss * 1024
-
-
 def test_list_of_a_server_claiming_600_mib_stays_under_the_memory_ceiling(
-    server: RangeServer, gib_file: Path
+    server: RangeServer, gib_file: Path, tmp_path: Path
 ) -> None:
     # The issue's case: "bytes 0-629145599/..." with 600 MiB of body made --list peak at 1.2 GiB.
     url = server.put("vm.tar", gib_file)
     server.faults.claim = 600 * MiB
-    status, output, peak = peak_rss_of(tarfuse_command("--list", url))
+    result, peak = run_tarfuse_measuring_peak_rss("--list", url, scratch=tmp_path)
+    status, output = result.returncode, result.stdout + result.stderr
     assert status == 1, output
     assert f"GET {url}: asked for bytes 0-131071, the server answered with 0-629145599/" in output
     assert "Traceback" not in output

@@ -68,15 +68,15 @@ def open_first_image(
     member is named like an image, fall back to open_image's rules over the whole archive.
     """
     detect.check_uncompressed(pread(16, 0))
-    seen: list[Member] = []
+    table = detect.FileTable()
     for member in scan_members(pread, archive_size):
-        seen.append(member)
+        table.add(member)
         name = normalize_name(member.name)
         if member.kind != "other" and (name == normalize_name(wanted) if wanted else has_image_suffix(name)):
-            found = [c for c in detect.resolve_files(seen) if normalize_name(c.name) == name]
-            if found:  # else a hard link to nothing, which tar -x cannot make either
-                return _open_candidate(found[-1], pread, pread_into, read_tail=False)
-    files = detect.resolve_files(seen)
+            found = table.get(name)
+            if found is not None:  # else a hard link to nothing, which tar -x cannot make either
+                return _open_candidate(found, pread, pread_into, read_tail=False)
+    files = table.files()
     candidates = [] if wanted else detect.find_candidates(files, _sniffer(pread))
     return _open_candidate(detect.choose_image(files, candidates, wanted), pread, pread_into)
 

@@ -19,7 +19,7 @@ from conftest import run_tarfuse_measuring_peak_rss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tarfuse import archive
+from tarfuse import archive, detect
 from tarfuse.archive import scan_members
 from tarfuse.errors import ArchiveError, BadHeader, NoImage, TruncatedArchive
 from tarfuse.image import Image
@@ -373,3 +373,41 @@ def test_list_of_a_small_zst_claiming_a_huge_long_name(tmp_path: Path) -> None:
     assert "GNU long name ('L'): 268435456 bytes, past tarfuse's limit" in lines[0]
     assert lines[0].endswith("at archive offset 0")
     assert peak < 128 * 1024 * 1024  # Python and tarfuse take about 35 MiB; it was 800 MiB
+
+
+# ---- the number of members has a bound too: every name is kept while the archive is read -------------
+
+
+def test_member_count_at_the_limit_is_read_and_one_more_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(detect, "MAX_MEMBERS", 10)
+    empties = [tb.header(f"empty-{i}", size=0) for i in range(9)]
+    at_limit = tb.archive(*empties, tb.file_member("disk.img", IMAGE))
+    assert tb.open_bytes(at_limit).mapper.read(0, len(IMAGE)) == IMAGE
+    over = tb.archive(tb.header("one-more", size=0), *empties, tb.file_member("disk.img", IMAGE))
+    with pytest.raises(ArchiveError, match="more than 10 members: past tarfuse's limit") as info:
+        tb.open_bytes(over)
+    assert info.value.offset == 10 * tb.BLOCK  # the header of the eleventh
+
+
+def test_list_of_a_small_zst_with_a_million_names_stays_under_the_memory_ceiling(tmp_path: Path) -> None:
+    # 300,000 empty members in 2 MB of zstd: kept whole, their names took ~100 MiB (a million: 330 MiB).
+    archive_path = tmp_path / "names.tar.zst"
+    count = detect.MAX_MEMBERS + 50_000
+    compressor = pyzstd.ZstdCompressor()
+    with archive_path.open("wb") as out:
+        for start in range(0, count, 10_000):
+            names = (f"d/{i:09d}" for i in range(start, min(start + 10_000, count)))
+            batch = b"".join(tb.header(name, size=0) for name in names)
+            out.write(compressor.compress(batch))
+        out.write(compressor.compress(tb.archive(tb.file_member("disk.img", IMAGE))) + compressor.flush())
+    assert archive_path.stat().st_size < 8 << 20
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result, peak = run_tarfuse_measuring_peak_rss("--list", archive_path, scratch=tmp_path, env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, lines
+    assert lines == [
+        f"tarfuse: {archive_path}: more than {detect.MAX_MEMBERS:,} members: past tarfuse's limit (it keeps "
+        f"every name while it reads the archive); extract the image with tar -x at archive offset "
+        f"{detect.MAX_MEMBERS * tb.BLOCK}"
+    ]
+    assert peak < 256 << 20, f"{peak >> 20} MiB"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tarfuse.zstdframes import ZstdFrames
+    from tarfuse.sources.zstdframes import ZstdFrames
 
 LIBRARIES = {
     "gzip": ["rapidgzip", "rapidgzip-p2", "indexed_gzip"],
@@ -96,7 +96,7 @@ def _open_library(kind: str, path: str):  # type: ignore[no-untyped-def]  # libr
 
         return indexed_bzip2.open(path, parallelization=1)
     if kind == "zstdframes":
-        from tarfuse.zstdframes import ZstdFrames
+        from tarfuse.sources.zstdframes import ZstdFrames
 
         return _FileOverReadAt(ZstdFrames(open(path, "rb", buffering=0)))
     if kind == "indexed_zstd":

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tarfuse import mountinfo
 from tarfuse.sample import DataRun, boot_command, boot_sector, data_runs
+from tarfuse.serve import mountinfo
 
 MiB = 1 << 20
 _ROOT = Path(__file__).resolve().parent.parent

@@ -24,7 +24,7 @@ from typing import Literal
 
 from benchdata import Dataset, Segment
 
-from tarfuse import mountinfo
+from tarfuse.serve import mountinfo
 
 ReadAt = Callable[[memoryview, int], int]  # fill the buffer from an image offset; return bytes read
 Role = Literal["limit", "tarfuse", "peer"]

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tarfuse import mountinfo
 from tarfuse.sample import boot_command, kvm_usable, write_sparse_boot_image
+from tarfuse.serve import mountinfo
 
 IMAGE_SIZE = 256 * 1024 * 1024
 MESSAGE = "Hello from a disk image inside a tar archive, served by tarfuse!"

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tarfuse import mountinfo
+from tarfuse.serve import mountinfo
 
 MIB = 1 << 20
 MIN_READ, MAX_READ = 512, 4 * MIB

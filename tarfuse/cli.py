@@ -12,22 +12,19 @@ import os
 import re
 import sys
 import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from tarfuse import __version__, compressed, daemon, remote
-from tarfuse.compressed import CompressedSource
+from tarfuse import __version__
 from tarfuse.errors import ArchiveError, TarfuseError, UsageError
-from tarfuse.fs import BLOCKING_READERS, ImageFs, ServedFile
-from tarfuse.image import Image, list_images, open_first_image, open_image
-from tarfuse.mapper import HOLE, ImageMapper
-from tarfuse.source import ArchiveFile
+from tarfuse.image.open import Image
+from tarfuse.mount import MountOptions, assemble, list_archive
+from tarfuse.serve import daemon
+from tarfuse.serve.fs import ImageFs
+from tarfuse.sources import remote
 
 log = logging.getLogger("tarfuse")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 FUSE_CONF = "/etc/fuse.conf"  # fusermount3 reads user_allow_other from here
-_MAX_REQUEST = 1 << 20  # FUSE reads are at most max_pages (256) pages long; larger ones get their own buffer
 
 # Words that fstab, mount(8) and mount.fuse3 pass along and that mean nothing here (as in s3ql/sshfs).
 # mount.fuse3 passes "rw,dev,suid" when nothing else is said: dev/suid/exec are moot on a lone 0444 file.
@@ -44,23 +41,8 @@ _PASSED = frozenset({
 # fmt: on
 # uid_t and gid_t are 32 bits, and (uid_t)-1 means "no change" to chown(2): never a file's owner.
 _OPTION_MAX = {"uid": 2**32 - 2, "gid": 2**32 - 2, "umask": 0o777}
-_OURS = ("member", "uid", "gid", "umask", "fsname", "readahead_kb", "index")
-
-
-@dataclass
-class MountOptions:
-    """The -o options, split into ours and the ones handed to libfuse."""
-
-    member: str | None = None
-    uid: int | None = None
-    gid: int | None = None
-    umask: int = 0o222
-    fsname: str | None = None
-    readahead_kb: int = 4096  # measured: 1 MiB requests, several in flight (docs/benchmarks.md)
-    fuse: set[str] = field(default_factory=set)
-    remote: list[str] = field(default_factory=list)  # header=, ca_file=, ... for http(s) archives
-    index: str | None = None  # where a compressed archive's seek index is kept (default: index.py)
-    noindex: bool = False  # keep no index on disk
+_OURS = ("member", "uid", "gid", "umask", "fsname", "readahead_kb", "index", "cache_size")
+_SIZE = re.compile(r"(\d+)\s*([kmgKMG]?)(?:i?[bB])?")  # cache_size=: bytes, K, M or G (binary: 64M is 64 MiB)
 
 
 def split_mount_options(words: list[str], rw_is_default: bool = False) -> MountOptions:
@@ -98,6 +80,11 @@ def _set_option(options: MountOptions, key: str, value: str) -> None:
         if not value:
             raise UsageError(f"option {key}= needs a value")
         setattr(options, key, value)
+        return
+    if key == "cache_size":
+        if (match := _SIZE.fullmatch(value.strip())) is None:
+            raise UsageError(f"option {key}={value!r}: use bytes or a K, M or G suffix (e.g. {key}=64M)")
+        options.cache_size = int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2].upper()]
         return
     base = 8 if key == "umask" else 10
     try:
@@ -279,15 +266,8 @@ def _run_by_mount() -> bool:
 
 
 def _list(path: str, options: MountOptions, as_json: bool = False) -> int:
-    compression = found = None
-    with _open_archive(path, options) as archive:
-        if isinstance(archive, CompressedSource):
-            from tarfuse import index  # with pyzstd (its spill): only compressed archives need it
-
-            compression = archive.compression
-            where = _index_path(archive, options)
-            found = where if where is not None and index.use_saved_index(where, archive) else None
-        images = list_images(archive.pread, archive.size)
+    listing = list_archive(path, options)
+    compression, found, images = listing.compression, listing.index, listing.images
     if as_json:
         print(json.dumps(_listing(path, compression, found, images), indent=2))
     elif compression is not None:
@@ -343,18 +323,12 @@ def _print_table(images: list[Image]) -> None:
 
 def _mount(args: argparse.Namespace, options: MountOptions) -> int:
     mountpoint = daemon.pin_mountpoint(args.mountpoint)  # now: once mounted, resolving it would hang
-    archive = _open_archive(args.archive, options)
-    job = None
-    if isinstance(archive, CompressedSource):
-        image, job = _open_compressed(archive, options)
-    else:
-        image = open_image(archive.pread, archive.size, options.member, archive.pread_into)
-    for warning in image.member.warnings:  # metadata tar -x would also have taken leniently
+    assembly = assemble(args.archive, options)
+    for warning in assembly.image.member.warnings:  # metadata tar -x would also have taken leniently
         log.warning("%s: warning: %s", remote.display_name(args.archive), warning)
-    log.debug("serving %s (%s, %d bytes)", image.name, image.format, image.mapper.size)
-    served = _served_file(image, archive, options)
+    log.debug("serving %s (%s, %d bytes)", assembly.image.name, assembly.image.format, assembly.served.size)
     ops = ImageFs(
-        served,
+        assembly.served,
         mountpoint.is_file,
         after_init=lambda: daemon.tune_readahead(mountpoint.path, options.readahead_kb),
     )
@@ -366,24 +340,22 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
     }
     if args.debug_fuse:
         fuse_options.add("debug")
-    if isinstance(archive, CompressedSource) and not args.foreground:
-        archive.drop_decoder()  # decoder threads do not survive the fork; the daemon opens its own
+    if not args.foreground:
+        assembly.before_fork()
     try:
         daemon.mount(ops, mountpoint, fuse_options)
     except daemon.MountFailed:
+        assembly.close()
         raise ArchiveError(f"could not mount on {args.mountpoint} ({_mount_failure_hint(options)})") from None
-    if not isinstance(archive, CompressedSource):
-        return daemon.serve(
-            args.foreground,
-            workers=BLOCKING_READERS if served.blocking else 1,
-            before_wait=ops.after_init_replied,
-        )
     try:
         return daemon.serve(
-            args.foreground, workers=BLOCKING_READERS, background=job, before_wait=ops.after_init_replied
+            args.foreground,
+            workers=assembly.workers,
+            background=assembly.background,
+            before_wait=ops.after_init_replied,
         )
     finally:
-        archive.close()  # rapidgzip aborts the interpreter if its threads outlive it
+        assembly.close()
 
 
 def fuse_option_value(value: str) -> str:
@@ -396,58 +368,6 @@ def fuse_option_value(value: str) -> str:
     return "".join(
         chr(b) if 0x20 < b < 0x7F and b not in b",\\" else f"\\{b:03o}" for b in os.fsencode(value)
     )
-
-
-def _open_archive(path: str, options: MountOptions) -> ArchiveFile | remote.RemoteArchive | CompressedSource:
-    archive = remote.open_source(path, options.remote)
-    return compressed.decompressed(archive, remote.parse_options(options.remote).cache_size)
-
-
-def _index_path(source: CompressedSource, options: MountOptions) -> str | None:
-    from tarfuse import index
-
-    if options.noindex:
-        return None
-    beside = isinstance(source.archive, ArchiveFile)  # a URL's index goes to the cache, never "beside" it
-    return options.index or index.default_path(source.path, index.identity(source), beside)
-
-
-def _open_compressed(
-    source: CompressedSource, options: MountOptions
-) -> tuple[Image, daemon.BackgroundJob | None]:
-    """Open the image as soon as its headers are decompressed; index the rest in the background.
-
-    With a complete index (a saved one, or xz's and seekable zstd's own) every header is cheap to reach:
-    open as for a plain archive. Otherwise serve the first candidate, and let the background pass look for
-    others. A stream with no restart point but its start gets the pass too, for its spill.
-    """
-    from tarfuse import index
-
-    where = _index_path(source, options)
-    if where is not None and (not source.size_known or source.needs_spill()):
-        index.use_saved_index(where, source)  # gives the size, or serves from the spill
-    complete = source.size_known
-    if complete and not source.needs_spill():
-        return open_image(source.pread, source.size, options.member, source.pread_into), None
-    opener = open_image if complete else open_first_image
-    image = opener(source.pread, source.size, options.member, source.pread_into)
-    indexing = index.IndexingPass(
-        source,
-        image.name,
-        where,
-        scan=not complete,
-        served_header=None if complete else image.member.header_offset,
-    )
-    return image, daemon.BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
-
-
-def _cached(mapper: ImageMapper, source: CompressedSource) -> Callable[[int, int], bool]:
-    """Whether an image read needs no decompression: all holes, or all in the chunk cache."""
-
-    def ready(offset: int, size: int) -> bool:
-        return all(p == HOLE or source.cached(p, n) for p, n in mapper.plan(offset, size))
-
-    return ready
 
 
 def _mount_failure_hint(options: MountOptions) -> str:
@@ -467,43 +387,3 @@ def _user_allow_other() -> bool:
             return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in conf)
     except OSError:
         return False
-
-
-def _served_file(
-    image: Image, archive: ArchiveFile | remote.RemoteArchive | CompressedSource, options: MountOptions
-) -> ServedFile:
-    mapper = image.mapper
-    # One buffer serves every request: handlers run one at a time on the trio loop, and pyfuse3 copies
-    # the reply to the kernel before the next request is read (see ImageFs.read). Blocking sources are
-    # read from several threads at once: each read gets its own buffer.
-    blocking = getattr(archive, "blocking", False)
-    buffer = memoryview(bytearray(0 if blocking else _MAX_REQUEST))
-
-    def read(offset: int, size: int) -> memoryview:
-        view = buffer[:size] if size <= len(buffer) else memoryview(bytearray(size))
-        try:
-            filled = mapper.read_into(view, offset)
-        except TarfuseError:
-            archive.check_unchanged()  # a read cut short by a truncated archive: name the cause
-            raise
-        archive.check_unchanged()  # after the read: a change before it or during it is caught
-        return view[:filled]
-
-    return ServedFile(
-        name=os.path.basename(image.name.rstrip("/")) or "image",
-        size=mapper.size,
-        mtime_ns=image.member.mtime * 1_000_000_000,
-        stored_bytes=image.stored_bytes,
-        read=read,
-        xattrs={
-            "user.tarfuse.member": os.fsencode(image.name),
-            "user.tarfuse.format": image.format.driver.encode(),
-            "user.tarfuse.archive": os.fsencode(remote.display_name(archive.path)),
-        },
-        uid=os.getuid() if options.uid is None else options.uid,
-        gid=os.getgid() if options.gid is None else options.gid,
-        umask=options.umask,
-        blocking=blocking,
-        ready=_cached(mapper, archive) if isinstance(archive, CompressedSource) else None,
-        readers=getattr(archive, "readers", BLOCKING_READERS),
-    )

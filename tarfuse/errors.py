@@ -1,7 +1,10 @@
 """The tarfuse exception tree.
 
-Core modules raise these and never log; the boundaries (fs.py, cli.py) turn them into errno values,
-log lines and exit codes. This module imports nothing from the package.
+Modules raise these and never log, so that the caller decides what a failure means; the boundaries
+(serve/fs.py, serve/daemon.py, cli.py) turn them into errno values, log lines and exit codes. The one
+module that logs besides them is the background pass (sources/index.py): it runs on its own thread, with no
+caller to raise to, so it logs what it finds and fails later reads through its source (mark_broken).
+tests/test_layering.py holds this. This module imports nothing from the package.
 """
 
 

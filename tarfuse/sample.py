@@ -2,7 +2,7 @@
 
 The image is a sparse raw disk, like a cloud image: a boot sector that prints one line on the first
 serial port, a few runs of deterministic pseudo-random data, and holes everywhere else. Its bytes are
-the oracle the tests compare a mount against. Must not import pyfuse3 or trio.
+the oracle the tests compare a mount against.
 """
 
 import os

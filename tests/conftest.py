@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tarfuse import mountinfo
 from tarfuse.sample import write_sparse_boot_image
+from tarfuse.serve import mountinfo
 
 IMAGE_SIZE = 24 * 1024 * 1024
 BOOT_MESSAGE = "tarfuse sample booted"

@@ -28,9 +28,9 @@ from fuzzmutate import Layout, Mutation, duplicate_image, mutate, sized_special,
 from fuzzpacked import SUFFIXES, Mount, Packing, choose_packing
 from fuzzseeds import Seed
 
-from tarfuse.archive import Pread, normalize_name
 from tarfuse.errors import ArchiveError, CorruptCompressed, NoImage, TarfuseError
-from tarfuse.image import Image, list_images, open_image
+from tarfuse.image.open import Image, list_images, open_image
+from tarfuse.tar.archive import Pread, normalize_name
 
 MIB = 1 << 20
 READ_WHOLE = 2 * MIB  # images up to this size are read whole; larger ones in windows

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import tarbuilder as tb
 
 from tarfuse.errors import BadHeader
-from tarfuse.tarheader import checksum_ok, parse_number
+from tarfuse.tar.header import checksum_ok, parse_number
 
 BLOCK = tb.BLOCK
 ZERO_BLOCK = bytes(BLOCK)

@@ -23,7 +23,7 @@ from fuzzlayout import (
 )
 
 from tarfuse.errors import BadHeader
-from tarfuse.tarheader import parse_number, parse_sparse_numbers
+from tarfuse.tar.header import parse_number, parse_sparse_numbers
 
 Extents = list[tuple[int, int]]
 

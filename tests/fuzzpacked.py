@@ -3,8 +3,8 @@
 A `Packing` says which compressor, into how many members, frames or streams (one: zstd and xz have no
 restart point but the start, and the mount copies the stream into a spill), and what damage is done to the
 compressed bytes, if any. `Mount` runs what `tarfuse ARCHIVE MNT` runs before and after mount(2), without
-FUSE: cli._open_archive, cli._open_compressed (the image as soon as its headers are decompressed, and the
-background pass), cli._served_file (whose reads also check that the archive is still sound), with
+FUSE: mount.assemble (the image as soon as its headers are decompressed, the background pass, and the
+served file, whose reads also check that the archive is still sound), with
 `-o noindex` so that nothing is kept on disk. A local archive is a memfd, opened through /proc/self/fd as
 the libraries open a path; a remote one is served over HTTP from this process (tests/httpserver.py).
 """
@@ -24,10 +24,7 @@ from dataclasses import dataclass
 import pyzstd
 from httpserver import RangeServer, serve
 
-from tarfuse import cli
-from tarfuse.compressed import CompressedSource
-from tarfuse.daemon import BackgroundJob
-from tarfuse.image import Image, open_image
+from tarfuse import cli, mount
 
 COMPRESSIONS = {"gzip": 4, "zstd": 3, "xz": 3, "bzip2": 2}  # name -> weight among compressed cases
 SUFFIXES = {"gzip": ".gz", "zstd": ".zst", "xz": ".xz", "bzip2": ".bz2"}
@@ -122,23 +119,15 @@ class Mount:
             where = f"/proc/self/fd/{self._fd}"
             if remote:
                 where = _http_server().put("case.tar", archive)
-            self._source = cli._open_archive(where, options)
+            self._assembly = mount.assemble(where, options)
         except BaseException:
             os.close(self._fd)
             raise
-        try:
-            self.image, self._job = self._open(options)
-            self._served = cli._served_file(self.image, self._source, options)
-        except BaseException:
-            self.close()
-            raise
-
-    def _open(self, options: cli.MountOptions) -> tuple[Image, BackgroundJob | None]:
-        """As cli._mount: a compressed archive through _open_compressed, a plain one through open_image."""
-        source = self._source
-        if isinstance(source, CompressedSource):
-            return cli._open_compressed(source, options)
-        return open_image(source.pread, source.size, None, source.pread_into), None
+        self.image, self._job, self._served = (
+            self._assembly.image,
+            self._assembly.background,
+            self._assembly.served,
+        )
 
     def run_pass(self) -> None:
         """Run the background pass (indexing, looking for other images, the spill) to its end, here."""
@@ -150,7 +139,7 @@ class Mount:
         return bytes(self._served.read(offset, size))
 
     def close(self) -> None:
-        self._source.close()
+        self._assembly.close()
         os.close(self._fd)
 
     def __enter__(self) -> "Mount":

@@ -44,7 +44,7 @@ INSPECT_KEPT = 10  # differential disagreements of each kind saved for a person 
 # What the fork server imports once for every worker: what the daemon imports, the decompressors, and
 # what unpickling a worker's arguments imports (hypothesis: fuzzseeds imports sparsegen, which imports it).
 # pytest too when it runs the fuzzer: a check function of a test module imports it.
-_PRELOAD = ["tarfuse.cli", "tarfuse.index", "rapidgzip", "xz", "pyzstd", "hypothesis"]
+_PRELOAD = ["tarfuse.cli", "tarfuse.sources.index", "rapidgzip", "xz", "pyzstd", "hypothesis"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import sparsegen
 import tarbuilder as tb
 
-from tarfuse.tarheader import checksum_ok
+from tarfuse.tar.header import checksum_ok
 
 DATA_DIR = Path(__file__).parent / "data"
 MTIME = 1_700_000_000

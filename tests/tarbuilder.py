@@ -11,7 +11,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from tarfuse.image import Image, open_image
+from tarfuse.image.open import Image, open_image
 
 BLOCK = 512
 END = bytes(2 * BLOCK)  # end-of-archive marker: two zero blocks

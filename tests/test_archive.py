@@ -9,10 +9,10 @@ import time
 import pytest
 import tarbuilder as tb
 
-from tarfuse import archive
-from tarfuse.archive import Member, normalize_name, scan_members
 from tarfuse.errors import BadHeader, NoImage, TruncatedArchive
-from tarfuse.image import open_image
+from tarfuse.image.open import open_image
+from tarfuse.tar import archive
+from tarfuse.tar.archive import Member, normalize_name, scan_members
 
 DATA = bytes(range(256)) * 7  # 1792 bytes: not a multiple of the block size
 

@@ -19,10 +19,10 @@ from conftest import run_tarfuse_measuring_peak_rss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tarfuse import archive, detect
-from tarfuse.archive import scan_members
 from tarfuse.errors import ArchiveError, BadHeader, NoImage, TruncatedArchive
-from tarfuse.image import Image
+from tarfuse.image.open import Image
+from tarfuse.tar import archive, files
+from tarfuse.tar.archive import scan_members
 
 LAYOUT = sparsegen.layout_from_runs([(1000, 1024), (5000, 512), (0, 512), (70_000, 2000)], 333)
 IMAGE = sparsegen.image_of(LAYOUT)
@@ -379,7 +379,7 @@ def test_list_of_a_small_zst_claiming_a_huge_long_name(tmp_path: Path) -> None:
 
 
 def test_member_count_at_the_limit_is_read_and_one_more_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(detect, "MAX_MEMBERS", 10)
+    monkeypatch.setattr(files, "MAX_MEMBERS", 10)
     empties = [tb.header(f"empty-{i}", size=0) for i in range(9)]
     at_limit = tb.archive(*empties, tb.file_member("disk.img", IMAGE))
     assert tb.open_bytes(at_limit).mapper.read(0, len(IMAGE)) == IMAGE
@@ -392,7 +392,7 @@ def test_member_count_at_the_limit_is_read_and_one_more_is_refused(monkeypatch: 
 def test_list_of_a_small_zst_with_a_million_names_stays_under_the_memory_ceiling(tmp_path: Path) -> None:
     # 300,000 empty members in 2 MB of zstd: kept whole, their names took ~100 MiB (a million: 330 MiB).
     archive_path = tmp_path / "names.tar.zst"
-    count = detect.MAX_MEMBERS + 50_000
+    count = files.MAX_MEMBERS + 50_000
     compressor = pyzstd.ZstdCompressor()
     with archive_path.open("wb") as out:
         for start in range(0, count, 10_000):
@@ -406,8 +406,8 @@ def test_list_of_a_small_zst_with_a_million_names_stays_under_the_memory_ceiling
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1, lines
     assert lines == [
-        f"tarfuse: {archive_path}: more than {detect.MAX_MEMBERS:,} members: past tarfuse's limit (it keeps "
+        f"tarfuse: {archive_path}: more than {files.MAX_MEMBERS:,} members: past tarfuse's limit (it keeps "
         f"every name while it reads the archive); extract the image with tar -x at archive offset "
-        f"{detect.MAX_MEMBERS * tb.BLOCK}"
+        f"{files.MAX_MEMBERS * tb.BLOCK}"
     ]
     assert peak < 256 << 20, f"{peak >> 20} MiB"

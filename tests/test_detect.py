@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import tarbuilder as tb
 
-from tarfuse import detect
 from tarfuse.errors import CompressedArchive, NoImage
-from tarfuse.image import list_images
+from tarfuse.image import detect
+from tarfuse.image.open import list_images
+from tarfuse.sources.compression import check_uncompressed
 
 OTHERS = [("README", b"read me\n"), ("etc/config.txt", b"x = 1\n" * 200)]
 
@@ -170,4 +171,4 @@ def test_compressed_archive(name: str, command: list[str], magic: bytes) -> None
 
 
 def test_uncompressed_archive_passes() -> None:
-    detect.check_uncompressed(tb.with_tarfile(("a", b"a"))[:16])
+    check_uncompressed(tb.with_tarfile(("a", b"a"))[:16])

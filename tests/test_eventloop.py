@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tarfuse import eventloop
+from tarfuse.serve import eventloop
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ _PROBE = textwrap.dedent(
     """
     import os, sys, threading
     import pyfuse3, trio
-    from tarfuse import eventloop
+    from tarfuse.serve import eventloop
 
     waits = []
 

@@ -10,7 +10,7 @@ import pytest
 from pyfuse3 import FUSEError, InodeT
 
 from tarfuse.errors import ArchiveChanged, TruncatedArchive
-from tarfuse.fs import IMAGE_INODE, ImageFs, ServedFile
+from tarfuse.serve.fs import IMAGE_INODE, ImageFs, ServedFile
 
 ROOT = InodeT(pyfuse3.ROOT_INODE)
 IMAGE = bytes(range(256)) * 64  # 16 KiB
@@ -133,7 +133,7 @@ async def test_a_repeated_failure_is_logged_once_at_error_level(caplog):
     def failing_read(offset, size):
         raise TruncatedArchive("archive file ends before the data does", 1000 + offset)
 
-    caplog.set_level(logging.DEBUG, logger="tarfuse.fs")
+    caplog.set_level(logging.DEBUG, logger="tarfuse.serve.fs")
     fs = ImageFs(served(read=failing_read), root_is_file=True)
     for offset in (0, 4096, 8192):
         with pytest.raises(FUSEError) as caught:

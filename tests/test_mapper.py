@@ -8,10 +8,10 @@ import sparsegen
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tarfuse.archive import Pread
 from tarfuse.errors import TruncatedArchive
-from tarfuse.mapper import HOLE, ImageMapper, PreadInto
-from tarfuse.sparse import SparseMap
+from tarfuse.image.mapper import HOLE, ImageMapper, PreadInto
+from tarfuse.tar.archive import Pread
+from tarfuse.tar.sparse import SparseMap
 
 PREFIX = b"\xee" * 1536  # archive bytes before the member's data: never part of the image
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import foreground_mount
 
-from tarfuse import mountinfo
+from tarfuse.serve import mountinfo
 
 
 def test_unescape_reads_the_kernel_s_octal_escapes() -> None:

@@ -15,9 +15,9 @@ import pytest
 import tarbuilder as tb
 from conftest import MountFactory, require_tool, tarfuse_command
 
-from tarfuse import archive
-from tarfuse.archive import Member, scan_members
 from tarfuse.errors import BadHeader, NoImage
+from tarfuse.tar import archive
+from tarfuse.tar.archive import Member, scan_members
 
 IMAGE = bytes(range(256)) * 9 + b"the end"  # 2311 bytes: not a whole number of blocks
 HEADER_MTIME = 1_700_000_000  # what tarbuilder writes in every header

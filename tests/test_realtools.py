@@ -20,8 +20,8 @@ import sparsegen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tarfuse.image import Image, open_image
-from tarfuse.source import ArchiveFile
+from tarfuse.image.open import Image, open_image
+from tarfuse.sources.file import ArchiveFile
 
 GIB = 1 << 30
 

@@ -4,6 +4,8 @@ The first half drives tarfuse.remote.RemoteArchive in-process (no FUSE); the sec
 and compares the served bytes with the sample image, boots it in QEMU, and counts the bytes fetched.
 """
 
+import contextlib
+import gzip
 import os
 import random
 import shutil
@@ -19,11 +21,14 @@ from conftest import ArchiveFactory, MountFactory, SampleImage, mount_entry, req
 from httpserver import RangeServer, serve
 from test_qemu import boot_and_read_serial
 
-from tarfuse.blockcache import BLOCK_SIZE
+from tarfuse import mount
 from tarfuse.cli import split_mount_options
 from tarfuse.errors import ArchiveChanged, RemoteError, UsageError
-from tarfuse.remote import RemoteArchive, RemoteOptions, display_name, open_source, parse_options
 from tarfuse.sample import DataRun, boot_sector, data_runs
+from tarfuse.sources import DEFAULT_CACHE_SIZE
+from tarfuse.sources.blockcache import BLOCK_SIZE
+from tarfuse.sources.compressed import CompressedSource
+from tarfuse.sources.remote import RemoteArchive, RemoteOptions, display_name, open_source, parse_options
 
 MiB = 1 << 20
 _PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -48,8 +53,8 @@ def blob() -> bytes:
     return random.Random(7).randbytes(5 * MiB + 12_345)
 
 
-def remote(url: str, **options: object) -> RemoteArchive:
-    return RemoteArchive(url, RemoteOptions(**options))  # type: ignore[arg-type]
+def remote(url: str, cache_size: int = DEFAULT_CACHE_SIZE, **options: object) -> RemoteArchive:
+    return RemoteArchive(url, RemoteOptions(**options), cache_size)  # type: ignore[arg-type]
 
 
 # --- the source, in-process --------------------------------------------------------------------------
@@ -275,16 +280,13 @@ def test_display_name_hides_query_and_user_info() -> None:
 
 
 def test_remote_options_parse() -> None:
-    options = parse_options(
-        ["header=Authorization: Bearer t", "header=X-A:1", "cache_size=8M", "timeout=2.5"]
-    )
+    options = parse_options(["header=Authorization: Bearer t", "header=X-A:1", "timeout=2.5"])
     assert options.headers == (("Authorization", "Bearer t"), ("X-A", "1"))
-    assert (options.cache_size, options.timeout, options.retries) == (8 * MiB, 2.5, 5)
-    assert parse_options(["cache_size=1000"]).cache_size == 1000
+    assert (options.timeout, options.retries) == (2.5, 5)
 
 
 @pytest.mark.parametrize(
-    "word", ["header=NoColon", "header=Range:bytes=0-", "cache_size=lots", "timeout=0", "ca_file=/no/such"]
+    "word", ["header=NoColon", "header=Range:bytes=0-", "cache_size=8M", "timeout=0", "ca_file=/no/such"]
 )
 def test_bad_remote_options_are_usage_errors(word: str) -> None:
     with pytest.raises(UsageError):
@@ -293,18 +295,33 @@ def test_bad_remote_options_are_usage_errors(word: str) -> None:
 
 def test_remote_options_go_through_the_command_line_parser() -> None:
     options = split_mount_options(["header=A:b,cache_size=1M,ro", "header=C:d"])
-    assert options.remote == ["header=A:b", "cache_size=1M", "header=C:d"]
+    assert options.remote == ["header=A:b", "header=C:d"]
+    assert options.cache_size == MiB  # not a remote option: one budget for every layer (mount.py)
 
 
 def test_remote_options_on_a_local_archive_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="header= applies only to http"):
-        open_source(str(tmp_path / "vm.tar"), ["cache_size=8M", "header=A:b"])
+        open_source(str(tmp_path / "vm.tar"), ["header=A:b"])
 
 
-def test_cache_size_applies_to_local_archives_too(tmp_path: Path) -> None:
-    archive = tmp_path / "vm.tar.gz"  # the decompressed-chunk cache of a local compressed archive
-    archive.write_bytes(b"")
-    open_source(str(archive), ["cache_size=8M"]).close()
+def test_cache_size_is_the_chunk_cache_of_a_local_compressed_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "vm.tar.gz"
+    archive.write_bytes(gzip.compress(bytes(10240)))
+    with contextlib.closing(
+        mount.open_source(str(archive), split_mount_options(["cache_size=8M"]))
+    ) as source:
+        assert isinstance(source, CompressedSource)
+        assert source.cache.capacity == 8 * MiB
+
+
+def test_cache_size_is_one_budget_for_a_compressed_archive_on_a_url(server: RangeServer) -> None:
+    url = server.put("vm.tar.gz", gzip.compress(bytes(10240)))
+    with contextlib.closing(mount.open_source(url, split_mount_options(["cache_size=16M"]))) as source:
+        assert isinstance(source, CompressedSource)
+        assert isinstance(source.archive, RemoteArchive)
+        assert (source.cache.capacity, source.archive.cache_capacity) == (12 * MiB, 4 * MiB)
+    with contextlib.closing(mount.open_source(url.replace(".gz", ""), split_mount_options([]))) as plain:
+        assert isinstance(plain, RemoteArchive)
 
 
 # --- the command line and real mounts -----------------------------------------------------------------

@@ -19,9 +19,9 @@ import pyzstd
 from conftest import MountFactory, SampleImage, tarfuse_command
 from httpserver import RangeServer, serve
 
-from tarfuse import index
-from tarfuse.compressed import GZIP_REMOTE_CHUNK_SIZE, CompressedSource, decompressed
-from tarfuse.remote import RemoteArchive
+from tarfuse.sources import index
+from tarfuse.sources.compressed import GZIP_REMOTE_CHUNK_SIZE, CompressedSource, decompressed
+from tarfuse.sources.remote import RemoteArchive
 
 MiB = 1 << 20
 _PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -145,7 +145,7 @@ def test_a_remote_one_frame_tar_zst_is_served_from_its_spill_after_the_pass(serv
     plain = random_tar(6 * MiB)
     url = server.put("a.tar.zst", zstd_layout(plain, "one-frame"))
     with RemoteArchive(url) as remote, CompressedSource(remote, "zstd") as source:
-        where = index.default_path(url, index.identity(source), beside=False)
+        where = index.default_path(url, source.identity(), beside=False)
         index.IndexingPass(source, "disk.raw", where).run(threading.Event())
         assert source.spill == index.spill_path(where)
         server.reset_counters()

@@ -18,9 +18,9 @@ from conftest import run_tarfuse_measuring_peak_rss
 from httpserver import RangeServer, serve
 from test_remote import tls_files  # noqa: F401  # a fixture: a self-signed certificate for 127.0.0.1
 
-from tarfuse.blockcache import BLOCK_SIZE, BlockReader
 from tarfuse.errors import ArchiveError, RemoteError, UsageError
-from tarfuse.remote import RemoteArchive, RemoteOptions, parse_options
+from tarfuse.sources.blockcache import BLOCK_SIZE, BlockReader
+from tarfuse.sources.remote import RemoteArchive, RemoteOptions, parse_options
 
 MiB = 1 << 20
 SECRET_HEADERS = (("Authorization", "Bearer s3cretTOKEN"), ("X-Api-Key", "k3ySECRET"))

@@ -24,7 +24,7 @@ from httpserver import serve
 from pyfuse3 import FUSEError
 from test_security import Setup, require_root, setup, sha256_as  # noqa: F401  # setup: a fixture
 
-from tarfuse.fs import IMAGE_INODE, ImageFs, ServedFile
+from tarfuse.serve.fs import IMAGE_INODE, ImageFs, ServedFile
 
 pytestmark = pytest.mark.fuse
 

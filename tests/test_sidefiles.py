@@ -27,9 +27,9 @@ import pyzstd
 from conftest import MountFactory, SampleImage, make_archive, require_tool
 from test_security import User, require_root, temporary_user
 
-from tarfuse import index, sidefiles
-from tarfuse.compressed import CompressedSource, decompressed
-from tarfuse.source import ArchiveFile
+from tarfuse.sources import index, sidefiles
+from tarfuse.sources.compressed import CompressedSource, decompressed
+from tarfuse.sources.file import ArchiveFile
 
 TIMEOUT = 30.0
 EVIL = b"the other user's image, not root's " * 30_000
@@ -358,7 +358,7 @@ def dead_pid() -> int:
 
 KILLED_WRITER = """
 import os, signal, sys
-from tarfuse.spill import SpillWriter
+from tarfuse.sources.spill import SpillWriter
 writer = SpillWriter.named(sys.argv[1])
 writer.write(os.urandom(3 << 20))
 writer.file.flush()

@@ -12,10 +12,10 @@ import tarbuilder as tb
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tarfuse import sparse
-from tarfuse.archive import Pread, scan_members
 from tarfuse.errors import ArchiveError, BadHeader, CorruptSparseMap, TruncatedArchive
-from tarfuse.image import open_image
+from tarfuse.image.open import open_image
+from tarfuse.tar import sparse
+from tarfuse.tar.archive import Pread, scan_members
 
 DATA_DIR = Path(__file__).parent / "data"
 FIXTURES = {"gnu.tar": "oldgnu", "pax-0.0.tar": "pax0.0", "pax-0.1.tar": "pax0.1", "pax-1.0.tar": "pax1.0"}

@@ -7,8 +7,8 @@ import tarbuilder as tb
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tarfuse import tarheader as th
 from tarfuse.errors import BadHeader
+from tarfuse.tar import header as th
 
 
 @pytest.mark.parametrize(

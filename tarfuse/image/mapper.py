@@ -1,15 +1,15 @@
 """Turn image offsets into archive offsets: the one place where that translation happens.
 
 The mapper never changes once built and reads only with positional reads, so any number of threads can
-share it without a lock. Must not import pyfuse3 or trio.
+share it without a lock.
 """
 
 from bisect import bisect_right
 from collections.abc import Callable
 
-from tarfuse.archive import Pread, read_exact
 from tarfuse.errors import TruncatedArchive
-from tarfuse.sparse import SparseMap
+from tarfuse.tar.archive import Pread, read_exact
+from tarfuse.tar.sparse import SparseMap
 
 PreadInto = Callable[[memoryview, int], int]  # (buffer, offset) -> bytes read, like os.preadv
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from tarfuse import eventloop, mountinfo
 from tarfuse.errors import UsageError
-from tarfuse.fs import ImageFs
+from tarfuse.serve import eventloop, mountinfo
+from tarfuse.serve.fs import ImageFs
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ complete (sidefiles.py: the archive may be private, and the directory is checked
 where it goes and records it in the index file. With `-o noindex` it is an unnamed temporary file
 (O_TMPFILE), gone when the daemon exits, however it exits. Either way the source reads the very file that
 was written, through its descriptor, never by name.
-Must not import pyfuse3 or trio.
 """
 
 import contextlib
@@ -18,7 +17,7 @@ from typing import BinaryIO
 
 import pyzstd
 
-from tarfuse import sidefiles
+from tarfuse.sources import sidefiles
 
 FRAME_SIZE = 1 << 20  # compressed.CHUNK_SIZE: a chunk read decompresses exactly one frame
 LEVEL = 1  # fast: the pass must not wait for the copy (level 1 compresses at several hundred MB/s)

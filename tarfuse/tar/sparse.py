@@ -3,7 +3,6 @@
 Dialects (GNU tar manual, "Storing Sparse Files"): old GNU type 'S' (4 slots in the header plus a chain of
 21-slot extension blocks), PAX 0.0 (repeated GNU.sparse.offset/numbytes records), PAX 0.1 (one
 GNU.sparse.map record) and PAX 1.0 (a decimal map at the start of the data area). bsdtar writes PAX 1.0.
-Must not import pyfuse3 or trio.
 """
 
 import contextlib
@@ -13,9 +12,9 @@ from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tarfuse import tarheader as th
-from tarfuse.archive import MAX_SPARSE_ENTRIES, Member, Pread, SparseSpec, read_exact
 from tarfuse.errors import BadHeader, CorruptSparseMap
+from tarfuse.tar import header as th
+from tarfuse.tar.archive import MAX_SPARSE_ENTRIES, Member, Pread, SparseSpec, read_exact
 
 MAX_REAL_SIZE = 2**63 - 1  # off_t: neither the kernel nor FUSE can describe a larger file
 _MAP_CHUNK = 64 * 1024  # maps are read and split this much at a time, never more than the member holds

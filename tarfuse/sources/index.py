@@ -11,7 +11,6 @@ tar headers on the way to find other image candidates. A stream with no restart 
 zstd frame, one xz block) is also copied into a spill (spill.py) beside the index file, which the index
 file then names: it is trusted on the same terms, checked on the descriptor it is then read through, and
 its first chunk is compared with the archive's before it is served.
-Must not import pyfuse3 or trio.
 """
 
 import hashlib
@@ -24,13 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from tarfuse import sidefiles
-from tarfuse.archive import normalize_name, scan_members
-from tarfuse.compressed import DECODE_ERRORS, UNKNOWN_SIZE, CompressedSource, Decoder
-from tarfuse.detect import Candidate, has_image_suffix, resolve_files
 from tarfuse.errors import ArchiveError, CorruptCompressed
-from tarfuse.source import Identity
-from tarfuse.spill import SpillWriter
+from tarfuse.image.detect import has_image_suffix
+from tarfuse.sources import sidefiles
+from tarfuse.sources.compressed import DECODE_ERRORS, UNKNOWN_SIZE, CompressedSource, Decoder
+from tarfuse.sources.file import Identity
+from tarfuse.sources.spill import SpillWriter
+from tarfuse.tar.archive import normalize_name, scan_members
+from tarfuse.tar.files import Candidate, FileTable
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,6 @@ _SPILL_ERRORS: tuple[type[Exception], ...] = (OSError, *DECODE_ERRORS)  # writin
 
 class Stopped(Exception):
     """The background pass was asked to stop (unmount)."""
-
-
-def identity(source: CompressedSource) -> Identity:
-    """A local file's device, inode, size and mtime; a URL's display name, size, ETag and Last-Modified."""
-    return source.archive.identity()
 
 
 def default_path(archive_path: str, ident: Identity, beside: bool = True) -> str | None:
@@ -125,7 +120,7 @@ def load(path: str, source: CompressedSource) -> Loaded | str:
     line, _, blob = data[len(MAGIC) :].partition(b"\n")
     try:
         header = json.loads(line)
-        wanted = {"identity": identity(source), "compression": source.compression}
+        wanted = {"identity": source.identity(), "compression": source.compression}
         if any(header.get(k) != v for k, v in wanted.items()):
             return "it belongs to another version of the archive (stale)"
         if header["length"] != len(blob) or header["sha256"] != hashlib.sha256(blob).hexdigest():
@@ -145,7 +140,7 @@ def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int
         OSError: sidefiles.Untrusted if someone else could change the directory; what writing said.
     """
     header = {
-        "identity": identity(source),
+        "identity": source.identity(),
         "compression": source.compression,
         "size": size,
         "length": len(blob),
@@ -307,9 +302,15 @@ class IndexingPass:
     def _walk(self, decoder: Decoder, stop: threading.Event) -> None:
         reader = _ForwardReader(decoder, stop, self.progress, lambda data: self._spill_more(decoder, data))
         if self._scan:
-            files = resolve_files(scan_members(reader.pread, UNKNOWN_SIZE))  # as tar -x leaves them
-            self._check_served(files)
-            self._warn_of_others(files)
+            table = FileTable()  # the files as tar -x leaves them
+            try:
+                for member in scan_members(reader.pread, UNKNOWN_SIZE):
+                    table.add(member)
+            except ArchiveError:  # damage further on: tar -x has extracted what came before it, as here
+                self._check_served(table.files())
+                raise
+            self._check_served(table.files())
+            self._warn_of_others(table.files())
         reader.advance(UNKNOWN_SIZE)
 
     def _check_served(self, files: list[Candidate]) -> None:

@@ -1,14 +1,15 @@
-"""Decide what is being served: refuse compressed input, pick the image member, name its format.
+"""Decide what is being served: pick the image member, name its format.
 
 Format names are QEMU's block driver names (`qemu -drive format=...`), so users can paste them.
-Must not import pyfuse3 or trio; reads happen through callables handed in by the caller.
+Reads happen through callables handed in by the caller.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from tarfuse.archive import Member, normalize_name
-from tarfuse.errors import ArchiveError, CompressedArchive, NoImage
+from tarfuse.errors import NoImage
+from tarfuse.tar.archive import Member, normalize_name
+from tarfuse.tar.files import Candidate
 
 # The seed driver's suffixes (QEMU block/tar.c: .raw .qcow .qcow2 .vmdk), plus the other common ones.
 IMAGE_SUFFIXES = (
@@ -25,17 +26,6 @@ IMAGE_SUFFIXES = (
 )
 HEAD_SIZE = 0x8800  # enough to see the ISO 9660 volume descriptor at 0x8001
 
-# Compression magic numbers: the name, and the command that unpacks it.
-COMPRESSION_MAGIC = (
-    (b"\x1f\x8b", "gzip", "gunzip"),
-    (b"BZh", "bzip2", "bunzip2"),
-    (b"\xfd7zXZ\x00", "xz", "unxz"),
-    (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"),
-    (b"\x04\x22\x4d\x18", "lz4", "unlz4"),
-    (b"LZIP", "lzip", "lzip -d"),
-    (b"\x1f\x9d", "compress (.Z)", "uncompress"),
-)
-
 ReadAt = Callable[[int, int], bytes]  # (offset, size) -> bytes of the image, short at its end
 
 
@@ -51,88 +41,6 @@ class ImageFormat:
 
 
 RAW = ImageFormat("raw")
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """A file as tar -x would create it: its name, and the member whose data it gets.
-
-    For a hard link the two differ: the link's name, the target's data.
-    """
-
-    name: str
-    member: Member
-
-
-def compression_of(head: bytes) -> tuple[str, str] | None:
-    """Name the compression that the first bytes show, and the command that unpacks it; None if none."""
-    for magic, name, command in COMPRESSION_MAGIC:
-        if head.startswith(magic):
-            return name, command
-    return None
-
-
-def check_uncompressed(head: bytes) -> None:
-    """Refuse tar data that is still compressed (the source layer took one layer off) with what to do."""
-    if (found := compression_of(head)) is not None:
-        name, command = found
-        raise CompressedArchive(
-            f"the tar data is {name}-compressed (compressed twice?); decompress it first ({command} ARCHIVE)",
-            0,
-        )
-
-
-MAX_MEMBERS = 250_000  # entries of one archive; each costs ~300 bytes while the archive is read (below)
-
-
-class FileTable:
-    """The regular files tar -x would leave so far, fed one member at a time, in archive order.
-
-    A later member replaces an earlier one of the same name, as on extraction; a hard link points to the
-    last earlier member of its target's name, and one to its own name leaves that file as it is (GNU tar
-    and tarfile extract it intact; bsdtar says "Skipping hardlink pointing to itself"). A link to nothing
-    removes its name, as tar -x cannot make it either.
-
-    Every file is kept until the end (a later hard link may name it), about 300 bytes each: MAX_MEMBERS
-    bounds that (~75 MiB) under the 256 MiB a mount may take, whatever the archive. A compressed archive
-    of a million empty headers is a few kilobytes.
-    """
-
-    def __init__(self) -> None:
-        self._files: dict[str, Candidate] = {}  # normalized name -> the file there now
-        self._members = 0
-
-    def add(self, member: Member) -> None:
-        self._members += 1
-        if self._members > MAX_MEMBERS:
-            raise ArchiveError(
-                f"more than {MAX_MEMBERS:,} members: past tarfuse's limit (it keeps every name while it "
-                "reads the archive); extract the image with tar -x",
-                member.header_offset,
-            )
-        name = normalize_name(member.name)
-        target = member if member.kind == "file" else None
-        if member.kind == "hardlink":  # looked up before its own name goes: it may be the link's own
-            found = self._files.get(normalize_name(member.linkname))
-            target = None if found is None else found.member
-        self._files.pop(name, None)  # the name moves to the end, in archive order
-        if target is not None:
-            self._files[name] = Candidate(member.name, target)
-
-    def get(self, name: str) -> Candidate | None:
-        """The file at `name` (normalized) now, if any."""
-        return self._files.get(name)
-
-    def files(self) -> list[Candidate]:
-        return list(self._files.values())
-
-
-def resolve_files(members: Iterable[Member]) -> list[Candidate]:
-    """List the regular files tar -x would leave, hard links resolved to their target's data (FileTable)."""
-    table = FileTable()
-    for member in members:
-        table.add(member)
-    return table.files()
 
 
 def has_image_suffix(name: str) -> bool:

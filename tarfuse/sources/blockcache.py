@@ -3,7 +3,6 @@
 Owns which blocks are cached (LRU, bounded in bytes), which are on their way (so that two readers never
 fetch the same block: the second waits for the first), coalescing the missing blocks of one read into one
 fetch, and readahead for a sequential reader. Knows nothing about HTTP: a `Fetch` streams one byte range.
-Must not import pyfuse3 or trio.
 """
 
 import os
@@ -39,7 +38,8 @@ class BlockReader:
     ) -> None:
         self._fetch, self.size, self._block = fetch, size, block_size
         self._cache_blocks = cache_bytes // block_size
-        self._max_window = max(readahead_bytes // block_size, 0)
+        # Readahead beyond half the cache would evict itself before the reader gets there.
+        self._max_window = max(min(readahead_bytes, cache_bytes // 2) // block_size, 0)
         self._max_run = max(MAX_FETCH // block_size, 1)
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
@@ -78,6 +78,18 @@ class BlockReader:
             buffer[done : done + len(piece)] = piece
             done += len(piece)
         return done
+
+    @property
+    def cache_bytes(self) -> int:
+        return self._cache_blocks * self._block
+
+    def resize(self, cache_bytes: int) -> None:
+        """Keep at most `cache_bytes` of blocks, dropping the least recently used ones beyond."""
+        with self._lock:
+            self._cache_blocks = cache_bytes // self._block
+            self._max_window = min(self._max_window, self._cache_blocks // 2)
+            while len(self._cache) > max(self._cache_blocks, 0):
+                self._cache.popitem(last=False)
 
     def close(self) -> None:
         """Drop the cache; readahead still on its way ends by itself (its threads are daemons)."""

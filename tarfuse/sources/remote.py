@@ -5,7 +5,7 @@ the ranged GET and its checks (206, a Content-Range and Content-Length that matc
 ETag/Last-Modified recorded at open), redirects (never https to http, another host only when asked, and then
 without the user's headers), a deadline on every request, retries with backoff, proxies and TLS options,
 and `open_source`, which picks the local or the remote source.
-Caching, coalescing and readahead are blockcache.py's. Must not import pyfuse3 or trio. urllib3 and
+Caching, coalescing and readahead are blockcache.py's. urllib3 and
 urllib.request are imported when a URL is opened: a local mount does not pay the ~25 ms they take to import.
 """
 
@@ -27,15 +27,16 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urljoin, urlsplit
 
-from tarfuse.blockcache import BLOCK_SIZE, BlockReader
 from tarfuse.errors import ArchiveChanged, RemoteError, UsageError
-from tarfuse.source import ArchiveFile, Identity
+from tarfuse.sources import DEFAULT_CACHE_SIZE
+from tarfuse.sources.blockcache import BLOCK_SIZE, BlockReader
+from tarfuse.sources.file import ArchiveFile, Identity
 
 if TYPE_CHECKING:
     import urllib3
     from urllib3.connectionpool import HTTPConnectionPool
 
-OPTION_KEYS = ("header", "ca_file", "timeout", "cache_size", "retries", "follow_redirects")
+OPTION_KEYS = ("header", "ca_file", "timeout", "retries", "follow_redirects")
 FLAG_KEYS = ("follow_redirects",)  # words without a value
 _RETRIED_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})  # RFC 9110, 15.4
@@ -45,8 +46,6 @@ _DEADLINE_TIMEOUTS = 2  # a whole request (connect, headers, body) gets this man
 _PROGRESS = BLOCK_SIZE  # a failed request that brought at least this much does not count as a failure
 _CHUNK = 256 * 1024
 _MAX_BACKOFF = 5.0
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-_SIZE = re.compile(r"(\d+)\s*([kmgKMG]?)(?:i?[bB])?")
 _RESERVED_HEADERS = frozenset({"range", "host", "accept-encoding", "content-length"})
 # RFC 9110, 14.4: `bytes FIRST-LAST/TOTAL`, or `bytes */TOTAL` in a 416. Digits only (int() would also take
 # "+5", "-5", "1_0" and spaces), and at most 19 of them: no offset of ours needs more than 63 bits.
@@ -65,7 +64,6 @@ class RemoteOptions:
     headers: tuple[tuple[str, str], ...] = ()
     ca_file: str | None = None
     timeout: float = 20.0  # seconds to connect, between two reads; twice that for a whole request
-    cache_size: int = 64 << 20
     retries: int = 5  # failed tries in a row, per request, before the read fails with EIO
     follow_redirects: bool = False  # to another origin (scheme, host, port); same-origin ones always
 
@@ -102,18 +100,9 @@ def parse_options(words: Sequence[str]) -> RemoteOptions:
             options = replace(options, timeout=_parse_number(key, value, float))
         elif key == "retries":
             options = replace(options, retries=int(_parse_number(key, value, int)))
-        elif key == "cache_size":
-            options = replace(options, cache_size=_parse_size(key, value))
         else:
             raise UsageError(f"unknown remote option {key!r}")
     return options
-
-
-def _parse_size(key: str, value: str) -> int:
-    """Bytes, or a number with a K, M or G suffix (binary: 64M is 64 MiB)."""
-    if (match := _SIZE.fullmatch(value.strip())) is None:
-        raise UsageError(f"option {key}={value!r}: use bytes or a K, M or G suffix (e.g. {key}=64M)")
-    return int(match[1]) * _UNITS[match[2].upper()]
 
 
 def _parse_header(value: str) -> tuple[str, str]:
@@ -136,12 +125,14 @@ def _parse_number(key: str, value: str, kind: type[int] | type[float]) -> int | 
     return number
 
 
-def open_source(archive: str, words: Sequence[str] = ()) -> ArchiveFile | RemoteArchive:
+def open_source(
+    archive: str, words: Sequence[str] = (), cache_size: int = DEFAULT_CACHE_SIZE
+) -> ArchiveFile | RemoteArchive:
     """Open ARCHIVE: a URL as a RemoteArchive, anything else as a local file; `words`: -o remote options."""
     if is_url(archive):
-        return RemoteArchive(archive, parse_options(words))
-    if remote_only := [w for w in words if not w.startswith("cache_size=")]:  # cache_size: compressed too
-        key = remote_only[0].partition("=")[0]
+        return RemoteArchive(archive, parse_options(words), cache_size)
+    if words:
+        key = words[0].partition("=")[0]
         raise UsageError(
             f"option {key}{'' if key in FLAG_KEYS else '='} applies only to http:// and https:// archives"
         )
@@ -159,8 +150,12 @@ class RemoteArchive:
     """
 
     blocking = True  # reads wait on the network: the daemon serves them from threads (fs.ServedFile)
+    readers = 8  # requests in flight at once; more gained nothing against a local server
+    size_known = True  # from the first answer's Content-Range
 
-    def __init__(self, url: str, options: RemoteOptions = RemoteOptions()) -> None:
+    def __init__(
+        self, url: str, options: RemoteOptions = RemoteOptions(), cache_size: int = DEFAULT_CACHE_SIZE
+    ) -> None:
         self.path = display_name(url)  # never the URL itself: it may carry a token in its query string
         try:
             self._origin = _origin(url)
@@ -180,8 +175,17 @@ class RemoteArchive:
         self.changed: str | None = None
         self.size = -1
         first = self._probe()
-        self._blocks = BlockReader(self.fetch, self.size, options.cache_size)
+        self._blocks = BlockReader(self.fetch, self.size, cache_size)
         self._blocks.prime(0, first)
+
+    @property
+    def cache_capacity(self) -> int:
+        """Bytes of blocks the cache keeps at most."""
+        return self._blocks.cache_bytes
+
+    def resize_cache(self, cache_size: int) -> None:
+        """Keep at most `cache_size` bytes of blocks from now on (mount.py: a compressed archive's share)."""
+        self._blocks.resize(cache_size)
 
     @property
     def fetched_bytes(self) -> int:

@@ -10,7 +10,7 @@ Reads are served in whole chunks from a bounded cache of decompressed chunks.
 
 Library file objects are not thread-safe (seek + read), so each sits behind a lock. A local archive is
 opened by path; any other source (remote.RemoteArchive) through a `PreadFile`, for the libraries that take
-file objects. Must not import pyfuse3 or trio.
+file objects.
 """
 
 import io
@@ -21,13 +21,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import BinaryIO, Protocol, TypeVar, cast
 
-from tarfuse import detect
-from tarfuse.errors import ArchiveError, CompressedArchive, CorruptCompressed, TarfuseError
-from tarfuse.source import ArchiveFile, ByteSource, PreadFile
+from tarfuse.errors import ArchiveError, CorruptCompressed, TarfuseError
+from tarfuse.sources import DEFAULT_CACHE_SIZE
+from tarfuse.sources.compression import sniff
+from tarfuse.sources.file import ArchiveFile, ByteSource, Identity, PreadFile
 
 UNKNOWN_SIZE = 1 << 62  # the size until the stream's end is known: reads past the real end come back short
 CHUNK_SIZE = 1 << 20  # the unit of decompression and of the cache
-DEFAULT_CACHE_SIZE = 32 << 20
 # rapidgzip's chunk, and so its checkpoint spacing, in compressed bytes (its default is 4 MiB). It caches up
 # to 16 decompressed chunks and decompresses a whole chunk to serve one byte of it: 2 MiB cut the daemon's
 # peak RSS and the p95 of random reads, indexing as fast. Over http(s) a read fetches whole chunks, so 1 MiB
@@ -35,30 +35,9 @@ DEFAULT_CACHE_SIZE = 32 << 20
 GZIP_CHUNK_SIZE = 2 << 20
 GZIP_REMOTE_CHUNK_SIZE = 1 << 20
 
-_SKIPPABLE_FIRST = frozenset(bytes([0x50 + i]) for i in range(16))  # zstd skippable frames: 0x184D2A5?
 # What the libraries raise on a corrupt or cut stream: rapidgzip raises ValueError or RuntimeError, zstdframes
 # ValueError or EOFError, python-xz lzma's or its own XZError, which _XzDecoder turns into ValueError.
 DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, EOFError, lzma.LZMAError)
-
-
-def sniff(head: bytes) -> str | None:
-    """Name the compression from the first bytes ("gzip", "bzip2", "xz", "zstd"), or None for plain tar.
-
-    Raises:
-        CompressedArchive: a compression tarfuse cannot serve (lz4, lzip, compress).
-    """
-    if head[:1] in _SKIPPABLE_FIRST and head[1:4] == b"\x2a\x4d\x18":  # pzstd starts with a skippable frame
-        return "zstd"
-    if (found := detect.compression_of(head)) is None:
-        return None
-    name, command = found
-    if name not in DECODERS:
-        raise CompressedArchive(
-            f"the archive is {name}-compressed, which tarfuse cannot serve; decompress it "
-            f"first ({command} ARCHIVE), or recompress it with gzip, zstd, xz or bzip2",
-            0,
-        )
-    return name
 
 
 class Decoder(Protocol):
@@ -153,7 +132,7 @@ def _open_bzip2(path: "str | PreadFile") -> Decoder:
 
 
 def _open_zstd(path: "str | PreadFile") -> Decoder:
-    from tarfuse.zstdframes import ZstdFrames
+    from tarfuse.sources.zstdframes import ZstdFrames
 
     return ZstdFrames(open(path, "rb", buffering=0) if isinstance(path, str) else path)
 
@@ -210,6 +189,7 @@ class ChunkCache:
     """A bounded LRU of decompressed chunks, shared by threads."""
 
     def __init__(self, capacity: int) -> None:
+        self.capacity = capacity  # bytes (-o cache_size, or its share)
         self._slots = max(1, capacity // CHUNK_SIZE)
         self._chunks: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.Lock()
@@ -272,6 +252,11 @@ class CompressedSource:
     @property
     def size_known(self) -> bool:
         return self._size is not None
+
+    def identity(self) -> Identity:
+        """The compressed archive's: a local file's device, inode, size and mtime; a URL's name, size,
+        ETag and Last-Modified."""
+        return self.archive.identity()
 
     @property
     def spill(self) -> str | None:

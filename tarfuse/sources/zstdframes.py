@@ -8,7 +8,6 @@ Compressed input is read INPUT_SIZE at a time, so a read near the start of a lar
 only what it decodes. Every frame met is checked against the starts already known (seek table, saved
 index), and a frame that decodes past the next known start fails: a mismatch found raises rather than
 serve misplaced bytes.
-Must not import pyfuse3 or trio.
 """
 
 import io

@@ -3,15 +3,15 @@
 All I/O goes through a `pread(size, offset)` callable, so the walk runs the same over a plain file or, later,
 a decompressed view. Member data is never read, except the payloads that carry metadata (L/K/x/g) and the
 `isextended` chain of old GNU sparse headers, each within a bound (MAX_* below). Sparse maps are decoded
-later, by sparse.py, and only for the member that is served. Must not import pyfuse3 or trio.
+later, by sparse.py, and only for the member that is served.
 """
 
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from tarfuse import tarheader as th
 from tarfuse.errors import BadHeader, CorruptSparseMap, TruncatedArchive
+from tarfuse.tar import header as th
 
 Pread = Callable[[int, int], bytes]  # (size, offset) -> bytes, like os.pread without the fd
 

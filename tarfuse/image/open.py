@@ -1,15 +1,18 @@
 """Open the disk image inside an archive: scan, choose, decode the sparse map, build the mapper.
 
-The one entry point that the CLI and the daemon share. Must not import pyfuse3 or trio.
+The one entry point that the CLI and the daemon share.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tarfuse import detect, sparse
-from tarfuse.archive import Member, Pread, normalize_name, scan_members
-from tarfuse.detect import Candidate, ImageFormat, has_image_suffix
-from tarfuse.mapper import ImageMapper, PreadInto
+from tarfuse.image import detect
+from tarfuse.image.detect import ImageFormat, has_image_suffix
+from tarfuse.image.mapper import ImageMapper, PreadInto
+from tarfuse.sources.compression import check_uncompressed
+from tarfuse.tar import sparse
+from tarfuse.tar.archive import Member, Pread, normalize_name, scan_members
+from tarfuse.tar.files import Candidate, FileTable, resolve_files
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +52,8 @@ def _sniffer(pread: Pread) -> Callable[[Member], ImageFormat | None]:
 
 
 def _files(pread: Pread, archive_size: int) -> list[Candidate]:
-    detect.check_uncompressed(pread(16, 0))
-    return detect.resolve_files(scan_members(pread, archive_size))
+    check_uncompressed(pread(16, 0))
+    return resolve_files(scan_members(pread, archive_size))
 
 
 def list_images(pread: Pread, archive_size: int) -> list[Image]:
@@ -67,8 +70,8 @@ def open_first_image(
     For compressed archives, where every header further on costs decompressing the data before it. If no
     member is named like an image, fall back to open_image's rules over the whole archive.
     """
-    detect.check_uncompressed(pread(16, 0))
-    table = detect.FileTable()
+    check_uncompressed(pread(16, 0))
+    table = FileTable()
     for member in scan_members(pread, archive_size):
         table.add(member)
         name = normalize_name(member.name)

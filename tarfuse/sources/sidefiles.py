@@ -15,7 +15,7 @@ root reads back from such a directory can be anyone's. So, as ssh's StrictModes 
 - a side file is read back only from a trusted directory, opened with O_NOFOLLOW, and checked on the
   descriptor that is then read: a regular file, owned by the caller or root, writable by nobody else.
 
-Must not import pyfuse3 or trio; never logs: failures are `Untrusted` (an OSError) with the reason, and
+Never logs: failures are `Untrusted` (an OSError) with the reason, and
 index.py, the boundary, logs them.
 """
 

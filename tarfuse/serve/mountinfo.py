@@ -3,7 +3,6 @@
 os.path.ismount misses mounts on files, and stat() of a mount whose daemon hangs never returns, so mounts
 are looked up by their path as mountinfo spells it: absolute, without symbolic links, with space, tab,
 newline and backslash written as octal escapes (proc(5); the kernel's seq_file mangling).
-Must not import pyfuse3 or trio.
 """
 
 import os

@@ -2,7 +2,6 @@
 
 Positional reads share no file position, so threads and concurrent FUSE requests need no lock.
 `PreadFile` turns any source into a seekable file object, for decompressors that take one.
-Must not import pyfuse3 or trio.
 """
 
 import io
@@ -20,20 +19,34 @@ Identity = list[int | str | None]  # what names one version of an archive (the s
 
 
 class ByteSource(Protocol):
-    """What the layers above read through: ArchiveFile, remote.RemoteArchive."""
+    """What the layers above read through: ArchiveFile, remote.RemoteArchive, compressed.CompressedSource.
+
+    What the assembly (mount.py) needs to know of a source is said here, so that it never asks which
+    class it holds: whether a read may wait, how many may run at once, and whether `size` is final.
+    """
 
     path: str
-    size: int
+    blocking: bool  # a read may wait (network, decompression): the daemon serves it from a thread
+    readers: int  # how many reads may run at once (in threads) when `blocking`
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def size_known(self) -> bool: ...  # False while a compressed stream's end is not reached
 
     def pread(self, size: int, offset: int) -> bytes: ...
     def pread_into(self, buffer: memoryview, offset: int) -> int: ...
     def check_unchanged(self) -> None: ...
-    def identity(self) -> Identity: ...
+    def identity(self) -> Identity: ...  # one version of the archive, for the seek index's key
     def close(self) -> None: ...
 
 
 class ArchiveFile:
     """An archive opened O_RDONLY, with the identity it had when opened, to notice later changes."""
+
+    blocking = False  # a pread of a local file is served inline, on the event loop (fs.py)
+    readers = 1
+    size_known = True
 
     def __init__(self, path: str) -> None:
         self.path = path

@@ -1,0 +1,3 @@
+"""The served image: which member, which format, and the map from image offsets to source offsets.
+
+"""

@@ -1,0 +1,7 @@
+"""The bytes under the tar reader: a local file, a decompressed stream (with its seek index and
+spill), an http(s) URL; and the side files root may write.
+"""
+
+# -o cache_size: the memory a mount may spend on cached bytes, one budget for every layer (mount.py shares
+# it out when a compressed archive sits on a URL). 64 MiB: sixty-four 1 MiB chunks of a compressed archive.
+DEFAULT_CACHE_SIZE = 64 << 20

@@ -320,8 +320,10 @@ def test_cache_size_is_one_budget_for_a_compressed_archive_on_a_url(server: Rang
         assert isinstance(source, CompressedSource)
         assert isinstance(source.archive, RemoteArchive)
         assert (source.cache.capacity, source.archive.cache_capacity) == (12 * MiB, 4 * MiB)
-    with contextlib.closing(mount.open_source(url.replace(".gz", ""), split_mount_options([]))) as plain:
+    plain_url = server.put("vm.tar", bytes(10240))
+    with contextlib.closing(mount.open_source(plain_url, split_mount_options(["cache_size=16M"]))) as plain:
         assert isinstance(plain, RemoteArchive)
+        assert plain.cache_capacity == 16 * MiB  # no decompressed chunks: the whole budget is its blocks
 
 
 # --- the command line and real mounts -----------------------------------------------------------------

@@ -1,3 +1,1 @@
-"""The served image: which member, which format, and the map from image offsets to source offsets.
-
-"""
+"""The served image: which member, which format, and the map from image offsets to source offsets."""

@@ -293,7 +293,7 @@ def watchdog(served: Served, seconds: float) -> Iterator[None]:
 
 def _read(served: Served, buffer: memoryview, offset: int, cap: float) -> int:
     try:
-        return served.read_at(buffer, offset)
+        return served.read_into(buffer, offset)
     except OSError as exc:
         if served.aborted.is_set():
             raise TimedOut(cap) from None

@@ -26,7 +26,7 @@ from benchdata import Dataset, Segment
 
 from tarfuse.serve import mountinfo
 
-ReadAt = Callable[[memoryview, int], int]  # fill the buffer from an image offset; return bytes read
+ReadInto = Callable[[memoryview, int], int]  # fill the buffer from an image offset; return bytes read
 Role = Literal["limit", "tarfuse", "peer"]
 
 CACHE = Path(os.environ.get("TARFUSE_BENCH_CACHE", Path.home() / ".cache" / "tarfuse-bench"))
@@ -50,7 +50,7 @@ class Served:
 
     ready_s: float
     size: int  # the size the tool shows for the image
-    read_at: ReadAt
+    read_into: ReadInto
     fio_target: list[str] | None  # fio options naming the bytes to read; None: not applicable
     qemu_source: str | None  # what qemu-img convert reads; None: not applicable
     pids: tuple[int, ...] = ()
@@ -134,7 +134,7 @@ class PreadLimit(Tool):
             yield Served(
                 ready_s=ready,
                 size=last.logical + last.length,
-                read_at=_segment_reader(fd, dataset.segments),
+                read_into=_segment_reader(fd, dataset.segments),
                 fio_target=None if plain is None else _fio_region(dataset, plain),
                 qemu_source=None if plain is None else _qemu_region(dataset, plain),
             )
@@ -142,12 +142,12 @@ class PreadLimit(Tool):
             os.close(fd)
 
 
-def _segment_reader(fd: int, segments: tuple[Segment, ...]) -> ReadAt:
+def _segment_reader(fd: int, segments: tuple[Segment, ...]) -> ReadInto:
     """Read image bytes by following the member's segments: preadv for data, a zero copy for holes."""
     starts = [s.logical for s in segments]
     zeros = memoryview(bytearray(1 << 20))
 
-    def read_at(buffer: memoryview, offset: int) -> int:
+    def read_into(buffer: memoryview, offset: int) -> int:
         done, i = 0, bisect.bisect_right(starts, offset) - 1
         while done < len(buffer) and i < len(segments):
             segment = segments[i]
@@ -162,7 +162,7 @@ def _segment_reader(fd: int, segments: tuple[Segment, ...]) -> ReadAt:
             done, i = done + n, i + 1
         return done
 
-    return read_at
+    return read_into
 
 
 def _fio_region(dataset: Dataset, segment: Segment) -> list[str]:
@@ -214,7 +214,7 @@ class LoopLimit(Tool):
                 yield Served(
                     ready_s=ready,
                     size=os.lseek(fd, 0, os.SEEK_END),
-                    read_at=lambda buffer, offset: os.preadv(fd, [buffer], offset),
+                    read_into=lambda buffer, offset: os.preadv(fd, [buffer], offset),
                     fio_target=[f"--filename={device}", "--direct=1"],
                     qemu_source=device,
                 )
@@ -265,7 +265,7 @@ class FuseTool(Tool):
             served = Served(
                 ready_s=ready,
                 size=os.fstat(fd).st_size,
-                read_at=lambda buffer, offset: os.preadv(fd, [buffer], offset),
+                read_into=lambda buffer, offset: os.preadv(fd, [buffer], offset),
                 fio_target=[f"--filename={image}", "--direct=1"],
                 qemu_source=str(image),
                 pids=(process.pid,),

@@ -19,6 +19,7 @@ from tarfuse.serve.daemon import BackgroundJob
 from tarfuse.serve.fs import BLOCKING_READERS, ServedFile
 from tarfuse.sources import DEFAULT_CACHE_SIZE, compressed, remote
 from tarfuse.sources.compressed import CompressedSource
+from tarfuse.sources.compression import Compression
 from tarfuse.sources.file import ArchiveFile, ByteSource
 
 _MAX_REQUEST = 1 << 20  # FUSE reads are at most max_pages (256) pages long; larger ones get their own buffer
@@ -46,7 +47,7 @@ class MountOptions:
 class Listing:
     """What `tarfuse --list` shows."""
 
-    compression: str | None
+    compression: Compression | None
     index: str | None  # the saved index that a mount would use, if any
     images: list[Image]
 
@@ -100,7 +101,7 @@ def list_archive(path: str, options: MountOptions) -> Listing:
             compression = source.compression
             where = index_path(source, options)
             found = where if where is not None and index.use_saved_index(where, source) else None
-        images = list_images(source.pread, source.size)
+        images = list_images(source.read_at, source.size)
     return Listing(compression, found, images)
 
 
@@ -112,7 +113,7 @@ def assemble(path: str, options: MountOptions) -> Assembly:
         if isinstance(source, CompressedSource):
             image, background = _open_compressed(source, options)
         else:
-            image = open_image(source.pread, source.size, options.member, source.pread_into)
+            image = open_image(source.read_at, source.size, options.member, source.pread_into)
         return Assembly(source, image, _served_file(image, source, options), background)
     except BaseException:
         source.close()
@@ -143,9 +144,9 @@ def _open_compressed(source: CompressedSource, options: MountOptions) -> tuple[I
         index.use_saved_index(where, source)  # gives the size, or serves from the spill
     complete = source.size_known
     if complete and not source.needs_spill():
-        return open_image(source.pread, source.size, options.member, source.pread_into), None
+        return open_image(source.read_at, source.size, options.member, source.pread_into), None
     opener = open_image if complete else open_first_image
-    image = opener(source.pread, source.size, options.member, source.pread_into)
+    image = opener(source.read_at, source.size, options.member, source.pread_into)
     indexing = index.IndexingPass(
         source,
         image.name,

@@ -30,7 +30,7 @@ from fuzzseeds import Seed
 
 from tarfuse.errors import ArchiveError, CorruptCompressed, NoImage, TarfuseError
 from tarfuse.image.open import Image, list_images, open_image
-from tarfuse.tar.archive import Pread, normalize_name
+from tarfuse.tar.archive import ReadAt, normalize_name
 
 MIB = 1 << 20
 READ_WHOLE = 2 * MIB  # images up to this size are read whole; larger ones in windows
@@ -143,14 +143,14 @@ def check_archive(case: Case, rng: random.Random) -> str:
 
 def check_plain(data: bytes, rng: random.Random) -> tuple[str, Image | None]:
     """List and open a plain archive, read its images; return the outcome and the image opened."""
-    pread = strict_pread(data)
+    read_at = strict_read_at(data)
     try:
-        for image in list_images(pread, len(data)):
+        for image in list_images(read_at, len(data)):
             read_image(image, rng, whole=False)
     except ArchiveError as exc:
         check_error(exc, len(data))
     try:
-        image = open_image(pread, len(data))
+        image = open_image(read_at, len(data))
     except ArchiveError as exc:
         check_error(exc, len(data))
         return type(exc).__name__, None
@@ -230,22 +230,22 @@ def cross_check(
         )
 
 
-def strict_pread(data: bytes) -> Pread:
-    """A pread over `data` that fails where os.pread on a file would, and on reads no archive needs.
+def strict_read_at(data: bytes) -> ReadAt:
+    """A read_at over `data` that fails where os.pread on a file would, and on reads no archive needs.
 
     os.pread raises OSError for a negative offset or size (slicing would not), and allocates its whole
     `size` before reading: a read far larger than the archive means tarfuse trusted a size it read there.
     """
     limit = max(len(data), 4 * MIB)
 
-    def pread(size: int, offset: int) -> bytes:
+    def read_at(offset: int, size: int) -> bytes:
         if size < 0 or offset < 0:
-            raise OSError(errno.EINVAL, f"pread({size}, {offset}): invalid argument")
+            raise OSError(errno.EINVAL, f"read_at({offset}, {size}): invalid argument")
         if size > limit:
-            raise Problem(f"pread of {size} bytes from a {len(data)}-byte archive")
+            raise Problem(f"read_at of {size} bytes from a {len(data)}-byte archive")
         return data[offset : offset + size]
 
-    return pread
+    return read_at
 
 
 def check_error(exc: ArchiveError, archive_size: int | None) -> None:
@@ -349,7 +349,7 @@ class Tar:
 def compare_plain(data: bytes, tar: Tar, rng: random.Random) -> tuple[str, str]:
     """Compare every image tarfuse lists in the plain archive `data` with the file tar extracted."""
     try:
-        images = list_images(strict_pread(data), len(data))
+        images = list_images(strict_read_at(data), len(data))
     except ArchiveError as exc:
         return ("tar-lenient" if tar.ok else "both-refuse"), str(exc)
     if not images:

@@ -8,10 +8,11 @@ held in memory.
 
 import io
 import tarfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tarfuse.image.open import Image, open_image
+from tarfuse.tar.archive import ReadAt
 
 BLOCK = 512
 END = bytes(2 * BLOCK)  # end-of-archive marker: two zero blocks
@@ -247,24 +248,24 @@ def pax0_sparse(
     return pax_header([*records, *extra]) + header(name, size=len(data)) + pad(data)
 
 
-def pread_of(data: bytes) -> Callable[[int, int], bytes]:
-    """A `pread(size, offset)` over bytes in memory, like os.pread on a file holding them."""
+def read_at_of(data: bytes) -> ReadAt:
+    """A `read_at(offset, size)` over bytes in memory, like os.pread on a file holding them."""
 
-    def pread(size: int, offset: int) -> bytes:
+    def read_at(offset: int, size: int) -> bytes:
         return data[offset : offset + size]
 
-    return pread
+    return read_at
 
 
-def endless(head: bytes, unit: bytes, *, budget: int) -> Callable[[int, int], bytes]:
-    """A `pread` over `head`, then `unit` over and over: an archive of any size, made as it is read.
+def endless(head: bytes, unit: bytes, *, budget: int) -> ReadAt:
+    """A `read_at` over `head`, then `unit` over and over: an archive of any size, made as it is read.
 
     Reading more than `budget` bytes in all fails the test with AssertionError, before the bytes are
     made: code that reads what it should refuse unread fails here, instead of exhausting memory or time.
     """
     done = 0
 
-    def pread(size: int, offset: int) -> bytes:
+    def read_at(offset: int, size: int) -> bytes:
         nonlocal done
         done += size
         if done > budget:
@@ -276,7 +277,7 @@ def endless(head: bytes, unit: bytes, *, budget: int) -> Callable[[int, int], by
             out += (unit * (-(-(skip + rest) // len(unit))))[skip : skip + rest]
         return out
 
-    return pread
+    return read_at
 
 
 def with_tarfile(*entries: tarfile.TarInfo | tuple[str, bytes], fmt: int = tarfile.PAX_FORMAT) -> bytes:
@@ -303,7 +304,7 @@ def tarinfo(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
 
 def open_bytes(data: bytes, wanted: str | None = None) -> Image:
     """open_image over an archive held in memory."""
-    return open_image(pread_of(data), len(data), wanted)
+    return open_image(read_at_of(data), len(data), wanted)
 
 
 SPARSE_VARIANTS = ("oldgnu", "pax0.0", "pax0.1", "pax1.0")

@@ -18,7 +18,7 @@ DATA = bytes(range(256)) * 7  # 1792 bytes: not a multiple of the block size
 
 
 def members(data: bytes) -> list[Member]:
-    return list(scan_members(tb.pread_of(data), len(data)))
+    return list(scan_members(tb.read_at_of(data), len(data)))
 
 
 def served(data: bytes, wanted: str | None = None) -> tuple[str, bytes]:
@@ -347,10 +347,10 @@ def test_short_reads_give_the_same_members() -> None:
         tb.pax_header([("path", "p" * 2000 + ".img"), ("mtime", "12.5")]),
         tb.file_member("y", DATA),
     )
-    whole = tb.pread_of(data)
+    whole = tb.read_at_of(data)
 
-    def short(size: int, offset: int) -> bytes:
-        return whole(min(size, 100), offset)
+    def short(offset: int, size: int) -> bytes:
+        return whole(offset, min(size, 100))
 
     assert list(scan_members(short, len(data))) == members(data)
     assert served(data, "l" * 3000 + ".img") == ("l" * 3000 + ".img", DATA)
@@ -362,14 +362,14 @@ UNKNOWN = 1 << 62  # what a compressed source says until its end is decompressed
 
 
 def stream_members(data: bytes) -> list[Member]:
-    return list(scan_members(tb.pread_of(data), UNKNOWN))
+    return list(scan_members(tb.read_at_of(data), UNKNOWN))
 
 
 def test_stream_without_end_of_archive_blocks() -> None:
     # Served from a plain file, and now from a .tar.gz too (it said "ends in the middle of a header block").
     data = tb.archive(tb.file_member("a.txt", b"a"), tb.file_member("disk.img", DATA), end=False)
     assert [m.name for m in stream_members(data)] == ["a.txt", "disk.img"]
-    image = open_image(tb.pread_of(data), UNKNOWN)
+    image = open_image(tb.read_at_of(data), UNKNOWN)
     assert image.mapper.read(0, len(DATA) + 1) == DATA
 
 

@@ -65,7 +65,7 @@ def test_truncated_anywhere(kind: str) -> None:
     member, image = KINDS[kind]()
     archive = tb.archive(README, member)
     image_start = len(README)
-    last = list(scan_members(tb.pread_of(archive), len(archive)))[-1]
+    last = list(scan_members(tb.read_at_of(archive), len(archive)))[-1]
     image_end = last.data_offset + last.stored_size
     for cut in _cut_points(len(archive)):
         result = _outcome(archive[:cut])
@@ -258,7 +258,7 @@ def test_negative_size() -> None:
 
 def test_pax_mtime_fraction_and_sign() -> None:
     archive = tb.archive(tb.pax_header([("mtime", "-12.75")]), tb.file_member("disk.img", b"x"))
-    (member,) = scan_members(tb.pread_of(archive), len(archive))
+    (member,) = scan_members(tb.read_at_of(archive), len(archive))
     assert member.mtime == -12
 
 
@@ -282,11 +282,11 @@ def test_extended_header_past_its_limit_is_refused_unread(typeflag: bytes) -> No
     # The payload is there, and would parse: what refuses it is its size, before a byte of it is read.
     limit = EXTENDED_LIMITS[typeflag]
     header = tb.header("././@LongLink", size=limit + 1, typeflag=typeflag, magic=tb.GNU)
-    pread = tb.endless(header, b"19 path=a/disk.img\n" if typeflag in b"xg" else b"a", budget=1 << 20)
+    read_at = tb.endless(header, b"19 path=a/disk.img\n" if typeflag in b"xg" else b"a", budget=1 << 20)
     with pytest.raises(
         BadHeader, match=f": {limit + 1} bytes, past tarfuse's limit of {limit} bytes"
     ) as info:
-        list(scan_members(pread, 1 << 40))
+        list(scan_members(read_at, 1 << 40))
     assert info.value.offset == 0
 
 
@@ -294,7 +294,7 @@ def test_long_name_at_the_limit_is_read() -> None:
     name = "d/" * ((archive.MAX_LONG_NAME_SIZE - 6) // 2) + "x.img"
     assert len(name) + 1 == archive.MAX_LONG_NAME_SIZE  # the payload ends with a NUL
     data = tb.archive(tb.gnu_long(name), tb.file_member("short", b"image"))
-    (member,) = scan_members(tb.pread_of(data), len(data))
+    (member,) = scan_members(tb.read_at_of(data), len(data))
     assert member.name == name
 
 
@@ -302,7 +302,7 @@ def test_pax_header_at_the_limit_is_read() -> None:
     payload = tb.pax_record("path", "p" * (archive.MAX_PAX_SIZE - 18) + ".img")
     assert len(payload) == archive.MAX_PAX_SIZE
     data = tb.archive(tb.pax_header(payload), tb.file_member("x", b"image"))
-    (member,) = scan_members(tb.pread_of(data), len(data))
+    (member,) = scan_members(tb.read_at_of(data), len(data))
     assert member.name.endswith("p.img")
 
 
@@ -313,10 +313,10 @@ def test_pax_headers_of_one_member_add_up() -> None:
     headers = [tb.pax_header(record)] * 9
     data = tb.archive(*headers, tb.file_member("disk.img", b"x"))
     with pytest.raises(BadHeader, match=r"PAX extended headers: 9437184 bytes together, past") as info:
-        list(scan_members(tb.pread_of(data), len(data)))
+        list(scan_members(tb.read_at_of(data), len(data)))
     assert info.value.offset == 8 * len(headers[0])
     fine = tb.archive(*headers[:8], tb.file_member("disk.img", b"x"))
-    assert [m.name for m in scan_members(tb.pread_of(fine), len(fine))] == ["disk.img"]
+    assert [m.name for m in scan_members(tb.read_at_of(fine), len(fine))] == ["disk.img"]
 
 
 def _traced(work: Callable[[], object]) -> tuple[object, int, int]:
@@ -334,7 +334,7 @@ def test_global_pax_headers_keep_only_what_the_walk_reads() -> None:
     # Every 'g' header adds to the ones before, so distinct keywords used to pile up for the whole walk.
     headers = [tb.pax_header([(f"k{i}.{j}", "v") for j in range(40_000)], typeflag=b"g") for i in range(5)]
     data = tb.archive(*headers, tb.pax_header([("mtime", "7")], typeflag=b"g"), tb.file_member("d.img"))
-    members, _, peak = _traced(lambda: list(scan_members(tb.pread_of(data), len(data))))
+    members, _, peak = _traced(lambda: list(scan_members(tb.read_at_of(data), len(data))))
     assert [m.mtime for m in members] == [7]  # type: ignore[attr-defined]
     assert peak < 12 << 20  # one header's records at a time (8 MiB); all five of them cost 22 MiB
 
@@ -343,7 +343,7 @@ def test_members_keep_no_pax_records() -> None:
     # PAX 0.0 maps of 20,000 records: each member used to keep its own, until the walk's caller let go.
     entries = [(i, 0) for i in range(10_000)]
     data = tb.archive(*[tb.pax0_sparse(f"s{i}.img", entries, 10_000, b"", version="0.0") for i in range(6)])
-    members, held, _ = _traced(lambda: list(scan_members(tb.pread_of(data), len(data))))
+    members, held, _ = _traced(lambda: list(scan_members(tb.read_at_of(data), len(data))))
     assert len(members) == 6  # type: ignore[arg-type]
     assert held < 1 << 20  # six maps took 12 MiB
 

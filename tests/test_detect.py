@@ -139,7 +139,7 @@ def test_no_files_at_all() -> None:
 
 def test_list_images() -> None:
     data = tb.with_tarfile(*OTHERS, ("a.img", mbr_image()), ("b.iso", iso_image()))
-    images = list_images(tb.pread_of(data), len(data))
+    images = list_images(tb.read_at_of(data), len(data))
     assert [(i.name, i.format.detail) for i in images] == [
         ("a.img", "MBR boot sector"),
         ("b.iso", "ISO 9660"),

@@ -1,4 +1,4 @@
-"""mapper: ImageMapper against a reference expansion, with a pread that returns short reads."""
+"""mapper: ImageMapper against a reference expansion, with a read_at that returns short reads."""
 
 import itertools
 from array import array
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tarfuse.errors import TruncatedArchive
 from tarfuse.image.mapper import HOLE, ImageMapper, PreadInto
-from tarfuse.tar.archive import Pread
+from tarfuse.tar.archive import ReadAt
 from tarfuse.tar.sparse import SparseMap
 
 PREFIX = b"\xee" * 1536  # archive bytes before the member's data: never part of the image
@@ -34,13 +34,13 @@ def archive_of(layout: sparsegen.Layout, image: bytes) -> bytes:
     return PREFIX + sparsegen.packed(layout, image) + b"\xee" * 100
 
 
-def short_pread(archive: bytes, chunk: int) -> Pread:
-    """A pread that never returns more than `chunk` bytes, as a pipe or a network filesystem may."""
+def short_read_at(archive: bytes, chunk: int) -> ReadAt:
+    """A read_at that never returns more than `chunk` bytes, as a pipe or a network filesystem may."""
 
-    def pread(size: int, offset: int) -> bytes:
+    def read_at(offset: int, size: int) -> bytes:
         return archive[offset : offset + min(size, chunk)]
 
-    return pread
+    return read_at
 
 
 def short_pread_into(archive: bytes, chunk: int) -> PreadInto:
@@ -60,7 +60,7 @@ def test_read_matches_expanded_image(
     layout: sparsegen.Layout, read: tuple[int, int], chunk: int, seed: int
 ) -> None:
     image = sparsegen.image_of(layout, seed)
-    mapper = ImageMapper(short_pread(archive_of(layout, image), chunk), sparse_map(layout))
+    mapper = ImageMapper(short_read_at(archive_of(layout, image), chunk), sparse_map(layout))
     offset, size = read
     assert mapper.size == layout.size
     assert mapper.read(offset, size) == image[offset : offset + size]
@@ -72,7 +72,7 @@ def test_read_into_matches_expanded_image(
 ) -> None:
     image = sparsegen.image_of(layout)
     archive = archive_of(layout, image)
-    mapper = ImageMapper(short_pread(archive, 1), sparse_map(layout), short_pread_into(archive, chunk))
+    mapper = ImageMapper(short_read_at(archive, 1), sparse_map(layout), short_pread_into(archive, chunk))
     offset, size = read
     buffer = bytearray(b"\xaa" * size)
     count = mapper.read_into(memoryview(buffer), offset)
@@ -83,7 +83,7 @@ def test_read_into_matches_expanded_image(
 def test_plan_tiles_the_request(layout: sparsegen.Layout, read: tuple[int, int]) -> None:
     image = sparsegen.image_of(layout)
     archive = archive_of(layout, image)
-    mapper = ImageMapper(short_pread(archive, 1 << 30), sparse_map(layout))
+    mapper = ImageMapper(short_read_at(archive, 1 << 30), sparse_map(layout))
     offset, size = read
     pieces = mapper.plan(offset, size)
     assert all(length > 0 for _, length in pieces)
@@ -98,7 +98,7 @@ def test_plan_tiles_the_request(layout: sparsegen.Layout, read: tuple[int, int])
 
 def test_plan_of_a_read_inside_one_extent_is_one_piece() -> None:
     layout = sparsegen.Layout(10_000, ((1000, 5000),))
-    mapper = ImageMapper(short_pread(b"", 1), sparse_map(layout, data_offset=7))
+    mapper = ImageMapper(short_read_at(b"", 1), sparse_map(layout, data_offset=7))
     assert mapper.plan(2000, 100) == [(7 + 1000, 100)]
     assert mapper.plan(0, 10_000) == [(HOLE, 1000), (7, 5000), (HOLE, 4000)]
     assert mapper.plan(9000, 5000) == [(HOLE, 1000)]
@@ -108,7 +108,7 @@ def test_plan_of_a_read_inside_one_extent_is_one_piece() -> None:
 
 def test_adjacent_extents_are_separate_pieces_without_a_hole() -> None:
     layout = sparsegen.Layout(30, ((0, 10), (10, 10)))
-    mapper = ImageMapper(short_pread(b"", 1), sparse_map(layout, data_offset=100))
+    mapper = ImageMapper(short_read_at(b"", 1), sparse_map(layout, data_offset=100))
     assert mapper.plan(5, 10) == [(105, 5), (110, 5)]
 
 
@@ -116,7 +116,7 @@ def test_read_of_data_cut_off_raises_truncated_with_offset() -> None:
     layout = sparsegen.Layout(10_000, ((0, 4000), (8000, 2000)))
     image = sparsegen.image_of(layout)
     archive = archive_of(layout, image)[: len(PREFIX) + 5000]  # the archive shrank under the mount
-    mapper = ImageMapper(short_pread(archive, 700), sparse_map(layout))
+    mapper = ImageMapper(short_read_at(archive, 700), sparse_map(layout))
     assert mapper.read(0, 4000) == image[:4000]
     with pytest.raises(TruncatedArchive) as info:
         mapper.read(7000, 3000)
@@ -126,12 +126,12 @@ def test_read_of_data_cut_off_raises_truncated_with_offset() -> None:
 def test_read_into_of_data_cut_off_raises_truncated() -> None:
     layout = sparsegen.Layout(10_000, ((8000, 2000),))
     archive = archive_of(layout, sparsegen.image_of(layout))[: len(PREFIX) + 100]
-    mapper = ImageMapper(short_pread(archive, 1), sparse_map(layout), short_pread_into(archive, 64))
+    mapper = ImageMapper(short_read_at(archive, 1), sparse_map(layout), short_pread_into(archive, 64))
     with pytest.raises(TruncatedArchive) as info:
         mapper.read_into(memoryview(bytearray(4096)), 7000)
     assert info.value.offset == len(PREFIX)
 
 
 def test_empty_image() -> None:
-    mapper = ImageMapper(short_pread(b"", 1), sparse_map(sparsegen.Layout(0, ())))
+    mapper = ImageMapper(short_read_at(b"", 1), sparse_map(sparsegen.Layout(0, ())))
     assert (mapper.size, mapper.read(0, 10), mapper.plan(0, 10)) == (0, b"", [])

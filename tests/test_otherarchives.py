@@ -39,7 +39,7 @@ def served(data: bytes, wanted: str | None = None) -> tuple[str, bytes]:
 
 
 def members(data: bytes) -> list[Member]:
-    return list(scan_members(tb.pread_of(data), len(data)))
+    return list(scan_members(tb.read_at_of(data), len(data)))
 
 
 def gnu_tar_extracts(data: bytes, name: str, tmp_path: Path) -> bytes | None:

@@ -75,7 +75,7 @@ def write_archive(writer: str, top: Path, archive: Path) -> None:
 def served(archive: Path) -> Iterator[Image]:
     """The image in `archive`, read through a real file descriptor as the daemon reads it."""
     with ArchiveFile(str(archive)) as source:
-        yield open_image(source.pread, source.size)
+        yield open_image(source.read_at, source.size)
 
 
 def _skip_unless_holes(path: Path) -> None:

@@ -66,7 +66,7 @@ def test_reads_at_any_offset_match_the_object(server: RangeServer, blob: bytes) 
     rng = random.Random(1)
     for _ in range(300):
         offset, size = rng.randrange(len(blob) + 10), rng.choice([1, 511, 4096, BLOCK_SIZE + 3, 700_000])
-        assert source.pread(size, offset) == blob[offset : offset + size]
+        assert source.read_at(offset, size) == blob[offset : offset + size]
 
 
 def test_concurrent_readers_get_their_own_bytes(server: RangeServer, blob: bytes) -> None:
@@ -93,7 +93,7 @@ def test_concurrent_readers_get_their_own_bytes(server: RangeServer, blob: bytes
 def test_one_read_over_missing_blocks_is_one_request(server: RangeServer, blob: bytes) -> None:
     source = remote(server.put("blob", blob))
     server.reset_counters()
-    assert source.pread(MiB, 2 * MiB) == blob[2 * MiB : 3 * MiB]
+    assert source.read_at(2 * MiB, MiB) == blob[2 * MiB : 3 * MiB]
     assert len(server.requests) == 1
     assert server.requests[0].headers["Range"] == f"bytes={2 * MiB}-{3 * MiB - 1}"
 
@@ -102,7 +102,7 @@ def test_readers_of_the_same_block_share_one_request(server: RangeServer, blob: 
     source = remote(server.put("blob", blob))
     server.reset_counters()
     server.faults.slow, server.faults.delay = 1, 0.3
-    threads = [threading.Thread(target=source.pread, args=(100, 3 * MiB + i)) for i in range(6)]
+    threads = [threading.Thread(target=source.read_at, args=(3 * MiB + i, 100)) for i in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -114,13 +114,13 @@ def test_cache_is_bounded_and_least_recently_used_goes_first(server: RangeServer
     source = remote(server.put("blob", blob), cache_size=2 * BLOCK_SIZE)
     far = [block * BLOCK_SIZE for block in (2, 20, 40)]  # far apart: no reader looks sequential
     server.reset_counters()
-    source.pread(10, far[0])
-    source.pread(10, far[1])
-    source.pread(10, far[0])  # cached; far[1] is now the least recently used
-    source.pread(10, far[2])  # evicts far[1]
-    source.pread(10, far[0])  # still cached
+    source.read_at(far[0], 10)
+    source.read_at(far[1], 10)
+    source.read_at(far[0], 10)  # cached; far[1] is now the least recently used
+    source.read_at(far[2], 10)  # evicts far[1]
+    source.read_at(far[0], 10)  # still cached
     assert len(server.requests) == 3
-    source.pread(10, far[1])
+    source.read_at(far[1], 10)
     assert len(server.requests) == 4
 
 
@@ -129,7 +129,7 @@ def test_sequential_reader_is_served_by_readahead(server: RangeServer, blob: byt
     server.reset_counters()
     reads = 0
     for offset in range(BLOCK_SIZE, len(blob), 64 * 1024):
-        assert source.pread(64 * 1024, offset) == blob[offset : offset + 64 * 1024]
+        assert source.read_at(offset, 64 * 1024) == blob[offset : offset + 64 * 1024]
         reads += 1
     assert len(server.requests) <= reads // 4
     assert server.bytes_served <= len(blob)  # fetched ahead, never twice
@@ -140,7 +140,7 @@ def test_a_short_run_is_read_ahead_by_at_most_half_its_length(server: RangeServe
     source = remote(server.put("blob", blob))
     server.reset_counters()
     for offset in range(BLOCK_SIZE, BLOCK_SIZE + MiB, 64 * 1024):
-        assert source.pread(64 * 1024, offset) == blob[offset : offset + 64 * 1024]
+        assert source.read_at(offset, 64 * 1024) == blob[offset : offset + 64 * 1024]
     settled = -1
     while settled != server.bytes_served:  # readahead still on its way ends by itself
         settled = server.bytes_served
@@ -151,14 +151,14 @@ def test_a_short_run_is_read_ahead_by_at_most_half_its_length(server: RangeServe
 def test_dropped_connections_are_retried(server: RangeServer, blob: bytes) -> None:
     source = remote(server.put("blob", blob))
     server.faults.drop = 2
-    assert source.pread(1000, 3 * MiB) == blob[3 * MiB : 3 * MiB + 1000]
+    assert source.read_at(3 * MiB, 1000) == blob[3 * MiB : 3 * MiB + 1000]
 
 
 def test_truncated_response_resumes_where_it_broke_off(server: RangeServer, blob: bytes) -> None:
     source = remote(server.put("blob", blob))
     server.reset_counters()
     server.faults.truncate = 1
-    assert source.pread(MiB, 2 * MiB) == blob[2 * MiB : 3 * MiB]
+    assert source.read_at(2 * MiB, MiB) == blob[2 * MiB : 3 * MiB]
     ranges = [request.headers["Range"] for request in server.requests]
     assert ranges == [f"bytes={2 * MiB}-{3 * MiB - 1}", f"bytes={2 * MiB + MiB // 2}-{3 * MiB - 1}"]
 
@@ -166,13 +166,13 @@ def test_truncated_response_resumes_where_it_broke_off(server: RangeServer, blob
 def test_slow_response_times_out_and_is_retried(server: RangeServer, blob: bytes) -> None:
     source = remote(server.put("blob", blob), timeout=0.3)
     server.faults.slow, server.faults.delay = 1, 1.0
-    assert source.pread(1000, 3 * MiB) == blob[3 * MiB : 3 * MiB + 1000]
+    assert source.read_at(3 * MiB, 1000) == blob[3 * MiB : 3 * MiB + 1000]
 
 
 def test_a_few_503s_are_retried(server: RangeServer, blob: bytes) -> None:
     source = remote(server.put("blob", blob), retries=3)
     server.faults.error = 3
-    assert source.pread(1000, 3 * MiB) == blob[3 * MiB : 3 * MiB + 1000]
+    assert source.read_at(3 * MiB, 1000) == blob[3 * MiB : 3 * MiB + 1000]
 
 
 def test_endless_503s_fail_after_the_retries(server: RangeServer, blob: bytes) -> None:
@@ -181,7 +181,7 @@ def test_endless_503s_fail_after_the_retries(server: RangeServer, blob: bytes) -
     server.faults.error = -1
     started = time.monotonic()
     with pytest.raises(RemoteError, match="HTTP 503"):
-        source.pread(1000, 3 * MiB)
+        source.read_at(3 * MiB, 1000)
     assert len(server.requests) == 3
     assert time.monotonic() - started < 3
 
@@ -204,10 +204,10 @@ def test_server_ignoring_range_is_refused_without_downloading(server: RangeServe
 
 def test_changed_object_fails_reads_and_every_later_check(server: RangeServer, blob: bytes) -> None:
     source = remote(server.put("blob", blob))
-    assert source.pread(10, 0) == blob[:10]
+    assert source.read_at(0, 10) == blob[:10]
     server.put("blob", blob[::-1])  # same size, new ETag
     with pytest.raises(ArchiveChanged, match="ETag"):
-        source.pread(10, 4 * MiB)
+        source.read_at(4 * MiB, 10)
     with pytest.raises(ArchiveChanged):
         source.check_unchanged()
 
@@ -216,12 +216,12 @@ def test_shrunk_object_is_a_change(server: RangeServer, blob: bytes) -> None:
     source = remote(server.put("blob", blob))
     server.put("blob", blob[:MiB])
     with pytest.raises(ArchiveChanged, match="shorter"):
-        source.pread(10, 4 * MiB)
+        source.read_at(4 * MiB, 10)
 
 
 def test_headers_are_sent_with_every_request(server: RangeServer, blob: bytes) -> None:
     source = remote(server.put("blob", blob), headers=(("Authorization", "Bearer s3cret"),))
-    source.pread(10, 4 * MiB)
+    source.read_at(4 * MiB, 10)
     assert {r.headers.get("Authorization") for r in server.requests} == {"Bearer s3cret"}
 
 
@@ -231,7 +231,7 @@ def test_proxy_from_the_environment(
     server.put("blob", blob)
     monkeypatch.setenv("HTTP_PROXY", server.base)
     source = remote("http://archive.invalid/blob")  # resolvable by the proxy only
-    assert source.pread(100, 4 * MiB) == blob[4 * MiB : 4 * MiB + 100]
+    assert source.read_at(4 * MiB, 100) == blob[4 * MiB : 4 * MiB + 100]
     assert server.requests[0].target == "http://archive.invalid/blob"
 
 
@@ -241,7 +241,7 @@ def test_no_proxy_bypasses_the_proxy(
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     source = remote(server.put("blob", blob), retries=0)
-    assert source.pread(100, 0) == blob[:100]
+    assert source.read_at(0, 100) == blob[:100]
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_https_with_a_ca_file(tls_files: tuple[Path, Path], blob: bytes) -> None:
     with serve(tls=tls_files) as https:
         source = remote(https.put("blob", blob), ca_file=str(tls_files[0]))
-        assert source.pread(100, MiB) == blob[MiB : MiB + 100]
+        assert source.read_at(MiB, 100) == blob[MiB : MiB + 100]
 
 
 def test_https_with_an_unknown_certificate_fails_at_once(tls_files: tuple[Path, Path]) -> None:

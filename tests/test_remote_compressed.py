@@ -125,7 +125,7 @@ def check_random_reads(archive: RemoteArchive, plain: bytes, seed: int) -> None:
         rng = random.Random(seed)
         for _ in range(20):
             offset, size = rng.randrange(len(plain)), rng.choice([512, 4096, 300_000])
-            assert source.pread(size, offset) == plain[offset : offset + size]
+            assert source.read_at(offset, size) == plain[offset : offset + size]
 
 
 @pytest.mark.parametrize("layout", ZSTD_LAYOUTS)
@@ -137,7 +137,7 @@ def test_reading_the_first_mib_of_a_remote_tar_zst_fetches_little(server: RangeS
         CompressedSource(remote, "zstd") as source,
     ):
         assert source.size_known == (layout == "seekable")  # the seek table, one read at the end
-        assert source.pread(MiB, 512) == plain[512 : 512 + MiB]
+        assert source.read_at(512, MiB) == plain[512 : 512 + MiB]
     assert server.bytes_served < 6 * MiB, f"{server.bytes_served} of {len(archive)} bytes fetched"
 
 
@@ -152,7 +152,7 @@ def test_a_remote_one_frame_tar_zst_is_served_from_its_spill_after_the_pass(serv
         rng = random.Random(5)
         for _ in range(20):
             offset = rng.randrange(len(plain))
-            assert source.pread(4096, offset) == plain[offset : offset + 4096]
+            assert source.read_at(offset, 4096) == plain[offset : offset + 4096]
         assert server.bytes_served == 0  # every read came from the spill in the cache directory
 
 

@@ -19,7 +19,7 @@ from httpserver import RangeServer, serve
 from test_remote import tls_files  # noqa: F401  # a fixture: a self-signed certificate for 127.0.0.1
 
 from tarfuse.errors import ArchiveError, RemoteError, UsageError
-from tarfuse.sources.blockcache import BLOCK_SIZE, BlockReader
+from tarfuse.sources.blockcache import BLOCK_SIZE, BlockCache
 from tarfuse.sources.remote import RemoteArchive, RemoteOptions, parse_options
 
 MiB = 1 << 20
@@ -114,7 +114,7 @@ def test_later_body_longer_than_its_content_range_is_refused(server: RangeServer
     source = remote(server.put("blob", blob), retries=0)
     server.faults.body_extra = 10
     with pytest.raises(RemoteError, match=rf"Content-Length.* at archive offset {MiB}"):
-        source.pread(100, MiB)
+        source.read_at(MiB, 100)
 
 
 @pytest.mark.parametrize(
@@ -153,9 +153,9 @@ def test_fetch_that_yields_more_than_asked_is_refused_at_once() -> None:
         for _ in range(1000):  # 1000 MiB if nobody stops it
             yield bytes(MiB)
 
-    reader = BlockReader(endless, 8 * BLOCK_SIZE, cache_bytes=0)
+    cache = BlockCache(endless, 8 * BLOCK_SIZE, cache_bytes=0)
     with pytest.raises(ArchiveError, match=r"more than the 131072 bytes asked at archive offset 0"):
-        reader.pread(10, 0)
+        cache.read_at(0, 10)
     assert asked == [BLOCK_SIZE]
 
 
@@ -191,7 +191,7 @@ def test_followed_redirect_to_another_host_carries_no_user_header(
     other.put("blob", blob)
     url = server.redirect("vm.tar", f"{target}/blob", status=307)
     source = remote(url, headers=SECRET_HEADERS, follow_redirects=True)
-    assert source.pread(1000, MiB) == blob[MiB : MiB + 1000]
+    assert source.read_at(MiB, 1000) == blob[MiB : MiB + 1000]
     at_target = [r for r in other.requests if r.target == "/blob"]
     assert len(at_target) == 2  # the first block at open, then the read
     for request in at_target:
@@ -210,7 +210,7 @@ def test_user_headers_stay_dropped_when_a_redirect_chain_comes_back(
     other_server.redirect("bounce", server.url("blob"))
     url = server.redirect("vm.tar", other_server.url("bounce"))
     source = remote(url, headers=SECRET_HEADERS, follow_redirects=True)
-    assert source.pread(10, 0) == blob[:10]
+    assert source.read_at(0, 10) == blob[:10]
     for request in [*other_server.requests, *(r for r in server.requests if r.target == "/blob")]:
         assert "X-Api-Key" not in request.headers
         assert "Authorization" not in request.headers
@@ -234,7 +234,7 @@ def test_same_origin_redirect_keeps_the_headers(server: RangeServer, blob: bytes
     server.put("v2/blob", blob)
     url = server.redirect("latest", "/v2/blob", status=301)
     source = remote(url, headers=SECRET_HEADERS)
-    assert source.pread(10, MiB) == blob[MiB : MiB + 10]
+    assert source.read_at(MiB, 10) == blob[MiB : MiB + 10]
     assert {r.headers.get("X-Api-Key") for r in server.requests} == {"k3ySECRET"}
 
 
@@ -252,7 +252,7 @@ def test_dripping_body_fails_after_the_deadline(server: RangeServer, blob: bytes
     source = remote(server.put("blob", blob), timeout=0.3, retries=3)
     server.faults.drip = 0.05  # a byte well within every socket timeout: only a deadline ends it
     started = time.monotonic()
-    raised = finishes_within(15, lambda: source.pread(100, MiB))
+    raised = finishes_within(15, lambda: source.read_at(MiB, 100))
     assert isinstance(raised, RemoteError), raised
     assert "/blob: no complete answer within 0.6 s (twice timeout=) at archive offset" in str(raised)
     assert MiB <= (raised.offset or 0) < MiB + 100  # the first byte that did not come
@@ -274,7 +274,7 @@ def test_dripping_https_fails_after_the_deadline(
     with serve(tls=tls_files) as https:
         source = remote(https.put("blob", blob), ca_file=str(tls_files[0]), timeout=0.3)
         https.faults.drip = 0.05
-        raised = finishes_within(15, lambda: source.pread(100, MiB))
+        raised = finishes_within(15, lambda: source.read_at(MiB, 100))
     assert isinstance(raised, RemoteError), raised
     assert "no complete answer within 0.6 s" in str(raised)
 
@@ -284,7 +284,7 @@ def test_slow_but_steady_answer_is_resumed_past_the_deadline(server: RangeServer
     source = remote(server.put("blob", blob), timeout=0.3, retries=0)
     server.reset_counters()
     server.faults.pace = 0.05  # 64 KiB every 50 ms: 1 MiB takes 0.8 s, more than the 0.6 s deadline
-    assert source.pread(MiB, MiB // 2) == blob[MiB // 2 : MiB // 2 + MiB]
+    assert source.read_at(MiB // 2, MiB) == blob[MiB // 2 : MiB // 2 + MiB]
     assert len(server.requests) >= 2  # cut off once at least, and resumed where it stopped
 
 
@@ -297,7 +297,7 @@ def test_user_info_in_the_url_is_sent_as_basic_auth_to_that_server_only(
     url = server.redirect("vm.tar", f"{target}/blob", status=307)
     with_user = url.replace("://", "://alice:s%40cret@", 1)
     source = remote(with_user, follow_redirects=True)
-    assert source.pread(10, 0) == blob[:10]
+    assert source.read_at(0, 10) == blob[:10]
     first = [r for r in server.requests if r.target == "/vm.tar"]
     assert {r.headers.get("Authorization") for r in first} == {
         "Basic " + base64.b64encode(b"alice:s@cret").decode()

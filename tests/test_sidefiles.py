@@ -309,7 +309,7 @@ def test_a_spill_whose_first_chunk_is_not_the_archives_is_not_served(
     with open_zst(other) as source:
         assert not index.use_saved_index(str(where_b), source)
         assert source.spill is None
-        assert source.pread(64, 512) == EVIL[:64]  # the archive's bytes, not the spill's
+        assert source.read_at(512, 64) == EVIL[:64]  # the archive's bytes, not the spill's
     assert "are not the archive's" in caplog.text
 
 

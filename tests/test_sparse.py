@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tarfuse.errors import ArchiveError, BadHeader, CorruptSparseMap, TruncatedArchive
 from tarfuse.image.open import open_image
 from tarfuse.tar import sparse
-from tarfuse.tar.archive import Pread, scan_members
+from tarfuse.tar.archive import ReadAt, scan_members
 
 DATA_DIR = Path(__file__).parent / "data"
 FIXTURES = {"gnu.tar": "oldgnu", "pax-0.0.tar": "pax0.0", "pax-0.1.tar": "pax0.1", "pax-1.0.tar": "pax1.0"}
@@ -34,9 +34,9 @@ def build(variant: str, layout: sparsegen.Layout, seed: int = 0) -> tuple[bytes,
 
 
 def decode_only(data: bytes) -> sparse.SparseMap:
-    pread = tb.pread_of(data)
-    (member,) = scan_members(pread, len(data))
-    return sparse.decode(member, pread)
+    read_at = tb.read_at_of(data)
+    (member,) = scan_members(read_at, len(data))
+    return sparse.decode(member, read_at)
 
 
 @variants
@@ -116,7 +116,7 @@ def test_short_extent_before_another(variant: str) -> None:
 def test_old_gnu_extension_blocks(count: int) -> None:
     layout = sparsegen.Layout(1024 * count - 505, tuple((1024 * i + 7, 512) for i in range(count)))
     data, image = build("oldgnu", layout)
-    member = next(m for m in scan_members(tb.pread_of(data), len(data)) if m.sparse)
+    member = next(m for m in scan_members(tb.read_at_of(data), len(data)) if m.sparse)
     assert member.sparse is not None
     assert member.sparse.extension_blocks == max(0, -(-(count - 4) // 21))
     assert tb.open_bytes(data).mapper.read(0, len(image)) == image
@@ -130,7 +130,7 @@ def test_old_gnu_map_that_ends_early_ends_the_extension_chain() -> None:
     member = bytearray(tb.old_gnu_sparse("d.img", extents, 1024 * 23 + 512, data, stored_size=27 * 512))
     member[512 + 24 * 20 : 512 + 24 * 21] = bytes(24)  # slot 21 of the first extension block emptied
     archive = tb.archive(bytes(member))
-    (parsed,) = scan_members(tb.pread_of(archive), len(archive))
+    (parsed,) = scan_members(tb.read_at_of(archive), len(archive))
     assert parsed.sparse is not None
     assert (parsed.sparse.extension_blocks, parsed.data_offset) == (1, 1024)
     image = tb.open_bytes(archive)
@@ -208,7 +208,7 @@ def test_base256_numbers_in_old_gnu_sparse_header() -> None:
     assert image.mapper.read(9 * GIB - 1, 10) == b"\0!"
 
 
-def lazy_archive(head: bytes, data_size: int) -> tuple[Pread, int]:
+def lazy_archive(head: bytes, data_size: int) -> tuple[ReadAt, int]:
     """`head` (one member's headers and map), `data_size` bytes of its data, then the end marker.
 
     The data is made as it is read, never held: byte k of it is (k // 512) % 251 + 1, so in a map of
@@ -216,7 +216,7 @@ def lazy_archive(head: bytes, data_size: int) -> tuple[Pread, int]:
     """
     size = len(head) + data_size + len(tb.END)
 
-    def pread(length: int, offset: int) -> bytes:
+    def read_at(offset: int, length: int) -> bytes:
         out = bytearray(head[offset : offset + length])
         position = offset + len(out)
         while position < min(offset + length, size):
@@ -229,7 +229,7 @@ def lazy_archive(head: bytes, data_size: int) -> tuple[Pread, int]:
             position += n
         return bytes(out)
 
-    return pread, size
+    return read_at, size
 
 
 @pytest.mark.parametrize("variant", ["oldgnu", "pax1.0"])
@@ -248,9 +248,9 @@ def test_million_extent_map(variant: str) -> None:
     count = 1_000_000
     extents = [(1024 * i, 512) for i in range(count)]
     head = tb.sparse_member(variant, "many.img", extents, 1024 * count, b"", stored_size=512 * count)
-    pread, size = lazy_archive(head, 512 * count)
-    (member,) = scan_members(pread, size)
-    sparse_map = sparse.decode(member, pread)
+    read_at, size = lazy_archive(head, 512 * count)
+    (member,) = scan_members(read_at, size)
+    sparse_map = sparse.decode(member, read_at)
     assert len(sparse_map.logical) == count
     assert sparse_map.logical[-1] == 1024 * (count - 1)
     assert sparse_map.physical[-1] - sparse_map.physical[0] == 512 * (count - 1)
@@ -283,9 +283,9 @@ def _old_gnu_chain_head() -> tuple[bytes, bytes]:
 def test_old_gnu_chain_that_never_ends() -> None:
     header, block = _old_gnu_chain_head()
     assert len(block) == tb.BLOCK
-    pread = tb.endless(header, block, budget=64 << 20)  # the walk reads the chain's 51 MB, not more
+    read_at = tb.endless(header, block, budget=64 << 20)  # the walk reads the chain's 51 MB, not more
     with pytest.raises(CorruptSparseMap, match=r"past 99865 extension blocks: .* at most 2097152") as info:
-        list(scan_members(pread, 1 << 40))
+        list(scan_members(read_at, 1 << 40))
     assert info.value.offset == 0
 
 
@@ -297,20 +297,20 @@ def _pax10_head(map_start: bytes) -> bytes:
 
 def test_pax10_map_count_past_the_limit_is_refused_unread() -> None:
     # The member's size is no check in a compressed archive (2**62 until its end is known).
-    pread = tb.endless(_pax10_head(b"3000000\n"), b"0\n0\n", budget=1 << 20)
-    member = next(scan_members(pread, 1 << 60))
+    read_at = tb.endless(_pax10_head(b"3000000\n"), b"0\n0\n", budget=1 << 20)
+    member = next(scan_members(read_at, 1 << 60))
     with pytest.raises(
         CorruptSparseMap, match="claims 3000000 entries: tarfuse reads at most 2097152"
     ) as info:
-        sparse.decode(member, pread)
+        sparse.decode(member, read_at)
     assert info.value.offset == 1536
 
 
 def test_pax10_map_line_that_never_ends() -> None:
-    pread = tb.endless(_pax10_head(b"1\n"), b"1", budget=16 << 20)
-    member = next(scan_members(pread, 1 << 60))
+    read_at = tb.endless(_pax10_head(b"1\n"), b"1", budget=16 << 20)
+    member = next(scan_members(read_at, 1 << 60))
     with pytest.raises(CorruptSparseMap, match="more than 20 digits") as info:
-        sparse.decode(member, pread)
+        sparse.decode(member, read_at)
     assert info.value.offset == 1536
 
 

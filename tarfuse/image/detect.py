@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tarfuse.errors import NoImage
-from tarfuse.tar.archive import Member, normalize_name
+from tarfuse.tar.archive import Member, ReadAt, normalize_name
 from tarfuse.tar.files import Candidate
 
 # The seed driver's suffixes (QEMU block/tar.c: .raw .qcow .qcow2 .vmdk), plus the other common ones.
@@ -25,8 +25,6 @@ IMAGE_SUFFIXES = (
     ".dsk",
 )
 HEAD_SIZE = 0x8800  # enough to see the ISO 9660 volume descriptor at 0x8001
-
-ReadAt = Callable[[int, int], bytes]  # (offset, size) -> bytes of the image, short at its end
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 
 from tarfuse.errors import TruncatedArchive
-from tarfuse.tar.archive import Pread, read_exact
+from tarfuse.tar.archive import ReadAt, read_exact
 from tarfuse.tar.sparse import SparseMap
 
 PreadInto = Callable[[memoryview, int], int]  # (buffer, offset) -> bytes read, like os.preadv
@@ -21,9 +21,9 @@ Piece = tuple[int, int]  # (archive offset or HOLE, length)
 class ImageMapper:
     """Serve reads of the expanded image from the archive; holes read as zeros without I/O."""
 
-    def __init__(self, pread: Pread, sparse_map: SparseMap, pread_into: PreadInto | None = None) -> None:
-        self._pread = pread
-        self._pread_into = pread_into or _copying(pread)
+    def __init__(self, read_at: ReadAt, sparse_map: SparseMap, pread_into: PreadInto | None = None) -> None:
+        self._read_at = read_at
+        self._pread_into = pread_into or _copying(read_at)
         self.size = sparse_map.real_size
         self._logical = sparse_map.logical
         self._lengths = sparse_map.lengths
@@ -56,7 +56,7 @@ class ImageMapper:
         """Return the image bytes at [offset, offset + size), short only at the end of the image."""
         # join() hands back a lone piece as it is, without a copy
         return b"".join(
-            bytes(length) if physical == HOLE else read_exact(self._pread, length, physical)
+            bytes(length) if physical == HOLE else read_exact(self._read_at, physical, length)
             for physical, length in self.plan(offset, size)
         )
 
@@ -94,11 +94,11 @@ def _zeros(length: int) -> memoryview | bytes:
     return _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
 
 
-def _copying(pread: Pread) -> PreadInto:
-    """Adapt a bytes-returning pread (tests, in-memory archives) to the read-into interface."""
+def _copying(read_at: ReadAt) -> PreadInto:
+    """Adapt a bytes-returning read_at (tests, in-memory archives) to the read-into interface."""
 
     def pread_into(buffer: memoryview, offset: int) -> int:
-        data = pread(len(buffer), offset)
+        data = read_at(offset, len(buffer))
         buffer[: len(data)] = data
         return len(data)
 

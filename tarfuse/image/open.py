@@ -11,7 +11,7 @@ from tarfuse.image.detect import ImageFormat, has_image_suffix
 from tarfuse.image.mapper import ImageMapper, PreadInto
 from tarfuse.sources.compression import check_uncompressed
 from tarfuse.tar import sparse
-from tarfuse.tar.archive import Member, Pread, normalize_name, scan_members
+from tarfuse.tar.archive import Member, ReadAt, normalize_name, scan_members
 from tarfuse.tar.files import Candidate, FileTable, resolve_files
 
 
@@ -28,10 +28,10 @@ class Image:
 
 
 def _open_candidate(
-    candidate: Candidate, pread: Pread, pread_into: PreadInto | None = None, read_tail: bool = True
+    candidate: Candidate, read_at: ReadAt, pread_into: PreadInto | None = None, read_tail: bool = True
 ) -> Image:
-    sparse_map = sparse.decode(candidate.member, pread)
-    mapper = ImageMapper(pread, sparse_map, pread_into)
+    sparse_map = sparse.decode(candidate.member, read_at)
+    mapper = ImageMapper(read_at, sparse_map, pread_into)
     found = detect.detect_format(mapper.read, mapper.size, read_tail)
     return Image(
         name=candidate.name,
@@ -43,54 +43,54 @@ def _open_candidate(
     )
 
 
-def _sniffer(pread: Pread) -> Callable[[Member], ImageFormat | None]:
+def _sniffer(read_at: ReadAt) -> Callable[[Member], ImageFormat | None]:
     def sniff(member: Member) -> ImageFormat | None:
-        mapper = ImageMapper(pread, sparse.decode(member, pread))
+        mapper = ImageMapper(read_at, sparse.decode(member, read_at))
         return detect.detect_format(mapper.read, mapper.size)
 
     return sniff
 
 
-def _files(pread: Pread, archive_size: int) -> list[Candidate]:
-    check_uncompressed(pread(16, 0))
-    return resolve_files(scan_members(pread, archive_size))
+def _files(read_at: ReadAt, archive_size: int) -> list[Candidate]:
+    check_uncompressed(read_at(0, 16))
+    return resolve_files(scan_members(read_at, archive_size))
 
 
-def list_images(pread: Pread, archive_size: int) -> list[Image]:
+def list_images(read_at: ReadAt, archive_size: int) -> list[Image]:
     """Every candidate image in the archive, opened (for `tarfuse --list`)."""
-    files = _files(pread, archive_size)
-    return [_open_candidate(c, pread) for c in detect.find_candidates(files, _sniffer(pread))]
+    files = _files(read_at, archive_size)
+    return [_open_candidate(c, read_at) for c in detect.find_candidates(files, _sniffer(read_at))]
 
 
 def open_first_image(
-    pread: Pread, archive_size: int, wanted: str | None = None, pread_into: PreadInto | None = None
+    read_at: ReadAt, archive_size: int, wanted: str | None = None, pread_into: PreadInto | None = None
 ) -> Image:
     """The first member named `wanted`, or named like an image, without reading the headers after it.
 
     For compressed archives, where every header further on costs decompressing the data before it. If no
     member is named like an image, fall back to open_image's rules over the whole archive.
     """
-    check_uncompressed(pread(16, 0))
+    check_uncompressed(read_at(0, 16))
     table = FileTable()
-    for member in scan_members(pread, archive_size):
+    for member in scan_members(read_at, archive_size):
         table.add(member)
         name = normalize_name(member.name)
         if member.kind != "other" and (name == normalize_name(wanted) if wanted else has_image_suffix(name)):
             found = table.get(name)
             if found is not None:  # else a hard link to nothing, which tar -x cannot make either
-                return _open_candidate(found, pread, pread_into, read_tail=False)
+                return _open_candidate(found, read_at, pread_into, read_tail=False)
     files = table.files()
-    candidates = [] if wanted else detect.find_candidates(files, _sniffer(pread))
-    return _open_candidate(detect.choose_image(files, candidates, wanted), pread, pread_into)
+    candidates = [] if wanted else detect.find_candidates(files, _sniffer(read_at))
+    return _open_candidate(detect.choose_image(files, candidates, wanted), read_at, pread_into)
 
 
 def open_image(
-    pread: Pread, archive_size: int, wanted: str | None = None, pread_into: PreadInto | None = None
+    read_at: ReadAt, archive_size: int, wanted: str | None = None, pread_into: PreadInto | None = None
 ) -> Image:
     """The image to serve: the member named `wanted`, or the archive's only candidate.
 
     `pread_into` (os.preadv-like) lets the mapper fill the daemon's reusable buffers.
     """
-    files = _files(pread, archive_size)
-    candidates = [] if wanted else detect.find_candidates(files, _sniffer(pread))
-    return _open_candidate(detect.choose_image(files, candidates, wanted), pread, pread_into)
+    files = _files(read_at, archive_size)
+    candidates = [] if wanted else detect.find_candidates(files, _sniffer(read_at))
+    return _open_candidate(detect.choose_image(files, candidates, wanted), read_at, pread_into)

@@ -22,8 +22,8 @@ MAX_FETCH = 16 * 1024 * 1024  # one request at most; a longer run of missing blo
 _SEQUENTIAL_SLACK = 16  # blocks: concurrent readahead requests from the kernel arrive slightly out of order
 
 
-class BlockReader:
-    """Positional reads of `size` bytes served from cached blocks, fetching what is missing.
+class BlockCache:
+    """A source's bytes, read by position, served from cached blocks; what is missing is fetched.
 
     Thread-safe: reads run concurrently; the lock is held only for bookkeeping, never during a fetch.
     """
@@ -60,7 +60,8 @@ class BlockReader:
                 with self._lock:
                     self._store(block, piece)
 
-    def pread(self, size: int, offset: int) -> bytes:
+    def read_at(self, offset: int, size: int) -> bytes:
+        """The `size` bytes at `offset`; short only at the end of the source."""
         buffer = bytearray(max(min(size, self.size - offset), 0))
         self.pread_into(memoryview(buffer), offset)
         return bytes(buffer)
@@ -244,7 +245,7 @@ class BlockReader:
                 thread.join()
 
 
-_LIVE: "weakref.WeakSet[BlockReader]" = weakref.WeakSet()
+_LIVE: "weakref.WeakSet[BlockCache]" = weakref.WeakSet()
 
 
 def _quiesce_all() -> None:

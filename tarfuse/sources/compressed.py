@@ -1,6 +1,6 @@
 """Random-access byte sources over compressed archives: gzip, bzip2, zstd and xz.
 
-A `CompressedSource` offers the plain file's interface (`size`, `pread`, `pread_into`, `check_unchanged`,
+A `CompressedSource` offers the plain file's interface (`size`, `read_at`, `pread_into`, `check_unchanged`,
 `close`) over the *decompressed* archive, so the tar reader, sparse maps and mapper run unchanged on top.
 The decompressors are libraries made for seeking (docs/compressed.md says why these): they keep checkpoints
 of decompressor state, made as the stream is first decompressed, so a later read decompresses only from the
@@ -18,12 +18,13 @@ import json
 import lzma
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import BinaryIO, Protocol, TypeVar, cast
 
 from tarfuse.errors import ArchiveError, CorruptCompressed, TarfuseError
 from tarfuse.sources import DEFAULT_CACHE_SIZE
-from tarfuse.sources.compression import sniff
+from tarfuse.sources.compression import Compression, DecodeError, sniff
 from tarfuse.sources.file import ArchiveFile, ByteSource, Identity, PreadFile
 
 UNKNOWN_SIZE = 1 << 62  # the size until the stream's end is known: reads past the real end come back short
@@ -35,13 +36,30 @@ CHUNK_SIZE = 1 << 20  # the unit of decompression and of the cache
 GZIP_CHUNK_SIZE = 2 << 20
 GZIP_REMOTE_CHUNK_SIZE = 1 << 20
 
-# What the libraries raise on a corrupt or cut stream: rapidgzip raises ValueError or RuntimeError, zstdframes
-# ValueError or EOFError, python-xz lzma's or its own XZError, which _XzDecoder turns into ValueError.
-DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, EOFError, lzma.LZMAError)
+# What rapidgzip raises on a corrupt or cut stream (gzip and bzip2). Broad, so caught only around calls
+# into it (_decoding); zstdframes.py and _XzDecoder catch their libraries' own.
+_RAPIDGZIP_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError)
+
+
+@contextmanager
+def _decoding(errors: tuple[type[Exception], ...], prefix: str = "") -> Iterator[None]:
+    """Raise what a library raises on a stream it cannot decode (`errors`) as DecodeError.
+
+    Wrap only calls into the library: a ValueError from our own code is a bug, and must not pass for a
+    corrupt archive.
+    """
+    try:
+        yield
+    except errors as exc:
+        raise DecodeError(f"{prefix}{exc}") from exc
 
 
 class Decoder(Protocol):
-    """One library file object over the compressed file: seekable, not thread-safe."""
+    """One library file object over the compressed file: seekable, not thread-safe.
+
+    Data it cannot decode, and an index that does not fit the file, raise DecodeError; errors of the file
+    underneath (OSError, a remote source's TarfuseError) pass as they are.
+    """
 
     def read_at(self, offset: int, size: int) -> bytes: ...
     def compressed_position(self) -> int | None: ...  # bytes of the compressed file consumed, if known
@@ -53,14 +71,19 @@ class Decoder(Protocol):
 
 
 class _SeekingDecoder:
-    """A library file object with seek() and read(); subclasses add the index calls."""
+    """A library file object with seek() and read(); subclasses add the index calls.
 
-    def __init__(self, file: io.IOBase) -> None:
+    `errors`: what the library raises on a stream it cannot decode, raised again as DecodeError.
+    """
+
+    def __init__(self, file: io.IOBase, errors: tuple[type[Exception], ...], prefix: str = "") -> None:
         self._file = file
+        self._errors, self._prefix = errors, prefix
 
     def read_at(self, offset: int, size: int) -> bytes:
-        self._file.seek(offset)
-        data = self._file.read(size)
+        with _decoding(self._errors, self._prefix):
+            self._file.seek(offset)
+            data = self._file.read(size)
         return bytes(data) if data else b""
 
     def single_stream(self) -> bool:
@@ -81,15 +104,17 @@ class _GzipDecoder(_SeekingDecoder):
         import rapidgzip  # only archives that need it pay for the import
 
         chunk = GZIP_CHUNK_SIZE if isinstance(path, str) else GZIP_REMOTE_CHUNK_SIZE
-        self._gz = rapidgzip.RapidgzipFile(path, parallelization=1, chunk_size=chunk)
+        with _decoding(_RAPIDGZIP_ERRORS):
+            self._gz = rapidgzip.RapidgzipFile(path, parallelization=1, chunk_size=chunk)
         self._index_format = rapidgzip.IndexFormat.GZTOOL
-        super().__init__(self._gz)
+        super().__init__(self._gz, _RAPIDGZIP_ERRORS)
 
     def compressed_position(self) -> int | None:
         return int(self._gz.tell_compressed()) // 8  # rapidgzip counts bits
 
     def complete_size(self) -> int | None:
-        return int(self._gz.size()) if self._gz.block_offsets_complete() else None
+        with _decoding(_RAPIDGZIP_ERRORS):
+            return int(self._gz.size()) if self._gz.block_offsets_complete() else None
 
     def export_index(self) -> bytes | None:
         out = io.BytesIO()
@@ -97,38 +122,44 @@ class _GzipDecoder(_SeekingDecoder):
         return out.getvalue()
 
     def import_index(self, blob: bytes) -> None:
-        self._gz.import_index(io.BytesIO(blob))
+        with _decoding(_RAPIDGZIP_ERRORS):
+            self._gz.import_index(io.BytesIO(blob))
 
 
 class _OffsetsDecoder(_SeekingDecoder):
     """rapidgzip's bzip2 reader: the index is a {compressed bit: decompressed offset} map."""
 
     def __init__(self, file: io.IOBase, position_unit: int) -> None:
-        super().__init__(file)
+        super().__init__(file, _RAPIDGZIP_ERRORS)
         self._unit = position_unit
 
     def compressed_position(self) -> int | None:
         return int(self._file.tell_compressed()) // self._unit  # type: ignore[attr-defined]
 
     def complete_size(self) -> int | None:
-        complete = self._file.block_offsets_complete()  # type: ignore[attr-defined]
-        return int(self._file.size()) if complete else None  # type: ignore[attr-defined]
+        with _decoding(_RAPIDGZIP_ERRORS):
+            complete = self._file.block_offsets_complete()  # type: ignore[attr-defined]
+            return int(self._file.size()) if complete else None  # type: ignore[attr-defined]
 
     def export_index(self) -> bytes | None:
         offsets = self._file.block_offsets()  # type: ignore[attr-defined]
         return json.dumps(sorted(offsets.items())).encode()
 
     def import_index(self, blob: bytes) -> None:
-        pairs = json.loads(blob)
+        with _decoding((ValueError,)):  # json.JSONDecodeError, UnicodeDecodeError: not an index
+            pairs = json.loads(blob)
         if not all(isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) for p in pairs):
-            raise ValueError("index entries are not pairs of integers")
-        self._file.set_block_offsets(dict(pairs))  # type: ignore[attr-defined]
+            raise DecodeError("index entries are not pairs of integers")
+        with _decoding(_RAPIDGZIP_ERRORS):
+            self._file.set_block_offsets(dict(pairs))  # type: ignore[attr-defined]
 
 
 def _open_bzip2(path: "str | PreadFile") -> Decoder:
     import rapidgzip
 
-    return _OffsetsDecoder(rapidgzip.IndexedBzip2File(path, parallelization=1), position_unit=8)
+    with _decoding(_RAPIDGZIP_ERRORS):
+        file = rapidgzip.IndexedBzip2File(path, parallelization=1)
+    return _OffsetsDecoder(file, position_unit=8)
 
 
 def _open_zstd(path: "str | PreadFile") -> Decoder:
@@ -148,18 +179,10 @@ class _XzDecoder(_SeekingDecoder):
     def __init__(self, path: "str | PreadFile") -> None:
         import xz  # imported here, with its XZError: a plain mount does not pay ~15 ms for it
 
-        self._error = xz.XZError
-        try:
+        errors = (xz.XZError, lzma.LZMAError)  # python-xz wraps lzma's errors in its own, mostly
+        with _decoding(errors, "xz: "):
             self._xz = xz.open(path if isinstance(path, str) else cast(BinaryIO, path))  # it reads, seeks
-        except xz.XZError as exc:
-            raise ValueError(f"xz: {exc}") from None
-        super().__init__(self._xz)
-
-    def read_at(self, offset: int, size: int) -> bytes:
-        try:
-            return super().read_at(offset, size)
-        except self._error as exc:
-            raise ValueError(f"xz: {exc}") from None
+        super().__init__(self._xz, errors, "xz: ")
 
     def compressed_position(self) -> int | None:
         return None
@@ -177,7 +200,7 @@ class _XzDecoder(_SeekingDecoder):
         return len(self._xz.block_boundaries) <= 1
 
 
-DECODERS: dict[str, Callable[[str | PreadFile], Decoder]] = {
+DECODERS: dict[Compression, Callable[[str | PreadFile], Decoder]] = {
     "gzip": _GzipDecoder,
     "bzip2": _open_bzip2,
     "zstd": _open_zstd,
@@ -226,7 +249,9 @@ class CompressedSource:
     # threads, 150 with 1, at the same speed).
     readers = 1
 
-    def __init__(self, archive: ByteSource, compression: str, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+    def __init__(
+        self, archive: ByteSource, compression: Compression, cache_size: int = DEFAULT_CACHE_SIZE
+    ) -> None:
         self.path = archive.path
         self.compression = compression
         self.archive = archive
@@ -242,7 +267,7 @@ class CompressedSource:
         with self._lock:
             try:
                 self._size = self._decoder_locked().complete_size()
-            except DECODE_ERRORS as exc:
+            except DecodeError as exc:
                 raise CorruptCompressed(f"the {compression} stream cannot be opened: {exc}", 0) from None
 
     @property
@@ -284,7 +309,7 @@ class CompressedSource:
             return self._spill is None and self._decoder_locked().single_stream()
 
     def serve_spill(self, path: str, size: int, file: BinaryIO, check_start: bool = False) -> None:
-        """Serve from now on from the spill `file` (shown as `path`); raise ValueError if it is not right.
+        """Serve from now on from the spill `file` (shown as `path`); raise DecodeError if it is not right.
 
         The source owns `file` once this returns (it is closed with the source) and reads it through its
         descriptor, never by name: the file checked or written is the file read. Wrong: it does not hold
@@ -294,7 +319,7 @@ class CompressedSource:
         decoder = _open_spill(file)
         try:
             if (found := decoder.complete_size()) != size:  # a spill has its seek table, which gives the size
-                raise ValueError(f"it holds {found} bytes, not {size}")
+                raise DecodeError(f"it holds {found} bytes, not {size}")
             if check_start and self._spill is None:
                 self._check_spill_start(decoder)
         except BaseException:
@@ -309,13 +334,13 @@ class CompressedSource:
             old_file.close()
 
     def _check_spill_start(self, spill: Decoder) -> None:
-        """Raise ValueError unless the spill's first chunk is the archive's (decompressed from its start)."""
+        """Raise DecodeError unless the spill's first chunk is the archive's (decompressed from its start)."""
         expected = self.chunk(0)  # from the archive: no spill is served yet; cached for the headers
         if spill.read_at(0, len(expected)) != expected:
-            raise ValueError(f"its first {len(expected)} bytes are not the archive's")
+            raise DecodeError(f"its first {len(expected)} bytes are not the archive's")
 
     def load_index(self, blob: bytes, size: int) -> None:
-        """Give this source a complete index (from an index file); raise ValueError if it is unusable."""
+        """Give this source a complete index (from an index file); raise DecodeError if it is unusable."""
         with self._lock:
             decoder = self._decoder_locked()
             decoder.import_index(blob)
@@ -363,13 +388,13 @@ class CompressedSource:
                 decoder.close()
                 self._decoder = None
                 raise
-            except DECODE_ERRORS as exc:
+            except DecodeError as exc:
                 what = f"the {self.compression} stream" if self._spill is None else f"the spill {self._spill}"
                 raise CorruptCompressed(f"{what} cannot be decompressed: {exc}", start) from None
         self.cache.put(index, data)
         return data
 
-    def pread(self, size: int, offset: int) -> bytes:
+    def read_at(self, offset: int, size: int) -> bytes:
         parts = []
         end = min(offset + size, self.size)
         while offset < end:
@@ -382,7 +407,7 @@ class CompressedSource:
         return b"".join(parts)
 
     def pread_into(self, buffer: memoryview, offset: int) -> int:
-        data = self.pread(len(buffer), offset)
+        data = self.read_at(offset, len(buffer))
         buffer[: len(data)] = data
         return len(data)
 
@@ -414,7 +439,7 @@ def decompressed(archive: Source, cache_size: int = DEFAULT_CACHE_SIZE) -> Sourc
     On failure the archive is closed.
     """
     try:
-        compression = sniff(archive.pread(8, 0))
+        compression = sniff(archive.read_at(0, 8))
         if compression is None:
             return archive
         return CompressedSource(archive, compression, cache_size)

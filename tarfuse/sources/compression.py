@@ -1,6 +1,11 @@
-"""Which compression a stream's first bytes show, and what to say about one tarfuse cannot serve."""
+"""Which compression a stream's first bytes show, what to say about one tarfuse cannot serve, and the error
+a decompressor raises on a stream it cannot decode."""
+
+from typing import Literal
 
 from tarfuse.errors import CompressedArchive
+
+Compression = Literal["gzip", "bzip2", "xz", "zstd"]  # the compressions tarfuse serves
 
 # Compression magic numbers: the name, and the command that unpacks it.
 COMPRESSION_MAGIC = (
@@ -12,7 +17,7 @@ COMPRESSION_MAGIC = (
     (b"LZIP", "lzip", "lzip -d"),
     (b"\x1f\x9d", "compress (.Z)", "uncompress"),
 )
-SERVED = ("gzip", "bzip2", "xz", "zstd")  # the ones compressed.DECODERS decodes
+SERVED: tuple[Compression, ...] = ("gzip", "bzip2", "xz", "zstd")  # the ones compressed.DECODERS decodes
 _SKIPPABLE_FIRST = frozenset(bytes([0x50 + i]) for i in range(16))  # zstd skippable frames: 0x184D2A5?
 
 
@@ -34,7 +39,7 @@ def check_uncompressed(head: bytes) -> None:
         )
 
 
-def sniff(head: bytes) -> str | None:
+def sniff(head: bytes) -> Compression | None:
     """Name the compression from the first bytes ("gzip", "bzip2", "xz", "zstd"), or None for plain tar.
 
     Raises:
@@ -45,10 +50,23 @@ def sniff(head: bytes) -> str | None:
     if (found := compression_of(head)) is None:
         return None
     name, command = found
-    if name not in SERVED:
+    served = next((compression for compression in SERVED if compression == name), None)
+    if served is None:
         raise CompressedArchive(
             f"the archive is {name}-compressed, which tarfuse cannot serve; decompress it "
             f"first ({command} ARCHIVE), or recompress it with gzip, zstd, xz or bzip2",
             0,
         )
-    return name
+    return served
+
+
+class DecodeError(Exception):
+    """The stream cannot be decompressed (corrupt, cut short), or a saved index or spill does not fit it.
+
+    The one error the decoders (compressed.py's adapters, zstdframes.py) raise for the data they decode:
+    each catches its library's errors at the call into the library and raises this instead, and sources/
+    catches only this (compressed.py makes it CorruptCompressed; index.py rebuilds the index, or drops
+    the spill). A ValueError of our own code is a bug, not a corrupt archive: it propagates as itself,
+    instead of marking the source broken and failing every later read. Not a TarfuseError: it is not
+    for users, and callers outside sources/ are not meant to catch it.
+    """

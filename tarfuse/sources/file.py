@@ -34,7 +34,7 @@ class ByteSource(Protocol):
     @property
     def size_known(self) -> bool: ...  # False while a compressed stream's end is not reached
 
-    def pread(self, size: int, offset: int) -> bytes: ...
+    def read_at(self, offset: int, size: int) -> bytes: ...
     def pread_into(self, buffer: memoryview, offset: int) -> int: ...
     def check_unchanged(self) -> None: ...
     def identity(self) -> Identity: ...  # one version of the archive, for the seek index's key
@@ -44,7 +44,7 @@ class ByteSource(Protocol):
 class ArchiveFile:
     """An archive opened O_RDONLY, with the identity it had when opened, to notice later changes."""
 
-    blocking = False  # a pread of a local file is served inline, on the event loop (fs.py)
+    blocking = False  # a read of a local file is served inline, on the event loop (fs.py)
     readers = 1
     size_known = True
 
@@ -63,7 +63,7 @@ class ArchiveFile:
         self._is_regular = stat.S_ISREG(info.st_mode)
         self._key: Identity = [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
 
-    def pread(self, size: int, offset: int) -> bytes:
+    def read_at(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
 
     def pread_into(self, buffer: memoryview, offset: int) -> int:

@@ -26,7 +26,8 @@ from typing import BinaryIO
 from tarfuse.errors import ArchiveError, CorruptCompressed
 from tarfuse.image.detect import has_image_suffix
 from tarfuse.sources import sidefiles
-from tarfuse.sources.compressed import DECODE_ERRORS, UNKNOWN_SIZE, CompressedSource, Decoder
+from tarfuse.sources.compressed import UNKNOWN_SIZE, CompressedSource, Decoder
+from tarfuse.sources.compression import DecodeError
 from tarfuse.sources.file import Identity
 from tarfuse.sources.spill import SpillWriter
 from tarfuse.tar.archive import normalize_name, scan_members
@@ -38,7 +39,7 @@ MAGIC = b"tarfuse-index 1\n"
 SUFFIX = ".tarfuse-index"
 SPILL_SUFFIX = ".tarfuse-spill.zst"
 _STEP = 4 << 20  # the background pass reads this much at a time, then looks at its stop flag
-_SPILL_ERRORS: tuple[type[Exception], ...] = (OSError, *DECODE_ERRORS)  # writing it, or reading it back
+_SPILL_ERRORS = (OSError, DecodeError)  # writing it, or reading it back
 
 
 class Stopped(Exception):
@@ -172,7 +173,7 @@ def _use(path: str, loaded: Loaded, source: CompressedSource) -> str:
     if loaded.spill is None:
         try:
             source.load_index(loaded.blob, loaded.size)
-        except DECODE_ERRORS as exc:
+        except DecodeError as exc:
             return f"the decompressor refused it ({exc})"
         return ""
     where = spill_path(path)
@@ -197,7 +198,7 @@ def _serve_spill_file(where: str, file: BinaryIO, loaded: Loaded, source: Compre
         source.serve_spill(where, loaded.size, file, check_start=True)
     except OSError as exc:
         return f"its spill {where} cannot be read ({exc.strerror})"
-    except DECODE_ERRORS as exc:
+    except DecodeError as exc:
         return f"its spill {where} is damaged ({exc})"
     return ""
 
@@ -224,7 +225,7 @@ class Progress:
 
 
 class _ForwardReader:
-    """pread for scan_members over the pass's own decoder: only forward, in steps, watching `stop`.
+    """read_at for scan_members over the pass's own decoder: only forward, in steps, watching `stop`.
 
     Every decompressed byte goes once, in order, to `sink` (the spill).
     """
@@ -238,16 +239,16 @@ class _ForwardReader:
 
     def advance(self, target: int) -> None:
         while self.position < target and not self.at_end:
-            self.pread(min(_STEP, target - self.position), self.position)
+            self.read_at(self.position, min(_STEP, target - self.position))
 
-    def pread(self, size: int, offset: int) -> bytes:
+    def read_at(self, offset: int, size: int) -> bytes:
         if offset > self.position:
             self.advance(offset)
         if self._stop.is_set():
             raise Stopped
         try:
             data = self._decoder.read_at(offset, size)
-        except DECODE_ERRORS as exc:
+        except DecodeError as exc:
             raise CorruptCompressed(f"the compressed stream cannot be decompressed: {exc}", offset) from None
         if offset + len(data) > self.position:
             self._sink(memoryview(data)[self.position - offset :])
@@ -292,6 +293,11 @@ class IndexingPass:
             log.error("%s: %s; reads fail from now on", self._source.path, exc)
         except ArchiveError as exc:
             log.error("%s: indexing pass: %s", self._source.path, exc)
+        except Exception as exc:  # a bug of ours: the daemon goes on, but what the pass checks is unknown
+            log.debug("indexing pass failed", exc_info=True)
+            error = ArchiveError(f"the indexing pass failed ({exc!r}), a bug in tarfuse; please report it")
+            self._source.mark_broken(error)
+            log.error("%s: %s; reads fail from now on", self._source.path, error)
         else:
             self.progress.done = True
             return self._finish(decoder)
@@ -304,7 +310,7 @@ class IndexingPass:
         if self._scan:
             table = FileTable()  # the files as tar -x leaves them
             try:
-                for member in scan_members(reader.pread, UNKNOWN_SIZE):
+                for member in scan_members(reader.read_at, UNKNOWN_SIZE):
                     table.add(member)
             except ArchiveError:  # damage further on: tar -x has extracted what came before it, as here
                 self._check_served(table.files())

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from tarfuse.errors import ArchiveChanged, RemoteError, UsageError
 from tarfuse.sources import DEFAULT_CACHE_SIZE
-from tarfuse.sources.blockcache import BLOCK_SIZE, BlockReader
+from tarfuse.sources.blockcache import BLOCK_SIZE, BlockCache
 from tarfuse.sources.file import ArchiveFile, Identity
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ class RemoteArchive:
         self.changed: str | None = None
         self.size = -1
         first = self._probe()
-        self._blocks = BlockReader(self.fetch, self.size, cache_size)
+        self._blocks = BlockCache(self.fetch, self.size, cache_size)
         self._blocks.prime(0, first)
 
     @property
@@ -191,8 +191,8 @@ class RemoteArchive:
     def fetched_bytes(self) -> int:
         return self._blocks.fetched_bytes
 
-    def pread(self, size: int, offset: int) -> bytes:
-        return self._blocks.pread(size, offset)
+    def read_at(self, offset: int, size: int) -> bytes:
+        return self._blocks.read_at(offset, size)
 
     def pread_into(self, buffer: memoryview, offset: int) -> int:
         return self._blocks.pread_into(buffer, offset)

@@ -7,7 +7,7 @@ position, or one past a known later frame start, restarts at the nearest frame s
 Compressed input is read INPUT_SIZE at a time, so a read near the start of a large remote file fetches
 only what it decodes. Every frame met is checked against the starts already known (seek table, saved
 index), and a frame that decodes past the next known start fails: a mismatch found raises rather than
-serve misplaced bytes.
+serve misplaced bytes. Every such failure, and every error of pyzstd's, is a DecodeError.
 """
 
 import io
@@ -17,6 +17,8 @@ import struct
 from bisect import bisect_left, bisect_right
 
 import pyzstd
+
+from tarfuse.sources.compression import DecodeError
 
 INPUT_SIZE = 256 << 10  # compressed bytes read at a time
 OUTPUT_SIZE = 1 << 20  # decompressed bytes produced at a time, also while skipping forward
@@ -57,10 +59,8 @@ class ZstdFrames:
                 parts.append(out)
                 size -= len(out)
             return b"".join(parts)
-        except BaseException as exc:
+        except BaseException:
             self._restart(0, 0)  # the decompressor is unusable now; the next read starts a frame afresh
-            if isinstance(exc, pyzstd.ZstdError):  # one of the errors compressed.DECODE_ERRORS lists
-                raise ValueError(f"zstd: {exc}") from None
             raise
 
     def _seek(self, offset: int) -> None:
@@ -81,8 +81,13 @@ class ZstdFrames:
             if decompressor.needs_input:
                 data, self._pending = self._pending or self._read_input(), b""
                 if not data:
-                    raise EOFError(f"truncated: the frame at compressed byte {self._frame_start[0]} is cut")
-            out = decompressor.decompress(data, limit)
+                    raise DecodeError(
+                        f"truncated: the frame at compressed byte {self._frame_start[0]} is cut"
+                    )
+            try:
+                out = decompressor.decompress(data, limit)
+            except pyzstd.ZstdError as exc:
+                raise DecodeError(f"zstd: {exc}") from exc
             if decompressor.eof:
                 self._pending, self._decompressor = decompressor.unused_data, None
             if out:
@@ -95,7 +100,7 @@ class ZstdFrames:
             self._pending = self._read_input()
             if not self._pending:
                 if self._end is not None and self._end != self._position:
-                    raise ValueError(f"the zstd stream ends at {self._position}, the index says {self._end}")
+                    raise DecodeError(f"the zstd stream ends at {self._position}, the index says {self._end}")
                 self._end = self._position
                 return None
         self._decompressor = pyzstd.ZstdDecompressor()
@@ -107,7 +112,9 @@ class ZstdFrames:
         if not self._frame_entered:  # skippable and empty frames never get here: they are no restart point
             self._enter_frame(*self._frame_start)
         if self._frame_end is not None and self._position + produced > self._frame_end:
-            raise ValueError(f"the zstd frame at offset {self._frame_start[0]} is longer than the index says")
+            raise DecodeError(
+                f"the zstd frame at offset {self._frame_start[0]} is longer than the index says"
+            )
         self._position += produced
 
     def _enter_frame(self, compressed: int, decompressed: int) -> None:
@@ -115,7 +122,7 @@ class ZstdFrames:
         i = bisect_left(self._starts_c, compressed)
         if i < len(self._starts_c) and self._starts_c[i] == compressed:
             if self._starts_d[i] != decompressed:
-                raise ValueError(
+                raise DecodeError(
                     f"the zstd frame at offset {compressed} starts at decompressed offset {decompressed}, "
                     f"the index says {self._starts_d[i]}"
                 )
@@ -123,7 +130,7 @@ class ZstdFrames:
             self._starts_c.append(compressed)
             self._starts_d.append(decompressed)
         else:
-            raise ValueError(f"the zstd frame at offset {compressed} is not in the index")
+            raise DecodeError(f"the zstd frame at offset {compressed} is not in the index")
         self._frame_entered = True
         self._frame_end = self._starts_d[i + 1] if i + 1 < len(self._starts_d) else self._end
 
@@ -180,20 +187,23 @@ class ZstdFrames:
         return json.dumps({"zstd_frames": frames, "size": self._end}).encode()
 
     def import_index(self, blob: bytes) -> None:
-        """Take frame starts saved by export_index; raise ValueError if they cannot describe this file."""
-        saved = json.loads(blob)
+        """Take frame starts saved by export_index; raise DecodeError if they cannot describe this file."""
+        try:
+            saved = json.loads(blob)
+        except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError: not an index at all
+            raise DecodeError(str(exc)) from exc
         frames, size = (saved.get("zstd_frames"), saved.get("size")) if isinstance(saved, dict) else (0, 0)
         if (
             not isinstance(frames, list)
             or type(size) is not int
             or not all(isinstance(f, list) and len(f) == 2 and all(type(v) is int for v in f) for f in frames)
         ):
-            raise ValueError("not a zstd frame index (an index of an older tarfuse?)")
+            raise DecodeError("not a zstd frame index (an index of an older tarfuse?)")
         starts_c, starts_d = [f[0] for f in frames], [f[1] for f in frames]
         if not (_increasing([-1, *starts_c, self._file_size]) and _increasing([*starts_d, size])):
-            raise ValueError("the zstd index's frame starts are out of order or outside the file")
+            raise DecodeError("the zstd index's frame starts are out of order or outside the file")
         if starts_d[:1] not in ([], [0]):
-            raise ValueError("the zstd index's first frame does not start at decompressed offset 0")
+            raise DecodeError("the zstd index's first frame does not start at decompressed offset 0")
         self._starts_c, self._starts_d, self._end = starts_c, starts_d, size
         self._restart(0, 0)
 

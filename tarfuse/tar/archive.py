@@ -1,19 +1,24 @@
 """Walk a tar archive's headers and merge GNU L/K, PAX x/g and old GNU sparse headers into Members.
 
-All I/O goes through a `pread(size, offset)` callable, so the walk runs the same over a plain file or, later,
-a decompressed view. Member data is never read, except the payloads that carry metadata (L/K/x/g) and the
-`isextended` chain of old GNU sparse headers, each within a bound (MAX_* below). Sparse maps are decoded
-later, by sparse.py, and only for the member that is served.
+All I/O goes through a `read_at(offset, size)` callable, so the walk runs the same over a plain file, a
+decompressed stream or a URL. Member data is never read, except the payloads that carry metadata (L/K/x/g)
+and the `isextended` chain of old GNU sparse headers, each within a bound (MAX_* below). Sparse maps are
+decoded later, by sparse.py, and only for the member that is served.
 """
 
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from tarfuse.errors import BadHeader, CorruptSparseMap, TruncatedArchive
 from tarfuse.tar import header as th
 
-Pread = Callable[[int, int], bytes]  # (size, offset) -> bytes, like os.pread without the fd
+# (offset, size) -> bytes, short only at the end of the source. Every positional read in the package takes
+# this order; only the calls to os.pread itself keep the OS's (size, offset).
+ReadAt = Callable[[int, int], bytes]
+MemberKind = Literal["file", "hardlink", "other"]  # "other": directories, symlinks, devices, FIFOs, ...
+SparseVariant = Literal["oldgnu", "pax0.0", "pax0.1", "pax1.0"]
 
 # Bounds on what is read whole, or kept, for metadata. A header can claim any size up to 2**88, and a
 # compressed archive is no check: 512 MiB of one repeated byte is 16 KB of zstd. Each bound is far above
@@ -59,7 +64,7 @@ class SparseSpec:
     rather than every member keeping them; PAX 1.0 keeps it at the start of the member's data area.
     """
 
-    variant: str
+    variant: SparseVariant
     header_offset: int
     extension_blocks: int = 0
     pax_payloads: tuple[tuple[int, int], ...] = ()
@@ -70,7 +75,7 @@ class Member:
     """One archive entry, with every extended header applied."""
 
     name: str
-    kind: str  # "file", "hardlink" or "other" (directories, symlinks, devices, ...)
+    kind: MemberKind
     header_offset: int  # first header block of the entry, extended headers included
     data_offset: int  # first byte of data in the archive
     stored_size: int  # bytes of data in the archive (a PAX 1.0 sparse map included)
@@ -90,11 +95,12 @@ def normalize_name(name: str) -> str:
     return name.rstrip("/")
 
 
-class _BlockReader:
-    """Read header blocks through a small window, and payloads exactly, never past the archive end."""
+class _HeaderReader:
+    """Read header blocks through a small window, and extended headers' payloads whole, never past the
+    archive end: the walk's only reader (member data is not read here)."""
 
-    def __init__(self, pread: Pread, archive_size: int) -> None:
-        self._pread = pread
+    def __init__(self, read_at: ReadAt, archive_size: int) -> None:
+        self._read_at = read_at
         self.archive_size = archive_size
         self._window_offset = 0
         self._window = b""
@@ -104,20 +110,20 @@ class _BlockReader:
         start = offset - self._window_offset
         if start < 0 or start + th.BLOCK_SIZE > len(self._window):
             self._window_offset = offset
-            self._window = _read_upto(self._pread, min(_WINDOW, self.archive_size - offset), offset)
+            self._window = _read_upto(self._read_at, offset, min(_WINDOW, self.archive_size - offset))
             start = 0
             if 0 < len(self._window) < th.BLOCK_SIZE:  # the file shrank, or a stream of unknown size ended
                 raise TruncatedArchive("archive ends in the middle of a header block", offset)
         return self._window[start : start + th.BLOCK_SIZE]
 
-    def read(self, size: int, offset: int) -> bytes | bytearray:
+    def read(self, offset: int, size: int) -> bytes | bytearray:
         """Read a metadata payload whole, in one buffer even when the reads come back short."""
         if offset + size > self.archive_size:
             raise TruncatedArchive(
                 f"archive ends at {self.archive_size}, before the {size} bytes that should be here",
                 offset,
             )
-        data = self._pread(size, offset)
+        data = self._read_at(offset, size)
         if len(data) == size:
             return data
         payload = bytearray(size)  # filled in place: a list of parts and their join would hold it twice
@@ -125,32 +131,32 @@ class _BlockReader:
             done = len(data)
             view[:done] = data
             while done < size:
-                if not (chunk := self._pread(size - done, offset + done)):
+                if not (chunk := self._read_at(offset + done, size - done)):
                     raise TruncatedArchive(f"archive file ends before the {size} bytes expected here", offset)
                 view[done : done + len(chunk)] = chunk
                 done += len(chunk)
         return payload
 
 
-def _read_upto(pread: Pread, size: int, offset: int) -> bytes:
+def _read_upto(read_at: ReadAt, offset: int, size: int) -> bytes:
     """Read `size` bytes, fewer only at the end of the data (a decompressed stream's size may be unknown)."""
     parts = []
     done = 0
-    while done < size and (chunk := pread(size - done, offset + done)):
+    while done < size and (chunk := read_at(offset + done, size - done)):
         parts.append(chunk)
         done += len(chunk)
     return b"".join(parts)
 
 
-def read_exact(pread: Pread, size: int, offset: int) -> bytes:
+def read_exact(read_at: ReadAt, offset: int, size: int) -> bytes:
     """Read exactly `size` bytes: loop on short reads, and call an early end of file a truncation."""
-    data = pread(size, offset)
+    data = read_at(offset, size)
     if len(data) == size:
         return data
     parts = [data]
     done = len(data)
     while done < size:
-        chunk = pread(size - done, offset + done)
+        chunk = read_at(offset + done, size - done)
         if not chunk:
             raise TruncatedArchive(f"archive file ends before the {size} bytes expected here", offset)
         parts.append(chunk)
@@ -174,9 +180,9 @@ class _Pending:
     pax_size: int = 0  # their sizes added up, against MAX_PAX_SIZE
 
 
-def scan_members(pread: Pread, archive_size: int) -> Iterator[Member]:
+def scan_members(read_at: ReadAt, archive_size: int) -> Iterator[Member]:
     """Yield every member of the archive, in order; raise ArchiveError on anything malformed."""
-    reader = _BlockReader(pread, archive_size)
+    reader = _HeaderReader(read_at, archive_size)
     global_pax: dict[str, str] = {}
     offset = 0
     pending = _Pending(start=0)
@@ -189,7 +195,7 @@ def scan_members(pread: Pread, archive_size: int) -> Iterator[Member]:
             return
         block = reader.block(offset)
         if not block:  # `archive_size` was an upper bound (a stream of unknown size): the data ended
-            _check_stream_end(pread, offset, previous, read_end, pending)
+            _check_stream_end(read_at, offset, previous, read_end, pending)
             return
         if block == th.ZERO_BLOCK:  # end-of-archive marker (GNU tar stops at the first one too)
             _check_clean_end(offset, offset, pending)
@@ -220,19 +226,19 @@ def scan_members(pread: Pread, archive_size: int) -> Iterator[Member]:
 
 
 def _check_stream_end(
-    pread: Pread, offset: int, previous: Member | None, read_end: int, pending: _Pending
+    read_at: ReadAt, offset: int, previous: Member | None, read_end: int, pending: _Pending
 ) -> None:
     """Where data of unknown size ended, found at the header expected at `offset`: say it as for a file.
 
     Either the data ends right there (a tar without end-of-archive blocks, as _check_clean_end decides), or
     before it, in bytes the walk skipped: the data of the member before, or the padding after it.
     """
-    if offset == 0 or pread(1, offset - 1):
+    if offset == 0 or read_at(offset - 1, 1):
         _check_clean_end(offset, offset, pending)
         return
     if previous is not None:
         data_end = previous.data_offset + previous.stored_size
-        if previous.stored_size and not pread(1, data_end - 1):
+        if previous.stored_size and not read_at(data_end - 1, 1):
             raise TruncatedArchive(
                 f"member {previous.name[:200]!r} needs {previous.stored_size} bytes of data but the archive "
                 "ends before them",
@@ -274,12 +280,12 @@ def _check_clean_end(offset: int, archive_size: int, pending: _Pending) -> None:
 
 
 def _take_extended(
-    reader: _BlockReader, header: th.Header, offset: int, pending: _Pending, global_pax: dict[str, str]
+    reader: _HeaderReader, header: th.Header, offset: int, pending: _Pending, global_pax: dict[str, str]
 ) -> None:
     """Read an L/K/x/g payload, within its bound, and record it for the member that follows."""
     flag = header.typeflag
     data_offset = offset + th.BLOCK_SIZE
-    payload = reader.read(_payload_size(header, offset, pending), data_offset)
+    payload = reader.read(data_offset, _payload_size(header, offset, pending))
     if flag == th.GNU_LONGNAME:
         pending.long_name = th.decode_name(payload)
     elif flag == th.GNU_LONGLINK:
@@ -317,7 +323,7 @@ def _payload_size(header: th.Header, offset: int, pending: _Pending) -> int:
     return header.size
 
 
-def _count_extension_blocks(reader: _BlockReader, header: th.Header, offset: int) -> int:
+def _count_extension_blocks(reader: _HeaderReader, header: th.Header, offset: int) -> int:
     """Follow an old GNU sparse header's `isextended` chain; return how many blocks it has.
 
     Like GNU tar, go on only while the map fills every slot: a map that ends early ends the chain.
@@ -403,7 +409,7 @@ def _names(header: th.Header, pending: _Pending, pax: dict[str, str], offset: in
     return name, linkname
 
 
-def _kind(typeflag: int, name: str) -> str:
+def _kind(typeflag: int, name: str) -> MemberKind:
     if typeflag in th.REGULAR_TYPES:
         # "BSD tar uses the convention that a slash suffix means a directory" (GNU tar, extract.c)
         return "other" if name.endswith("/") else "file"
@@ -414,7 +420,7 @@ def _kind(typeflag: int, name: str) -> str:
     return "other"
 
 
-def _pax_sparse_variant(pax: dict[str, str], offset: int) -> str | None:
+def _pax_sparse_variant(pax: dict[str, str], offset: int) -> SparseVariant | None:
     """Name the PAX sparse dialect (GNU tar manual, "Storing Sparse Files"), or None."""
     if "GNU.sparse.major" in pax:  # GNU tar reads a map from the data for any major > 0, 0.x records or not
         if pax["GNU.sparse.major"] == "1" and pax.get("GNU.sparse.minor") == "0":

@@ -11,14 +11,18 @@ import operator
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from tarfuse.errors import BadHeader, CorruptSparseMap
 from tarfuse.tar import header as th
-from tarfuse.tar.archive import MAX_SPARSE_ENTRIES, Member, Pread, SparseSpec, read_exact
+from tarfuse.tar.archive import MAX_SPARSE_ENTRIES, Member, ReadAt, SparseSpec, read_exact
 
 MAX_REAL_SIZE = 2**63 - 1  # off_t: neither the kernel nor FUSE can describe a larger file
 _MAP_CHUNK = 64 * 1024  # maps are read and split this much at a time, never more than the member holds
 _CHAIN_CHUNK = _MAP_CHUNK // th.BLOCK_SIZE  # old GNU extension blocks read at a time
+
+# array("q"): 64-bit integers. Quoted, because array.array takes no type argument at run time before 3.12.
+Int64Array: TypeAlias = "array[int]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,9 +34,9 @@ class SparseMap:
     """
 
     real_size: int
-    logical: array  # type: ignore[type-arg]  # image offset of each extent
-    lengths: array  # type: ignore[type-arg]
-    physical: array  # type: ignore[type-arg]  # archive offset of each extent's first byte
+    logical: Int64Array  # image offset of each extent
+    lengths: Int64Array
+    physical: Int64Array  # archive offset of each extent's first byte
 
     @property
     def stored_bytes(self) -> int:
@@ -40,7 +44,7 @@ class SparseMap:
         return sum(self.lengths)
 
 
-def decode(member: Member, pread: Pread) -> SparseMap:
+def decode(member: Member, read_at: ReadAt) -> SparseMap:
     """Return the data extents of a file member, reading a PAX 1.0 or old GNU map from the archive."""
     spec = member.sparse
     if spec is None:
@@ -50,13 +54,13 @@ def decode(member: Member, pread: Pread) -> SparseMap:
             size, _int64s([0] * count), _int64s([size] * count), _int64s([member.data_offset] * count)
         )
     if spec.variant == "oldgnu":
-        numbers = _old_gnu_numbers(spec, pread)
+        numbers = _old_gnu_numbers(spec, read_at)
         data_offset, data_size = member.data_offset, member.stored_size
     elif spec.variant == "pax1.0":
-        numbers, map_size = _pax10_numbers(member, pread)
+        numbers, map_size = _pax10_numbers(member, read_at)
         data_offset, data_size = member.data_offset + map_size, member.stored_size - map_size
     else:
-        numbers = _pax0_numbers(spec, pread)
+        numbers = _pax0_numbers(spec, read_at)
         data_offset, data_size = member.data_offset, member.stored_size
     _check_count(len(numbers) // 2, spec.header_offset)
     return _validated(member, numbers, data_offset, data_size)
@@ -70,7 +74,7 @@ def _check_count(entries: int, where: int) -> None:
         )
 
 
-def _int64s(values: Iterable[int], where: int | None = None) -> array:  # type: ignore[type-arg]
+def _int64s(values: Iterable[int], where: int | None = None) -> Int64Array:
     """Pack numbers into 64-bit integers: 8 bytes each, where a list of ints costs ~36."""
     try:
         return array("q", values)
@@ -78,14 +82,14 @@ def _int64s(values: Iterable[int], where: int | None = None) -> array:  # type: 
         raise CorruptSparseMap("sparse map value too large for a 64-bit offset", where) from None
 
 
-def _old_gnu_numbers(spec: SparseSpec, pread: Pread) -> array:  # type: ignore[type-arg]
+def _old_gnu_numbers(spec: SparseSpec, read_at: ReadAt) -> Int64Array:
     """Read the 'S' header and its extension blocks, a chunk at a time; return offset, numbytes, ... ."""
     where = spec.header_offset
-    header = read_exact(pread, th.BLOCK_SIZE, where)
+    header = read_exact(read_at, where, th.BLOCK_SIZE)
     numbers = _int64s(th.parse_sparse_numbers(header[386:482], th.OLD_GNU_SPARSE_ENTRIES), where)
     for first in range(1, spec.extension_blocks + 1, _CHAIN_CHUNK):
         count = min(_CHAIN_CHUNK, spec.extension_blocks + 1 - first)
-        blocks = read_exact(pread, count * th.BLOCK_SIZE, where + first * th.BLOCK_SIZE)
+        blocks = read_exact(read_at, where + first * th.BLOCK_SIZE, count * th.BLOCK_SIZE)
         for start in range(0, len(blocks), th.BLOCK_SIZE):
             block_offset = where + first * th.BLOCK_SIZE + start
             try:
@@ -97,7 +101,7 @@ def _old_gnu_numbers(spec: SparseSpec, pread: Pread) -> array:  # type: ignore[t
     return numbers
 
 
-def _pax0_numbers(spec: SparseSpec, pread: Pread) -> array:  # type: ignore[type-arg]
+def _pax0_numbers(spec: SparseSpec, read_at: ReadAt) -> Int64Array:
     """PAX 0.1 keeps "off,size,off,size" in GNU.sparse.map; 0.0 repeats offset/numbytes records.
 
     The records are read again from the member's 'x' payloads (at most archive.MAX_PAX_SIZE together).
@@ -105,7 +109,7 @@ def _pax0_numbers(spec: SparseSpec, pread: Pread) -> array:  # type: ignore[type
     where = spec.header_offset
     records = []
     for offset, size in spec.pax_payloads:
-        records += th.parse_pax_records(read_exact(pread, size, offset), offset)
+        records += th.parse_pax_records(read_exact(read_at, offset, size), offset)
     declared = [value for key, value in records if key == "GNU.sparse.numblocks"]
     if spec.variant == "pax0.1":
         numbers = _split_decimals([value for key, value in records if key == "GNU.sparse.map"][-1], where)
@@ -126,7 +130,7 @@ def _pax0_numbers(spec: SparseSpec, pread: Pread) -> array:  # type: ignore[type
     return numbers
 
 
-def _split_decimals(text: str, where: int) -> array:  # type: ignore[type-arg]
+def _split_decimals(text: str, where: int) -> Int64Array:
     """Decode "1,2,3" a slice at a time: one str per value of a long map would cost 50 bytes each."""
     numbers = _int64s([])
     start = 0
@@ -154,7 +158,7 @@ def _check_numblocks_first(keys: list[str], where: int) -> None:
         raise CorruptSparseMap("PAX 0.x sparse map without GNU.sparse.numblocks", where)
 
 
-def _pax10_numbers(member: Member, pread: Pread) -> tuple[array, int]:  # type: ignore[type-arg]
+def _pax10_numbers(member: Member, read_at: ReadAt) -> tuple[Int64Array, int]:
     """Read the PAX 1.0 map: decimal lines "count", then offset/size pairs, padded to a block.
 
     Returns the numbers and the padded size of the map, which precedes the data in the member. The map is
@@ -170,7 +174,7 @@ def _pax10_numbers(member: Member, pread: Pread) -> tuple[array, int]:  # type: 
         if read >= member.stored_size:
             raise CorruptSparseMap("PAX 1.0 sparse map runs past the member's data", where)
         carry = _line_start(carry, where)  # the map goes on: `carry` is part of it
-        chunk = read_exact(pread, min(_MAP_CHUNK, member.stored_size - read), where + read)
+        chunk = read_exact(read_at, where + read, min(_MAP_CHUNK, member.stored_size - read))
         text_start = read - len(carry)  # member offset of the first byte of `text`
         read += len(chunk)
         text = carry + chunk
@@ -231,7 +235,7 @@ def _text(value: str | bytes) -> str:
 
 def _validated(
     member: Member,
-    numbers: array,  # type: ignore[type-arg]
+    numbers: Int64Array,
     data_offset: int,
     data_size: int,
 ) -> SparseMap:
@@ -279,7 +283,7 @@ def _validated(
     return SparseMap(member.real_size, offsets, lengths, physical)
 
 
-def _check_order(offsets: array, lengths: array, name: str, where: int) -> None:  # type: ignore[type-arg]
+def _check_order(offsets: Int64Array, lengths: Int64Array, name: str, where: int) -> None:
     """Each entry must start at or after the end of the one before, zero-length ones too."""
     # Iterators, not lists: a list of a million ends would cost more than the whole map.
     if not all(map(operator.le, map(operator.add, offsets, lengths), itertools.islice(offsets, 1, None))):

@@ -3,17 +3,32 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# What pip needs to build pyfuse3 (from source: there is no wheel), for the venv and for `make install`.
-BUILD_PACKAGES := libfuse3-dev pkg-config gcc python3 python3-venv python3-dev
+# What pip needs to build pyfuse3 (from source: there is no wheel), for the venv and for `make install`;
+# patch applies PYFUSE3_PATCH.
+BUILD_PACKAGES := libfuse3-dev pkg-config gcc patch python3 python3-venv python3-dev
 # What the tests and the demo run: FUSE, QEMU, and the other tar programs the tests compare against.
 APT_PACKAGES := $(BUILD_PACKAGES) fuse3 qemu-utils qemu-system-x86 libarchive-tools busybox \
-	e2fsprogs fio util-linux gzip zstd xz-utils bzip2 man-db
+	e2fsprogs fio util-linux gzip pigz zstd xz-utils bzip2 dictzip man-db
 APT_STAMP := $(VENV)/.apt-done
 BUILD_STAMP := $(VENV)/.build-deps-done
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: all deps build-deps dev demo test test-fast lint format type check bench bench-compressed fuzz \
-	stress fixtures install uninstall clean
+# pyfuse3 3.5 has no lseek handler, so SEEK_DATA/SEEK_HOLE on a mount say "all data" (issue 16). Both venvs
+# (dev and `make install`) get the pinned sdist, fetched through pip and checked by its sha256, with
+# PYFUSE3_PATCH applied, built with the Cython of scripts/pyfuse3/build-constraints.txt into a wheel
+# versioned 3.5.0+lseek (scripts/pyfuse3/install.sh). Once pyfuse3 has the handler upstream, PYFUSE3_PATCH=
+# (empty, here or on the command line: `make dev PYFUSE3_PATCH=`) gives plain pyfuse3 from the index, as
+# pyproject.toml pins it; so does `pip install .`, which never needs the patch.
+PYFUSE3_VERSION := 3.5.0
+PYFUSE3_SHA256 := 88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+PYFUSE3_PATCH ?= scripts/pyfuse3/lseek.patch
+export PYFUSE3_VERSION PYFUSE3_SHA256 PYFUSE3_PATCH
+# One stamp per choice (.pyfuse3-3.5.0+lseek, .pyfuse3-index), so that changing PYFUSE3_PATCH reinstalls it.
+PYFUSE3_BUILT := $(if $(PYFUSE3_PATCH),$(PYFUSE3_VERSION)+$(basename $(notdir $(PYFUSE3_PATCH))),index)
+PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3_BUILT)
+
+.PHONY: all deps build-deps dev pyfuse3 demo test test-fast lint format type check bench bench-compressed \
+	fuzz stress fixtures install uninstall clean
 
 all: dev
 
@@ -40,13 +55,21 @@ $(BUILD_STAMP):
 	@mkdir -p $(VENV) && touch $@
 
 dev: $(VENV_STAMP)
-$(VENV_STAMP): pyproject.toml $(BUILD_STAMP)
+$(VENV_STAMP): pyproject.toml $(BUILD_STAMP) $(PYFUSE3_STAMP)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# compat: the checkout goes on sys.path through a .pth line; the default mode's import hook costs
 	@# ~12 ms (importlib.metadata, pathlib) at every start of tarfuse (docs/benchmarks.md, ready time).
 	$(PY) -m pip install -q -e '.[test,dev]' --config-settings editable_mode=compat
 	@touch $@
+
+# pyfuse3 before tarfuse, whose requirement it then satisfies.
+pyfuse3: $(PYFUSE3_STAMP)
+$(PYFUSE3_STAMP): $(PYFUSE3_PATCH) $(wildcard scripts/pyfuse3/*.sh scripts/pyfuse3/*.txt) $(BUILD_STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	scripts/pyfuse3/install.sh $(PY)
+	@rm -f $(VENV)/.pyfuse3-* && touch $@
 
 demo: dev deps
 	$(PY) scripts/demo.py
@@ -105,6 +128,7 @@ INSTALL_DIR := $(PREFIX)/lib/tarfuse
 install: build-deps
 	$(INSTALL_PYTHON) -m venv --clear $(INSTALL_DIR)
 	$(INSTALL_DIR)/bin/python -m pip install -q --upgrade pip
+	scripts/pyfuse3/install.sh $(INSTALL_DIR)/bin/python
 	$(INSTALL_DIR)/bin/python -m pip install -q .
 	install -d $(PREFIX)/bin $(PREFIX)/share/man/man1
 	ln -sfn $(INSTALL_DIR)/bin/tarfuse $(PREFIX)/bin/tarfuse

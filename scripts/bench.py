@@ -2,7 +2,7 @@
 
 Builds the data (benchdata), serves it with every tool (benchtools), measures, and writes a markdown table
 and JSON (benchreport) to --out, plus docs/benchmarks.md after a full run. Everything it mounts, attaches
-or creates is undone before it exits, also on Ctrl-C or SIGTERM.
+or creates is undone before it exits, also on Ctrl-C or SIGTERM (the harness, kit.bench).
 
     .venv/bin/python scripts/bench.py --quick            # smoke run, about two minutes
     .venv/bin/python scripts/bench.py --only plain --tools tarfuse,ratarmount --reps 5
@@ -18,11 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,21 +35,21 @@ from benchreport import (
     to_json,
     write_docs,
 )
-from benchtools import (
+from benchtools import Tool, all_tools, ensure_commands, reclaim_paused
+from kit.bench import (
+    CHUNK,
+    GRACE_S,
     Served,
     TimedOut,
-    Tool,
     ToolFailed,
-    all_tools,
-    ensure_commands,
-    mounts_under,
-    reclaim_paused,
-    unmount,
+    read_some,
+    run_main,
+    scratch,
+    timed_read,
+    watchdog,
 )
 
 REPO = Path(__file__).resolve().parent.parent
-_CHUNK = 1 << 20
-_GRACE_S = 10.0  # past the cap, the watchdog kills a daemon whose read never returns
 
 
 @dataclass(frozen=True)
@@ -71,7 +67,6 @@ def main() -> int:
         results, meta = from_json(json.loads(args.render.read_text()))
         _write_outputs(results, meta, args)
         return 0
-    signal.signal(signal.SIGTERM, _interrupt)
     tools = _select_tools(args.tools)
     cases = _select_cases(args.only)
     started, load_start = time.monotonic(), load_average()
@@ -86,20 +81,17 @@ def main() -> int:
         if tool.problem():
             print(f"  {tool.name}: {tool.problem()}", flush=True)
     results = Results([ToolInfo(t.name, t.role, "" if t.problem() else t.version()) for t in tools])
-    workdir = Path(tempfile.mkdtemp(prefix="tarfuse-bench-", dir=args.workdir))
-    options = Options(
-        sizes=Sizes.quick() if args.quick else Sizes.full(),
-        reps=args.reps,
-        fio_runtime=args.runtime if args.runtime is not None else (0.5 if args.quick else 5.0),
-        cap=args.cap if args.cap is not None else (5.0 if args.quick else 30.0),
-        scratch=workdir,
-    )
-    try:
+    with scratch("tarfuse-bench-", args.workdir, keep=args.keep) as workdir:
+        options = Options(
+            sizes=Sizes.quick() if args.quick else Sizes.full(),
+            reps=args.reps,
+            fio_runtime=args.runtime if args.runtime is not None else (0.5 if args.quick else 5.0),
+            cap=args.cap if args.cap is not None else (5.0 if args.quick else 30.0),
+            scratch=workdir,
+        )
         with reclaim_paused(args.keep_reclaim) as reclaim:
             for case in cases:
                 run_case(case, tools, options, results)
-    finally:
-        _clean(workdir, keep=args.keep)
     meta = machine() | {
         "reclaim": reclaim,
         "command": _command_shown(),
@@ -172,10 +164,6 @@ def _select_cases(names: str | None) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}; known: {', '.join(CASES)}")
     return [c for c in CASES if c in wanted]
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # ---- One case -----------------------------------------------------------------------------------------
@@ -279,49 +267,11 @@ def _run_metric(metric: str, served: Served, dataset: Dataset, options: Options)
 # ---- Reading and checking -----------------------------------------------------------------------------
 
 
-@contextmanager
-def watchdog(served: Served, seconds: float) -> Iterator[None]:
-    """Kill the daemon if the block takes far too long: a read stuck in FUSE then fails."""
-    timer = threading.Timer(seconds, served.abort)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
-def _read(served: Served, buffer: memoryview, offset: int, cap: float) -> int:
-    try:
-        return served.read_into(buffer, offset)
-    except OSError as exc:
-        if served.aborted.is_set():
-            raise TimedOut(cap) from None
-        raise ToolFailed(f"read at offset {offset}: {exc.strerror or exc}") from None
-
-
-def timed_read(served: Served, size: int, cap: float, consume: Callable[[memoryview], object] = len) -> float:
-    """Read [0, size) in 1 MiB requests, giving each piece to `consume`; return the seconds it took."""
-    buffer = memoryview(bytearray(_CHUNK))
-    offset = 0
-    start = time.perf_counter()
-    with watchdog(served, cap + _GRACE_S):
-        while offset < size:
-            n = _read(served, buffer[: min(_CHUNK, size - offset)], offset, cap)
-            if n <= 0:
-                raise ToolFailed(f"read returned {n} at offset {offset} of {size}")
-            consume(buffer[:n])
-            offset += n
-            if time.perf_counter() - start > cap:
-                raise TimedOut(cap)
-    return time.perf_counter() - start
-
-
 def _read_exact(served: Served, offset: int, size: int, cap: float) -> bytes:
     buffer = memoryview(bytearray(size))
     done = 0
     while done < size:
-        n = _read(served, buffer[done:], offset + done, cap)
+        n = read_some(served, buffer[done:], offset + done, cap)
         if n <= 0:
             break
         done += n
@@ -348,7 +298,7 @@ def verify(tool: Tool, dataset: Dataset, options: Options) -> tuple[str | None, 
         if served.size != model.size:
             return f"WRONG SIZE: {served.size:,} bytes served, the image has {model.size:,}", ""
         ranges = sample_ranges(dataset)
-        with watchdog(served, options.cap + _GRACE_S):
+        with watchdog(served, options.cap + GRACE_S):
             for offset, size in ranges:
                 expected, got = model.read(offset, size), _read_exact(served, offset, size, options.cap)
                 if got != expected:
@@ -393,7 +343,7 @@ def _expected_sha256(dataset: Dataset) -> str:
 
 def warm(path: Path) -> None:
     """Read the archive, so the page cache holds it ("tar warm")."""
-    buffer = memoryview(bytearray(_CHUNK * 4))
+    buffer = memoryview(bytearray(CHUNK * 4))
     with open(path, "rb", buffering=0) as archive:
         while archive.readinto(buffer):
             pass
@@ -467,17 +417,6 @@ def _detach_loops(archive: Path) -> None:
         subprocess.run(["losetup", "-d", line.split(":", 1)[0]], check=False)
 
 
-def _clean(workdir: Path, keep: bool) -> None:
-    for mountpoint in mounts_under(workdir):
-        unmount(mountpoint)
-    if mounts_under(workdir):
-        print(f"warning: mounts left under {workdir}; not deleting it", file=sys.stderr)
-    elif keep:
-        print(f"data kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
 def _write_outputs(results: Results, meta: dict[str, object], args: argparse.Namespace) -> None:
     text = markdown(results, meta)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -522,8 +461,4 @@ def _mib(n: int) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; everything mounted was unmounted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

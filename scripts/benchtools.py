@@ -1,76 +1,31 @@
-"""The programs under test: how to install, start, read and stop each one.
+"""The programs scripts/bench.py measures: how to install, start, read and stop each one.
 
-Every tool turns a `Dataset` into a `Served` image: something to read at an offset, what to give fio and
-qemu-img, the daemon's processes (for peak RSS), and the time from its command's start to the first byte
-read. The limit "tools" serve the member's bytes with no FUSE in between: `pread` on the archive itself in
-this Python, and the kernel's loop device over the member's byte range.
+Every tool turns a `Dataset` into a `Served` image (kit.bench): something to read at an offset, what to give
+fio and qemu-img, the daemon (for peak RSS), and the time from its command's start to the first byte read.
+The FUSE daemons run through the harness's `serve_fuse`. The limit "tools" serve the member's bytes with no
+FUSE in between: `pread` on the archive itself in this Python, and the kernel's loop device over the
+member's byte range.
 """
 
 import bisect
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from benchdata import Dataset, Segment
+from kit.bench import ReadInto, Served, ToolFailed, serve_fuse, wait_readable
 
-from tarfuse.serve import mountinfo
-
-ReadInto = Callable[[memoryview, int], int]  # fill the buffer from an image offset; return bytes read
 Role = Literal["limit", "tarfuse", "peer"]
 
 CACHE = Path(os.environ.get("TARFUSE_BENCH_CACHE", Path.home() / ".cache" / "tarfuse-bench"))
-_POLL_S = 0.001
-
-
-class ToolFailed(Exception):
-    """The tool did not serve the image (exited, refused, unreadable); the message says how."""
-
-
-class TimedOut(Exception):
-    """A step did not finish within the time cap."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"timed out after {seconds:g} s")
-
-
-@dataclass
-class Served:
-    """A served image, valid inside `Tool.serve`'s `with` block."""
-
-    ready_s: float
-    size: int  # the size the tool shows for the image
-    read_into: ReadInto
-    fio_target: list[str] | None  # fio options naming the bytes to read; None: not applicable
-    qemu_source: str | None  # what qemu-img convert reads; None: not applicable
-    pids: tuple[int, ...] = ()
-    abort: Callable[[], None] = lambda: None  # from another thread: make blocked reads fail now
-    aborted: threading.Event = field(default_factory=threading.Event)
-
-    def peak_rss(self) -> int | None:
-        """Peak resident memory (VmHWM) of the daemon and its children, in bytes; None without one."""
-        if not self.pids:
-            return None
-        total = 0
-        for pid in _with_descendants(self.pids):
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) * 1024
-        return total
 
 
 class Tool(ABC):
@@ -208,7 +163,7 @@ class LoopLimit(Tool):
             raise ToolFailed(f"losetup: {result.stderr.strip()}")
         device = result.stdout.strip()
         try:
-            ready = _wait_readable(device, start, cap, lambda: None)
+            ready = wait_readable(device, start, cap, lambda: None)
             fd = os.open(device, os.O_RDONLY)
             try:
                 yield Served(
@@ -242,41 +197,10 @@ class FuseTool(Tool):
     def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
         """The command that serves `dataset` at `mountpoint`, and the path of the image it shows."""
 
-    @contextmanager
-    def serve(self, dataset: Dataset, scratch: Path, cap: float) -> Iterator[Served]:
+    def serve(self, dataset: Dataset, scratch: Path, cap: float) -> AbstractContextManager[Served]:
         mountpoint = Path(os.path.realpath(scratch)) / f"mnt-{self.name}"
-        mountpoint.mkdir(exist_ok=True)
         argv, image = self.argv(dataset, mountpoint)
-        log_path = scratch / f"{self.name}.log"
-        with open(log_path, "ab") as log:
-            start = time.perf_counter()
-            process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-            )
-        served: Served | None = None
-        try:
-
-            def exited() -> None:
-                if process.poll() is not None:
-                    raise ToolFailed(f"exited with status {process.returncode}: {_tail(log_path)}")
-
-            ready = _wait_readable(str(image), start, cap, exited)
-            fd = os.open(image, os.O_RDONLY)
-            served = Served(
-                ready_s=ready,
-                size=os.fstat(fd).st_size,
-                read_into=lambda buffer, offset: os.preadv(fd, [buffer], offset),
-                fio_target=[f"--filename={image}", "--direct=1"],
-                qemu_source=str(image),
-                pids=(process.pid,),
-            )
-            served.abort = lambda: _abort(process, mountpoint, served)
-            try:
-                yield served
-            finally:
-                os.close(fd)
-        finally:
-            _stop(process, mountpoint)
+        return serve_fuse(argv, mountpoint, image, cap, scratch / f"{self.name}.log")
 
     def _versions(self, *commands: list[str]) -> str:
         return "; ".join(_first_line(c) for c in commands)
@@ -379,96 +303,7 @@ def all_tools() -> list[Tool]:
     return [PreadLimit(), LoopLimit(), Tarfuse(), Ratarmount(), NbdkitTar(), Archivemount(), FuseArchive()]
 
 
-# ---- Processes and mounts -----------------------------------------------------------------------------
-
-
-def _wait_readable(path: str, start: float, cap: float, check: Callable[[], None]) -> float:
-    """Poll until the first byte of `path` reads; return the seconds since `start`."""
-    while True:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                if os.pread(fd, 1, 0):
-                    return time.perf_counter() - start
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-        check()
-        if time.perf_counter() - start > cap:
-            raise TimedOut(cap)
-        time.sleep(_POLL_S)
-
-
-def is_mounted(path: Path) -> bool:
-    return mountinfo.find(path) is not None
-
-
-def mounts_under(directory: Path) -> list[Path]:
-    return [Path(p) for p in mountinfo.under(directory)]
-
-
-def unmount(path: Path) -> None:
-    """Unmount a FUSE mount: politely first, lazily if it is busy."""
-    if not is_mounted(path):
-        return
-    if subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, check=False).returncode != 0:
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
-
-
-def _stop(process: subprocess.Popen[bytes], mountpoint: Path) -> None:
-    """Unmount, let the daemon exit, and make sure it and its children (nbdkit) are gone."""
-    unmount(mountpoint)
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    _kill_group(process.pid)
-    unmount(mountpoint)  # a daemon that died without unmounting leaves a dead mount behind
-
-
-def _abort(process: subprocess.Popen[bytes], mountpoint: Path, served: Served | None) -> None:
-    """Called by the watchdog: kill the daemon, so reads blocked on it fail at once."""
-    if served is not None:
-        served.aborted.set()
-    _kill_group(process.pid)
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, check=False)
-
-
-def _kill_group(pgid: int) -> None:
-    """Kill what is left of the process group we started (start_new_session=True made it ours)."""
-    with suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _with_descendants(pids: tuple[int, ...]) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return " / ".join(line.strip() for line in text[-lines:]) or "(no output)"
+# ---- Versions and installing -------------------------------------------------------------------------
 
 
 def _first_line(command: list[str]) -> str:
@@ -481,8 +316,6 @@ def _first_line(command: list[str]) -> str:
     name = os.path.basename(command[0])
     return next((line for line in lines if name in line), lines[0] if lines else "?")
 
-
-# ---- Installing ---------------------------------------------------------------------------------------
 
 _apt_updated = False
 

@@ -17,12 +17,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tarfuse.sample import boot_command, kvm_usable, write_sparse_boot_image
-from tarfuse.serve import mountinfo
+from kit.mounts import Mount, MountError, daemon_mount
+from kit.sample import boot_command, kvm_usable, write_sparse_boot_image
 
 IMAGE_SIZE = 256 * 1024 * 1024
 MESSAGE = "Hello from a disk image inside a tar archive, served by tarfuse!"
-MOUNT_TIMEOUT = 10.0
 BOOT_TIMEOUT = 60.0
 TARFUSE = str(Path(sys.executable).with_name("tarfuse"))
 
@@ -52,10 +51,6 @@ def run(*command: str, keep: Callable[[str], bool] = lambda line: True) -> str:
     return result.stdout
 
 
-def is_mounted(path: Path) -> bool:
-    return mountinfo.find(path) is not None
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as image:
@@ -65,28 +60,15 @@ def sha256_of(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def tarfuse_mount(archive: Path, mountpoint: Path) -> Iterator[subprocess.Popen[bytes]]:
+def tarfuse_mount(archive: Path, mountpoint: Path) -> Iterator[Mount]:
     """Run `tarfuse -f ARCHIVE MOUNTPOINT` in the background; always unmount and reap it."""
     command = [TARFUSE, "-f", str(archive), str(mountpoint)]
     echo(command, " &")
-    log = mountpoint.with_name("tarfuse.log")
-    with log.open("wb") as sink:
-        daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
     try:
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not is_mounted(mountpoint):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise DemoFailed(f"tarfuse did not mount: {log.read_text(errors='replace')}")
-            time.sleep(0.05)
-        yield daemon
-    finally:
-        if is_mounted(mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
-        try:
-            daemon.wait(5)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        with daemon_mount(command, mountpoint, mountpoint.with_name("tarfuse.log")) as mounted:
+            yield mounted
+    except MountError as exc:
+        raise DemoFailed(f"tarfuse: {exc}") from None
 
 
 def build_archive() -> Path:
@@ -164,12 +146,12 @@ def demo() -> None:
     mountpoint = Path("mnt")
     mountpoint.mkdir()
     step(f"Mounting {archive} on {mountpoint}/")
-    with tarfuse_mount(archive, mountpoint) as daemon:
+    with tarfuse_mount(archive, mountpoint) as mounted:
         image = mountpoint / "disk.raw"
         inspect_mount(image, Path("disk.raw"))
         boot(image)
         overlay(image)
-        unmount(mountpoint, daemon)
+        unmount(mountpoint, mounted.process)
 
 
 def main() -> int:

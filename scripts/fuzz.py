@@ -8,8 +8,8 @@ is a finding: it is printed and its archive saved under --findings, and the exit
 A case is made again from its number: `scripts/fuzz.py --seed S --replay N` runs case N alone, in this
 process, and says what tarfuse and GNU tar make of it.
 
-The engine is in tests/ (fuzzseeds.py: seed archives; fuzzlayout.py, fuzzmutate.py, fuzzmaps.py: mutations;
-fuzzing.py: one case; fuzzpool.py: worker processes), shared with tests/test_fuzz.py, which runs a short
+The engine is the test kit's (tests/kit/fuzz/: seeds.py, seed archives; layout.py, mutate.py, maps.py,
+mutations; engine.py, one case; pool.py, worker processes), shared with tests/test_fuzz.py, which runs a short
 slice of the same cases in `make test`.
 """
 
@@ -23,11 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the engine lives with the tests
-
-import fuzzing
-import fuzzpool
-import fuzzseeds
+from kit.fuzz import engine, pool, seeds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,13 +51,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tarfuse-seeds-") as tmp:
-        seeds = fuzzseeds.make_seeds(Path(tmp))
-    corpus = fuzzing.Corpus(seeds)
+        archives = seeds.make_seeds(Path(tmp))
+    corpus = engine.Corpus(archives)
     print(
-        f"fuzz: {len(seeds)} seed archives: "
-        + ", ".join(f"{s.name} ({len(s.data) // 1024} KiB)" for s in seeds)
+        f"fuzz: {len(archives)} seed archives: "
+        + ", ".join(f"{s.name} ({len(s.data) // 1024} KiB)" for s in archives)
     )
-    config = fuzzpool.Config(
+    config = pool.Config(
         seed=args.seed,
         cases=args.cases,
         start=args.start,
@@ -73,20 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.replay is not None:
         return replay(corpus, config, args.replay, args.findings)
-    stride, cycle = fuzzing.DIFFERENTIAL_STRIDE, fuzzing.DIFFERENTIAL_STRIDE * len(fuzzing.PLANS)
+    stride, cycle = engine.DIFFERENTIAL_STRIDE, engine.DIFFERENTIAL_STRIDE * len(engine.PLANS)
     if args.compare_every and (args.compare_every % stride or args.compare_every % cycle == 0):
         print(
             f"fuzz: --compare-every {args.compare_every} is not a multiple of {stride}, or is one of "
-            f"{cycle}: the cases compared with GNU tar do not go through every plan (fuzzing.PLANS)"
+            f"{cycle}: the cases compared with GNU tar do not go through every plan (engine.PLANS)"
         )
     started = time.monotonic()
-    summary = fuzzpool.run(corpus, config, progress=_progress(config), interval=args.progress_every)
+    summary = pool.run(corpus, config, progress=_progress(config), interval=args.progress_every)
     elapsed = time.monotonic() - started
     return report(corpus, config, summary, elapsed, args.findings)
 
 
-def _progress(config: fuzzpool.Config) -> fuzzpool.Progress:
-    def show(summary: fuzzpool.Summary, elapsed: float) -> None:
+def _progress(config: pool.Config) -> pool.Progress:
+    def show(summary: pool.Summary, elapsed: float) -> None:
         rate = summary.cases / elapsed if elapsed else 0.0
         left = (config.cases - summary.cases) / rate if rate else 0.0
         print(
@@ -105,7 +101,7 @@ def _share(part: int, whole: int) -> str:
 
 
 def report(
-    corpus: fuzzing.Corpus, config: fuzzpool.Config, summary: fuzzpool.Summary, elapsed: float, findings: Path
+    corpus: engine.Corpus, config: pool.Config, summary: pool.Summary, elapsed: float, findings: Path
 ) -> int:
     """Print the figures and every finding; save findings and disagreements; return the exit status."""
     rate = summary.cases / elapsed if elapsed else 0.0
@@ -125,16 +121,16 @@ def report(
         for category, count in summary.compared.most_common():
             print(f"  {category:<28} {count:>8,}")
     for item in summary.inspect:
-        path = fuzzpool.save_finding(corpus, config, item, findings / "inspect")
+        path = pool.save_finding(corpus, config, item, findings / "inspect")
         print(f"to inspect (not a finding): {item.headline()}\n  {item.detail[:300]}\n  saved as {path}")
     for finding in summary.findings:
-        path = fuzzpool.save_finding(corpus, config, finding, findings)
+        path = pool.save_finding(corpus, config, finding, findings)
         print(f"FINDING {finding.headline()}\n{finding.detail}\n  saved as {path}")
     print(f"fuzz: {len(summary.findings)} findings")
     return 1 if summary.findings or summary.interrupted else 0
 
 
-def replay(corpus: fuzzing.Corpus, config: fuzzpool.Config, number: int, directory: Path) -> int:
+def replay(corpus: engine.Corpus, config: pool.Config, number: int, directory: Path) -> int:
     """Run one case in this process, say everything about it, and save its archive under `directory`."""
     case = corpus.case(config.seed, number)
     print(f"case {number} (seed {config.seed}): {case.seed}, {len(case.data)} bytes")
@@ -144,18 +140,18 @@ def replay(corpus: fuzzing.Corpus, config: fuzzpool.Config, number: int, directo
     with tempfile.TemporaryDirectory(prefix="tarfuse-replay-") as tmp:
         os.environ["XDG_CACHE_HOME"] = tmp  # spills of a compressed case
         try:
-            outcome = fuzzing.check_archive(case, random.Random(number))
+            outcome = engine.check_archive(case, random.Random(number))
         except Exception:  # show it, whatever it is
             traceback.print_exc()
             outcome = "finding"
         print(f"tarfuse: {outcome}")
-        category, detail = fuzzing.compare_with_gnu_tar(case, Path(tmp), random.Random(number))
+        category, detail = engine.compare_with_gnu_tar(case, Path(tmp), random.Random(number))
     print(f"GNU tar: {category}" + (f"\n{detail}" if detail else ""))
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"replay-seed{config.seed}-case{number}{case.suffix}"
     path.write_bytes(case.archive())
     print(f"archive written to {path}")
-    return 1 if outcome == "finding" or category in (fuzzing.DIFFERS, fuzzing.NOT_EXTRACTED) else 0
+    return 1 if outcome == "finding" or category in (engine.DIFFERS, engine.NOT_EXTRACTED) else 0
 
 
 if __name__ == "__main__":

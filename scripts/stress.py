@@ -30,18 +30,13 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tarfuse.serve import mountinfo
+from kit import mounts, sample
 
 MIB = 1 << 20
 MIN_READ, MAX_READ = 512, 4 * MIB
 MOUNT_TIMEOUT = 30.0
 EXIT_TIMEOUT = 30.0
-TAR_FORMATS = {
-    "gnu": ["--format=gnu"],
-    "pax0.0": ["--format=posix", "--sparse-version=0.0"],
-    "pax0.1": ["--format=posix", "--sparse-version=0.1"],
-    "pax1.0": ["--format=posix", "--sparse-version=1.0"],
-}
+TAR_FORMATS = ("gnu", "pax0.0", "pax0.1", "pax1.0")  # GNU tar -S, as kit.sample.make_archive runs it
 
 
 class StressFailed(Exception):
@@ -100,22 +95,6 @@ def write_sparse_image(path: Path, size: int, runs: int, rng: random.Random) -> 
             image.write(rng.randbytes(length))
             extents.append((offset, length))
     return sorted(extents)
-
-
-def make_archive(image: Path, archive: Path, tar_format: str) -> None:
-    if shutil.which("tar") is None:
-        raise StressFailed("GNU tar is not installed")
-    command = [
-        "tar",
-        *TAR_FORMATS[tar_format],
-        "-S",
-        "-cf",
-        str(archive),
-        "-C",
-        str(image.parent),
-        image.name,
-    ]
-    subprocess.run(command, check=True)
 
 
 # --- readers -----------------------------------------------------------------------------------
@@ -232,37 +211,14 @@ class Readers:
 # --- the mount, the loop device, the daemon's memory -------------------------------------------
 
 
-def is_mounted(path: Path) -> bool:
-    return mountinfo.find(path) is not None
-
-
 @contextlib.contextmanager
 def tarfuse_mount(archive: Path, mountpoint: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Run `tarfuse -f ARCHIVE MOUNTPOINT`; in the end make sure nothing is mounted and the daemon is gone."""
-    with log.open("wb") as sink:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "tarfuse", "-f", str(archive), str(mountpoint)],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
     try:
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not is_mounted(mountpoint):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise StressFailed(f"tarfuse did not mount: {log.read_text(errors='replace')}")
-            time.sleep(0.05)
-        yield daemon
-    finally:
-        if is_mounted(mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
-        if daemon.poll() is None:
-            daemon.terminate()
-            try:
-                daemon.wait(EXIT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+        with mounts.foreground_mount(archive, mountpoint, log=log, timeout=MOUNT_TIMEOUT) as mounted:
+            yield mounted.process
+    except mounts.MountError as exc:
+        raise StressFailed(f"tarfuse: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -271,21 +227,8 @@ def loop_device(image: Path, wanted: bool) -> Iterator[str | None]:
     if not wanted or os.getuid() != 0 or not os.path.exists("/dev/loop-control"):
         yield None
         return
-    device = subprocess.run(
-        ["losetup", "-r", "--find", "--show", str(image)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    try:
+    with mounts.loop_device(image) as device:
         yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise StressFailed(f"no VmRSS for process {pid}")
 
 
 def read_chars(pid: int) -> int:
@@ -300,7 +243,7 @@ def read_chars(pid: int) -> int:
 def sample_rss(pid: int, stop: threading.Event, samples: list[int]) -> None:
     while not stop.wait(1.0):
         with contextlib.suppress(OSError):
-            samples.append(rss_kib(pid))
+            samples.append(mounts.status_kib(pid, "VmRSS"))
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -349,7 +292,9 @@ def run(args: argparse.Namespace, workdir: Path) -> Report:
     image, archive, mountpoint = workdir / "disk.raw", workdir / "disk.tar", workdir / "mnt"
     print(f"building a {args.image_mib} MiB sparse image with {args.runs} data runs in {workdir}", flush=True)
     runs = write_sparse_image(image, args.image_mib * MIB, args.runs, rng)
-    make_archive(image, archive, args.format)
+    if shutil.which("tar") is None:
+        raise StressFailed("GNU tar is not installed")
+    sample.make_archive(args.format, image, archive)
     mountpoint.mkdir()
     readers = Readers()
     with tarfuse_mount(archive, mountpoint, workdir / "tarfuse.log") as daemon:
@@ -381,7 +326,7 @@ def load(
 ) -> Report:
     """Run the readers (and the loop device reader) until the deadline; measure the daemon meanwhile."""
     edges = sorted({e for offset, length in runs for e in (offset, offset + length)})
-    rss_start, read_start = rss_kib(daemon.pid), read_chars(daemon.pid)
+    rss_start, read_start = mounts.status_kib(daemon.pid, "VmRSS"), read_chars(daemon.pid)
     deadline = time.time() + args.duration
     size = args.image_mib * MIB
     try:
@@ -406,7 +351,7 @@ def load(
         readers.kill()
     if daemon.poll() is not None:
         raise StressFailed(f"the daemon died during the run (exit status {daemon.returncode})")
-    rss_end, read_end = rss_kib(daemon.pid), read_chars(daemon.pid)
+    rss_end, read_end = mounts.status_kib(daemon.pid, "VmRSS"), read_chars(daemon.pid)
     return Report(
         duration_s=args.duration,
         readers=args.readers,
@@ -459,7 +404,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--readers", type=int, default=8, help="reader threads + processes (default 8)")
     parser.add_argument("--image-mib", type=int, default=384, help="image size in MiB (default 384)")
     parser.add_argument("--runs", type=int, default=64, help="data runs in the image (default 64)")
-    parser.add_argument("--format", choices=sorted(TAR_FORMATS), default="gnu", help="sparse tar format")
+    parser.add_argument("--format", choices=TAR_FORMATS, default="gnu", help="sparse tar format")
     parser.add_argument("--rss-growth-mib", type=int, default=20, help="allowed RSS growth (default 20)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-loop", action="store_true", help="do not read through a loop device")

@@ -1,13 +1,13 @@
 """archive + image: walking headers, merging extended headers, and choosing the member to serve.
 
-Archives come from stdlib tarfile where it writes the case, and from tests/tarbuilder.py where it cannot.
+Archives come from stdlib tarfile where it writes the case, and from tests/kit/tarbuilder.py where it cannot.
 """
 
 import tarfile
 import time
 
 import pytest
-import tarbuilder as tb
+from kit import tarbuilder as tb
 
 from tarfuse.errors import BadHeader, NoImage, TruncatedArchive
 from tarfuse.image.open import open_image

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import pyzstd
-from conftest import SampleImage, make_archive, require_tool
+from conftest import make_archive, require_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit.sample import SampleImage
 
 from tarfuse.cli import split_mount_options
 from tarfuse.errors import ArchiveError, CompressedArchive, CorruptCompressed, TruncatedArchive

@@ -7,16 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
-    Mount,
-    MountFactory,
-    SampleImage,
-    make_archive,
-    make_ext4_image,
-    read_payload_through_loop,
-    require_tool,
-    tarfuse_command,
-)
+from conftest import make_archive, make_ext4_image, read_payload_through_loop, require_tool
+from kit.mounts import Mount, MountFactory, tarfuse_command
+from kit.sample import SampleImage
 from test_qemu import boot_and_read_serial
 
 pytestmark = pytest.mark.fuse

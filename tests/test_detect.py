@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import tarbuilder as tb
+from kit import tarbuilder as tb
 
 from tarfuse.errors import CompressedArchive, NoImage
 from tarfuse.image import detect

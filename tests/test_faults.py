@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MountFactory, SampleImage, is_mounted, tarfuse_command, unmount
+from kit.mounts import MountFactory, is_mounted, tarfuse_command, unmount
+from kit.sample import SampleImage
 
 pytestmark = pytest.mark.fuse
 

@@ -1,6 +1,6 @@
 """The fuzzer's short slice: mutated real-tool archives end in an image or an ArchiveError, nothing else.
 
-`make fuzz` (scripts/fuzz.py) runs the same engine (tests/fuzzing.py, fuzzpool.py) over a million cases;
+`make fuzz` (scripts/fuzz.py) runs the same engine (tests/kit/fuzz/) over a million cases;
 here a few thousand run in two worker processes, under the memory ceiling, some compressed or read over
 HTTP and mounted as the CLI mounts them, and twenty compared with what GNU tar extracts: among them, images
 that are in the archive several times, plain and compressed, and link, device, directory, FIFO,
@@ -12,27 +12,25 @@ import random
 import time
 from pathlib import Path
 
-import fuzzing
-import fuzzpool
-import fuzzseeds
 import pytest
-from fuzzing import Case
-from fuzzpacked import Packing
+from kit.fuzz import engine, pool, seeds
+from kit.fuzz.engine import Case
+from kit.fuzz.packed import Packing
 
-SLICE = fuzzpool.Config(seed=0, cases=4000, jobs=2, compare_every=200)
+SLICE = pool.Config(seed=0, cases=4000, jobs=2, compare_every=200)
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> fuzzing.Corpus:
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> engine.Corpus:
     try:
-        seeds = fuzzseeds.make_seeds(tmp_path_factory.mktemp("seeds"))
+        archives = seeds.make_seeds(tmp_path_factory.mktemp("seeds"))
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    return fuzzing.Corpus(seeds)
+    return engine.Corpus(archives)
 
 
-def test_slice_has_no_findings(corpus: fuzzing.Corpus) -> None:
-    summary = fuzzpool.run(corpus, SLICE)
+def test_slice_has_no_findings(corpus: engine.Corpus) -> None:
+    summary = pool.run(corpus, SLICE)
     report = "\n\n".join(f"{f.headline()}\n{f.detail}" for f in summary.findings)
     assert not summary.findings, report
     assert summary.cases == SLICE.cases
@@ -55,7 +53,7 @@ def _plan(case: Case) -> str:
     return f"mutated {packed}"
 
 
-def test_the_compared_cases_hold_duplicates_and_sized_headers(corpus: fuzzing.Corpus) -> None:
+def test_the_compared_cases_hold_duplicates_and_sized_headers(corpus: engine.Corpus) -> None:
     compared = [corpus.case(SLICE.seed, n) for n in range(0, SLICE.cases, SLICE.compare_every)]
     plans = [_plan(case) for case in compared]
     for plan in ("duplicate plain", "duplicate compressed", "sized header", "mutated plain"):
@@ -65,27 +63,27 @@ def test_the_compared_cases_hold_duplicates_and_sized_headers(corpus: fuzzing.Co
     assert any(" after the image" in step for step in sized), sized
 
 
-def test_every_seed_is_served_as_gnu_tar_extracts_it(corpus: fuzzing.Corpus, tmp_path: Path) -> None:
+def test_every_seed_is_served_as_gnu_tar_extracts_it(corpus: engine.Corpus, tmp_path: Path) -> None:
     for seed in corpus.seeds:
         case = Case(0, seed.name, (), seed.data)
-        assert fuzzing.check_archive(case, random.Random(0)) == "served", seed.name
-        category, detail = fuzzing.compare_with_gnu_tar(case, tmp_path, random.Random(0))
+        assert engine.check_archive(case, random.Random(0)) == "served", seed.name
+        category, detail = engine.compare_with_gnu_tar(case, tmp_path, random.Random(0))
         assert category == "agree", (seed.name, detail)
 
 
-def test_a_case_is_made_again_from_its_number(corpus: fuzzing.Corpus) -> None:
+def test_a_case_is_made_again_from_its_number(corpus: engine.Corpus) -> None:
     assert corpus.case(3, 1234) == corpus.case(3, 1234)
     assert corpus.case(3, 1234).data != corpus.case(4, 1234).data
 
 
 def test_every_seed_compressed_is_served_as_gnu_tar_extracts_it(
-    corpus: fuzzing.Corpus, tmp_path: Path
+    corpus: engine.Corpus, tmp_path: Path
 ) -> None:
     """The mount of each seed, gzip-compressed, before and after the background pass (issue 12)."""
     for seed in corpus.seeds:
         case = Case(0, seed.name, (), seed.data, Packing("gzip"))
-        assert fuzzing.check_archive(case, random.Random(0)).startswith("gzip served"), seed.name
-        category, detail = fuzzing.compare_with_gnu_tar(case, tmp_path, random.Random(0))
+        assert engine.check_archive(case, random.Random(0)).startswith("gzip served"), seed.name
+        category, detail = engine.compare_with_gnu_tar(case, tmp_path, random.Random(0))
         assert category in ("agree", "served-then-refused"), (seed.name, detail)
 
 
@@ -106,10 +104,10 @@ def _misbehave(case: Case, rng: random.Random) -> str:
     return "served"
 
 
-def test_engine_turns_exceptions_hangs_memory_and_crashes_into_findings(corpus: fuzzing.Corpus) -> None:
+def test_engine_turns_exceptions_hangs_memory_and_crashes_into_findings(corpus: engine.Corpus) -> None:
     # time_limit: writing 300 MiB on a loaded machine takes well over half a second; two cases hang.
-    config = fuzzpool.Config(cases=24, jobs=2, compare_every=0, time_limit=3, memory_limit=1 << 30, batch=8)
-    summary = fuzzpool.run(corpus, config, check=_misbehave)
+    config = pool.Config(cases=24, jobs=2, compare_every=0, time_limit=3, memory_limit=1 << 30, batch=8)
+    summary = pool.run(corpus, config, check=_misbehave)
     kinds = {0: "ValueError", 1: "hang", 2: "MemoryError", 3: "crash (exit status 3)", 4: "memory-ceiling"}
     expected = {n: kinds[r] for n in range(24) if (r := random.Random(n).randrange(8)) in kinds}
     assert {f.case: f.kind for f in summary.findings} == expected

@@ -16,23 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (
+from kit.mounts import (
     Mount,
-    SampleImage,
+    daemon_mount,
     foreground_mount,
     is_mounted,
-    stop_daemon,
     tarfuse_command,
     unmount,
-    wait_for_mount,
 )
-
-from tarfuse.sample import data_runs
+from kit.sample import SampleImage, data_runs
 
 pytestmark = pytest.mark.fuse
 
 PAGE = 4096
-FAULTYFS = Path(__file__).with_name("faultyfs.py")
+FAULTYFS = Path(__file__).with_name("kit") / "faultyfs.py"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,20 +51,9 @@ def faulty_storage(archive: Path, directory: Path, *bad: tuple[int, int]) -> Ite
     (mountpoint := directory / "storage").mkdir()
     storage = Storage(mountpoint / archive.name, ranges)
     storage.fail(*bad)
-    stderr = directory / "faultyfs.stderr"
-    with stderr.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, str(FAULTYFS), str(archive), str(mountpoint), str(ranges)],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
-    try:
-        wait_for_mount(mountpoint, process, stderr)
+    command = [sys.executable, FAULTYFS, archive, mountpoint, ranges]
+    with daemon_mount(command, mountpoint, directory / "faultyfs.stderr"):
         yield storage
-    finally:
-        unmount(mountpoint)
-        stop_daemon(process)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,9 +4,9 @@ import itertools
 from array import array
 
 import pytest
-import sparsegen
 from hypothesis import given
 from hypothesis import strategies as st
+from kit import sparsegen
 
 from tarfuse.errors import TruncatedArchive
 from tarfuse.image.mapper import HOLE, ImageMapper, PreadInto

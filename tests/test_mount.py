@@ -17,22 +17,15 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    ARCHIVE_KINDS,
     IMAGE_MTIME,
     ArchiveFactory,
-    MountFactory,
-    SampleImage,
-    is_mounted,
     make_archive,
     make_ext4_image,
-    mount_entry,
     read_payload_through_loop,
     require_tool,
-    tarfuse_command,
-    unmount,
 )
-
-from tarfuse.sample import data_runs
+from kit.mounts import MountFactory, is_mounted, mount_entry, tarfuse_command, unmount
+from kit.sample import ARCHIVE_KINDS, SampleImage, data_runs
 
 pytestmark = pytest.mark.fuse
 

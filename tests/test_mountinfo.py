@@ -4,7 +4,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import foreground_mount
+from kit.mounts import foreground_mount
 
 from tarfuse.serve import mountinfo
 

@@ -12,8 +12,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import tarbuilder as tb
-from conftest import MountFactory, require_tool, tarfuse_command
+from conftest import require_tool
+from kit import tarbuilder as tb
+from kit.mounts import MountFactory, tarfuse_command
 
 from tarfuse.errors import BadHeader, NoImage
 from tarfuse.tar import archive

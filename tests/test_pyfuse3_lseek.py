@@ -10,7 +10,6 @@ import contextlib
 import errno
 import os
 import stat
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from conftest import stop_daemon, unmount, wait_for_mount
+from kit.mounts import daemon_mount
 
 NAME = b"disk.raw"
 FILE_INODE = pyfuse3.ROOT_INODE + 1
@@ -97,21 +96,10 @@ def serve(mountpoint: str, operations: pyfuse3.Operations) -> None:
 def mounted(tmp_path: Path, *args: str) -> Iterator[Path]:
     """Serve disk.raw from a child process running this file; yield its path; unmount at the end."""
     (mountpoint := tmp_path / "mnt").mkdir()
-    stderr = tmp_path / "fs.stderr"
-    with stderr.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, __file__, str(mountpoint), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
-    try:
-        wait_for_mount(mountpoint, process, stderr)
+    command = [sys.executable, __file__, mountpoint, *args]
+    with daemon_mount(command, mountpoint, tmp_path / "fs.stderr") as served:
         yield mountpoint / NAME.decode()
-    finally:
-        unmount(mountpoint)
-        stop_daemon(process)
-    assert process.returncode == 0, stderr.read_text(errors="replace")
+    assert served.process.returncode == 0, served.stderr_text()
 
 
 def seek(path: Path, offset: int, whence: int) -> int | str:

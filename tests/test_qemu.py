@@ -5,9 +5,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MountFactory, SampleImage, require_tool
-
-from tarfuse.sample import boot_command
+from conftest import require_tool
+from kit.mounts import MountFactory
+from kit.sample import SampleImage, boot_command
 
 pytestmark = pytest.mark.fuse
 

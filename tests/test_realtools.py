@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sparsegen
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kit import sparsegen
 
 from tarfuse.image.open import Image, open_image
 from tarfuse.sources.file import ArchiveFile

@@ -1,4 +1,4 @@
-"""Archives served over HTTP(S) from a test server on 127.0.0.1 (tests/httpserver.py), faults included.
+"""Archives served over HTTP(S) from a test server on 127.0.0.1 (tests/kit/httpserver.py), faults included.
 
 The first half drives tarfuse.remote.RemoteArchive in-process (no FUSE); the second mounts URLs for real
 and compares the served bytes with the sample image, boots it in QEMU, and counts the bytes fetched.
@@ -17,14 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ArchiveFactory, MountFactory, SampleImage, mount_entry, require_tool, tarfuse_command
-from httpserver import RangeServer, serve
+from conftest import ArchiveFactory, require_tool
+from kit.httpserver import RangeServer, serve
+from kit.mounts import MountFactory, mount_entry, tarfuse_command
+from kit.sample import DataRun, SampleImage, boot_sector, data_runs
 from test_qemu import boot_and_read_serial
 
 from tarfuse import mount
 from tarfuse.cli import split_mount_options
 from tarfuse.errors import ArchiveChanged, RemoteError, UsageError
-from tarfuse.sample import DataRun, boot_sector, data_runs
 from tarfuse.sources import DEFAULT_CACHE_SIZE
 from tarfuse.sources.blockcache import BLOCK_SIZE
 from tarfuse.sources.compressed import CompressedSource

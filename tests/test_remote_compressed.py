@@ -1,7 +1,7 @@
 """Compressed archives over HTTP: decoders reading through remote.RemoteArchive, the seek index in the cache.
 
 In-process first (CompressedSource over a RemoteArchive, no FUSE), then real mounts of URLs served by
-tests/httpserver.py on 127.0.0.1.
+tests/kit/httpserver.py on 127.0.0.1.
 """
 
 import io
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import pyzstd
-from conftest import MountFactory, SampleImage, tarfuse_command
-from httpserver import RangeServer, serve
+from kit.httpserver import RangeServer, serve
+from kit.mounts import MountFactory, tarfuse_command
+from kit.sample import SampleImage
 
 from tarfuse.sources import index
 from tarfuse.sources.compressed import GZIP_REMOTE_CHUNK_SIZE, CompressedSource, decompressed

@@ -1,4 +1,4 @@
-"""A hostile web server (tests/httpserver.py) against tarfuse.remote: what it sends is read only as far as
+"""A hostile web server (tests/kit/httpserver.py) against tarfuse.remote: what it sends is read only as far as
 it agrees with what was asked, its redirects take no secret elsewhere, and no answer, however slow, keeps a
 read waiting without end.
 
@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_tarfuse_measuring_peak_rss
-from httpserver import RangeServer, serve
+from kit.httpserver import RangeServer, serve
+from kit.mounts import run_tarfuse_measuring_peak_rss
 from test_remote import tls_files  # noqa: F401  # a fixture: a self-signed certificate for 127.0.0.1
 
 from tarfuse.errors import ArchiveError, RemoteError, UsageError

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
-from conftest import SampleImage, foreground_mount, is_mounted, mount_entry, tarfuse_command, unmount
-from httpserver import serve
+from kit.httpserver import serve
+from kit.mounts import foreground_mount, is_mounted, mount_entry, tarfuse_command, unmount
+from kit.sample import SampleImage
 from pyfuse3 import FUSEError
 from test_security import Setup, require_root, setup, sha256_as  # noqa: F401  # setup: a fixture
 

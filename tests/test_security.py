@@ -25,7 +25,6 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,17 +32,17 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from conftest import (
-    ArchiveFactory,
+from conftest import ArchiveFactory
+from kit.mounts import (
     MountFactory,
-    SampleImage,
+    daemon_mount,
     foreground_mount,
     is_mounted,
     mount_entry,
-    stop_daemon,
     tarfuse_command,
     unmount,
 )
+from kit.sample import SampleImage
 
 import tarfuse
 
@@ -187,24 +186,11 @@ def setup(sample_archive: Path) -> Iterator[Setup]:
 @contextlib.contextmanager
 def user_mount(setup: Setup, *options: str) -> Iterator[subprocess.Popen[bytes]]:
     """`tarfuse -f` run by the owner; unmounted (by root) and reaped at the end."""
+    command = setup.python.tarfuse(setup.owner, "-f", *options, setup.archive, setup.mountpoint)
     log = setup.mountpoint.with_name("tarfuse.log")
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            setup.python.tarfuse(setup.owner, "-f", *options, setup.archive, setup.mountpoint),
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not is_mounted(setup.mountpoint):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the user's tarfuse did not mount: {log.read_text(errors='replace')}")
-            time.sleep(0.05)
-        yield process
-    finally:
-        unmount(setup.mountpoint)
-        stop_daemon(process)
+    # No probe: root may not look into the owner's mount (no allow_other).
+    with daemon_mount(command, setup.mountpoint, log, timeout=TIMEOUT, probe=False) as served:
+        yield served.process
 
 
 def sha256_as(user: User, path: Path) -> subprocess.CompletedProcess[str]:

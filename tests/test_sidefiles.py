@@ -24,7 +24,9 @@ from pathlib import Path
 
 import pytest
 import pyzstd
-from conftest import MountFactory, SampleImage, make_archive, require_tool
+from conftest import make_archive, require_tool
+from kit.mounts import MountFactory
+from kit.sample import SampleImage
 from test_security import User, require_root, temporary_user
 
 from tarfuse.sources import index, sidefiles

@@ -1,16 +1,16 @@
 """sparse: the four GNU dialects decode to the same map, and bad maps are refused with their offset.
 
-Archives are hand-built (tests/tarbuilder.py), except the committed GNU tar fixtures in tests/data.
+Archives are hand-built (tests/kit/tarbuilder.py), except the committed GNU tar fixtures in tests/data.
 """
 
 import hashlib
 from pathlib import Path
 
 import pytest
-import sparsegen
-import tarbuilder as tb
 from hypothesis import given
 from hypothesis import strategies as st
+from kit import sparsegen
+from kit import tarbuilder as tb
 
 from tarfuse.errors import ArchiveError, BadHeader, CorruptSparseMap, TruncatedArchive
 from tarfuse.image.open import open_image

@@ -3,9 +3,9 @@
 import contextlib
 
 import pytest
-import tarbuilder as tb
 from hypothesis import given
 from hypothesis import strategies as st
+from kit import tarbuilder as tb
 
 from tarfuse.errors import BadHeader
 from tarfuse.tar import header as th

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Mount, MountFactory, SampleImage, is_mounted
-from readers import Tally, read_until
+from kit.mounts import Mount, MountFactory, is_mounted
+from kit.readers import Tally, read_until
+from kit.sample import SampleImage
 
 pytestmark = pytest.mark.fuse
 
-READERS = Path(__file__).with_name("readers.py")
+READERS = Path(__file__).with_name("kit") / "readers.py"
 THREADS = PROCESSES = 3
 TIMEOUT = 15.0  # a reader or daemon that takes longer than this hangs
 

@@ -6,8 +6,8 @@ values, counts, the real size) or as text, and written back in its own dialect.
 
 import random
 
-import tarbuilder as tb
-from fuzzlayout import (
+from kit import tarbuilder as tb
+from kit.fuzz.layout import (
     BLOCK,
     ZERO_BLOCK,
     Layout,
@@ -21,7 +21,6 @@ from fuzzlayout import (
     resign,
     split_records,
 )
-
 from tarfuse.errors import BadHeader
 from tarfuse.tar.header import parse_number, parse_sparse_numbers
 

@@ -10,8 +10,7 @@ import random
 import re
 from dataclasses import dataclass
 
-import tarbuilder as tb
-
+from kit import tarbuilder as tb
 from tarfuse.errors import BadHeader
 from tarfuse.tar.header import checksum_ok, parse_number
 
@@ -21,7 +20,7 @@ _PAX_FLAGS = frozenset(b"xXg")
 _LONG_FLAGS = frozenset(b"LK")
 _MAX_HEADERS = 2000  # the walk gives up after this many: mutations only need the first ones
 _MAX_MAP_LINES = 20_001
-IMAGE_SUFFIX = ".img"  # every seed names its disk image so (fuzzseeds.py)
+IMAGE_SUFFIX = ".img"  # every seed names its disk image so (seeds.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,11 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import sparsegen
-import tarbuilder as tb
-
+from kit import sparsegen
+from kit import tarbuilder as tb
 from tarfuse.tar.header import checksum_ok
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parents[2] / "data"  # tests/data
 MTIME = 1_700_000_000
 GIB = 1 << 30
 # vm/disk.img: eight 4 KiB runs (the filesystem's hole granularity), the first one with an MBR signature;

@@ -1,13 +1,17 @@
-"""Build small sample disk images for the demo and the tests, with no downloads.
+"""Build small sample disk images for the demo and the tests, with no downloads, and archive them.
 
 The image is a sparse raw disk, like a cloud image: a boot sector that prints one line on the first
 serial port, a few runs of deterministic pseudo-random data, and holes everywhere else. Its bytes are
-the oracle the tests compare a mount against.
+the oracle the tests compare a mount against. `make_archive` puts an image (this one, or a benchmark's)
+into an archive as a real tar program writes it.
 """
 
 import os
 import random
+import subprocess
+import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 SECTOR_SIZE = 512
 BOOT_SIGNATURE = b"\x55\xaa"  # at bytes 510-511; the BIOS boots a disk only if it is there
@@ -33,6 +37,28 @@ _CODE = bytes.fromhex(
 )
 _SI_IMMEDIATE = slice(7, 9)  # the 16-bit operand of `mov si, MESSAGE`
 MAX_MESSAGE_SIZE = SECTOR_SIZE - len(BOOT_SIGNATURE) - len(_CODE) - 1  # one byte for the NUL
+
+
+# How each archive kind is made from a directory holding one file; "tarfile" is done in Python.
+TAR_COMMANDS: dict[str, list[str]] = {
+    "gnu": ["tar", "--format=gnu", "-S", "-cf"],
+    "oldgnu": ["tar", "--format=oldgnu", "-S", "-cf"],
+    "pax0.0": ["tar", "--format=posix", "--sparse-version=0.0", "-S", "-cf"],
+    "pax0.1": ["tar", "--format=posix", "--sparse-version=0.1", "-S", "-cf"],
+    "pax1.0": ["tar", "--format=posix", "--sparse-version=1.0", "-S", "-cf"],
+    "bsdtar": ["bsdtar", "--read-sparse", "-cf"],
+    "busybox": ["busybox", "tar", "-cf"],
+}
+ARCHIVE_KINDS = [*TAR_COMMANDS, "tarfile"]
+
+
+@dataclass(frozen=True, slots=True)
+class SampleImage:
+    """A sparse bootable raw image on disk and its bytes, the oracle for every read."""
+
+    path: Path
+    data: bytes
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,3 +141,22 @@ def boot_command(image: str, serial_log: str, qemu: str = "qemu-system-x86_64") 
         *("-serial", f"file:{serial_log}", "-monitor", "none"),
         *("-drive", f"file={image.replace(',', ',,')},format=raw,if=virtio,readonly=on"),
     ]
+
+
+def make_archive(kind: str, source: Path, archive: Path) -> Path:
+    """Archive the file `source`, under its basename, as `kind` (one of ARCHIVE_KINDS); return `archive`.
+
+    Raises:
+        FileNotFoundError: the tar program of `kind` is not installed.
+        subprocess.CalledProcessError: it failed.
+    """
+    if kind == "tarfile":
+        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(source, arcname=source.name)
+        return archive
+    subprocess.run(
+        [*TAR_COMMANDS[kind], str(archive), "-C", str(source.parent), source.name],
+        check=True,
+        capture_output=True,
+    )
+    return archive

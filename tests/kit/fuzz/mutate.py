@@ -1,8 +1,8 @@
 """Mutate tar archives the way a bad disk, a buggy writer or an attacker would: the fuzzer's input side.
 
-Each mutation picks a place from the structure that fuzzlayout.walk found (a header, a field, a PAX record,
+Each mutation picks a place from the structure that layout.walk found (a header, a field, a PAX record,
 a long name, a boundary to cut at) and breaks it in one way, returning a description for the report;
-fuzzmaps breaks sparse maps. Two add members that real archives have and readers disagree on: more members
+maps.py breaks sparse maps. Two add members that real archives have and readers disagree on: more members
 named like the image (`tar -r`), and link, device, directory, FIFO, contiguous and dumpdir headers with a
 size. `mutate` chains one to four mutations, each on the structure left by the one before. Everything is
 deterministic given the `random.Random` passed in.
@@ -11,9 +11,9 @@ deterministic given the `random.Random` passed in.
 import random
 from collections.abc import Callable
 
-import sparsegen
-import tarbuilder as tb
-from fuzzlayout import (
+from kit import sparsegen
+from kit import tarbuilder as tb
+from kit.fuzz.layout import (
     BLOCK,
     ZERO_BLOCK,
     Entry,
@@ -31,7 +31,7 @@ from fuzzlayout import (
     split_records,
     walk,
 )
-from fuzzmaps import mutate_sparse
+from kit.fuzz.maps import mutate_sparse
 
 # ---- header-level mutations ---------------------------------------------------------------------------
 

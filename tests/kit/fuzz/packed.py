@@ -6,7 +6,7 @@ compressed bytes, if any. `Mount` runs what `tarfuse ARCHIVE MNT` runs before an
 FUSE: mount.assemble (the image as soon as its headers are decompressed, the background pass, and the
 served file, whose reads also check that the archive is still sound), with
 `-o noindex` so that nothing is kept on disk. A local archive is a memfd, opened through /proc/self/fd as
-the libraries open a path; a remote one is served over HTTP from this process (tests/httpserver.py).
+the libraries open a path; a remote one is served over HTTP from this process (kit/httpserver.py).
 """
 
 import atexit
@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyzstd
-from httpserver import RangeServer, serve
 
+from kit.httpserver import RangeServer, serve
 from tarfuse import cli, mount
 
 COMPRESSIONS = {"gzip": 4, "zstd": 3, "xz": 3, "bzip2": 2}  # name -> weight among compressed cases
@@ -126,7 +126,7 @@ class Mount:
         self.image, self._job, self._served = (
             self._assembly.image,
             self._assembly.background,
-            self._assembly.served,
+            self._assembly.served[0],
         )
 
     def run_pass(self) -> None:

@@ -6,7 +6,7 @@ case it is on and its deadline in shared memory, and sends results back. A case 
 hang: the parent sends SIGABRT and faulthandler prints where the worker was. A worker that dies is a crash.
 A case after which the worker's peak RSS is over the memory ceiling (issue 11: 256 MiB for any archive, at
 any point of a mount's life) is a finding too, and the worker makes way for a fresh one. Either way the
-batch goes on in a new worker, and the finding names the case, which fuzzing.Corpus can make again.
+batch goes on in a new worker, and the finding names the case, which engine.Corpus can make again.
 """
 
 import contextlib
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from fuzzing import (
+from kit.fuzz.engine import (
     DIFFERS,
     INSPECT,
     NOT_EXTRACTED,
@@ -42,7 +42,7 @@ from fuzzing import (
 MIB = 1 << 20
 INSPECT_KEPT = 10  # differential disagreements of each kind saved for a person to look at
 # What the fork server imports once for every worker: what the daemon imports, the decompressors, and
-# what unpickling a worker's arguments imports (hypothesis: fuzzseeds imports sparsegen, which imports it).
+# what unpickling a worker's arguments imports (hypothesis: fuzz.seeds imports sparsegen, which imports it).
 # pytest too when it runs the fuzzer: a check function of a test module imports it.
 _PRELOAD = ["tarfuse.cli", "tarfuse.sources.index", "rapidgzip", "xz", "pyzstd", "hypothesis"]
 

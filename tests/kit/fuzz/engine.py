@@ -1,9 +1,9 @@
 """One fuzz case: make it, run it through tarfuse, and compare it with what GNU tar extracts.
 
-The engine behind `make fuzz` (scripts/fuzz.py) and tests/test_fuzz.py; fuzzpool.py runs many cases in
-worker processes. A case is a number: with the fuzz seed it decides the seed archive (fuzzseeds.py), the
-mutations (fuzzmutate.py), whether the archive is compressed, and how, and whether it is read over HTTP
-(fuzzpacked.py), so any case can be made again from its number. A case passes when tarfuse lists and opens
+The engine behind `make fuzz` (scripts/fuzz.py) and tests/test_fuzz.py; pool.py runs many cases in
+worker processes. A case is a number: with the fuzz seed it decides the seed archive (seeds.py), the
+mutations (mutate.py), whether the archive is compressed, and how, and whether it is read over HTTP
+(packed.py), so any case can be made again from its number. A case passes when tarfuse lists and opens
 the mutated archive and reads the image, or refuses it with an ArchiveError that has a reason and an offset
 inside the archive; anything else tarfuse raises is a finding. A compressed or remote case is also mounted
 the way the CLI mounts it (without FUSE), read before and after the background pass, and must serve what
@@ -24,10 +24,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fuzzmutate import Layout, Mutation, duplicate_image, mutate, sized_special, walk
-from fuzzpacked import SUFFIXES, Mount, Packing, choose_packing
-from fuzzseeds import Seed
-
+from kit.fuzz.mutate import Layout, Mutation, duplicate_image, mutate, sized_special, walk
+from kit.fuzz.packed import SUFFIXES, Mount, Packing, choose_packing
+from kit.fuzz.seeds import Seed
 from tarfuse.errors import ArchiveError, CorruptCompressed, NoImage, TarfuseError
 from tarfuse.image.open import Image, list_images, open_image
 from tarfuse.tar.archive import ReadAt, normalize_name

@@ -1,0 +1,14 @@
+"""The support kit of the tests and the scripts: what both need to build archives and run tarfuse.
+
+mounts: run a FUSE daemon in the foreground, wait for its mount, probe it, unmount it, stop it.
+sample: the bootable sparse sample image (the demo's and the tests'), and archives of it by real tar programs.
+tarbuilder, sparsegen: archives built byte by byte, and sparse layouts with their expected bytes.
+httpserver: a range-capable HTTP server on 127.0.0.1, with faults on demand.
+faultyfs, readers: programs the tests run: storage with bad sectors, and readers that check every byte.
+fuzz: the fuzz engine of `make fuzz` and tests/test_fuzz.py.
+bench: the benchmark harness of scripts/bench*.py.
+
+pytest finds the kit because tests/ holds the rootdir conftest; everything else (scripts, `python -c`) through
+the .pth file that `make dev` writes into the venv. Nothing here imports pytest: what a test needs to skip
+or fail stays in tests/conftest.py.
+"""

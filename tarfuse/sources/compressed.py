@@ -118,7 +118,8 @@ class _GzipDecoder(_SeekingDecoder):
 
     def export_index(self) -> bytes | None:
         out = io.BytesIO()
-        self._gz.export_index(out, self._index_format)
+        with _decoding(_RAPIDGZIP_ERRORS):  # e.g. "All window sizes must be at least 32 KiB" (tiny streams)
+            self._gz.export_index(out, self._index_format)
         return out.getvalue()
 
     def import_index(self, blob: bytes) -> None:
@@ -200,6 +201,44 @@ class _XzDecoder(_SeekingDecoder):
         return len(self._xz.block_boundaries) <= 1
 
 
+class _DictzipDecoder:
+    """dictzip: gzip with each chunk's compressed size in its header (RA), so any chunk inflates on its own.
+
+    Random access from the first read, with no pass and no index file; its reads are checked against the
+    whole stream's CRC32 only once verify() has read it all (the chunks carry no checksum), which the
+    background job of the mount does (index.VerifyPass).
+    """
+
+    def __init__(self, archive: ByteSource) -> None:
+        from tarfuse.sources.dictzip import DictzipReader
+
+        self._reader = DictzipReader(archive.read_at, archive.size)
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        return self._reader.read_at(offset, size)
+
+    def compressed_position(self) -> int | None:
+        return None
+
+    def complete_size(self) -> int | None:
+        return self._reader.size
+
+    def export_index(self) -> bytes | None:
+        return None
+
+    def import_index(self, blob: bytes) -> None:
+        pass
+
+    def single_stream(self) -> bool:
+        return False
+
+    def verify(self, stopped: Callable[[], bool]) -> bool:
+        return self._reader.verify(stopped)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
 DECODERS: dict[Compression, Callable[[str | PreadFile], Decoder]] = {
     "gzip": _GzipDecoder,
     "bzip2": _open_bzip2,
@@ -253,10 +292,15 @@ class CompressedSource:
         self, archive: ByteSource, compression: Compression, cache_size: int = DEFAULT_CACHE_SIZE
     ) -> None:
         self.path = archive.path
-        self.compression = compression
         self.archive = archive
         self.cache = ChunkCache(cache_size)
-        self._open_decoder = DECODERS[compression]
+        if compression == "gzip" and _has_random_access_table(archive):
+            compression = "dictzip"
+            self.readers = 4  # its reader is thread-safe and inflates outside its lock
+            self._open_decoder: Callable[[str | PreadFile], Decoder] = lambda _: _DictzipDecoder(archive)
+        else:
+            self._open_decoder = DECODERS[compression]
+        self.compression = compression
         self._lock = threading.Lock()  # guards _decoder: library objects are not thread-safe
         self._decoder: Decoder | None = None
         self._index: bytes | None = None  # a complete index to give every decoder this source opens
@@ -353,6 +397,18 @@ class CompressedSource:
         if old is not None:
             old.close()
 
+    def verify(self, stopped: Callable[[], bool] = lambda: False) -> bool:
+        """Read a dictzip stream whole against its CRC32 (its chunks carry none), with a decoder of its own;
+        raise CorruptCompressed if it fails; False if `stopped()` came first. Other formats are checked as
+        the indexing pass decompresses them."""
+        decoder = self.new_decoder()
+        try:
+            return not isinstance(decoder, _DictzipDecoder) or decoder.verify(stopped)
+        except DecodeError as exc:
+            raise CorruptCompressed(f"the {self.compression} stream fails its check: {exc}", None) from None
+        finally:
+            decoder.close()
+
     def mark_broken(self, error: ArchiveError) -> None:
         """Fail every later read with `error`: the stream was found corrupt, so no decompressed byte can be
         trusted, or what is served turned out not to be what tar -x extracts."""
@@ -395,6 +451,8 @@ class CompressedSource:
         return data
 
     def read_at(self, offset: int, size: int) -> bytes:
+        if self.compression == "dictzip":
+            return self._read_random_access(offset, size)
         parts = []
         end = min(offset + size, self.size)
         while offset < end:
@@ -405,6 +463,17 @@ class CompressedSource:
             parts.append(chunk)
             offset += len(chunk)
         return b"".join(parts)
+
+    def _read_random_access(self, offset: int, size: int) -> bytes:
+        """dictzip: its reader inflates only the chunks (~57 KiB) a read needs, from any thread, with a
+        cache of its own; this source's 1 MiB chunks would inflate 18 of them for a 4 KiB read (measured:
+        205 random 4 KiB reads/s that way, 2,985 straight)."""
+        with self._lock:
+            decoder = self._decoder_locked()
+        try:
+            return decoder.read_at(offset, max(0, min(size, self.size - offset)))
+        except DecodeError as exc:
+            raise CorruptCompressed(f"the dictzip stream cannot be decompressed: {exc}", offset) from None
 
     def pread_into(self, buffer: memoryview, offset: int) -> int:
         data = self.read_at(offset, len(buffer))
@@ -428,6 +497,18 @@ class CompressedSource:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _has_random_access_table(archive: ByteSource) -> bool:
+    """Whether a gzip file is dictzip: its header's RA table (a broken one is CorruptCompressed)."""
+    from tarfuse.sources import dictzip
+
+    try:
+        return (
+            dictzip.parse_header(archive.read_at(0, min(dictzip.HEADER_READ_SIZE, archive.size))) is not None
+        )
+    except DecodeError as exc:
+        raise CorruptCompressed(f"the dictzip table cannot be used: {exc}", 0) from None
 
 
 Source = TypeVar("Source", bound=ByteSource)

@@ -5,7 +5,9 @@ from typing import Literal
 
 from tarfuse.errors import CompressedArchive
 
-Compression = Literal["gzip", "bzip2", "xz", "zstd"]  # the compressions tarfuse serves
+# The compressions tarfuse serves; "dictzip" is gzip whose header carries a table for random access
+# (sniff says "gzip": compressed.CompressedSource looks for the table).
+Compression = Literal["gzip", "bzip2", "xz", "zstd", "dictzip"]
 
 # Compression magic numbers: the name, and the command that unpacks it.
 COMPRESSION_MAGIC = (
@@ -17,6 +19,9 @@ COMPRESSION_MAGIC = (
     (b"LZIP", "lzip", "lzip -d"),
     (b"\x1f\x9d", "compress (.Z)", "uncompress"),
 )
+# The name suffixes of compressed files: an image compressed without a tar, or a tar member, is served
+# under its name without one (disk.raw.xz -> disk.raw).
+COMPRESSION_SUFFIXES = (".gz", ".xz", ".zst", ".zstd", ".bz2", ".dz")
 SERVED: tuple[Compression, ...] = ("gzip", "bzip2", "xz", "zstd")  # the ones compressed.DECODERS decodes
 _SKIPPABLE_FIRST = frozenset(bytes([0x50 + i]) for i in range(16))  # zstd skippable frames: 0x184D2A5?
 

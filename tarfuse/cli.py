@@ -18,7 +18,7 @@ from tarfuse.errors import ArchiveError, TarfuseError, UsageError
 from tarfuse.image.open import Image
 from tarfuse.mount import MountOptions, assemble, list_archive
 from tarfuse.serve import daemon
-from tarfuse.serve.fs import ImageFs
+from tarfuse.serve.fs import ImageFs, seek_support
 from tarfuse.sources import remote
 
 log = logging.getLogger("tarfuse")
@@ -200,7 +200,9 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--debug-fuse", action="store_true", help="also log libfuse's requests")
     command.add_argument("-l", "--list", action="store_true", help="list the disk images in ARCHIVE and exit")
     command.add_argument("--json", action="store_true", help="with --list: one JSON object, for scripts")
-    command.add_argument("-V", "--version", action="version", version=f"tarfuse {__version__}")
+    command.add_argument(
+        "-V", "--version", action="version", version=f"tarfuse {__version__} ({seek_support()})"
+    )
     return command
 
 
@@ -266,7 +268,7 @@ def _run_by_mount() -> bool:
 
 
 def _list(path: str, options: MountOptions, as_json: bool = False) -> int:
-    listing = list_archive(path, options)
+    listing = list_archive(path, options, say=log.info)
     compression, found, images = listing.compression, listing.index, listing.images
     if as_json:
         print(json.dumps(_listing(path, compression, found, images), indent=2))
@@ -323,10 +325,14 @@ def _print_table(images: list[Image]) -> None:
 
 def _mount(args: argparse.Namespace, options: MountOptions) -> int:
     mountpoint = daemon.pin_mountpoint(args.mountpoint)  # now: once mounted, resolving it would hang
-    assembly = assemble(args.archive, options)
-    for warning in assembly.image.member.warnings:  # metadata tar -x would also have taken leniently
-        log.warning("%s: warning: %s", remote.display_name(args.archive), warning)
-    log.debug("serving %s (%s, %d bytes)", assembly.image.name, assembly.image.format, assembly.served.size)
+    several = not mountpoint.is_file  # a directory mount point serves every disk of a multi-disk archive
+    assembly = assemble(args.archive, options, several=several, say=log.info)
+    for note in assembly.notes:
+        log.info("%s", note)
+    for image in assembly.images:
+        for warning in image.member.warnings:  # metadata tar -x would also have taken leniently
+            log.warning("%s: warning: %s", remote.display_name(args.archive), warning)
+        log.debug("serving %s (%s, %d bytes)", image.name, image.format, image.mapper.size)
     ops = ImageFs(
         assembly.served,
         mountpoint.is_file,

@@ -9,18 +9,22 @@ for a CompressedSource.
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tarfuse.errors import TarfuseError
+from tarfuse.errors import CompressedArchive, CorruptCompressed, TarfuseError, UsageError
+from tarfuse.image import bare
+from tarfuse.image.detect import HEAD_SIZE
 from tarfuse.image.mapper import HOLE, ImageMapper
 from tarfuse.image.open import Image, list_images, open_first_image, open_image
 from tarfuse.serve.daemon import BackgroundJob
 from tarfuse.serve.fs import BLOCKING_READERS, ServedFile
 from tarfuse.sources import DEFAULT_CACHE_SIZE, compressed, remote
 from tarfuse.sources.compressed import CompressedSource
-from tarfuse.sources.compression import Compression
+from tarfuse.sources.compression import Compression, compression_of, sniff
 from tarfuse.sources.file import ArchiveFile, ByteSource
+from tarfuse.sources.member import MemberSource
 
 _MAX_REQUEST = 1 << 20  # FUSE reads are at most max_pages (256) pages long; larger ones get their own buffer
 _REMOTE_SHARE = 4  # a compressed archive on a URL: a quarter of the cache for its compressed blocks
@@ -54,25 +58,34 @@ class Listing:
 
 @dataclass
 class Assembly:
-    """A mount's parts, ready for the FUSE side."""
+    """A mount's parts, ready for the FUSE side: one served file per image (several: a multi-disk archive
+    on a directory mount point), the sources under them, and the background job."""
 
-    source: ByteSource
-    image: Image
-    served: ServedFile
+    archive: ByteSource  # the archive as the tar reader sees it (decompressed if compressed)
+    images: list[Image]
+    served: list[ServedFile]
     background: BackgroundJob | None  # a compressed archive's indexing pass
+    members: list[CompressedSource] = field(default_factory=list)  # compressed members, decompressed
+    notes: tuple[str, ...] = ()  # what the command should tell the user
+
+    @property
+    def image(self) -> Image:
+        return self.images[0]
 
     @property
     def workers(self) -> int:
-        """FUSE worker tasks: one for a source whose reads never wait, else one per reader thread."""
-        return BLOCKING_READERS if self.source.blocking else 1
+        """FUSE worker tasks: one if no read ever waits, else one per reader thread."""
+        return BLOCKING_READERS if any(s.blocking for s in self.served) else 1
 
     def before_fork(self) -> None:
         """Drop what does not survive fork(): a decoder's threads (the daemon opens its own)."""
-        if isinstance(self.source, CompressedSource):
-            self.source.drop_decoder()
+        for source in (*self.members, self.archive):
+            if isinstance(source, CompressedSource):
+                source.drop_decoder()
 
     def close(self) -> None:
-        self.source.close()  # rapidgzip aborts the interpreter if its threads outlive it
+        for source in (*self.members, self.archive):  # rapidgzip aborts if its threads outlive it
+            source.close()
 
 
 def open_source(path: str, options: MountOptions) -> ByteSource:
@@ -91,10 +104,15 @@ def open_source(path: str, options: MountOptions) -> ByteSource:
     return source
 
 
-def list_archive(path: str, options: MountOptions) -> Listing:
+def list_archive(path: str, options: MountOptions, say: Callable[[str], None] = lambda line: None) -> Listing:
     """Every candidate image, and for a compressed archive the saved index a mount would use."""
     compression = found = None
     with contextlib.closing(open_source(path, options)) as source:
+        head = source.read_at(0, bare.TAR_HEAD)
+        if not bare.is_tar(head):  # the stream is the image: what a mount would serve
+            image, _ = _open_bare(path, source, head, options, say)
+            compression = source.compression if isinstance(source, CompressedSource) else None
+            return Listing(compression, None, [image])
         if isinstance(source, CompressedSource):
             from tarfuse.sources import index  # with pyzstd (its spill): only compressed archives need it
 
@@ -105,19 +123,183 @@ def list_archive(path: str, options: MountOptions) -> Listing:
     return Listing(compression, found, images)
 
 
-def assemble(path: str, options: MountOptions) -> Assembly:
-    """Open the archive and its image, and build the file to serve; on failure nothing stays open."""
+def assemble(
+    path: str, options: MountOptions, several: bool = False, say: Callable[[str], None] = lambda line: None
+) -> Assembly:
+    """Open the archive and its images, and build the files to serve; on failure nothing stays open.
+
+    The layers compose: a file or URL, maybe decompressed; then a tar, whose chosen member may itself be
+    compressed (disk.raw.xz: decompressed again, and served as disk.raw), or no tar at all, the whole
+    stream being the image. With `several` (a directory mount point, no -o member=), every candidate
+    image of the tar is served, at its path. `say` hears of a wait (a stream whose size only its end
+    tells, a compressed multi-disk archive read whole before it is served).
+    """
     source = open_source(path, options)
+    members: list[CompressedSource] = []
     try:
-        background = None
-        if isinstance(source, CompressedSource):
-            image, background = _open_compressed(source, options)
-        else:
-            image = open_image(source.read_at, source.size, options.member, source.pread_into)
-        return Assembly(source, image, _served_file(image, source, options), background)
+        notes: tuple[str, ...] = ()
+        head = source.read_at(0, bare.TAR_HEAD)
+        if not bare.is_tar(head):
+            image, background = _open_bare(path, source, head, options, say)
+            if not isinstance(source, CompressedSource) and not remote.is_url(path):
+                notes = (
+                    f"{path} is a {image.format} image itself, not an archive: serving it as it is "
+                    "(QEMU, qemu-img and losetup -r can open it without tarfuse)",
+                )
+            served = [_served_file(image, source, options, bare=True)]
+            return Assembly(source, [image], served, background, notes=notes)
+        images, background = _open_tar(source, options, several and options.member is None, say)
+        opened: list[Image] = []
+        served = []
+        for image in images:
+            unwrapped = _open_compressed_member(source, image, options, say)
+            if unwrapped is None:
+                opened.append(image)
+                served.append(_served_file(image, source, options, bare=len(images) == 1))
+                continue
+            inner, whole, member_job = unwrapped
+            members.append(inner)
+            background = _one_after_another(background, member_job)
+            opened.append(whole)
+            served.append(_served_file(whole, inner, options, bare=len(images) == 1))
+        return Assembly(source, opened, served, background, members)
     except BaseException:
+        for inner in members:
+            inner.close()
         source.close()
         raise
+
+
+def _open_tar(
+    source: ByteSource, options: MountOptions, several: bool, say: Callable[[str], None]
+) -> tuple[list[Image], BackgroundJob | None]:
+    """The image of a tar, or with `several` every candidate image, where their headers are cheap to reach.
+
+    A plain tar's headers are read whole anyway. A compressed one's are cheap only with a complete index:
+    without one, finding a second disk means decompressing the whole archive before serving the first, so
+    the first candidate is served as soon as its header decodes (as for one disk), the background pass
+    logs the others and keeps the index, and the next mount serves them all.
+    """
+    if isinstance(source, CompressedSource):
+        if several and source.compression != "dictzip":
+            from tarfuse.sources import index
+
+            where = index_path(source, options)
+            if where is not None and (not source.size_known or source.needs_spill()):
+                index.use_saved_index(where, source)
+        if several and source.size_known and not source.needs_spill():
+            images = list_images(source.read_at, source.size, source.pread_into)
+            if len(images) > 1:
+                return images, _dictzip_check(source) if source.compression == "dictzip" else None
+        image, background = _open_compressed(source, options)
+        return [image], background
+    if several:
+        images = list_images(source.read_at, source.size, source.pread_into)
+        if len(images) > 1:
+            return images, None
+    return [open_image(source.read_at, source.size, options.member, source.pread_into)], None
+
+
+def _open_bare(
+    path: str, source: ByteSource, head: bytes, options: MountOptions, say: Callable[[str], None]
+) -> tuple[Image, BackgroundJob | None]:
+    """A stream that is no tar: an image given as it is, or compressed without a tar around it."""
+    if options.member is not None:
+        raise UsageError(f"-o member= names a member of a tar archive, and {path} is none")
+    compression = source.compression if isinstance(source, CompressedSource) else None
+    name = bare.served_name(path, compression)
+    job = None
+    if isinstance(source, CompressedSource):
+        _refuse_compressed_again(head, "the decompressed stream")
+        bare.check_image(name, source.read_at(0, HEAD_SIZE))  # before a wait for the size, not after
+        job = _whole_stream_ready(source, options, say)
+    mtime = 0 if remote.is_url(path) else int(os.stat(path).st_mtime)
+    return bare.open_whole(source.read_at, source.size, name, mtime, source.pread_into), job
+
+
+def _open_compressed_member(
+    archive: ByteSource, image: Image, options: MountOptions, say: Callable[[str], None]
+) -> tuple[CompressedSource, Image, BackgroundJob | None] | None:
+    """The member chosen, decompressed, if it is named like a compressed image and its bytes agree."""
+    name = bare.strip_compression_suffix(image.name)
+    if name == image.name:
+        return None
+    compression = sniff(image.mapper.read(0, 8))
+    if compression is None:
+        return None  # named .xz, but no compressed bytes: served as tar -x would write it
+    if isinstance(archive, CompressedSource) and not archive.size_known:
+        say(
+            f"{image.name} is {compression}-compressed inside a compressed archive: reading the archive whole"
+        )
+    member = MemberSource(
+        archive, image.mapper.read_into, image.mapper.size, image.name, image.member.header_offset
+    )
+    inner = CompressedSource(member, compression, options.cache_size)
+    try:
+        _refuse_compressed_again(inner.read_at(0, 8), f"member {image.name!r} decompressed")
+        job = _whole_stream_ready(inner, options, say)
+        whole = bare.open_whole(inner.read_at, inner.size, name, image.member.mtime, inner.pread_into)
+    except BaseException:
+        inner.close()
+        raise
+    return inner, whole, job
+
+
+def _refuse_compressed_again(head: bytes, what: str) -> None:
+    """Two layers of compression are served (a compressed member of a compressed tar); more are refused."""
+    if (found := compression_of(head)) is not None:
+        raise CompressedArchive(f"{what} is {found[0]}-compressed again: decompress it first ({found[1]})", 0)
+
+
+def _whole_stream_ready(
+    source: CompressedSource, options: MountOptions, say: Callable[[str], None], wait: bool = True
+) -> BackgroundJob | None:
+    """Make a stream servable as one image: its exact size known, and its background job if any.
+
+    A tar's size needs no knowing (its headers say where things end); an image's does, before the first
+    stat: QEMU and losetup take st_size once. xz, seekable zstd, dictzip and a saved index give it at once.
+    gzip says it only modulo 4 GiB, a one-frame zstd may not say it: then the stream is decompressed once,
+    here, before the mount (timed in docs/compressed.md), and the index kept makes the next mount immediate.
+    """
+    from tarfuse.sources import index
+
+    if source.compression == "dictzip":
+        return _dictzip_check(source)
+    where = index_path(source, options)
+    if where is not None and (not source.size_known or source.needs_spill()):
+        index.use_saved_index(where, source)
+    if source.size_known and not source.needs_spill():
+        return None
+    indexing = index.IndexingPass(source, source.path, where, scan=False)
+    if source.size_known or not wait:  # only its spill or index to make: in the background, as for a tar
+        return BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
+    say(f"{source.path}: the {source.compression} stream does not say its size: decompressing it once")
+    indexing.run(threading.Event())
+    source.check_unchanged()  # the pass found it corrupt
+    if not source.size_known:
+        raise CorruptCompressed(f"the size of the {source.compression} stream could not be learned", None)
+    return None
+
+
+def _dictzip_check(source: CompressedSource) -> BackgroundJob:
+    """A dictzip stream's background job: its CRC32, read whole once (index.VerifyPass says why)."""
+    from tarfuse.sources import index
+
+    checking = index.VerifyPass(source)
+    return BackgroundJob(checking.run, checking.status, lambda: checking.progress.done)
+
+
+def _one_after_another(first: BackgroundJob | None, then: BackgroundJob | None) -> BackgroundJob | None:
+    """Two background jobs in one thread (the archive's pass, then its compressed member's)."""
+    if first is None or then is None:
+        return first or then
+
+    def run(stop: threading.Event) -> None:
+        first.run(stop)
+        if not stop.is_set():
+            then.run(stop)
+
+    return BackgroundJob(run, lambda: first.status() if not first.done() else then.status(), then.done)
 
 
 def index_path(source: CompressedSource, options: MountOptions) -> str | None:
@@ -139,6 +321,10 @@ def _open_compressed(source: CompressedSource, options: MountOptions) -> tuple[I
     """
     from tarfuse.sources import index
 
+    if source.compression == "dictzip":  # random access from its header's table: no pass, no index file
+        return open_image(source.read_at, source.size, options.member, source.pread_into), _dictzip_check(
+            source
+        )
     where = index_path(source, options)
     if where is not None and (not source.size_known or source.needs_spill()):
         index.use_saved_index(where, source)  # gives the size, or serves from the spill
@@ -157,6 +343,11 @@ def _open_compressed(source: CompressedSource, options: MountOptions) -> tuple[I
     return image, BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
 
 
+def _inside(name: str) -> str:
+    """A member's path as a path under the mount point: no empty, "." or ".." component."""
+    return "/".join(part for part in name.split("/") if part not in ("", ".", ".."))
+
+
 def _cached(mapper: ImageMapper, source: CompressedSource) -> Callable[[int, int], bool]:
     """Whether an image read needs no decompression: all holes, or all in the chunk cache."""
 
@@ -166,7 +357,9 @@ def _cached(mapper: ImageMapper, source: CompressedSource) -> Callable[[int, int
     return ready
 
 
-def _served_file(image: Image, source: ByteSource, options: MountOptions) -> ServedFile:
+def _served_file(image: Image, source: ByteSource, options: MountOptions, bare: bool = True) -> ServedFile:
+    """The file FUSE serves for `image`: named by its base name (`bare`), or by its path in the archive,
+    without "." and ".." (tar -x strips a leading "../" too), for several images."""
     mapper = image.mapper
     # One buffer serves every request: handlers run one at a time on the trio loop, and pyfuse3 copies
     # the reply to the kernel before the next request is read (see ImageFs.read). Blocking sources are
@@ -184,7 +377,7 @@ def _served_file(image: Image, source: ByteSource, options: MountOptions) -> Ser
         return view[:filled]
 
     return ServedFile(
-        name=os.path.basename(image.name.rstrip("/")) or "image",
+        name=(os.path.basename(image.name.rstrip("/")) if bare else _inside(image.name)) or "image",
         size=mapper.size,
         mtime_ns=image.member.mtime * 1_000_000_000,
         stored_bytes=image.stored_bytes,
@@ -200,4 +393,6 @@ def _served_file(image: Image, source: ByteSource, options: MountOptions) -> Ser
         blocking=source.blocking,
         ready=_cached(mapper, source) if isinstance(source, CompressedSource) else None,
         readers=source.readers,
+        next_data=mapper.next_data,
+        next_hole=mapper.next_hole,
     )

@@ -10,7 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import SampleImage, is_mounted, unmount, wait_for_mount
+from kit.mounts import daemon_mount, is_mounted
+from kit.sample import SampleImage
 
 import tarfuse
 
@@ -51,7 +52,7 @@ def installed(prefix: Path, *args: str | Path, cwd: str = "/") -> subprocess.Com
 
 
 def test_the_installed_tarfuse_runs_its_own_copy_not_the_checkout(prefix: Path) -> None:
-    assert installed(prefix, "--version").stdout.strip() == f"tarfuse {tarfuse.__version__}"
+    assert installed(prefix, "--version").stdout.startswith(f"tarfuse {tarfuse.__version__} (pyfuse3 ")
     python = prefix / "lib" / "tarfuse" / "bin" / "python"
     where = subprocess.run(
         [python, "-c", "import tarfuse; print(tarfuse.__file__)"], capture_output=True, text=True, cwd="/"
@@ -64,22 +65,10 @@ def test_the_installed_tarfuse_mounts_and_serves_the_image(
     prefix: Path, sample_archive: Path, sample_image: SampleImage, tmp_path: Path
 ) -> None:
     (mountpoint := tmp_path / "mnt").mkdir()
-    log = tmp_path / "tarfuse.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            ["env", "-i", f"PATH={prefix}/bin:{MOUNT_PATH}", "tarfuse", "-f", sample_archive, mountpoint],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-            cwd="/",
-        )
-    try:
-        wait_for_mount(mountpoint, process, log)
+    command = ["env", "-i", f"PATH={prefix}/bin:{MOUNT_PATH}", "tarfuse", "-f", sample_archive, mountpoint]
+    with daemon_mount(command, mountpoint, cwd="/") as served:
         assert (mountpoint / "disk.raw").read_bytes() == sample_image.data
-    finally:
-        unmount(mountpoint)
-        process.wait(timeout=30)
-    assert process.returncode == 0
+    assert served.process.returncode == 0, served.stderr_text()
     assert not is_mounted(mountpoint)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tarfuse.errors import NoImage
+from tarfuse.sources.compression import COMPRESSION_SUFFIXES
 from tarfuse.tar.archive import Member, ReadAt, normalize_name
 from tarfuse.tar.files import Candidate
 
@@ -23,6 +24,11 @@ IMAGE_SUFFIXES = (
     ".vhdx",
     ".iso",
     ".dsk",
+    # file system images, which losetup and mount take as they are
+    ".ext2",
+    ".ext3",
+    ".ext4",
+    ".squashfs",
 )
 HEAD_SIZE = 0x8800  # enough to see the ISO 9660 volume descriptor at 0x8001
 
@@ -42,7 +48,13 @@ RAW = ImageFormat("raw")
 
 
 def has_image_suffix(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES)
+    """Named like an image, maybe compressed as well (`disk.raw.xz`: mount.py serves it decompressed)."""
+    lower = name.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        if lower.endswith(suffix):
+            lower = lower[: -len(suffix)]
+            break
+    return lower.endswith(IMAGE_SUFFIXES)
 
 
 def find_candidates(files: list[Candidate], sniff: Callable[[Member], ImageFormat | None]) -> list[Candidate]:
@@ -110,4 +122,8 @@ def detect_format(read_at: ReadAt, size: int, read_tail: bool = True) -> ImageFo
         return ImageFormat("raw", "GPT partition table")
     if head[510:512] == b"\x55\xaa":
         return ImageFormat("raw", "MBR boot sector")
+    if head[0x438:0x43A] == b"\x53\xef":  # the ext2/3/4 superblock's magic, 1 KiB in
+        return ImageFormat("raw", "ext2/3/4 file system")
+    if head[:4] in (b"hsqs", b"XFSB"):
+        return ImageFormat("raw", "squashfs" if head[:4] == b"hsqs" else "XFS file system")
     return None

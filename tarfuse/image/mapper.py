@@ -52,6 +52,34 @@ class ImageMapper:
                 i += 1
         return pieces
 
+    def next_data(self, offset: int) -> int | None:
+        """The first byte of data at or after `offset` (lseek SEEK_DATA), or None if only a hole follows.
+
+        Only the archive's map decides: zeros stored as data are data. O(log n), plus the empty extents a
+        map may hold (GNU tar ends a map with one).
+        """
+        logical, lengths, count = self._logical, self._lengths, self._count
+        i = max(bisect_right(logical, offset) - 1, 0)
+        while i < count:
+            start, end = logical[i], logical[i] + lengths[i]
+            if lengths[i] and end > offset:
+                return max(start, offset)
+            i += 1
+        return None
+
+    def next_hole(self, offset: int) -> int:
+        """The first byte of a hole at or after `offset` (lseek SEEK_HOLE); the image's end if none, which
+        is where lseek(2) puts the implicit hole at the end of every file."""
+        logical, lengths, count = self._logical, self._lengths, self._count
+        i = bisect_right(logical, offset) - 1
+        if i < 0 or logical[i] + lengths[i] <= offset:
+            return offset  # in a hole already (before the first extent, or between two)
+        end = logical[i] + lengths[i]
+        while i + 1 < count and logical[i + 1] <= end:  # extents that touch make one run of data
+            i += 1
+            end = max(end, logical[i] + lengths[i])
+        return min(end, self.size)
+
     def read(self, offset: int, size: int) -> bytes:
         """Return the image bytes at [offset, offset + size), short only at the end of the image."""
         # join() hands back a lone piece as it is, without a copy

@@ -56,10 +56,11 @@ def _files(read_at: ReadAt, archive_size: int) -> list[Candidate]:
     return resolve_files(scan_members(read_at, archive_size))
 
 
-def list_images(read_at: ReadAt, archive_size: int) -> list[Image]:
-    """Every candidate image in the archive, opened (for `tarfuse --list`)."""
+def list_images(read_at: ReadAt, archive_size: int, read_into: PreadInto | None = None) -> list[Image]:
+    """Every candidate image in the archive, opened (for `tarfuse --list`, and for every disk of a
+    multi-disk archive)."""
     files = _files(read_at, archive_size)
-    return [_open_candidate(c, read_at) for c in detect.find_candidates(files, _sniffer(read_at))]
+    return [_open_candidate(c, read_at, read_into) for c in detect.find_candidates(files, _sniffer(read_at))]
 
 
 def open_first_image(

@@ -1,4 +1,4 @@
-"""The pyfuse3 adapter: one read-only file, at the root or alone in the root directory.
+"""The pyfuse3 adapter: read-only files, the root itself (a file mount point) or in a directory tree.
 
 A protocol adapter only: inodes, attributes, extended attributes and errno mapping. It knows nothing about
 tar; it serves whatever `ServedFile.read` returns. Read-only at every entry point: anything that would
@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -22,7 +22,7 @@ from tarfuse.errors import TarfuseError
 
 log = logging.getLogger(__name__)
 
-IMAGE_INODE = InodeT(pyfuse3.ROOT_INODE + 1)  # the image's inode when the root is a directory
+IMAGE_INODE = InodeT(pyfuse3.ROOT_INODE + 1)  # the first file's inode when the root is a directory
 _FOREVER = 24 * 3600.0  # attribute and entry timeouts: nothing under a tarfuse mount ever changes
 _BLOCK = 4096
 
@@ -55,6 +55,16 @@ class ServedFile:
     ready: Callable[[int, int], bool] | None = None
     # For a blocking source: how many reads may run in threads at once.
     readers: int = BLOCKING_READERS
+    # lseek SEEK_DATA / SEEK_HOLE from the map: the next data byte (None: a hole to the end), the next hole.
+    next_data: Callable[[int], int | None] = lambda offset: offset
+    next_hole: Callable[[int], int] | None = None  # None: no hole but the implicit one at the end
+
+
+def seek_support() -> str:
+    """Whether this pyfuse3 passes lseek on (SEEK_DATA/SEEK_HOLE), for --version and the debug log."""
+    if hasattr(pyfuse3.Operations, "lseek"):
+        return f"pyfuse3 {pyfuse3.__version__}: SEEK_DATA/SEEK_HOLE answered from the archive's map"
+    return f"pyfuse3 {pyfuse3.__version__}: no lseek handler, SEEK_DATA/SEEK_HOLE see all data"
 
 
 def _eio_on_bug(
@@ -79,21 +89,62 @@ def _eio_on_bug(
     return guarded
 
 
+@dataclass
+class _Node:
+    """A file (`served`) or a directory (`children`: name -> inode) of the tree."""
+
+    parent: InodeT
+    served: ServedFile | None = None
+    children: dict[bytes, InodeT] = field(default_factory=dict)
+
+
+def _tree(files: Sequence[ServedFile], root_is_file: bool) -> dict[InodeT, _Node]:
+    """Inodes for the files, each at its path ("images/disk1.vmdk": a directory, then the file)."""
+    root = InodeT(pyfuse3.ROOT_INODE)
+    if root_is_file:
+        if len(files) != 1:
+            raise ValueError(f"a file mount point serves one file, not {len(files)}")
+        return {root: _Node(root, files[0])}
+    nodes = {root: _Node(root)}
+    for served in files:
+        *directories, name = [os.fsencode(part) for part in served.name.split("/") if part]
+        parent = root
+        for directory in directories:
+            child = nodes[parent].children.get(directory)
+            if child is None:
+                child = InodeT(len(nodes) + pyfuse3.ROOT_INODE)
+                nodes[parent].children[directory] = child
+                nodes[child] = _Node(parent)
+            parent = child
+        inode = InodeT(len(nodes) + pyfuse3.ROOT_INODE)
+        nodes[parent].children[name] = inode
+        nodes[inode] = _Node(parent, served)
+    return nodes
+
+
 class ImageFs(pyfuse3.Operations):
-    """Serve one file. With `root_is_file` the mount point itself is the file (a file mount point)."""
+    """Serve read-only files: with `root_is_file` the mount point itself is the one file (a file mount
+    point); otherwise each file at its path under the mount point, directories made for the paths."""
 
     enable_writeback_cache = False
 
     def __init__(
-        self, served: ServedFile, root_is_file: bool, after_init: Callable[[], None] | None = None
+        self,
+        served: ServedFile | Sequence[ServedFile],
+        root_is_file: bool,
+        after_init: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self._after_init = after_init  # run once, after the FUSE INIT reply (after_init_replied)
-        self._served = served
-        self._name = os.fsencode(served.name)
-        self._file_inode = InodeT(pyfuse3.ROOT_INODE) if root_is_file else IMAGE_INODE
+        files = [served] if isinstance(served, ServedFile) else list(served)
+        self._nodes = _tree(files, root_is_file)
+        self._files = files
         self._root_is_file = root_is_file
-        self._xattrs = {os.fsencode(k): v for k, v in served.xattrs.items()}
+        self._xattrs = {
+            inode: {os.fsencode(k): v for k, v in node.served.xattrs.items()}
+            for inode, node in self._nodes.items()
+            if node.served is not None
+        }
         self._logged_errors: set[tuple[str, int | None]] = set()
         self._init_seen = False
         self._limiter: trio.CapacityLimiter | None = None
@@ -114,61 +165,78 @@ class ImageFs(pyfuse3.Operations):
             hook()
 
     def _attributes(self, inode: InodeT) -> pyfuse3.EntryAttributes:
-        served = self._served
+        node = self._node(inode)
+        first = self._files[0]  # a directory takes its owner, mode and time from the files
+        served = node.served or first
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode
         attr.entry_timeout = attr.attr_timeout = _FOREVER
         attr.st_uid, attr.st_gid = served.uid, served.gid
         attr.st_atime_ns = attr.st_ctime_ns = attr.st_mtime_ns = served.mtime_ns
         attr.st_blksize = _BLOCK
-        if inode == self._file_inode:
+        if node.served is not None:
             attr.st_mode = stat.S_IFREG | (0o444 & ~served.umask)
             attr.st_nlink = 1
             attr.st_size = served.size
             attr.st_blocks = -(-served.stored_bytes // 512)
         else:
             attr.st_mode = stat.S_IFDIR | (0o555 & ~served.umask)
-            attr.st_nlink = 2
+            attr.st_nlink = 2 + sum(self._nodes[c].served is None for c in node.children.values())
             attr.st_size = 0
         return attr
 
-    def _check_inode(self, inode: InodeT) -> None:
-        if inode not in (pyfuse3.ROOT_INODE, self._file_inode):
+    def _node(self, inode: InodeT) -> _Node:
+        node = self._nodes.get(inode)
+        if node is None:
             raise FUSEError(errno.ENOENT)
+        return node
+
+    def _file(self, inode: InodeT) -> ServedFile:
+        served = self._node(inode).served
+        if served is None:
+            raise FUSEError(errno.EISDIR)
+        return served
 
     @_eio_on_bug
     async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        self._check_inode(inode)
         return self._attributes(inode)
 
     @_eio_on_bug
     async def lookup(
         self, parent_inode: InodeT, name: bytes, ctx: RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        if self._root_is_file or parent_inode != pyfuse3.ROOT_INODE:
-            raise FUSEError(errno.ENOTDIR if self._root_is_file else errno.ENOENT)
-        if name != self._name:
+        parent = self._node(parent_inode)
+        if parent.served is not None:
+            raise FUSEError(errno.ENOTDIR)
+        if name == b".":
+            return self._attributes(parent_inode)
+        if name == b"..":
+            return self._attributes(parent.parent)
+        inode = parent.children.get(name)
+        if inode is None:
             raise FUSEError(errno.ENOENT)
-        return self._attributes(self._file_inode)
+        return self._attributes(inode)
 
     @_eio_on_bug
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
-        if inode != pyfuse3.ROOT_INODE or self._root_is_file:
+        if self._node(inode).served is not None:
             raise FUSEError(errno.ENOTDIR)
         return FileHandleT(inode)
 
     @_eio_on_bug
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        if start_id == 0:
-            pyfuse3.readdir_reply(token, self._name, self._attributes(self._file_inode), 1)
+        entries = list(self._node(InodeT(fh)).children.items())
+        for index in range(start_id, len(entries)):
+            name, inode = entries[index]
+            if not pyfuse3.readdir_reply(token, name, self._attributes(inode), index + 1):
+                return
 
     async def releasedir(self, fh: FileHandleT) -> None:
         pass
 
     @_eio_on_bug
     async def open(self, inode: InodeT, flags: int, ctx: RequestContext) -> FileInfo:
-        if inode != self._file_inode:
-            raise FUSEError(errno.EISDIR)
+        self._file(inode)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise FUSEError(errno.EROFS)
         # The image never changes while mounted: let the page cache outlive each open.
@@ -179,7 +247,7 @@ class ImageFs(pyfuse3.Operations):
         # inline, which measured faster than trio.to_thread for page-cached archives, and lets
         # ServedFile.read reuse one buffer (pyfuse3 replies before it reads the next request).
         try:
-            served = self._served
+            served = self._file(InodeT(fh))
             if served.blocking and not (served.ready is not None and served.ready(off, size)):
                 data = await trio.to_thread.run_sync(served.read, off, size, limiter=self._blocking_limiter())
             else:
@@ -197,7 +265,7 @@ class ImageFs(pyfuse3.Operations):
 
     def _blocking_limiter(self) -> trio.CapacityLimiter:
         if self._limiter is None:  # made on first use, inside trio.run
-            self._limiter = trio.CapacityLimiter(self._served.readers)
+            self._limiter = trio.CapacityLimiter(max(f.readers for f in self._files))  # one source under all
         return self._limiter
 
     def _log_once(self, exc: Exception, message: str) -> None:
@@ -216,6 +284,26 @@ class ImageFs(pyfuse3.Operations):
         self._log_once(exc, f"{handler} failed unexpectedly, answered EIO: {type(exc).__name__}: {exc}")
         log.debug("traceback of the %s failure", handler, exc_info=exc)
 
+    @_eio_on_bug
+    async def lseek(self, fh: FileHandleT, off: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE from the archive's map, exactly as lseek(2) says (the kernel answers the
+        other whences itself). Called only by a pyfuse3 with the handler (scripts/pyfuse3/lseek.patch).
+
+        ENXIO at or past the end and for SEEK_DATA in a trailing hole; never ENOSYS, which would turn the
+        call off for every file of the mount until it is unmounted.
+        """
+        served = self._file(InodeT(fh))
+        if off < 0 or off >= served.size:
+            raise FUSEError(errno.ENXIO)
+        if whence == os.SEEK_DATA:
+            found = served.next_data(off)
+            if found is None:
+                raise FUSEError(errno.ENXIO)
+            return found
+        if whence == os.SEEK_HOLE:
+            return served.size if served.next_hole is None else served.next_hole(off)
+        raise FUSEError(errno.EINVAL)
+
     async def release(self, fh: FileHandleT) -> None:
         pass
 
@@ -226,25 +314,25 @@ class ImageFs(pyfuse3.Operations):
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = _BLOCK
-        data.f_blocks = -(-self._served.size // _BLOCK)
+        data.f_blocks = sum(-(-f.size // _BLOCK) for f in self._files)
         data.f_bfree = data.f_bavail = 0
-        data.f_files = 1 if self._root_is_file else 2
+        data.f_files = len(self._nodes)
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data
 
     @_eio_on_bug
     async def getxattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> bytes:
-        self._check_inode(inode)
-        value = self._xattrs.get(name) if inode == self._file_inode else None
+        self._node(inode)
+        value = self._xattrs.get(inode, {}).get(name)
         if value is None:
             raise FUSEError(pyfuse3.ENOATTR)
         return value
 
     @_eio_on_bug
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[bytes]:
-        self._check_inode(inode)
-        return list(self._xattrs) if inode == self._file_inode else []
+        self._node(inode)
+        return list(self._xattrs.get(inode, {}))
 
     # Everything below would change the file system: refuse, as a read-only file system must.
 

@@ -259,6 +259,34 @@ class _ForwardReader:
         return data
 
 
+class VerifyPass:
+    """A dictzip mount's background job: its chunks need no index, but carry no checksum either, so the
+    stream is read whole once against the CRC32 of its trailer, as gzip's is by the indexing pass."""
+
+    def __init__(self, source: CompressedSource) -> None:
+        self._source = source
+        self.progress = Progress(time.monotonic(), compressed_total=source.archive.size)
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            checked = self._source.verify(stop.is_set)
+        except CorruptCompressed as exc:
+            self._source.mark_broken(exc)
+            log.error("%s: %s; reads fail from now on", self._source.path, exc)
+        except ArchiveError as exc:  # the archive could not be read (a web server): nothing is known
+            log.error("%s: could not check the dictzip stream: %s", self._source.path, exc)
+        else:
+            if checked:
+                log.info(
+                    "dictzip stream checked against its CRC32 in %.1f s",
+                    time.monotonic() - self.progress.started,
+                )
+        self.progress.done = True
+
+    def status(self) -> str:
+        return f"checking the dictzip stream ({_mib(self.progress.compressed_total)})"
+
+
 class IndexingPass:
     """Decompress the whole stream once in the background: complete the index, save it, hand it over."""
 
@@ -356,14 +384,19 @@ class IndexingPass:
                 self.others.append(candidate.name)
                 log.warning(
                     "the archive also holds %r, which looks like a disk image too; this mount serves %r "
-                    "(choose with -o member=PATH)",
+                    "(choose with -o member=PATH; with the index kept, the next mount on a directory "
+                    "serves every disk)",
                     candidate.name,
                     self._served,
                 )
 
     def _finish(self, decoder: Decoder) -> None:
         size = decoder.complete_size() or self.progress.decompressed
-        blob = decoder.export_index()
+        try:
+            blob = decoder.export_index()
+        except DecodeError as exc:  # the stream is served all the same; only the next mount indexes again
+            log.warning("%s: no index to keep: %s", self._source.path, exc)
+            blob = None
         spilled = self._serve_spill(decoder, size)
         if spilled is None:
             self._source.adopt(decoder, size)

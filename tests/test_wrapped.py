@@ -1,0 +1,352 @@
+"""Whatever the image comes wrapped in (issue 14): bare compressed images, dictzip, a compressed member of a
+tar, an image given as it is; each made by the real tool and served through a real mount, byte for byte.
+"""
+
+import io
+import os
+import random
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import make_ext4_image, read_payload_through_loop, require_tool
+from kit.httpserver import serve
+from kit.mounts import MountFactory, tarfuse_command
+from kit.sample import SampleImage
+from test_qemu import boot_and_read_serial
+
+MiB = 1 << 20
+
+# How each bare compressed image is made: the tool's command (it writes NAME + suffix), and the suffix.
+COMPRESSORS: dict[str, tuple[list[str], str]] = {
+    "xz-T2": (["xz", "-k", "-T2", "--block-size=1MiB"], ".xz"),  # several blocks: seekable
+    "xz-single-block": (["xz", "-k", "-T1"], ".xz"),  # one block: served from a spill
+    "zstd": (["zstd", "-q", "-k"], ".zst"),
+    "zstd-long": (["zstd", "-q", "-k", "--long"], ".zst"),
+    "pzstd": (["pzstd", "-q", "-k", "-p", "2"], ".zst"),
+    "gzip": (["gzip", "-k"], ".gz"),
+    "pigz": (["pigz", "-k", "-p", "2"], ".gz"),
+    "bzip2": (["bzip2", "-k"], ".bz2"),
+    "dictzip": (["dictzip", "-k"], ".dz"),
+}
+
+
+@pytest.fixture(scope="module")
+def raw_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 MiB that start like an MBR disk: random (incompressible) and zero (compressible) stretches."""
+    rng = random.Random(14)
+    data = bytearray()
+    while len(data) < 6 * MiB:
+        data += rng.randbytes(300_000) if rng.random() < 0.5 else bytes(500_000)
+    data[510:512] = b"\x55\xaa"
+    path = tmp_path_factory.mktemp("wrapped") / "disk.img"
+    path.write_bytes(bytes(data[: 6 * MiB + 12345]))  # not a whole number of sectors
+    return path
+
+
+def compress(kind: str, image: Path, work: Path) -> Path:
+    """Compress a copy of `image` in `work` with the real tool; return the compressed file."""
+    command, suffix = COMPRESSORS[kind]
+    require_tool(command[0])
+    copy = work / image.name
+    shutil.copyfile(image, copy)
+    subprocess.run([*command, str(copy)], check=True, capture_output=True)
+    return copy.with_name(copy.name + suffix)
+
+
+def served_file(mount: MountFactory, archive: Path | str, tmp_path: Path, *options: str) -> Path:
+    target = tmp_path / "served"
+    target.write_bytes(b"")
+    mount(archive, target, *options)
+    return target
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("kind", COMPRESSORS)
+def test_bare_compressed_image_is_served_whole(
+    kind: str, raw_image: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    compressed = compress(kind, raw_image, tmp_path)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mount(compressed, mountpoint, "-o", "index=" + str(tmp_path / "index"))
+    assert os.listdir(mountpoint) == ["disk.img"]  # the name without its compression suffix
+    assert (mountpoint / "disk.img").read_bytes() == raw_image.read_bytes()
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("kind", ["xz-T2", "gzip", "zstd", "dictzip"])
+def test_bare_compressed_image_over_http(
+    kind: str, raw_image: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    compressed = compress(kind, raw_image, tmp_path)
+    with serve() as server:
+        url = server.put(compressed.name, compressed)
+        target = served_file(mount, url, tmp_path, "-o", "index=" + str(tmp_path / "index"))
+        data = raw_image.read_bytes()
+        with target.open("rb") as served:
+            for offset in random.Random(3).sample(range(len(data)), 40):
+                served.seek(offset)
+                assert served.read(4096) == data[offset : offset + 4096]
+            served.seek(0)
+            assert served.read() == data
+
+
+@pytest.mark.fuse
+def test_second_mount_of_a_bare_gzip_image_takes_its_size_from_the_index(
+    raw_image: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    compressed = compress("gzip", raw_image, tmp_path)
+    index = ("-o", "index=" + str(tmp_path / "disk.index"))
+    first = served_file(mount, compressed, tmp_path, *index)
+    assert "does not say its size: decompressing it once" in (tmp_path / "served.stderr").read_text()
+    assert first.stat().st_size == raw_image.stat().st_size
+    subprocess.run(["fusermount3", "-u", str(first)], check=True)
+    again = tmp_path / "again"
+    again.write_bytes(b"")
+    running = mount(compressed, again, *index)
+    assert again.read_bytes() == raw_image.read_bytes()
+    assert "decompressing it once" not in running.stderr_text()
+
+
+@pytest.mark.fuse
+def test_ext4_in_a_bare_xz_image_through_losetup(mount: MountFactory, tmp_path: Path) -> None:
+    payload = random.Random(5).randbytes(300_000)
+    image = make_ext4_image(tmp_path / "rootfs.img", payload)
+    (tmp_path / "xz").mkdir()
+    compressed = compress("xz-T2", image, tmp_path / "xz")
+    target = served_file(mount, compressed, tmp_path)
+    assert read_payload_through_loop(target, tmp_path / "loop") == payload
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("kind", ["xz-T2", "xz-single-block", "gzip", "zstd", "dictzip"])
+@pytest.mark.parametrize("outer", ["", "gz", "xz"])
+def test_compressed_member_of_a_tar_is_served_decompressed(
+    kind: str, outer: str, raw_image: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "src").mkdir()
+    member = compress(kind, raw_image, tmp_path / "src")
+    archive = tmp_path / f"appliance.tar{'.' + outer if outer else ''}"
+    with tarfile.open(archive, f"w:{outer}") as tar:
+        tar.add(member, arcname=f"images/{member.name}")
+        info = tarfile.TarInfo("README")
+        tar.addfile(info)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mount(archive, mountpoint, "-o", "index=" + str(tmp_path / "index"))
+    assert os.listdir(mountpoint) == ["disk.img"]
+    assert (mountpoint / "disk.img").read_bytes() == raw_image.read_bytes()
+
+
+def test_list_of_a_tar_shows_its_compressed_member(raw_image: Path, tmp_path: Path) -> None:
+    member = compress("xz-T2", raw_image, tmp_path)
+    archive = tmp_path / "appliance.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(member, arcname="disk.img.xz")
+    listed = subprocess.run(tarfuse_command("--list", archive), capture_output=True, text=True, check=False)
+    assert listed.returncode == 0, listed.stderr
+    assert "disk.img.xz" in listed.stdout
+
+
+@pytest.mark.fuse
+def test_plain_image_given_directly_is_served_with_a_note(
+    raw_image: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    target = tmp_path / "served"
+    target.write_bytes(b"")
+    running = mount(raw_image, target)
+    assert target.read_bytes() == raw_image.read_bytes()
+    assert "is a raw (MBR boot sector) image itself, not an archive" in running.stderr_text()
+
+
+@pytest.mark.fuse
+def test_plain_image_over_http_is_served(raw_image: Path, mount: MountFactory, tmp_path: Path) -> None:
+    with serve() as server:
+        url = server.put("disk.img", raw_image)
+        target = served_file(mount, url, tmp_path)
+        assert target.read_bytes() == raw_image.read_bytes()
+
+
+WHAT_THEY_LOOK_LIKE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "zip": (lambda p: p.write_bytes(b"PK\x03\x04" + bytes(2000)), "look like a zip archive (unzip it first)"),
+    "html": (lambda p: p.write_bytes(b"<!DOCTYPE html><html>" + bytes(2000)), "look like an HTML page"),
+    "text": (
+        lambda p: p.write_bytes(b"hello, this is no image\n" * 100),
+        "look like text: 'hello, this is n'",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", WHAT_THEY_LOOK_LIKE)
+def test_neither_tar_nor_image_is_one_line_saying_what_it_looks_like(kind: str, tmp_path: Path) -> None:
+    make, said = WHAT_THEY_LOOK_LIKE[kind]
+    path = tmp_path / "download.bin"
+    make(path)
+    target = tmp_path / "served"
+    target.write_bytes(b"")
+    result = subprocess.run(tarfuse_command(path, target), capture_output=True, text=True, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 1, lines
+    assert "not a tar archive, and no disk image either" in lines[0]
+    assert said in lines[0]
+
+
+def test_three_layers_of_compression_are_refused_in_one_line(raw_image: Path, tmp_path: Path) -> None:
+    inner = compress("gzip", raw_image, tmp_path)
+    (tmp_path / "twice").mkdir()
+    twice = tmp_path / "twice" / "disk.img.gz"  # gzip of gzip, named as one layer
+    with twice.open("wb") as out:
+        subprocess.run(["gzip", "-c", str(inner)], check=True, stdout=out)
+    archive = tmp_path / "appliance.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(twice, arcname="disk.img.gz")
+    target = tmp_path / "served"
+    target.write_bytes(b"")
+    result = subprocess.run(
+        tarfuse_command(archive, target, "-o", "noindex"), capture_output=True, text=True, check=False
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1
+    assert lines[-1].endswith(
+        "member 'disk.img.gz' decompressed is gzip-compressed again: decompress it first (gunzip) "
+        "at archive offset 0"
+    )
+
+
+def test_dictzip_with_a_broken_table_is_one_line(raw_image: Path, tmp_path: Path) -> None:
+    compressed = compress("dictzip", raw_image, tmp_path)
+    data = bytearray(compressed.read_bytes())
+    data[22:24] = (0).to_bytes(2, "little")  # the RA chunk length: 0
+    compressed.write_bytes(bytes(data))
+    result = subprocess.run(
+        tarfuse_command("--list", compressed), capture_output=True, text=True, check=False
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 1, lines
+    assert "dictzip" in lines[0]
+
+
+def test_truncated_bare_xz_is_one_line(raw_image: Path, tmp_path: Path) -> None:
+    compressed = compress("xz-T2", raw_image, tmp_path)
+    with compressed.open("r+b") as file:
+        file.truncate(compressed.stat().st_size // 2)
+    result = subprocess.run(
+        tarfuse_command("--list", compressed), capture_output=True, text=True, check=False
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 1, lines
+
+
+# ---- every disk of a multi-disk archive --------------------------------------------------------------
+
+
+def two_disk_archive(raw_image: Path, tmp_path: Path, compression: str = "") -> tuple[Path, bytes, bytes]:
+    """An OVA-like tar: a descriptor, disk1.img (the image) and disk2.img (other bytes) under vm/."""
+    first = raw_image.read_bytes()
+    second = bytes(reversed(first[: 3 * MiB]))[:-2] + b"\x55\xaa"
+    archive = tmp_path / f"vm.ova{'.' + compression if compression else ''}"
+    with tarfile.open(archive, f"w:{compression}") as tar:
+        for name, data in (("vm.ovf", b"<Envelope/>"), ("vm/disk1.img", first), ("vm/disk2.img", second)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return archive, first, second
+
+
+@pytest.mark.fuse
+def test_every_disk_is_served_on_a_directory_mount_point(
+    raw_image: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    archive, first, second = two_disk_archive(raw_image, tmp_path)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mount(archive, mountpoint)
+    assert os.listdir(mountpoint) == ["vm"]
+    assert sorted(os.listdir(mountpoint / "vm")) == ["disk1.img", "disk2.img"]
+    assert (mountpoint / "vm" / "disk1.img").read_bytes() == first
+    assert (mountpoint / "vm" / "disk2.img").read_bytes() == second
+    assert os.statvfs(mountpoint).f_files == 4  # the root, vm/ and the two disks
+
+
+@pytest.mark.fuse
+def test_compressed_multi_disk_archive_serves_every_disk_once_indexed(
+    raw_image: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    # Without an index, finding the second disk means decompressing the whole archive: the first mount
+    # serves the first disk at once and names the other; with the index it kept, the next serves both.
+    archive, first, second = two_disk_archive(raw_image, tmp_path, "gz")
+    index = ("-o", "index=" + str(tmp_path / "vm.index"))
+    (mountpoint := tmp_path / "first").mkdir()
+    running = mount(archive, mountpoint, *index)
+    assert os.listdir(mountpoint) == ["disk1.img"]
+    deadline = time.monotonic() + 30
+    while "index saved" not in running.stderr_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "also holds 'vm/disk2.img'" in running.stderr_text()
+    (again := tmp_path / "again").mkdir()
+    mount(archive, again, *index)
+    assert sorted(os.listdir(again / "vm")) == ["disk1.img", "disk2.img"]
+    assert (again / "vm" / "disk1.img").read_bytes() == first
+    assert (again / "vm" / "disk2.img").read_bytes() == second
+
+
+@pytest.mark.fuse
+def test_member_still_picks_one_disk(raw_image: Path, mount: MountFactory, tmp_path: Path) -> None:
+    archive, _, second = two_disk_archive(raw_image, tmp_path)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mount(archive, mountpoint, "-o", "member=vm/disk2.img")
+    assert os.listdir(mountpoint) == ["disk2.img"]
+    assert (mountpoint / "disk2.img").read_bytes() == second
+
+
+def test_a_file_mount_point_needs_one_disk_and_lists_them(raw_image: Path, tmp_path: Path) -> None:
+    archive, _, _ = two_disk_archive(raw_image, tmp_path)
+    target = tmp_path / "served"
+    target.write_bytes(b"")
+    result = subprocess.run(tarfuse_command(archive, target), capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert "holds 2 disk images (vm/disk1.img, vm/disk2.img); choose one with -o member=PATH" in result.stderr
+
+
+@pytest.mark.fuse
+def test_qemu_boots_the_second_disk_of_a_two_disk_ova(
+    sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+) -> None:
+    archive = tmp_path / "vm.ova"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("disk1.img")
+        info.size = 1 * MiB
+        tar.addfile(info, io.BytesIO(bytes(510) + b"\x55\xaa" + bytes(MiB - 512)))
+        tar.add(sample_image.path, arcname="disk2.img")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mount(archive, mountpoint)
+    serial, qemu = boot_and_read_serial(mountpoint / "disk2.img", sample_image.message, tmp_path / "com1.log")
+    assert serial.startswith(sample_image.message), f"COM1: {serial!r}; QEMU: {qemu}"
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("wrapping", ["bare .img.xz", "xz member of a tar"])
+def test_qemu_boots_the_sample_compressed(
+    wrapping: str, sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+) -> None:
+    compressed = compress("xz-T2", sample_image.path, tmp_path)
+    source = compressed
+    if wrapping == "xz member of a tar":
+        source = tmp_path / "bundle.tar"
+        with tarfile.open(source, "w") as tar:
+            tar.add(compressed, arcname="images/disk.raw.xz")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mount(source, mountpoint, "-o", "index=" + str(tmp_path / "index"))
+    serial, qemu = boot_and_read_serial(mountpoint / "disk.raw", sample_image.message, tmp_path / "com1.log")
+    assert serial.startswith(sample_image.message), f"COM1: {serial!r}; QEMU: {qemu}"

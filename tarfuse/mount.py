@@ -11,11 +11,11 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tarfuse.errors import CompressedArchive, CorruptCompressed, TarfuseError, UsageError
 from tarfuse.image import bare
-from tarfuse.image.detect import HEAD_SIZE
+from tarfuse.image.detect import HEAD_SIZE, RAW, ImageFormat, detect_format
 from tarfuse.image.mapper import HOLE, ImageMapper
 from tarfuse.image.open import Image, list_images, open_first_image, open_image
 from tarfuse.serve.daemon import BackgroundJob
@@ -119,7 +119,7 @@ def list_archive(path: str, options: MountOptions, say: Callable[[str], None] = 
             compression = source.compression
             where = index_path(source, options)
             found = where if where is not None and index.use_saved_index(where, source) else None
-        images = list_images(source.read_at, source.size)
+        images = [_listed(source, image, options) for image in list_images(source.read_at, source.size)]
     return Listing(compression, found, images)
 
 
@@ -151,8 +151,9 @@ def assemble(
         images, background = _open_tar(source, options, several and options.member is None, say)
         opened: list[Image] = []
         served = []
+        share = _member_cache_share(source, images, options)
         for image in images:
-            unwrapped = _open_compressed_member(source, image, options, say)
+            unwrapped = _open_compressed_member(source, image, options, say, share)
             if unwrapped is None:
                 opened.append(image)
                 served.append(_served_file(image, source, options, bare=len(images) == 1))
@@ -217,16 +218,51 @@ def _open_bare(
     return bare.open_whole(source.read_at, source.size, name, mtime, source.pread_into), job
 
 
+def _member_cache_share(source: ByteSource, images: list[Image], options: MountOptions) -> int:
+    """One cache budget for every layer: the compressed members among `images` share it with the archive
+    (half for the archive's own chunks if it is compressed), each getting this much."""
+    count = sum(_member_compression(image) is not None for image in images)
+    if not count:
+        return options.cache_size
+    budget = options.cache_size
+    if isinstance(source, CompressedSource):
+        budget //= 2
+        source.cache.resize(budget)
+    return budget // count
+
+
+def _member_compression(image: Image) -> Compression | None:
+    """The compression of a member named like a compressed image (disk.raw.xz) whose bytes agree."""
+    if bare.strip_compression_suffix(image.name) == image.name:
+        return None
+    return sniff(image.mapper.read(0, 8))  # named .xz but not compressed: served as tar -x writes it
+
+
+def _listed(source: ByteSource, image: Image, options: MountOptions) -> Image:
+    """For --list: a compressed member with its compression and the format of what it decompresses to
+    (its first bytes only: its size is the compressed one, the decompressed size may need a pass)."""
+    compression = _member_compression(image)
+    if compression is None:
+        return image
+    member = MemberSource(
+        source, image.mapper.read_into, image.mapper.size, image.name, image.member.header_offset
+    )
+    with contextlib.closing(CompressedSource(member, compression, options.cache_size // 4)) as inner:
+        head = inner.read_at(0, HEAD_SIZE)
+    found = detect_format(lambda offset, size: head[offset : offset + size], len(head), read_tail=False)
+    inside = found or RAW
+    detail = f"{compression}-compressed" + (f", {inside.detail}" if inside.detail else "")
+    return replace(image, format=ImageFormat(inside.driver, detail))
+
+
 def _open_compressed_member(
-    archive: ByteSource, image: Image, options: MountOptions, say: Callable[[str], None]
+    archive: ByteSource, image: Image, options: MountOptions, say: Callable[[str], None], cache_size: int
 ) -> tuple[CompressedSource, Image, BackgroundJob | None] | None:
     """The member chosen, decompressed, if it is named like a compressed image and its bytes agree."""
-    name = bare.strip_compression_suffix(image.name)
-    if name == image.name:
-        return None
-    compression = sniff(image.mapper.read(0, 8))
+    compression = _member_compression(image)
     if compression is None:
-        return None  # named .xz, but no compressed bytes: served as tar -x would write it
+        return None
+    name = bare.strip_compression_suffix(image.name)
     if isinstance(archive, CompressedSource) and not archive.size_known:
         say(
             f"{image.name} is {compression}-compressed inside a compressed archive: reading the archive whole"
@@ -234,7 +270,7 @@ def _open_compressed_member(
     member = MemberSource(
         archive, image.mapper.read_into, image.mapper.size, image.name, image.member.header_offset
     )
-    inner = CompressedSource(member, compression, options.cache_size)
+    inner = CompressedSource(member, compression, cache_size)
     try:
         _refuse_compressed_again(inner.read_at(0, 8), f"member {image.name!r} decompressed")
         job = _whole_stream_ready(inner, options, say)
@@ -274,6 +310,7 @@ def _whole_stream_ready(
     if source.size_known or not wait:  # only its spill or index to make: in the background, as for a tar
         return BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
     say(f"{source.path}: the {source.compression} stream does not say its size: decompressing it once")
+    indexing.quiet = True
     indexing.run(threading.Event())
     source.check_unchanged()  # the pass found it corrupt
     if not source.size_known:

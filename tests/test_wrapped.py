@@ -19,6 +19,10 @@ from kit.mounts import MountFactory, tarfuse_command
 from kit.sample import SampleImage
 from test_qemu import boot_and_read_serial
 
+from tarfuse import mount
+from tarfuse.cli import split_mount_options
+from tarfuse.sources.compressed import CompressedSource
+
 MiB = 1 << 20
 
 # How each bare compressed image is made: the tool's command (it writes NAME + suffix), and the suffix.
@@ -151,6 +155,62 @@ def test_list_of_a_tar_shows_its_compressed_member(raw_image: Path, tmp_path: Pa
     listed = subprocess.run(tarfuse_command("--list", archive), capture_output=True, text=True, check=False)
     assert listed.returncode == 0, listed.stderr
     assert "disk.img.xz" in listed.stdout
+    assert "raw (xz-compressed, MBR boot sector)" in listed.stdout  # what it decompresses to
+
+
+def test_compressed_members_share_one_cache_budget(raw_image: Path, tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    member = compress("xz-T2", raw_image, tmp_path / "src")
+    archive = tmp_path / "appliance.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(member, arcname="disk.img.xz")
+    options = split_mount_options(["cache_size=16M", "noindex"])
+    assembly = mount.assemble(str(archive), options)
+    try:
+        outer, (inner,) = assembly.archive, assembly.members
+        assert isinstance(outer, CompressedSource)
+        assert (outer.cache.capacity, inner.cache.capacity) == (8 * MiB, 8 * MiB)
+        assert bytes(assembly.served[0].read(0, 4096)) == raw_image.read_bytes()[:4096]
+    finally:
+        assembly.close()
+
+
+def test_gzip_whose_isize_lies_is_one_line(raw_image: Path, tmp_path: Path) -> None:
+    compressed = compress("gzip", raw_image, tmp_path)
+    data = bytearray(compressed.read_bytes())
+    data[-4:] = (len(raw_image.read_bytes()) + 4096).to_bytes(4, "little")
+    compressed.write_bytes(bytes(data))
+    result = subprocess.run(
+        tarfuse_command("--list", compressed, "-o", "noindex"), capture_output=True, text=True, check=False
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    assert "gzip" in lines[-1]
+
+
+def test_compressed_member_whose_size_lies_is_one_line(raw_image: Path, tmp_path: Path) -> None:
+    # The member's header says fewer bytes than its xz stream has: cut, it cannot decompress.
+    (tmp_path / "src").mkdir()
+    member = compress("xz-T2", raw_image, tmp_path / "src")
+    data = member.read_bytes()
+    archive = tmp_path / "appliance.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("disk.img.xz")
+        info.size = len(data) // 2
+        tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run(
+        tarfuse_command(archive, tmp_path / "mnt", "-o", "noindex"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 1, lines
+    assert "xz" in lines[0]
+    assert not os.listdir(tmp_path / "mnt")  # nothing mounted
 
 
 @pytest.mark.fuse

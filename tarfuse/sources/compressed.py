@@ -278,6 +278,13 @@ class ChunkCache:
         with self._lock:
             self._chunks.clear()
 
+    def resize(self, capacity: int) -> None:
+        """Keep at most `capacity` bytes from now on (mount.py shares one budget among the layers)."""
+        with self._lock:
+            self.capacity, self._slots = capacity, max(1, capacity // CHUNK_SIZE)
+            while len(self._chunks) > self._slots:
+                self._chunks.popitem(last=False)
+
 
 class CompressedSource:
     """The decompressed archive, read by position; `size` is UNKNOWN_SIZE until the stream's end is known."""

@@ -305,6 +305,7 @@ class IndexingPass:
         self._served_header = served_header
         self.progress = Progress(time.monotonic(), compressed_total=source.archive.size)
         self.others: list[str] = []
+        self.quiet = False  # a caller that waits for the pass reports a corrupt stream itself
         self._spill: SpillWriter | None = None
 
     def run(self, stop: threading.Event) -> None:
@@ -318,7 +319,8 @@ class IndexingPass:
             log.debug("indexing pass stopped at decompressed offset %d", self.progress.decompressed)
         except CorruptCompressed as exc:
             self._source.mark_broken(exc)
-            log.error("%s: %s; reads fail from now on", self._source.path, exc)
+            if not self.quiet:
+                log.error("%s: %s; reads fail from now on", self._source.path, exc)
         except ArchiveError as exc:
             log.error("%s: indexing pass: %s", self._source.path, exc)
         except Exception as exc:  # a bug of ours: the daemon goes on, but what the pass checks is unknown

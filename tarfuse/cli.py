@@ -60,6 +60,8 @@ def split_mount_options(words: list[str], rw_is_default: bool = False) -> MountO
             options.remote.append(word)  # checked by remote.parse_options when a URL is opened
         elif word == "noindex":
             options.noindex = True
+        elif word == "all":
+            options.all_files = True
         elif word == "rw":
             if not rw_is_default:
                 raise UsageError(
@@ -114,7 +116,16 @@ EXIT_STATUS = "Exit status: 0 success, 1 the archive or the mount failed, 2 usag
 # The -o options, for people: --help, the man page (scripts/manpage.py) and the README's table are all
 # made from this one list (tests/test_docs.py checks the README against it).
 MOUNT_OPTION_HELP = (
-    ("member=PATH", "which image to serve when the archive holds several (--list shows them)"),
+    (
+        "member=PATH",
+        "serve this one image (--list shows them); without it, a directory mount point serves every disk "
+        "image of the archive at its path, a file mount point needs the archive to hold one",
+    ),
+    (
+        "all",
+        "also serve every other regular file of the archive at its path (an OVA's .ovf and .mf, a "
+        "Vagrantfile), read-only; hard links as the file they name; a compressed archive is read whole first",
+    ),
     (
         "allow_other",
         "let other users (e.g. a QEMU running as libvirt-qemu) read the image; for non-root users it "

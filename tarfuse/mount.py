@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, replace
 
 from tarfuse.errors import CompressedArchive, CorruptCompressed, TarfuseError, UsageError
 from tarfuse.image import bare
-from tarfuse.image.detect import HEAD_SIZE, RAW, ImageFormat, detect_format
+from tarfuse.image.detect import HEAD_SIZE, RAW, ImageFormat, detect_format, has_image_suffix
 from tarfuse.image.mapper import HOLE, ImageMapper
-from tarfuse.image.open import Image, list_images, open_first_image, open_image
+from tarfuse.image.open import Image, list_files, list_images, open_first_image, open_image
 from tarfuse.serve.daemon import BackgroundJob
 from tarfuse.serve.fs import BLOCKING_READERS, ServedFile
 from tarfuse.sources import DEFAULT_CACHE_SIZE, compressed, remote
@@ -45,6 +45,7 @@ class MountOptions:
     remote: list[str] = field(default_factory=list)  # header=, ca_file=, ... for http(s) archives
     index: str | None = None  # where a compressed archive's seek index is kept (default: index.py)
     noindex: bool = False  # keep no index on disk
+    all_files: bool = False  # -o all: every regular file, not only the disk images
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,14 @@ def _open_tar(
     the first candidate is served as soon as its header decodes (as for one disk), the background pass
     logs the others and keeps the index, and the next mount serves them all.
     """
+    if options.all_files and options.member is None and several:
+        if isinstance(source, CompressedSource) and not source.size_known:
+            say(f"{source.path}: -o all: reading the compressed archive whole, to find every file in it")
+        files = list_files(source.read_at, source.size, source.pread_into)
+        background = None
+        if isinstance(source, CompressedSource):
+            background = _dictzip_check(source) if source.compression == "dictzip" else None
+        return files, background
     if isinstance(source, CompressedSource):
         if several and source.compression != "dictzip":
             from tarfuse.sources import index
@@ -233,7 +242,8 @@ def _member_cache_share(source: ByteSource, images: list[Image], options: MountO
 
 def _member_compression(image: Image) -> Compression | None:
     """The compression of a member named like a compressed image (disk.raw.xz) whose bytes agree."""
-    if bare.strip_compression_suffix(image.name) == image.name:
+    stripped = bare.strip_compression_suffix(image.name)
+    if stripped == image.name or not has_image_suffix(stripped):  # README.gz is served as it is
         return None
     return sniff(image.mapper.read(0, 8))  # named .xz but not compressed: served as tar -x writes it
 

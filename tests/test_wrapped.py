@@ -2,6 +2,8 @@
 tar, an image given as it is; each made by the real tool and served through a real mount, byte for byte.
 """
 
+import contextlib
+import hashlib
 import io
 import os
 import random
@@ -410,3 +412,35 @@ def test_qemu_boots_the_sample_compressed(
     mount(source, mountpoint, "-o", "index=" + str(tmp_path / "index"))
     serial, qemu = boot_and_read_serial(mountpoint / "disk.raw", sample_image.message, tmp_path / "com1.log")
     assert serial.startswith(sample_image.message), f"COM1: {serial!r}; QEMU: {qemu}"
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("compression", ["", "gz"])
+def test_all_serves_every_file_so_an_ova_manifest_checks(
+    compression: str, raw_image: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    archive, first, second = two_disk_archive(raw_image, tmp_path, compression)
+    # an OVA's manifest, and a hard link: tar -x makes it the file it names
+    manifest = "".join(
+        f"SHA256 ({name}) = {hashlib.sha256(data).hexdigest()}\n"
+        for name, data in (("vm/disk1.img", first), ("vm/disk2.img", second))
+    ).encode()
+    with tarfile.open(archive, "a") if not compression else contextlib.nullcontext() as tar:
+        if tar is not None:
+            info = tarfile.TarInfo("vm.mf")
+            info.size = len(manifest)
+            tar.addfile(info, io.BytesIO(manifest))
+            link = tarfile.TarInfo("vm/same-as-disk2.img")
+            link.type, link.linkname = tarfile.LNKTYPE, "vm/disk2.img"
+            tar.addfile(link)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mount(archive, mountpoint, "-o", "all,noindex")
+    assert (mountpoint / "vm.ovf").read_bytes() == b"<Envelope/>"
+    assert (mountpoint / "vm" / "disk1.img").read_bytes() == first
+    if not compression:
+        assert (mountpoint / "vm" / "same-as-disk2.img").read_bytes() == second
+        checked = subprocess.run(
+            ["sha256sum", "-c", "vm.mf"], cwd=mountpoint, capture_output=True, text=True, check=False
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr

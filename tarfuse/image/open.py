@@ -63,6 +63,13 @@ def list_images(read_at: ReadAt, archive_size: int, read_into: PreadInto | None 
     return [_open_candidate(c, read_at, read_into) for c in detect.find_candidates(files, _sniffer(read_at))]
 
 
+def list_files(read_at: ReadAt, archive_size: int, read_into: PreadInto | None = None) -> list[Image]:
+    """Every regular file the archive leaves on extraction, opened as an image would be (-o all): the
+    disk images with their format, the others as raw bytes."""
+    files = _files(read_at, archive_size)
+    return [_open_candidate(c, read_at, read_into) for c in files]
+
+
 def open_first_image(
     read_at: ReadAt, archive_size: int, wanted: str | None = None, pread_into: PreadInto | None = None
 ) -> Image:

@@ -348,6 +348,7 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         assembly.served,
         mountpoint.is_file,
         after_init=lambda: daemon.tune_readahead(mountpoint.path, options.readahead_kb),
+        symlinks=assembly.symlinks,
     )
     fuse_options = set(options.fuse) | {
         "ro",

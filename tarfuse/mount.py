@@ -9,6 +9,7 @@ for a CompressedSource.
 
 import contextlib
 import os
+import posixpath
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -68,6 +69,7 @@ class Assembly:
     background: BackgroundJob | None  # a compressed archive's indexing pass
     members: list[CompressedSource] = field(default_factory=list)  # compressed members, decompressed
     notes: tuple[str, ...] = ()  # what the command should tell the user
+    symlinks: list[tuple[str, str]] = field(default_factory=list)  # -o all: (path, target) in the mount
 
     @property
     def image(self) -> Image:
@@ -149,7 +151,17 @@ def assemble(
                 )
             served = [_served_file(image, source, options, bare=True)]
             return Assembly(source, [image], served, background, notes=notes)
-        images, background = _open_tar(source, options, several and options.member is None, say)
+        symlinks: list[tuple[str, str]] = []
+        if options.all_files and options.member is None and several:
+            if isinstance(source, CompressedSource) and not source.size_known:
+                say(f"{source.path}: -o all: reading the compressed archive whole, to find every file in it")
+            images, found_links = list_files(source.read_at, source.size, source.pread_into)
+            symlinks, notes = _symlinks_inside(found_links)
+            background = None
+            if isinstance(source, CompressedSource) and source.compression == "dictzip":
+                background = _dictzip_check(source)
+        else:
+            images, background = _open_tar(source, options, several and options.member is None, say)
         opened: list[Image] = []
         served = []
         share = _member_cache_share(source, images, options)
@@ -164,12 +176,31 @@ def assemble(
             background = _one_after_another(background, member_job)
             opened.append(whole)
             served.append(_served_file(whole, inner, options, bare=len(images) == 1))
-        return Assembly(source, opened, served, background, members)
+        return Assembly(source, opened, served, background, members, notes, symlinks)
     except BaseException:
         for inner in members:
             inner.close()
         source.close()
         raise
+
+
+def _symlinks_inside(links: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
+    """The archive's symlinks whose target stays inside the mount, at their paths; a note on the others.
+
+    tar -x makes `etc/passwd -> /etc/passwd` or `../../x` as they are; a mount that others may browse must
+    not offer a path out of it, so those are left out (and named).
+    """
+    kept, left_out = [], []
+    for name, target in links:
+        path = _inside(name)
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+        if not path or not target or target.startswith("/") or resolved == ".." or resolved.startswith("../"):
+            left_out.append(f"{name} -> {target}")
+        else:
+            kept.append((path, target))
+    shown = ", ".join(left_out[:5])
+    notes = (f"-o all: {len(left_out)} symlink(s) pointing outside the mount are left out: {shown}",)
+    return kept, notes if left_out else ()
 
 
 def _open_tar(
@@ -182,14 +213,6 @@ def _open_tar(
     the first candidate is served as soon as its header decodes (as for one disk), the background pass
     logs the others and keeps the index, and the next mount serves them all.
     """
-    if options.all_files and options.member is None and several:
-        if isinstance(source, CompressedSource) and not source.size_known:
-            say(f"{source.path}: -o all: reading the compressed archive whole, to find every file in it")
-        files = list_files(source.read_at, source.size, source.pread_into)
-        background = None
-        if isinstance(source, CompressedSource):
-            background = _dictzip_check(source) if source.compression == "dictzip" else None
-        return files, background
     if isinstance(source, CompressedSource):
         if several and source.compression != "dictzip":
             from tarfuse.sources import index

@@ -444,3 +444,30 @@ def test_all_serves_every_file_so_an_ova_manifest_checks(
             ["sha256sum", "-c", "vm.mf"], cwd=mountpoint, capture_output=True, text=True, check=False
         )
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.fuse
+def test_all_serves_symlinks_that_stay_inside_and_leaves_out_the_others(
+    raw_image: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    archive, first, _ = two_disk_archive(raw_image, tmp_path)
+    with tarfile.open(archive, "a") as tar:
+        for name, target in (
+            ("vm/current.img", "disk1.img"),  # inside: tar -x makes it, and so does the mount
+            ("latest", "vm/current.img"),  # a chain, inside
+            ("passwd", "/etc/passwd"),  # absolute: out of the mount
+            ("vm/escape", "../../secret"),  # relative, but up and out
+        ):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.SYMTYPE, target
+            tar.addfile(link)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    running = mount(archive, mountpoint, "-o", "all")
+    assert os.readlink(mountpoint / "vm" / "current.img") == "disk1.img"
+    assert (mountpoint / "latest").read_bytes() == first
+    assert not os.path.lexists(mountpoint / "passwd")
+    assert not os.path.lexists(mountpoint / "vm" / "escape")
+    assert (
+        "2 symlink(s) pointing outside the mount are left out: passwd -> /etc/passwd" in running.stderr_text()
+    )

@@ -63,11 +63,16 @@ def list_images(read_at: ReadAt, archive_size: int, read_into: PreadInto | None 
     return [_open_candidate(c, read_at, read_into) for c in detect.find_candidates(files, _sniffer(read_at))]
 
 
-def list_files(read_at: ReadAt, archive_size: int, read_into: PreadInto | None = None) -> list[Image]:
+def list_files(
+    read_at: ReadAt, archive_size: int, read_into: PreadInto | None = None
+) -> tuple[list[Image], list[tuple[str, str]]]:
     """Every regular file the archive leaves on extraction, opened as an image would be (-o all): the
-    disk images with their format, the others as raw bytes."""
-    files = _files(read_at, archive_size)
-    return [_open_candidate(c, read_at, read_into) for c in files]
+    disk images with their format, the others as raw bytes; and the symlinks it leaves (name, target)."""
+    check_uncompressed(read_at(0, 16))
+    table = FileTable()
+    for member in scan_members(read_at, archive_size):
+        table.add(member)
+    return [_open_candidate(c, read_at, read_into) for c in table.files()], table.symlinks()
 
 
 def open_first_image(
@@ -83,7 +88,9 @@ def open_first_image(
     for member in scan_members(read_at, archive_size):
         table.add(member)
         name = normalize_name(member.name)
-        if member.kind != "other" and (name == normalize_name(wanted) if wanted else has_image_suffix(name)):
+        if member.kind in ("file", "hardlink") and (
+            name == normalize_name(wanted) if wanted else has_image_suffix(name)
+        ):
             found = table.get(name)
             if found is not None:  # else a hard link to nothing, which tar -x cannot make either
                 return _open_candidate(found, read_at, pread_into, read_tail=False)

@@ -96,29 +96,41 @@ class _Node:
     parent: InodeT
     served: ServedFile | None = None
     children: dict[bytes, InodeT] = field(default_factory=dict)
+    target: bytes | None = None  # a symbolic link's (mount.py keeps only those that stay inside)
 
 
-def _tree(files: Sequence[ServedFile], root_is_file: bool) -> dict[InodeT, _Node]:
-    """Inodes for the files, each at its path ("images/disk1.vmdk": a directory, then the file)."""
+def _tree(
+    files: Sequence[ServedFile], root_is_file: bool, symlinks: Sequence[tuple[str, str]] = ()
+) -> dict[InodeT, _Node]:
+    """Inodes for the files, each at its path ("images/disk1.vmdk": a directory, then the file), and for
+    the symlinks; a symlink whose path is taken, or runs through a file, is left out."""
     root = InodeT(pyfuse3.ROOT_INODE)
     if root_is_file:
         if len(files) != 1:
             raise ValueError(f"a file mount point serves one file, not {len(files)}")
         return {root: _Node(root, files[0])}
     nodes = {root: _Node(root)}
-    for served in files:
-        *directories, name = [os.fsencode(part) for part in served.name.split("/") if part]
-        parent = root
+    entries = [(f.name, _Node(root, served=f)) for f in files]
+    entries += [(path, _Node(root, target=os.fsencode(target))) for path, target in symlinks]
+    for path, leaf in entries:
+        *directories, name = [os.fsencode(part) for part in path.split("/") if part not in ("", ".", "..")]
+        parent: InodeT | None = root
         for directory in directories:
+            assert parent is not None
             child = nodes[parent].children.get(directory)
             if child is None:
                 child = InodeT(len(nodes) + pyfuse3.ROOT_INODE)
                 nodes[parent].children[directory] = child
                 nodes[child] = _Node(parent)
-            parent = child
+            parent = child if nodes[child].served is None and nodes[child].target is None else None
+            if parent is None:
+                break
+        if parent is None or name in nodes[parent].children:
+            continue
         inode = InodeT(len(nodes) + pyfuse3.ROOT_INODE)
         nodes[parent].children[name] = inode
-        nodes[inode] = _Node(parent, served)
+        leaf.parent = parent
+        nodes[inode] = leaf
     return nodes
 
 
@@ -133,11 +145,12 @@ class ImageFs(pyfuse3.Operations):
         served: ServedFile | Sequence[ServedFile],
         root_is_file: bool,
         after_init: Callable[[], None] | None = None,
+        symlinks: Sequence[tuple[str, str]] = (),
     ) -> None:
         super().__init__()
         self._after_init = after_init  # run once, after the FUSE INIT reply (after_init_replied)
         files = [served] if isinstance(served, ServedFile) else list(served)
-        self._nodes = _tree(files, root_is_file)
+        self._nodes = _tree(files, root_is_file, symlinks)
         self._files = files
         self._root_is_file = root_is_file
         self._xattrs = {
@@ -174,16 +187,24 @@ class ImageFs(pyfuse3.Operations):
         attr.st_uid, attr.st_gid = served.uid, served.gid
         attr.st_atime_ns = attr.st_ctime_ns = attr.st_mtime_ns = served.mtime_ns
         attr.st_blksize = _BLOCK
-        if node.served is not None:
+        if node.target is not None:
+            attr.st_mode = stat.S_IFLNK | 0o777
+            attr.st_nlink = 1
+            attr.st_size = len(node.target)
+        elif node.served is not None:
             attr.st_mode = stat.S_IFREG | (0o444 & ~served.umask)
             attr.st_nlink = 1
             attr.st_size = served.size
             attr.st_blocks = -(-served.stored_bytes // 512)
         else:
             attr.st_mode = stat.S_IFDIR | (0o555 & ~served.umask)
-            attr.st_nlink = 2 + sum(self._nodes[c].served is None for c in node.children.values())
+            attr.st_nlink = 2 + sum(self._is_directory(c) for c in node.children.values())
             attr.st_size = 0
         return attr
+
+    def _is_directory(self, inode: InodeT) -> bool:
+        node = self._nodes[inode]
+        return node.served is None and node.target is None
 
     def _node(self, inode: InodeT) -> _Node:
         node = self._nodes.get(inode)
@@ -206,7 +227,7 @@ class ImageFs(pyfuse3.Operations):
         self, parent_inode: InodeT, name: bytes, ctx: RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
-        if parent.served is not None:
+        if not self._is_directory(parent_inode):
             raise FUSEError(errno.ENOTDIR)
         if name == b".":
             return self._attributes(parent_inode)
@@ -218,8 +239,16 @@ class ImageFs(pyfuse3.Operations):
         return self._attributes(inode)
 
     @_eio_on_bug
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> bytes:
+        target = self._node(inode).target
+        if target is None:
+            raise FUSEError(errno.EINVAL)
+        return target
+
+    @_eio_on_bug
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
-        if self._node(inode).served is not None:
+        self._node(inode)
+        if not self._is_directory(inode):
             raise FUSEError(errno.ENOTDIR)
         return FileHandleT(inode)
 

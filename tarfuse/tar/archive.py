@@ -17,7 +17,7 @@ from tarfuse.tar import header as th
 # (offset, size) -> bytes, short only at the end of the source. Every positional read in the package takes
 # this order; only the calls to os.pread itself keep the OS's (size, offset).
 ReadAt = Callable[[int, int], bytes]
-MemberKind = Literal["file", "hardlink", "other"]  # "other": directories, symlinks, devices, FIFOs, ...
+MemberKind = Literal["file", "hardlink", "symlink", "other"]  # "other": directories, devices, FIFOs, ...
 SparseVariant = Literal["oldgnu", "pax0.0", "pax0.1", "pax1.0"]
 
 # Bounds on what is read whole, or kept, for metadata. A header can claim any size up to 2**88, and a
@@ -417,6 +417,8 @@ def _kind(typeflag: int, name: str) -> MemberKind:
         return "file"
     if typeflag == th.HARDLINK:
         return "hardlink"
+    if typeflag == th.SYMLINK:
+        return "symlink"
     return "other"
 
 

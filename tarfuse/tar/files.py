@@ -39,6 +39,7 @@ class FileTable:
 
     def __init__(self) -> None:
         self._files: dict[str, Candidate] = {}  # normalized name -> the file there now
+        self._symlinks: dict[str, tuple[str, str]] = {}  # normalized name -> (name, target), there now
         self._members = 0
 
     def add(self, member: Member) -> None:
@@ -55,8 +56,11 @@ class FileTable:
             found = self._files.get(normalize_name(member.linkname))
             target = None if found is None else found.member
         self._files.pop(name, None)  # the name moves to the end, in archive order
+        self._symlinks.pop(name, None)
         if target is not None:
             self._files[name] = Candidate(member.name, target)
+        elif member.kind == "symlink":
+            self._symlinks[name] = (member.name, member.linkname)
 
     def get(self, name: str) -> Candidate | None:
         """The file at `name` (normalized) now, if any."""
@@ -64,6 +68,10 @@ class FileTable:
 
     def files(self) -> list[Candidate]:
         return list(self._files.values())
+
+    def symlinks(self) -> list[tuple[str, str]]:
+        """The symbolic links tar -x leaves: (name, target), in archive order."""
+        return list(self._symlinks.values())
 
 
 def resolve_files(members: Iterable[Member]) -> list[Candidate]:

@@ -17,6 +17,7 @@ ZERO_BLOCK = bytes(BLOCK_SIZE)
 # Type flags (POSIX, GNU tar manual "Basic Tar Format").
 REGULAR_TYPES = frozenset(b"0\x007")  # '0', NUL (v7) and '7' (contiguous) are all plain files
 HARDLINK = ord("1")
+SYMLINK = ord("2")
 GNU_LONGNAME = ord("L")
 GNU_LONGLINK = ord("K")
 GNU_SPARSE = ord("S")

@@ -28,6 +28,7 @@ from tarfuse.sources.file import ArchiveFile, ByteSource
 from tarfuse.sources.member import MemberSource
 
 _MAX_REQUEST = 1 << 20  # FUSE reads are at most max_pages (256) pages long; larger ones get their own buffer
+_PROGRESS_EVERY = 5.0  # seconds between progress lines while a stream is decompressed for its size
 _REMOTE_SHARE = 4  # a compressed archive on a URL: a quarter of the cache for its compressed blocks
 
 
@@ -344,7 +345,13 @@ def _whole_stream_ready(
         return BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
     say(f"{source.path}: the {source.compression} stream does not say its size: decompressing it once")
     indexing.quiet = True
-    indexing.run(threading.Event())
+    waiting = threading.Thread(target=indexing.run, args=(threading.Event(),), name="tarfuse-size")
+    waiting.start()
+    while True:
+        waiting.join(_PROGRESS_EVERY)
+        if not waiting.is_alive():
+            break
+        say(indexing.status())
     source.check_unchanged()  # the pass found it corrupt
     if not source.size_known:
         raise CorruptCompressed(f"the size of the {source.compression} stream could not be learned", None)

@@ -471,3 +471,21 @@ def test_all_serves_symlinks_that_stay_inside_and_leaves_out_the_others(
     assert (
         "2 symlink(s) pointing outside the mount are left out: passwd -> /etc/passwd" in running.stderr_text()
     )
+
+
+@pytest.mark.fuse
+def test_dictzip_of_a_tar_is_served(raw_image: Path, mount: MountFactory, tmp_path: Path) -> None:
+    require_tool("dictzip")
+    archive = tmp_path / "vm.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(raw_image, arcname="disk.img")
+    subprocess.run(["dictzip", str(archive)], check=True)  # vm.tar.dz
+    served = tmp_path / "served"
+    served.write_bytes(b"")
+    running = mount(tmp_path / "vm.tar.dz", served)
+    assert served.read_bytes() == raw_image.read_bytes()
+    listed = subprocess.run(
+        tarfuse_command("--list", tmp_path / "vm.tar.dz"), capture_output=True, text=True, check=False
+    )
+    assert "dictzip-compressed" in listed.stdout
+    assert "Traceback" not in running.stderr_text()

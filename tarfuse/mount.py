@@ -297,10 +297,6 @@ def _open_compressed_member(
     if compression is None:
         return None
     name = bare.strip_compression_suffix(image.name)
-    if isinstance(archive, CompressedSource) and not archive.size_known:
-        say(
-            f"{image.name} is {compression}-compressed inside a compressed archive: reading the archive whole"
-        )
     member = MemberSource(
         archive, image.mapper.read_into, image.mapper.size, image.name, image.member.header_offset
     )
@@ -345,7 +341,9 @@ def _whole_stream_ready(
         return BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
     say(f"{source.path}: the {source.compression} stream does not say its size: decompressing it once")
     indexing.quiet = True
-    waiting = threading.Thread(target=indexing.run, args=(threading.Event(),), name="tarfuse-size")
+    waiting = threading.Thread(
+        target=indexing.run, args=(threading.Event(),), name="tarfuse-size", daemon=True
+    )
     waiting.start()
     while True:
         waiting.join(_PROGRESS_EVERY)
@@ -385,8 +383,10 @@ def index_path(source: CompressedSource, options: MountOptions) -> str | None:
 
     if options.noindex:
         return None
+    if options.index is not None and not isinstance(source.archive, MemberSource):
+        return options.index  # the archive's: a compressed member's goes to the cache, keyed by identity
     beside = isinstance(source.archive, ArchiveFile)  # a URL's index goes to the cache, never "beside" it
-    return options.index or index.default_path(source.path, source.identity(), beside)
+    return index.default_path(source.path, source.identity(), beside)
 
 
 def _open_compressed(source: CompressedSource, options: MountOptions) -> tuple[Image, BackgroundJob | None]:

@@ -12,11 +12,11 @@ import os
 import posixpath
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from tarfuse.errors import CompressedArchive, CorruptCompressed, TarfuseError, UsageError
 from tarfuse.image import bare
-from tarfuse.image.detect import HEAD_SIZE, RAW, ImageFormat, detect_format, has_image_suffix
+from tarfuse.image.detect import HEAD_SIZE, has_image_suffix
 from tarfuse.image.mapper import HOLE, ImageMapper
 from tarfuse.image.open import Image, list_files, list_images, open_first_image, open_image
 from tarfuse.serve.daemon import BackgroundJob
@@ -123,7 +123,7 @@ def list_archive(path: str, options: MountOptions, say: Callable[[str], None] = 
             compression = source.compression
             where = index_path(source, options)
             found = where if where is not None and index.use_saved_index(where, source) else None
-        images = [_listed(source, image, options) for image in list_images(source.read_at, source.size)]
+        images = list_images(source.read_at, source.size)
     return Listing(compression, found, images)
 
 
@@ -267,26 +267,11 @@ def _member_cache_share(source: ByteSource, images: list[Image], options: MountO
 def _member_compression(image: Image) -> Compression | None:
     """The compression of a member named like a compressed image (disk.raw.xz) whose bytes agree."""
     stripped = bare.strip_compression_suffix(image.name)
-    if stripped == image.name or not has_image_suffix(stripped):  # README.gz is served as it is
+    by_name = stripped != image.name and has_image_suffix(stripped)
+    by_content = "-compressed" in image.format.detail  # image.open: what its first bytes decompress to
+    if not (by_name or by_content):  # README.gz is served as tar -x writes it
         return None
     return sniff(image.mapper.read(0, 8))  # named .xz but not compressed: served as tar -x writes it
-
-
-def _listed(source: ByteSource, image: Image, options: MountOptions) -> Image:
-    """For --list: a compressed member with its compression and the format of what it decompresses to
-    (its first bytes only: its size is the compressed one, the decompressed size may need a pass)."""
-    compression = _member_compression(image)
-    if compression is None:
-        return image
-    member = MemberSource(
-        source, image.mapper.read_into, image.mapper.size, image.name, image.member.header_offset
-    )
-    with contextlib.closing(CompressedSource(member, compression, options.cache_size // 4)) as inner:
-        head = inner.read_at(0, HEAD_SIZE)
-    found = detect_format(lambda offset, size: head[offset : offset + size], len(head), read_tail=False)
-    inside = found or RAW
-    detail = f"{compression}-compressed" + (f", {inside.detail}" if inside.detail else "")
-    return replace(image, format=ImageFormat(inside.driver, detail))
 
 
 def _open_compressed_member(

@@ -3,6 +3,7 @@ tar, an image given as it is; each made by the real tool and served through a re
 """
 
 import contextlib
+import gzip
 import hashlib
 import io
 import os
@@ -489,3 +490,27 @@ def test_dictzip_of_a_tar_is_served(raw_image: Path, mount: MountFactory, tmp_pa
     )
     assert "dictzip-compressed" in listed.stdout
     assert "Traceback" not in running.stderr_text()
+
+
+@pytest.mark.fuse
+def test_compressed_member_known_by_its_content(mount: MountFactory, tmp_path: Path) -> None:
+    # No image suffix: rootfs.zst is a candidate because its first bytes decompress to an ext4 superblock.
+    payload = random.Random(9).randbytes(200_000)
+    image = make_ext4_image(tmp_path / "rootfs", payload)
+    subprocess.run(["zstd", "-q", str(image), "-o", str(tmp_path / "rootfs.zst")], check=True)
+    archive = tmp_path / "firmware.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tmp_path / "rootfs.zst", arcname="rootfs.zst")
+        info = tarfile.TarInfo("notes.txt.gz")  # compressed, but no image inside: not a candidate
+        notes = gzip.compress(b"release notes\n" * 100)
+        info.size = len(notes)
+        tar.addfile(info, io.BytesIO(notes))
+    listed = subprocess.run(tarfuse_command("--list", archive), capture_output=True, text=True, check=False)
+    assert "raw (zstd-compressed, ext2/3/4 file system)" in listed.stdout
+    assert "notes.txt.gz" not in listed.stdout
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mount(archive, mountpoint, "-o", "noindex")
+    assert os.listdir(mountpoint) == ["rootfs"]
+    assert (mountpoint / "rootfs").read_bytes() == image.read_bytes()
+    assert read_payload_through_loop(mountpoint / "rootfs", tmp_path / "loop") == payload

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from tarfuse.image import detect
 from tarfuse.image.detect import ImageFormat, has_image_suffix
 from tarfuse.image.mapper import ImageMapper, PreadInto
-from tarfuse.sources.compression import check_uncompressed
+from tarfuse.sources.compression import PEEK_INPUT, check_uncompressed, peek
+from tarfuse.sources.compression import sniff as sniff_compression
 from tarfuse.tar import sparse
 from tarfuse.tar.archive import Member, ReadAt, normalize_name, scan_members
 from tarfuse.tar.files import Candidate, FileTable, resolve_files
@@ -32,21 +33,35 @@ def _open_candidate(
 ) -> Image:
     sparse_map = sparse.decode(candidate.member, read_at)
     mapper = ImageMapper(read_at, sparse_map, pread_into)
-    found = detect.detect_format(mapper.read, mapper.size, read_tail)
     return Image(
         name=candidate.name,
         member=candidate.member,
-        format=found or detect.RAW,
+        format=_format_of(mapper, read_tail) or detect.RAW,
         mapper=mapper,
         stored_bytes=sparse_map.stored_bytes,
         extent_count=len(sparse_map.logical),
     )
 
 
+def _format_of(mapper: ImageMapper, read_tail: bool) -> ImageFormat | None:
+    """The member's format; for a compressed member (rootfs.zst holding ext4), what its first decompressed
+    bytes show, with the compression in the detail ("xz-compressed, ext2/3/4 file system"): mount.py then
+    serves it decompressed."""
+    found = detect.detect_format(mapper.read, mapper.size, read_tail)
+    if found is not None or (compression := sniff_compression(mapper.read(0, 8))) is None:
+        return found
+    head = peek(mapper.read(0, PEEK_INPUT), compression, detect.HEAD_SIZE)
+    inside = detect.detect_format(lambda offset, n: head[offset : offset + n], len(head), read_tail=False)
+    if inside is None:
+        return None
+    return ImageFormat(
+        inside.driver, f"{compression}-compressed" + (f", {inside.detail}" if inside.detail else "")
+    )
+
+
 def _sniffer(read_at: ReadAt) -> Callable[[Member], ImageFormat | None]:
     def sniff(member: Member) -> ImageFormat | None:
-        mapper = ImageMapper(read_at, sparse.decode(member, read_at))
-        return detect.detect_format(mapper.read, mapper.size)
+        return _format_of(ImageMapper(read_at, sparse.decode(member, read_at)), read_tail=True)
 
     return sniff
 

@@ -75,3 +75,27 @@ class DecodeError(Exception):
     instead of marking the source broken and failing every later read. Not a TarfuseError: it is not
     for users, and callers outside sources/ are not meant to catch it.
     """
+
+
+PEEK_INPUT = 1 << 20  # compressed bytes a peek decodes at most: enough for a disk image's first 34 KiB
+
+
+def peek(compressed: bytes, compression: Compression, size: int) -> bytes:
+    """The first `size` decompressed bytes of a stream that starts with `compressed` (short if the input
+    ends first, or is damaged): to tell what a compressed member holds without decompressing it all."""
+    import bz2
+    import lzma
+    import zlib
+
+    import pyzstd
+
+    try:
+        if compression in ("gzip", "dictzip"):
+            return zlib.decompressobj(31).decompress(compressed, size)
+        if compression == "xz":
+            return lzma.LZMADecompressor().decompress(compressed, max_length=size)
+        if compression == "bzip2":
+            return bz2.BZ2Decompressor().decompress(compressed, max_length=size)
+        return bytes(pyzstd.EndlessZstdDecompressor().decompress(compressed, max_length=size))
+    except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError, pyzstd.ZstdError):
+        return b""  # damaged: whatever it holds, it does not start like an image

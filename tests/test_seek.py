@@ -198,3 +198,28 @@ def test_without_the_handler_the_whole_file_is_data(mount: MountFactory, tmp_pat
     finally:
         os.close(fd)
     assert (found < 40 * MiB) == HAS_HANDLER
+
+
+@pytest.mark.fuse
+@needs_handler
+@pytest.mark.parametrize("compress", [["gzip"], ["xz", "-T2"], ["zstd", "-q", "--rm"]])
+def test_seek_on_a_sparse_member_of_a_compressed_tar(
+    compress: list[str], mount: MountFactory, tmp_path: Path
+) -> None:
+    source = tmp_path / "src" / "disk.img"
+    source.parent.mkdir()
+    runs = sparse_original(source, seed=7)
+    archive = make_archive("pax1.0", source.parent, tmp_path / "disk.tar")
+    subprocess.run([*compress, str(archive)], check=True)
+    compressed = next(tmp_path.glob("disk.tar.*"))
+    served = tmp_path / "served"
+    served.write_bytes(b"")
+    mount(compressed, served, "-o", "noindex")
+    original, mounted = os.open(source, os.O_RDONLY), os.open(served, os.O_RDONLY)
+    try:
+        for offset in sorted({0, *(o for run in runs for o in (run[0], run[0] + run[1]))}):
+            for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                assert seek(mounted, offset, whence) == seek(original, offset, whence), (offset, whence)
+    finally:
+        os.close(original)
+        os.close(mounted)

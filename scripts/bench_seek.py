@@ -1,0 +1,220 @@
+"""Time hole-aware tools on the 4 GiB sparse bench image, before and after SEEK_DATA/SEEK_HOLE (issue 16).
+
+    .venv/bin/python scripts/bench_seek.py [--quick] [--case sparse-pax] [--plain-venv DIR]
+
+Servers: tarfuse on this venv's pyfuse3 (3.5.0+lseek, `make dev`: holes answered from the archive's map);
+the same checkout on plain pyfuse3 3.5.0 from PyPI, which has no lseek handler, so the kernel calls the whole
+file data ("before"; a venv of its own, made on first use, with the checkout put first on PYTHONPATH); and
+ratarmount (scripts/benchtools.py, its venv). The data is scripts/benchdata.py's sparse case.
+
+Steps, each on a fresh mount and, as root, with the page cache dropped first (so every byte is read through
+FUSE, and the tar from disk): `qemu-img map --output=json -f raw` (and its data extents),
+`cp --sparse=auto` (and the copy's allocated size, as du shows it), `qemu-img convert -f raw -O qcow2` (and
+the qcow2's allocated size). The copy's sha256 must equal the image's and the qcow2 must compare equal to
+the copy. One run of each step, so run it twice to see the noise (up to 30 % between runs here). Prints a
+Markdown table (docs/benchmarks.md, "SEEK_DATA/SEEK_HOLE (issue 16)", keeps a run's output).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchdata import Dataset, Sizes, build
+from benchreport import DASH, load_average, machine
+from benchtools import CACHE, Ratarmount, Tarfuse, Tool
+from kit.bench import GRACE_S, TimedOut, ToolFailed, run_main, scratch, table, watchdog
+
+REPO = Path(__file__).resolve().parent.parent
+CAP_S = 600.0  # per step; a daemon that hangs ends the step instead of stalling the run
+MiB = 1 << 20
+NO_HANDLER = "no lseek handler"  # what tarfuse --version says on a pyfuse3 without one
+
+Step = Callable[[str, Path, Dataset], list[str]]  # (served image, scratch, dataset) -> table cells
+
+
+class PlainTarfuse(Tarfuse):
+    """This checkout's tarfuse on plain pyfuse3 from PyPI: the "before"."""
+
+    name = "tarfuse-plain"
+
+    def __init__(self, venv: Path) -> None:
+        super().__init__()
+        self.venv = venv
+
+    def _setup(self) -> None:
+        if not (self.venv / "bin" / "python").exists():
+            print(f"installing tarfuse with plain pyfuse3 into {self.venv}", flush=True)
+            subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True)
+            pip = [str(self.venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+            subprocess.run([*pip, str(REPO)], check=True)  # its dependencies, plain pyfuse3 among them
+        if NO_HANDLER not in self.version():
+            raise ToolFailed(f"{self.venv} has a pyfuse3 with an lseek handler: {self.version()}")
+
+    def _command(self) -> list[str]:
+        # The checkout first on the path: the same tarfuse as the "after", not the copy pip installed.
+        return ["env", f"PYTHONPATH={REPO}", str(self.venv / "bin" / "python"), "-m", "tarfuse"]
+
+    def version(self) -> str:
+        return _output([*self._command(), "--version"])
+
+    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
+        command, image = super().argv(dataset, mountpoint)
+        return [*self._command(), *command[1:]], image
+
+
+def qemu_map(image: str, work: Path, dataset: Dataset) -> list[str]:
+    seconds, out = _run(["qemu-img", "map", "--output=json", "-f", "raw", image])
+    data = [entry for entry in json.loads(out) if entry["data"]]
+    data_mib = sum(entry["length"] for entry in data) / MiB
+    return [_seconds(seconds), f"{len(data):,} ({data_mib:,.0f} MiB)"]
+
+
+def copy_sparse(image: str, work: Path, dataset: Dataset) -> list[str]:
+    copy = work / "copy.raw"
+    seconds, _ = _run(["cp", "--sparse=auto", image, str(copy)])
+    with copy.open("rb") as file:
+        if hashlib.file_digest(file, "sha256").hexdigest() != _expected_sha256(dataset):
+            raise ToolFailed("the copy's sha256 differs from the image's")
+    return [_seconds(seconds), _mib(copy)]  # the copy stays: convert's output is compared with it
+
+
+def convert_qcow2(image: str, work: Path, dataset: Dataset) -> list[str]:
+    qcow2 = work / "copy.qcow2"
+    try:
+        seconds, _ = _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", image, str(qcow2)])
+        _run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(qcow2), str(work / "copy.raw")])
+        return [_seconds(seconds), _mib(qcow2)]
+    finally:
+        qcow2.unlink(missing_ok=True)
+        (work / "copy.raw").unlink(missing_ok=True)
+
+
+STEPS: tuple[tuple[Step, str], ...] = (
+    (qemu_map, "qemu-img map | data extents (MiB)"),
+    (copy_sparse, "cp --sparse=auto | du of the copy"),
+    (convert_qcow2, "qemu-img convert -O qcow2 | du of the qcow2"),
+)
+
+
+def measure(tool: Tool, dataset: Dataset, work: Path) -> list[str]:
+    """The row of `tool`: each step on a fresh mount, with cold caches; a failed step says why."""
+    cells: list[str] = []
+    for step, header in STEPS:
+        width = header.count("|") + 1
+        drop_caches()
+        try:
+            with tool.serve(dataset, work, CAP_S) as served, watchdog(served, CAP_S + GRACE_S):
+                assert served.qemu_source is not None  # a FUSE tool: the image's path
+                cells += step(served.qemu_source, work, dataset)
+        except (OSError, subprocess.SubprocessError, ToolFailed, TimedOut) as exc:
+            cells += [f"failed: {_reason(exc)}"] + [DASH] * (width - 1)
+            print(f"  {tool.name}: {step.__name__} failed: {_reason(exc)}", file=sys.stderr)
+    return cells
+
+
+def drop_caches() -> bool:
+    """As root: write back, then drop the page cache (the tar's and any mount's); say whether it was."""
+    if os.geteuid() != 0:
+        return False
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    return True
+
+
+def _run(command: list[str]) -> tuple[float, str]:
+    """Run `command` (it must succeed within the cap); return the seconds it took and its output."""
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=CAP_S)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise ToolFailed(f"{command[0]} {command[1]} exited with {done.returncode}: {done.stderr.strip()}")
+    return seconds, done.stdout
+
+
+_sha256: dict[str, str] = {}
+
+
+def _expected_sha256(dataset: Dataset) -> str:
+    if dataset.name not in _sha256:
+        _sha256[dataset.name] = dataset.model.sha256()
+    return _sha256[dataset.name]
+
+
+def _output(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    return (done.stdout.strip() or done.stderr.strip()).splitlines()[0] if done.returncode == 0 else "?"
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).replace("|", "/").replace("\n", " ")[:200] or type(exc).__name__
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.2f} s"
+
+
+def _mib(path: Path) -> str:
+    return f"{path.stat().st_blocks * 512 / MiB:,.1f} MiB"
+
+
+def data_runs(dataset: Dataset) -> int:
+    """The image's data extents with adjacent ones merged: what an exact `qemu-img map` lists."""
+    runs, end = 0, -1
+    for extent in dataset.model.extents:
+        runs += extent.offset != end
+        end = extent.offset + extent.length
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a 512 MiB image with 32 MiB of data")
+    parser.add_argument("--case", choices=("sparse-oldgnu", "sparse-pax"), default="sparse-oldgnu")
+    parser.add_argument(
+        "--plain-venv",
+        type=Path,
+        default=CACHE / "venv-tarfuse-plain",
+        help="venv with plain pyfuse3, made if missing (default: %(default)s)",
+    )
+    parser.add_argument("--workdir", help="parent of the temporary data directory (default /tmp)")
+    args = parser.parse_args()
+    servers: list[tuple[str, Tool]] = [
+        ("tarfuse, lseek (after)", Tarfuse()),
+        ("tarfuse, no lseek (before)", PlainTarfuse(args.plain_venv)),
+        ("ratarmount", Ratarmount()),
+    ]
+    for _, tool in servers:
+        tool.setup()
+    if NO_HANDLER in servers[0][1].version():
+        raise SystemExit(f"{servers[0][1].version()}: run make dev for the patched pyfuse3")
+    sizes = Sizes.quick() if args.quick else Sizes.full()
+    started, load = machine(), load_average()
+    with scratch("tarfuse-seek-", args.workdir) as work:
+        print(f"building {args.case} in {work}", flush=True)
+        dataset = build(args.case, work, sizes)
+        rows = []
+        for label, tool in servers:
+            problem = tool.problem()
+            print(f"{label}: {problem or 'measuring'}", flush=True)
+            cells = [f"not run: {problem}"] + [DASH] * 5 if problem else measure(tool, dataset, work)
+            rows.append([label, *cells])
+    header = ["server", *" | ".join(h for _, h in STEPS).split(" | ")]
+    print(f"\n{dataset.title}; {data_runs(dataset):,} data runs once adjacent extents merge")
+    print(f"{started['date']}; Linux {started['kernel']}, {started['cpu']}, {started['cores']} cores")
+    print(f"load average {load} at the start, {load_average()} at the end; one run per figure")
+    dropped = "dropped" if os.geteuid() == 0 else "NOT dropped (not root)"
+    print(f"page cache {dropped} before each step; each step on a fresh mount")
+    for label, tool in servers:
+        print(f"- {label}: {tool.version()}")
+    print()
+    print(table(header, rows))
+
+
+if __name__ == "__main__":
+    run_main(main)

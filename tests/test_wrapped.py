@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import make_ext4_image, read_payload_through_loop, require_tool
 from kit.httpserver import serve
-from kit.mounts import MountFactory, tarfuse_command
+from kit.mounts import MountFactory, tarfuse_command, unmount
 from kit.sample import SampleImage
 from test_qemu import boot_and_read_serial
 
@@ -63,6 +63,16 @@ def compress(kind: str, image: Path, work: Path) -> Path:
     shutil.copyfile(image, copy)
     subprocess.run([*command, str(copy)], check=True, capture_output=True)
     return copy.with_name(copy.name + suffix)
+
+
+def run_refused(*args: str | Path, target: Path) -> subprocess.CompletedProcess[str]:
+    """Run `tarfuse ARGS...` that is expected to refuse; if it mounts after all, unmount before failing."""
+    try:
+        return subprocess.run(
+            tarfuse_command(*args), capture_output=True, text=True, check=False, timeout=120
+        )
+    finally:
+        unmount(target)
 
 
 def served_file(mount: MountFactory, archive: Path | str, tmp_path: Path, *options: str) -> Path:
@@ -203,12 +213,7 @@ def test_compressed_member_whose_size_lies_is_one_line(raw_image: Path, tmp_path
         info.size = len(data) // 2
         tar.addfile(info, io.BytesIO(data))
     (tmp_path / "mnt").mkdir()
-    result = subprocess.run(
-        tarfuse_command(archive, tmp_path / "mnt", "-o", "noindex"),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_refused(archive, tmp_path / "mnt", "-o", "noindex", target=tmp_path / "mnt")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1
     assert len(lines) == 1, lines
@@ -252,7 +257,7 @@ def test_neither_tar_nor_image_is_one_line_saying_what_it_looks_like(kind: str, 
     make(path)
     target = tmp_path / "served"
     target.write_bytes(b"")
-    result = subprocess.run(tarfuse_command(path, target), capture_output=True, text=True, check=False)
+    result = run_refused(path, target, target=target)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1
     assert len(lines) == 1, lines
@@ -271,9 +276,7 @@ def test_three_layers_of_compression_are_refused_in_one_line(raw_image: Path, tm
         tar.add(twice, arcname="disk.img.gz")
     target = tmp_path / "served"
     target.write_bytes(b"")
-    result = subprocess.run(
-        tarfuse_command(archive, target, "-o", "noindex"), capture_output=True, text=True, check=False
-    )
+    result = run_refused(archive, target, "-o", "noindex", target=target)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1
     assert lines[-1].endswith(

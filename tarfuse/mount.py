@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tarfuse.errors import CompressedArchive, CorruptCompressed, TarfuseError, UsageError
+from tarfuse.errors import CompressedArchive, CorruptCompressed, NoImage, TarfuseError, UsageError
 from tarfuse.image import bare
 from tarfuse.image.detect import HEAD_SIZE, has_image_suffix
 from tarfuse.image.mapper import HOLE, ImageMapper
@@ -157,6 +157,8 @@ def assemble(
             if isinstance(source, CompressedSource) and not source.size_known:
                 say(f"{source.path}: -o all: reading the compressed archive whole, to find every file in it")
             images, found_links = list_files(source.read_at, source.size, source.pread_into)
+            if not images:
+                raise NoImage("-o all: the archive holds no regular files", None)
             symlinks, notes = _symlinks_inside(found_links)
             background = None
             if isinstance(source, CompressedSource) and source.compression == "dictzip":
@@ -223,13 +225,13 @@ def _open_tar(
                 index.use_saved_index(where, source)
         if several and source.size_known and not source.needs_spill():
             images = list_images(source.read_at, source.size, source.pread_into)
-            if len(images) > 1:
+            if images:  # one scan: with none, open_image below says why
                 return images, _dictzip_check(source) if source.compression == "dictzip" else None
         image, background = _open_compressed(source, options)
         return [image], background
     if several:
         images = list_images(source.read_at, source.size, source.pread_into)
-        if len(images) > 1:
+        if images:  # one scan: with none, open_image below says why
             return images, None
     return [open_image(source.read_at, source.size, options.member, source.pread_into)], None
 

@@ -1,6 +1,7 @@
 """Compressed archives through real mounts: bytes, the saved index, QEMU boot, ext4 over a loop device."""
 
 import errno
+import gzip
 import random
 import subprocess
 import time
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_archive, make_ext4_image, read_payload_through_loop, require_tool
+from kit import tarbuilder as tb
 from kit.mounts import Mount, MountFactory, tarfuse_command
 from kit.sample import SampleImage
 from test_qemu import boot_and_read_serial
@@ -205,6 +207,23 @@ def test_without_an_index_the_message_says_a_new_mount_would_not_help(
     with pytest.raises(OSError, match="Input/output error") as failed:
         (served / "ufo.img").read_bytes()
     assert failed.value.errno == errno.EIO
+
+
+def test_damage_after_the_served_member_of_a_compressed_archive_fails_reads(
+    mount: MountFactory, tmp_path: Path
+) -> None:
+    # A plain tar damaged after its image is refused at mount; a compressed one was served before the
+    # damage was reached: the pass finds it, and since a later copy may lie beyond, reads fail from then on.
+    image = random.Random(4).randbytes(COPY_SIZE)
+    tar = tb.archive(tb.file_member("disk.img", image), b"\xff" * 512, tb.file_member("disk.img", b"x" * 512))
+    archive = tmp_path / "damaged.tar.gz"
+    archive.write_bytes(gzip.compress(tar))
+    (served := tmp_path / "mnt").mkdir()
+    mounted = mount(archive, served, "-o", "noindex")
+    log = wait_for_log(mounted, "reads fail from now on")
+    assert "the archive is damaged after the member this mount serves (bad header checksum" in log
+    with pytest.raises(OSError, match="Input/output error"):
+        (served / "disk.img").read_bytes()
 
 
 def test_a_plain_archive_with_the_image_three_times_serves_the_last(

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from tarfuse.errors import ArchiveError, CorruptCompressed
+from tarfuse.errors import ArchiveError, CorruptCompressed, RemoteError
 from tarfuse.image.detect import has_image_suffix
 from tarfuse.sources import sidefiles
 from tarfuse.sources.compressed import UNKNOWN_SIZE, CompressedSource, Decoder
@@ -321,7 +321,16 @@ class IndexingPass:
             self._source.mark_broken(exc)
             if not self.quiet:
                 log.error("%s: %s; reads fail from now on", self._source.path, exc)
+        except RemoteError as exc:  # the web server failed: nothing is known of the archive, or wrong
+            log.error("%s: indexing pass: %s", self._source.path, exc)
         except ArchiveError as exc:
+            if self._served_header is not None:  # served early: the damage may hide a later copy of it
+                exc = ArchiveError(
+                    f"the archive is damaged after the member this mount serves ({exc}); tar -x would stop "
+                    "or skip there, and a later member of its name may be beyond; reads fail from now on",
+                    None,
+                )
+                self._source.mark_broken(exc)
             log.error("%s: indexing pass: %s", self._source.path, exc)
         except Exception as exc:  # a bug of ours: the daemon goes on, but what the pass checks is unknown
             log.debug("indexing pass failed", exc_info=True)

@@ -89,7 +89,7 @@ def main() -> int:
             cap=args.cap if args.cap is not None else (5.0 if args.quick else 30.0),
             scratch=workdir,
         )
-        with reclaim_paused(args.keep_reclaim) as reclaim:
+        with reclaim_paused(keep=not args.pause_reclaim) as reclaim:
             for case in cases:
                 run_case(case, tools, options, results)
     meta = machine() | {
@@ -130,9 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--keep", action="store_true", help="keep the data directory (for debugging)")
     parser.add_argument(
-        "--keep-reclaim",
+        "--pause-reclaim",
         action="store_true",
-        help="leave DAMON proactive reclaim running (by default it is paused for the run, as root)",
+        help="pause DAMON proactive reclaim for the run, as root, and restore it after (a machine-wide "
+        "setting: off by default; the report says whether it was used)",
     )
     parser.add_argument(
         "--render",

@@ -22,7 +22,7 @@ def test_quick_bench_measures_every_metric_of_tarfuse_and_the_limit(tmp_path: Pa
         require_tool(tool)
     command = [
         sys.executable, "scripts/bench.py", "--quick", "--tools", "tarfuse", "--reps", "1",
-        "--only", ",".join(CASES), "--no-docs", "--keep-reclaim", "--out", str(tmp_path),
+        "--only", ",".join(CASES), "--no-docs", "--out", str(tmp_path),
         "--workdir", str(tmp_path),
     ]  # fmt: skip
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -217,17 +217,12 @@ def _open_tar(
     logs the others and keeps the index, and the next mount serves them all.
     """
     if isinstance(source, CompressedSource):
-        if several and source.compression != "dictzip":
-            from tarfuse.sources import index
-
-            where = index_path(source, options)
-            if where is not None and (not source.size_known or source.needs_spill()):
-                index.use_saved_index(where, source)
+        where = None if source.compression == "dictzip" else _with_saved_index(source, options)
         if several and source.size_known and not source.needs_spill():
             images = list_images(source.read_at, source.size, source.pread_into)
             if images:  # one scan: with none, open_image below says why
                 return images, _dictzip_check(source) if source.compression == "dictzip" else None
-        image, background = _open_compressed(source, options)
+        image, background = _open_compressed(source, options, where)
         return [image], background
     if several:
         images = list_images(source.read_at, source.size, source.pread_into)
@@ -318,9 +313,7 @@ def _whole_stream_ready(
 
     if source.compression == "dictzip":
         return _dictzip_check(source)
-    where = index_path(source, options)
-    if where is not None and (not source.size_known or source.needs_spill()):
-        index.use_saved_index(where, source)
+    where = _with_saved_index(source, options)
     if source.size_known and not source.needs_spill():
         return None
     indexing = index.IndexingPass(source, source.path, where, scan=False)
@@ -376,8 +369,22 @@ def index_path(source: CompressedSource, options: MountOptions) -> str | None:
     return index.default_path(source.path, source.identity(), beside)
 
 
-def _open_compressed(source: CompressedSource, options: MountOptions) -> tuple[Image, BackgroundJob | None]:
-    """Open the image as soon as its headers are decompressed; index the rest in the background.
+def _with_saved_index(source: CompressedSource, options: MountOptions) -> str | None:
+    """Where the index of `source` is kept, once a saved one there is loaded if the source still needs it
+    (it gives the size, or serves from the spill); None: nowhere."""
+    from tarfuse.sources import index
+
+    where = index_path(source, options)
+    if where is not None and (not source.size_known or source.needs_spill()):
+        index.use_saved_index(where, source)
+    return where
+
+
+def _open_compressed(
+    source: CompressedSource, options: MountOptions, where: str | None
+) -> tuple[Image, BackgroundJob | None]:
+    """Open the image as soon as its headers are decompressed; index the rest in the background. `where`:
+    the index's place, from _with_saved_index (which loaded a saved one).
 
     With a complete index (a saved one, or xz's and seekable zstd's own) every header is cheap to reach:
     open as for a plain archive. Otherwise serve the first candidate, and let the background pass look for
@@ -389,9 +396,6 @@ def _open_compressed(source: CompressedSource, options: MountOptions) -> tuple[I
         return open_image(source.read_at, source.size, options.member, source.pread_into), _dictzip_check(
             source
         )
-    where = index_path(source, options)
-    if where is not None and (not source.size_known or source.needs_spill()):
-        index.use_saved_index(where, source)  # gives the size, or serves from the spill
     complete = source.size_known
     if complete and not source.needs_spill():
         return open_image(source.read_at, source.size, options.member, source.pread_into), None

@@ -2,7 +2,6 @@
 tar, an image given as it is; each made by the real tool and served through a real mount, byte for byte.
 """
 
-import contextlib
 import gzip
 import hashlib
 import io
@@ -12,7 +11,7 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -314,17 +313,33 @@ def test_truncated_bare_xz_is_one_line(raw_image: Path, tmp_path: Path) -> None:
 # ---- every disk of a multi-disk archive --------------------------------------------------------------
 
 
-def two_disk_archive(raw_image: Path, tmp_path: Path, compression: str = "") -> tuple[Path, bytes, bytes]:
-    """An OVA-like tar: a descriptor, disk1.img (the image) and disk2.img (other bytes) under vm/."""
+def two_disk_archive(
+    raw_image: Path,
+    tmp_path: Path,
+    compression: str = "",
+    more: Sequence[tarfile.TarInfo | tuple[str, bytes]] = (),
+) -> tuple[Path, bytes, bytes]:
+    """An OVA-like tar: a descriptor, disk1.img (the image) and disk2.img (other bytes) under vm/, then
+    `more` members (links as TarInfo, files as (name, data))."""
     first = raw_image.read_bytes()
     second = bytes(reversed(first[: 3 * MiB]))[:-2] + b"\x55\xaa"
     archive = tmp_path / f"vm.ova{'.' + compression if compression else ''}"
+    files = [("vm.ovf", b"<Envelope/>"), ("vm/disk1.img", first), ("vm/disk2.img", second)]
     with tarfile.open(archive, f"w:{compression}") as tar:
-        for name, data in (("vm.ovf", b"<Envelope/>"), ("vm/disk1.img", first), ("vm/disk2.img", second)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+        for entry in [*files, *more]:
+            if isinstance(entry, tarfile.TarInfo):
+                tar.addfile(entry)
+                continue
+            info = tarfile.TarInfo(entry[0])
+            info.size = len(entry[1])
+            tar.addfile(info, io.BytesIO(entry[1]))
     return archive, first, second
+
+
+def link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
 
 
 @pytest.mark.fuse
@@ -423,48 +438,38 @@ def test_qemu_boots_the_sample_compressed(
 def test_all_serves_every_file_so_an_ova_manifest_checks(
     compression: str, raw_image: Path, mount: MountFactory, tmp_path: Path
 ) -> None:
-    archive, first, second = two_disk_archive(raw_image, tmp_path, compression)
+    first = raw_image.read_bytes()
+    second = bytes(reversed(first[: 3 * MiB]))[:-2] + b"\x55\xaa"  # as two_disk_archive makes them
     # an OVA's manifest, and a hard link: tar -x makes it the file it names
     manifest = "".join(
         f"SHA256 ({name}) = {hashlib.sha256(data).hexdigest()}\n"
         for name, data in (("vm/disk1.img", first), ("vm/disk2.img", second))
     ).encode()
-    with tarfile.open(archive, "a") if not compression else contextlib.nullcontext() as tar:
-        if tar is not None:
-            info = tarfile.TarInfo("vm.mf")
-            info.size = len(manifest)
-            tar.addfile(info, io.BytesIO(manifest))
-            link = tarfile.TarInfo("vm/same-as-disk2.img")
-            link.type, link.linkname = tarfile.LNKTYPE, "vm/disk2.img"
-            tar.addfile(link)
+    more = [("vm.mf", manifest), link("vm/same-as-disk2.img", "vm/disk2.img", tarfile.LNKTYPE)]
+    archive, first, second = two_disk_archive(raw_image, tmp_path, compression, more)
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     mount(archive, mountpoint, "-o", "all,noindex")
     assert (mountpoint / "vm.ovf").read_bytes() == b"<Envelope/>"
     assert (mountpoint / "vm" / "disk1.img").read_bytes() == first
-    if not compression:
-        assert (mountpoint / "vm" / "same-as-disk2.img").read_bytes() == second
-        checked = subprocess.run(
-            ["sha256sum", "-c", "vm.mf"], cwd=mountpoint, capture_output=True, text=True, check=False
-        )
-        assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert (mountpoint / "vm" / "same-as-disk2.img").read_bytes() == second
+    checked = subprocess.run(
+        ["sha256sum", "-c", "vm.mf"], cwd=mountpoint, capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 @pytest.mark.fuse
 def test_all_serves_symlinks_that_stay_inside_and_leaves_out_the_others(
     raw_image: Path, mount: MountFactory, tmp_path: Path
 ) -> None:
-    archive, first, _ = two_disk_archive(raw_image, tmp_path)
-    with tarfile.open(archive, "a") as tar:
-        for name, target in (
-            ("vm/current.img", "disk1.img"),  # inside: tar -x makes it, and so does the mount
-            ("latest", "vm/current.img"),  # a chain, inside
-            ("passwd", "/etc/passwd"),  # absolute: out of the mount
-            ("vm/escape", "../../secret"),  # relative, but up and out
-        ):
-            link = tarfile.TarInfo(name)
-            link.type, link.linkname = tarfile.SYMTYPE, target
-            tar.addfile(link)
+    links = [
+        link("vm/current.img", "disk1.img"),  # inside: tar -x makes it, and so does the mount
+        link("latest", "vm/current.img"),  # a chain, inside
+        link("passwd", "/etc/passwd"),  # absolute: out of the mount
+        link("vm/escape", "../../secret"),  # relative, but up and out
+    ]
+    archive, first, _ = two_disk_archive(raw_image, tmp_path, more=links)
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     running = mount(archive, mountpoint, "-o", "all")

@@ -368,7 +368,8 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
     try:
         return daemon.serve(
             args.foreground,
-            workers=assembly.workers,
+            mountpoint.path,
+            tasks=assembly.tasks,
             background=assembly.background,
             before_wait=ops.after_init_replied,
         )

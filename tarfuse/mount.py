@@ -77,7 +77,7 @@ class Assembly:
         return self.images[0]
 
     @property
-    def workers(self) -> int:
+    def tasks(self) -> int:
         """FUSE worker tasks: one if no read ever waits, else one per reader thread."""
         return BLOCKING_READERS if any(s.blocking for s in self.served) else 1
 

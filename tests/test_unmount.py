@@ -21,6 +21,8 @@ from kit.mounts import Mount, MountFactory, is_mounted
 from kit.readers import Tally, read_until
 from kit.sample import SampleImage
 
+from tarfuse.serve.daemon import find_mount
+
 pytestmark = pytest.mark.fuse
 
 READERS = Path(__file__).with_name("kit") / "readers.py"
@@ -180,3 +182,31 @@ def test_sigterm_with_readers_in_flight_unmounts_and_exits_zero(
     # Reads of pages still in the page cache go on succeeding, the others find no daemon: a read that
     # starts in cached pages ends short, with the right bytes, where they end.
     assert_all_bytes_right(tallies, allowed_errors={"ENOTCONN"}, short_ok=True)
+
+
+def fuse_connection_dir(mountpoint: Path) -> Path:
+    """/sys/fs/fuse/connections/N of the mount (N is its device's minor number); mounts fusectl if need be."""
+    connections = Path("/sys/fs/fuse/connections")
+    if not any(line.split()[2] == "fusectl" for line in Path("/proc/self/mounts").read_text().splitlines()):
+        if os.getuid() != 0:
+            pytest.skip("fusectl is not mounted and only root can mount it")
+        subprocess.run(["mount", "-t", "fusectl", "none", str(connections)], check=True, timeout=TIMEOUT)
+    device = find_mount(str(mountpoint))
+    assert device is not None
+    return connections / device.split(":")[1]
+
+
+def test_connection_aborted_with_readers_in_flight_ends_cleanly(
+    served: Mount, sample_image: SampleImage, tmp_path: Path
+) -> None:
+    """An abort through fusectl (also what a lazy unmount's end can look like: a read that already took a
+    request gets ECONNABORTED) ends the daemon with exit 0 and a log line, no traceback, no mount left."""
+    abort = fuse_connection_dir(served.mountpoint) / "abort"
+    with busy_readers(served.mountpoint / "disk.raw", sample_image, tmp_path, reopen=False) as readers:
+        abort.write_text("1")
+        assert served.process.wait(TIMEOUT) == 0, served.stderr_text()
+        assert not is_mounted(served.mountpoint)
+        time.sleep(0.3)
+        tallies = readers.stop()
+    assert "Traceback" not in served.stderr_text()
+    assert_all_bytes_right(tallies, allowed_errors={"ENOTCONN", "ECONNABORTED"}, short_ok=True)

@@ -11,6 +11,7 @@ import logging.handlers
 import os
 import signal
 import stat
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -169,12 +170,14 @@ def tune_readahead(mountpoint: str, kib: int) -> None:
 
 def serve(
     foreground: bool,
-    workers: int = 1,
+    mountpoint: str,
+    tasks: int = 1,
     background: BackgroundJob | None = None,
     before_wait: Callable[[], None] = lambda: None,
 ) -> int:
     """Run the mounted file system until it is unmounted or a stop signal comes; return the exit status.
 
+    `mountpoint` is the resolved path (MountPoint.path); `tasks` the most requests pyfuse3 serves at once;
     `before_wait` runs before each wait for a request (ImageFs.after_init_replied).
     """
     ready_fd = None
@@ -184,21 +187,40 @@ def serve(
         except BaseException:
             pyfuse3.close(unmount=True)  # no daemon will serve this mount: take it away
             raise
-    clean = False
+    device = find_mount(mountpoint)
+    clean = aborted = False
     try:
-        trio.run(_run_until_unmounted, ready_fd, workers, background, before_wait)
+        aborted = trio.run(_run_until_unmounted, ready_fd, tasks, background, before_wait)
         clean = True
     finally:
         # After a crash, leave the mount in place (ENOTCONN) rather than an empty directory that
         # looks like a working, empty mount; the message tells how to clear it.
         pyfuse3.close(unmount=clean)
+    if clean and device is not None and find_mount(mountpoint) == device:
+        _unmount_aborted(mountpoint, aborted)
     log.info("unmounted, exiting")
     return 0
 
 
+def _unmount_aborted(mountpoint: str, seen: bool) -> None:
+    """Take away a mount whose connection was aborted, which libfuse leaves in place (ENOTCONN).
+
+    libfuse's unmount sees POLLERR on the aborted connection and assumes the kernel unmounted already.
+    """
+    if not seen:
+        log.info("the FUSE connection was aborted")
+    result = subprocess.run(
+        ["fusermount3", "-u", "-z", "-q", mountpoint], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        log.warning("could not unmount %s: %s", mountpoint, result.stderr.strip() or result.returncode)
+
+
 async def _run_until_unmounted(
-    ready_fd: int | None, workers: int, background: BackgroundJob | None, before_wait: Callable[[], None]
-) -> None:
+    ready_fd: int | None, tasks: int, background: BackgroundJob | None, before_wait: Callable[[], None]
+) -> bool:
+    """Serve until the session ends; return whether the kernel aborted the connection."""
+    aborted = False
     async with trio.open_nursery() as nursery:
         await nursery.start(_terminate_on_signal)
         if background is not None:
@@ -207,15 +229,23 @@ async def _run_until_unmounted(
             os.write(ready_fd, _READY)
             os.close(ready_fd)
         log.info("serving")
-        # One worker when every handler runs to completion without awaiting (fs.py): more workers only
-        # add task churn: fio's 4 KiB random reads were slower with pyfuse3's default of up to 99 than with
-        # one (docs/benchmarks.md). Blocking sources need one worker per reader thread.
-        eventloop.install(before_wait, direct=workers == 1 and background is None)
+        # One task when every handler runs to completion without awaiting (fs.py): more tasks only add
+        # churn: fio's 4 KiB random reads were slower with pyfuse3's default of up to 99 than with one
+        # (docs/benchmarks.md). Blocking sources need one task per reader thread.
+        eventloop.install(before_wait, direct=tasks == 1 and background is None)
         try:
-            await pyfuse3.main(min_tasks=1, max_tasks=workers)
+            await pyfuse3.main(min_tasks=1, max_tasks=tasks)
+        except* ConnectionAbortedError:
+            # The kernel tore the connection down under a read that had already taken a request: an
+            # abort through /sys/fs/fuse/connections/N/abort, or the end of a lazy unmount. The read
+            # then fails with ECONNABORTED instead of ENODEV (fs/fuse/dev.c), which libfuse reports as
+            # an error; either way nothing more will come and the session is over.
+            log.info("the kernel closed the FUSE connection")
+            aborted = True
         finally:
             eventloop.uninstall()
         nursery.cancel_scope.cancel()
+    return aborted
 
 
 async def _run_in_background(job: BackgroundJob) -> None:

@@ -16,7 +16,7 @@ import textwrap
 from tarfuse import __version__
 from tarfuse.errors import ArchiveError, TarfuseError, UsageError
 from tarfuse.image.open import Image
-from tarfuse.mount import MountOptions, assemble, list_archive
+from tarfuse.mount import DEFAULT_WORKERS_MAX, MAX_WORKERS, MountOptions, assemble, list_archive
 from tarfuse.serve import daemon
 from tarfuse.serve.fs import ImageFs, seek_support
 from tarfuse.sources import remote
@@ -40,8 +40,8 @@ _PASSED = frozenset({
 })
 # fmt: on
 # uid_t and gid_t are 32 bits, and (uid_t)-1 means "no change" to chown(2): never a file's owner.
-_OPTION_MAX = {"uid": 2**32 - 2, "gid": 2**32 - 2, "umask": 0o777}
-_OURS = ("member", "uid", "gid", "umask", "fsname", "readahead_kb", "index", "cache_size")
+_OPTION_MAX = {"uid": 2**32 - 2, "gid": 2**32 - 2, "umask": 0o777, "workers": MAX_WORKERS}
+_OURS = ("member", "uid", "gid", "umask", "fsname", "readahead_kb", "index", "cache_size", "workers")
 _SIZE = re.compile(r"(\d+)\s*([kmgKMG]?)(?:i?[bB])?")  # cache_size=: bytes, K, M or G (binary: 64M is 64 MiB)
 
 
@@ -97,6 +97,8 @@ def _set_option(options: MountOptions, key: str, value: str) -> None:
     if number < 0 or (limit is not None and number > limit):
         most = "" if limit is None else f"; at most {limit:o}" if base == 8 else f"; at most {limit}"
         raise UsageError(f"option {key}={value!r} is out of range{most}")
+    if key == "workers" and number == 0:
+        raise UsageError("option workers=0: at least one process must serve the mount")
     setattr(options, key, number)
 
 
@@ -138,6 +140,11 @@ MOUNT_OPTION_HELP = (
         "without its query string)",
     ),
     ("readahead_kb=N", "the mount's readahead, for root (default 4096: 1 MiB requests, several in flight)"),
+    (
+        "workers=N",
+        "processes that serve a plain or sparse local archive (default: one per CPU, at most "
+        f"{DEFAULT_WORKERS_MAX}); a compressed or http(s) archive is always served by one",
+    ),
     (
         "index=PATH",
         "where a compressed archive's seek index is kept (default: beside the archive if only root or "

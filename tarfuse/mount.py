@@ -30,6 +30,11 @@ from tarfuse.sources.member import MemberSource
 _MAX_REQUEST = 1 << 20  # FUSE reads are at most max_pages (256) pages long; larger ones get their own buffer
 _PROGRESS_EVERY = 5.0  # seconds between progress lines while a stream is decompressed for its size
 _REMOTE_SHARE = 4  # a compressed archive on a URL: a quarter of the cache for its compressed blocks
+MAX_WORKERS = 64  # -o workers=: more processes than this is a typo, not a plan
+# The default -o workers: one per CPU this process may run on (a request is served start to end by one
+# process, so more processes than CPUs only add wake-ups and memory), at most this many: unmeasured
+# beyond, and each one costs a few MiB (docs/benchmarks.md, "Workers").
+DEFAULT_WORKERS_MAX = 8
 
 
 @dataclass
@@ -48,6 +53,7 @@ class MountOptions:
     index: str | None = None  # where a compressed archive's seek index is kept (default: index.py)
     noindex: bool = False  # keep no index on disk
     all_files: bool = False  # -o all: every regular file, not only the disk images
+    workers: int | None = None  # -o workers=N: processes serving the mount (None: Assembly.processes)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,23 @@ class Assembly:
     def tasks(self) -> int:
         """FUSE worker tasks: one if no read ever waits, else one per reader thread."""
         return BLOCKING_READERS if any(s.blocking for s in self.served) else 1
+
+    @property
+    def shareable(self) -> bool:
+        """Whether several processes can serve the mount: every read a stateless pread through a fixed map.
+
+        A compressed archive's chunk cache and indexing pass, and an http(s) archive's block cache and
+        connections, live in one process: copies in several would each fill their own.
+        """
+        return self.background is None and not self.members and not any(s.blocking for s in self.served)
+
+    def processes(self, asked: int | None) -> int:
+        """How many processes serve the mount: `asked` (-o workers) or one per CPU; one if not shareable."""
+        if not self.shareable:
+            return 1
+        if asked is not None:
+            return asked
+        return max(1, min(len(os.sched_getaffinity(0)), DEFAULT_WORKERS_MAX))
 
     def before_fork(self) -> None:
         """Drop what does not survive fork(): a decoder's threads (the daemon opens its own)."""

@@ -54,7 +54,7 @@ async def test_a_held_lock_makes_the_next_taker_wait() -> None:
 async def test_the_direct_wait_returns_at_once_while_requests_are_queued(pipe: tuple[int, int]) -> None:
     read_fd, write_fd = pipe
     calls = []
-    wait = eventloop._Wait(lambda: calls.append(1), direct=True)
+    wait = eventloop._Wait(lambda: calls.append(1), direct=True, until=None)
     os.write(write_fd, b"x")
     with trio.CancelScope() as scope:
         scope.cancel()  # the direct path must not go through trio while the fd is readable
@@ -66,7 +66,7 @@ async def test_the_direct_wait_returns_at_once_while_requests_are_queued(pipe: t
 
 async def test_the_direct_wait_yields_to_trio_every_so_many_requests(pipe: tuple[int, int]) -> None:
     read_fd, write_fd = pipe
-    wait = eventloop._Wait(lambda: None, direct=True)
+    wait = eventloop._Wait(lambda: None, direct=True, until=None)
     os.write(write_fd, b"x")
     for _ in range(eventloop.YIELD_EVERY):
         await wait(read_fd)
@@ -78,7 +78,7 @@ async def test_the_direct_wait_yields_to_trio_every_so_many_requests(pipe: tuple
 
 async def test_an_idle_direct_wait_waits_in_trio_so_other_tasks_run(pipe: tuple[int, int]) -> None:
     read_fd, write_fd = pipe
-    wait = eventloop._Wait(lambda: None, direct=True)
+    wait = eventloop._Wait(lambda: None, direct=True, until=None)
 
     async def request_later() -> None:
         await trio.sleep(0.05)  # runs only if the wait below lets trio schedule it

@@ -45,14 +45,17 @@ class _FreeLock:
 class _Wait:
     """trio.lowlevel.wait_readable for the FUSE fd, after `before`; with `direct`, polling it ourselves."""
 
-    def __init__(self, before: Callable[[], None], direct: bool) -> None:
+    def __init__(self, before: Callable[[], None], direct: bool, until: Callable[[], bool] | None) -> None:
         self._before = before
         self._direct = direct
+        self._until = until
         self._poll: Any = None  # made on the first call, when the fd is known
         self._streak = 0
 
     async def __call__(self, fd: int) -> None:
         self._before()
+        if self._until is not None and self._until():
+            raise trio.ClosedResourceError("done")  # pyfuse3's loop takes this as "stop", and returns
         if self._direct:
             if self._poll is None:
                 self._poll = select.poll()
@@ -64,10 +67,14 @@ class _Wait:
         await trio.lowlevel.wait_readable(fd)
 
 
-def install(before_wait: Callable[[], None], direct: bool) -> None:
-    """Make pyfuse3 wait for requests through _Wait; call before pyfuse3.main()."""
+def install(before_wait: Callable[[], None], direct: bool, until: Callable[[], bool] | None = None) -> None:
+    """Make pyfuse3 wait for requests through _Wait; call before pyfuse3.main().
+
+    With `until`, pyfuse3.main() returns at the first wait at which it is true, leaving the session as it
+    is (not exited): the daemon serves the FUSE INIT alone this way, then forks its workers.
+    """
     lowlevel = types.SimpleNamespace(**vars(trio.lowlevel))
-    lowlevel.wait_readable = _Wait(before_wait, direct)
+    lowlevel.wait_readable = _Wait(before_wait, direct, until)
     facade = types.SimpleNamespace(**vars(trio))
     facade.lowlevel = lowlevel
     if direct:

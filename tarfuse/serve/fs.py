@@ -166,6 +166,10 @@ class ImageFs(pyfuse3.Operations):
         """libfuse calls this while it builds the FUSE INIT reply: too early for `after_init`."""
         self._init_seen = True
 
+    def init_replied(self) -> bool:
+        """Whether the FUSE INIT has been answered, asked before a wait for a request (as below)."""
+        return self._init_seen
+
     def after_init_replied(self) -> None:
         """Run `after_init` once, if INIT has been handled: eventloop calls this before each wait for a
         request, by which time the INIT reply (which resets the mount's readahead) has been written.

@@ -1,14 +1,17 @@
-"""Benchmark tarfuse against the physical limit and its peers (`make bench`; issue 4, "The benchmark").
+"""Benchmark tarfuse against the physical limit, the C ceiling and its peers (`make bench`; issues 4 and 15).
 
-Builds the data (benchdata), serves it with every tool (benchtools), measures, and writes a markdown table
-and JSON (benchreport) to --out, plus docs/benchmarks.md after a full run. Everything it mounts, attaches
-or creates is undone before it exits, also on Ctrl-C or SIGTERM (the harness, kit.bench).
+Builds the data (benchdata), serves it with every tool (benchtools), measures, and writes a markdown table,
+JSON and a chart (benchreport) to --out, plus docs/benchmarks.md and docs/benchmarks.svg after a full run.
+Besides the cases, "boot" times QEMU booting the sample image from the raw file and through a mount.
+Everything it mounts, attaches or creates is undone before it exits, also on Ctrl-C or SIGTERM (the
+harness, kit.bench).
 
     .venv/bin/python scripts/bench.py --quick            # smoke run, about two minutes
     .venv/bin/python scripts/bench.py --only plain --tools tarfuse,ratarmount --reps 5
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +27,8 @@ from pathlib import Path
 
 from benchdata import CASES, Dataset, Sizes, build
 from benchreport import (
+    BOOT_MOUNT,
+    BOOT_RAW,
     METRICS,
     CaseInfo,
     Results,
@@ -33,23 +38,34 @@ from benchreport import (
     machine,
     markdown,
     to_json,
+    write_chart,
     write_docs,
 )
-from benchtools import Tool, all_tools, ensure_commands, reclaim_paused
+from benchtools import Tarfuse, Tool, all_tools, ensure_commands, reclaim_paused
 from kit.bench import (
     CHUNK,
     GRACE_S,
+    PssSampler,
     Served,
     TimedOut,
     ToolFailed,
     read_some,
     run_main,
     scratch,
+    serve_fuse,
     timed_read,
     watchdog,
 )
+from kit.sample import boot_command, kvm_usable, make_archive, write_sparse_boot_image
 
 REPO = Path(__file__).resolve().parent.parent
+BOOT = "boot"  # not a data case: QEMU boots the sample image (kit.sample), from the raw file and a mount
+SELECTABLE = (*CASES, BOOT)
+# fio's random reads: (readers, placement); placement None is unpinned, else (server CPU, fio CPU)
+RANDOM = {"rand1": (1, None), "rand1-same": (1, (0, 0)), "rand1-apart": (1, (0, 1)), "rand4": (4, None)}
+PINNED = tuple(m for m, (_, placement) in RANDOM.items() if placement is not None)
+BOOT_MESSAGE = "tarfuse bench: booted"
+BOOT_IMAGE_SIZE = 24 << 20  # as the tests' sample image
 
 
 @dataclass(frozen=True)
@@ -91,7 +107,10 @@ def main() -> int:
         )
         with reclaim_paused(keep=not args.pause_reclaim) as reclaim:
             for case in cases:
-                run_case(case, tools, options, results)
+                if case == BOOT:
+                    run_boot(tools, options, results)
+                else:
+                    run_case(case, tools, options, results)
     meta = machine() | {
         "reclaim": reclaim,
         "command": _command_shown(),
@@ -111,7 +130,7 @@ def main() -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small data and short runs (smoke test)")
-    parser.add_argument("--only", metavar="CASE[,CASE]", help=f"cases to run, of: {', '.join(CASES)}")
+    parser.add_argument("--only", metavar="CASE[,CASE]", help=f"cases to run, of: {', '.join(SELECTABLE)}")
     parser.add_argument("--tools", metavar="TOOL[,TOOL]", help="tools to run (the limits always run)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
     parser.add_argument("--runtime", type=float, help="seconds per fio run (default 5, --quick 0.5)")
@@ -159,12 +178,12 @@ def _select_tools(names: str | None) -> list[Tool]:
 
 def _select_cases(names: str | None) -> list[str]:
     if names is None:
-        return list(CASES)
+        return list(SELECTABLE)
     wanted = names.split(",")
-    unknown = set(wanted) - set(CASES)
+    unknown = set(wanted) - set(SELECTABLE)
     if unknown:
-        raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}; known: {', '.join(CASES)}")
-    return [c for c in CASES if c in wanted]
+        raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}; known: {', '.join(SELECTABLE)}")
+    return [c for c in SELECTABLE if c in wanted]
 
 
 # ---- One case -----------------------------------------------------------------------------------------
@@ -186,17 +205,26 @@ def run_case(case: str, tools: list[Tool], options: Options, results: Results) -
         CaseInfo(case, dataset.title, dataset.members, dataset.extent_count, dataset.metrics)
     )
     try:
-        usable = [tool for tool in tools if _admit(tool, dataset, options, results)]
+        taking_part = [
+            t for t in tools if any(t.measures(case, m) for m in ("ready", *dataset.metrics, "rss"))
+        ]
+        usable = [tool for tool in taking_part if _admit(tool, dataset, options, results)]
         rss_metric = "seq" if "seq" in dataset.metrics else "ready"
+        if len(os.sched_getaffinity(0)) < 2:
+            for metric in set(PINNED) & set(dataset.metrics):
+                for tool in usable:
+                    results.stop(case, metric, tool.name, "n/a: one CPU: no placement to choose")
         for metric in ("ready", *dataset.metrics):
             for rep in range(options.reps):
                 shown = []
                 for tool in usable:
-                    if results.stopped(case, metric, tool.name):
+                    if results.stopped(case, metric, tool.name) or not tool.measures(case, metric):
                         continue
                     warm(dataset.archive)
-                    shown.append(_measure_once(metric, tool, dataset, options, results, rss_metric == metric))
-                print(f"   {metric} {rep + 1}/{options.reps}: {', '.join(shown)}", flush=True)
+                    record_rss = rss_metric == metric and tool.measures(case, "rss")
+                    shown.append(_measure_once(metric, tool, dataset, options, results, record_rss))
+                if shown:
+                    print(f"   {metric} {rep + 1}/{options.reps}: {', '.join(shown)}", flush=True)
     finally:
         _detach_loops(dataset.archive)
         shutil.rmtree(directory, ignore_errors=True)
@@ -218,7 +246,8 @@ def _admit(tool: Tool, dataset: Dataset, options: Options, results: Results) -> 
             results.verified[(dataset.name, tool.name)] = how
         print(f"   {tool.name}: {status or 'bytes ok (' + how + ')'}", flush=True)
     if status is not None:
-        results.exclude(dataset.name, ("ready", *dataset.metrics, "rss"), tool.name, status)
+        metrics = tuple(m for m in ("ready", *dataset.metrics, "rss") if tool.measures(dataset.name, m))
+        results.exclude(dataset.name, metrics, tool.name, status)
     return status is None
 
 
@@ -233,12 +262,16 @@ def _measure_once(
     case = dataset.name
     try:
         with tool.serve(dataset, options.scratch, options.cap) as served:
+            sampler = PssSampler(served)
             try:
-                value = _run_metric(metric, served, dataset, options)
+                if record_rss:
+                    with sampler:
+                        value = _run_metric(metric, served, dataset, options)
+                else:
+                    value = _run_metric(metric, served, dataset, options)
             finally:  # also after a timed-out read: the peak so far is still a peak
-                rss = served.peak_rss() if record_rss and not served.aborted.is_set() else None
-                if rss is not None:
-                    results.add(case, "rss", tool.name, rss / (1 << 20))
+                if record_rss and sampler.peak is not None and not served.aborted.is_set():
+                    results.add(case, "rss", tool.name, sampler.peak / (1 << 20))
         if value is None:
             results.stop(case, metric, tool.name, "n/a: sparse member (no single byte range)")
             return f"{tool.name} n/a"
@@ -254,15 +287,96 @@ def _run_metric(metric: str, served: Served, dataset: Dataset, options: Options)
         return served.ready_s
     if metric == "seq":
         return dataset.size / timed_read(served, dataset.size, options.cap) / 1e9
-    if metric in ("rand1", "rand4"):
+    if metric in RANDOM:
         if served.fio_target is None:
             return None
-        return run_fio(served, 1 if metric == "rand1" else 4, options)
+        readers, placement = RANDOM[metric]
+        fio_cpu = None
+        if placement is not None:
+            server_cpu, fio_cpu = placement
+            served.pin(server_cpu)  # every thread of every process of the server; no-op for the limits
+        return run_fio(served, readers, options, fio_cpu)
     if metric == "qemu":
         if served.qemu_source is None:
             return None
         return run_qemu_convert(served, options)
     raise ValueError(metric)
+
+
+# ---- Time to boot -------------------------------------------------------------------------------------
+
+
+def run_boot(tools: list[Tool], options: Options, results: Results) -> None:
+    """Boot the sample image in QEMU (KVM) from the raw file and through a fresh tarfuse mount, in turns."""
+    print(f"\n== {BOOT}: QEMU boots the sample image to its serial line", flush=True)
+    tarfuse = next((t for t in tools if isinstance(t, Tarfuse) and t.name == "tarfuse"), None)
+    reason = _boot_unavailable(tarfuse)
+    if reason is not None:
+        results.boot_status = reason
+        print(f"   skipped: {reason}", flush=True)
+        return
+    assert tarfuse is not None
+    directory = options.scratch / BOOT
+    directory.mkdir()
+    image = directory / "disk.raw"
+    write_sparse_boot_image(str(image), BOOT_IMAGE_SIZE, BOOT_MESSAGE + "\r\n")
+    archive = make_archive("oldgnu", image, directory / "boot.tar")
+    mountpoint = Path(os.path.realpath(directory)) / "mnt"
+    command = [tarfuse.program, "-f", "-o", "member=disk.raw", str(archive), str(mountpoint)]
+    for rep in range(options.reps):
+        shown = []
+        for name in (BOOT_RAW, BOOT_MOUNT):
+            try:
+                if name == BOOT_RAW:
+                    seconds = boot_once(image, directory, options.cap)
+                else:
+                    with serve_fuse(
+                        command, mountpoint, mountpoint / "disk.raw", options.cap, directory / "log"
+                    ):
+                        seconds = boot_once(mountpoint / "disk.raw", directory, options.cap)
+                results.boot.setdefault(name, []).append(seconds)
+                shown.append(f"{name} {METRICS['ready'].format(seconds)}")
+            except (TimedOut, ToolFailed) as exc:
+                results.boot_status = f"{name}: {_status(exc)}"
+                shown.append(f"{name} {_status(exc)}")
+        print(f"   boot {rep + 1}/{options.reps}: {', '.join(shown)}", flush=True)
+
+
+def _boot_unavailable(tarfuse: Tool | None) -> str | None:
+    if not os.path.exists("/dev/kvm") or not kvm_usable():
+        return "no usable /dev/kvm (QEMU without KVM would time the emulator, not the disk)"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
+    if tarfuse is None or tarfuse.problem():
+        return "tarfuse is not among the tools run" if tarfuse is None else str(tarfuse.problem())
+    return None
+
+
+def boot_once(image: Path, directory: Path, cap: float) -> float:
+    """Start QEMU on `image`; return the seconds until the boot sector's line is on its serial port."""
+    serial = directory / "com1.log"
+    serial.unlink(missing_ok=True)
+    expected = BOOT_MESSAGE.encode()
+    start = time.perf_counter()
+    qemu = subprocess.Popen(
+        boot_command(str(image), str(serial)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while True:
+            with contextlib.suppress(OSError):
+                if expected in serial.read_bytes():
+                    return time.perf_counter() - start
+            if qemu.poll() is not None:
+                raise ToolFailed(f"qemu-system-x86_64 exited with {qemu.returncode} before the serial line")
+            if time.perf_counter() - start > cap:
+                raise TimedOut(cap)
+            time.sleep(0.001)
+    finally:
+        qemu.kill()
+        qemu.wait()
 
 
 # ---- Reading and checking -----------------------------------------------------------------------------
@@ -374,11 +488,12 @@ def _run_capped(command: list[str], timeout: float, served: Served) -> str:
     return output
 
 
-def run_fio(served: Served, readers: int, options: Options) -> float:
-    """Random 4 KiB reads for a fixed time; return reads per second over all readers."""
+def run_fio(served: Served, readers: int, options: Options, cpu: int | None = None) -> float:
+    """Random 4 KiB reads for a fixed time, fio pinned on `cpu` if given; return reads/s over all readers."""
     assert served.fio_target is not None
+    pinned = [] if cpu is None else ["taskset", "-c", str(cpu)]
     command = [
-        "fio", "--name=rand", "--rw=randread", "--bs=4k", "--ioengine=psync", f"--numjobs={readers}",
+        *pinned, "fio", "--name=rand", "--rw=randread", "--bs=4k", "--ioengine=psync", f"--numjobs={readers}",
         "--group_reporting", "--time_based", f"--runtime={round(options.fio_runtime * 1000)}ms",
         "--randrepeat=1", "--norandommap", "--invalidate=0", "--readonly", "--output-format=json",
         *served.fio_target,
@@ -419,18 +534,29 @@ def _detach_loops(archive: Path) -> None:
 
 
 def _write_outputs(results: Results, meta: dict[str, object], args: argparse.Namespace) -> None:
-    text = markdown(results, meta)
     args.out.mkdir(parents=True, exist_ok=True)
+    chart = args.out / "results.svg"
+    chart_note = write_chart(results, chart)
+    if chart_note is not None:
+        print(f"no chart: {chart_note}")
+    text = markdown(results, meta, None if chart_note else chart.name, chart_note or "")
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(to_json(results, meta), indent=1) + "\n")
     print("\n" + text)
-    print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}")
+    print(
+        f"written: {args.out / 'results.md'}, {args.out / 'results.json'}"
+        + ("" if chart_note else f", {chart}")
+    )
     docs = args.docs
     if docs is None and not (args.quick or args.only or args.tools or args.no_docs or args.render):
         docs = REPO / "docs" / "benchmarks.md"
     if docs is not None and not args.no_docs:
-        write_docs(docs, text)
-        print(f"written: {docs}")
+        docs_chart = docs.with_suffix(".svg")  # beside the page, linked relatively: docs/benchmarks.svg
+        if chart_note is None:
+            docs_chart.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(chart, docs_chart)
+        write_docs(docs, markdown(results, meta, None if chart_note else docs_chart.name, chart_note or ""))
+        print(f"written: {docs}" + ("" if chart_note else f", {docs_chart}"))
 
 
 def _command_shown() -> str:

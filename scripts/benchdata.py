@@ -149,6 +149,9 @@ class Sizes:
         return cls(128 << 20, 2_000, 512 << 20, 32 << 20, 100_000)
 
 
+# Random 4 KiB reads (fio): 1 reader unpinned, on the server's CPU, on another CPU; 4 readers unpinned.
+RANDOM_READS = ("rand1", "rand1-same", "rand1-apart", "rand4")
+
 # The cases, in the order they run. Each builder gets (directory, sizes) and returns a Dataset.
 CASES = ("plain", "many", "sparse-oldgnu", "sparse-pax", "extents")
 _MAP_EXTENT, _MAP_STRIDE = 512, BLOCK  # huge map: 512 data bytes at the start of every 4 KiB
@@ -158,9 +161,7 @@ def build(case: str, directory: Path, sizes: Sizes) -> Dataset:
     """Create the archive of `case` in `directory`; the image file itself is removed again."""
     if case == "plain":
         model = ImageModel(sizes.image, [Extent(0, sizes.image)], seed=1)
-        return _gnu_tar_case(
-            case, "raw image, GNU tar", directory, model, [], ("seq", "rand1", "rand4", "qemu")
-        )
+        return _gnu_tar_case(case, "raw image, GNU tar", directory, model, [], ("seq", *RANDOM_READS, "qemu"))
     if case == "many":
         model = ImageModel(sizes.image, [Extent(0, sizes.image)], seed=1)
         smalls = _write_small_members(directory / "small", sizes.small_members)

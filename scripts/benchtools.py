@@ -4,7 +4,8 @@ Every tool turns a `Dataset` into a `Served` image (kit.bench): something to rea
 fio and qemu-img, the daemon (for peak RSS), and the time from its command's start to the first byte read.
 The FUSE daemons run through the harness's `serve_fuse`. The limit "tools" serve the member's bytes with no
 FUSE in between: `pread` on the archive itself in this Python, and the kernel's loop device over the
-member's byte range.
+member's byte range; or with the least a FUSE server can do: the C ceiling (scripts/fuse_ceiling.c, built
+here with cc and libfuse3-dev), single-threaded and multi-threaded.
 """
 
 import bisect
@@ -21,11 +22,17 @@ from pathlib import Path
 from typing import Literal
 
 from benchdata import Dataset, Segment
+from benchreport import C_CEILING, C_CEILING_MT
 from kit.bench import ReadInto, Served, ToolFailed, serve_fuse, wait_readable
 
 Role = Literal["limit", "tarfuse", "peer"]
 
 CACHE = Path(os.environ.get("TARFUSE_BENCH_CACHE", Path.home() / ".cache" / "tarfuse-bench"))
+REPO = Path(__file__).resolve().parent.parent
+CEILING_SOURCE = REPO / "scripts" / "fuse_ceiling.c"
+CEILING_PROGRAM = (
+    REPO / "build" / "fuse_ceiling"
+)  # `make bench` builds it there too; build/ is ignored by git
 
 
 class Tool(ABC):
@@ -56,6 +63,10 @@ class Tool(ABC):
 
     def version(self) -> str:
         return ""
+
+    def measures(self, case: str, metric: str) -> bool:
+        """Whether this tool takes part in `metric` of `case` at all (the workers variants: a few)."""
+        return True
 
     @abstractmethod
     def serve(self, dataset: Dataset, scratch: Path, cap: float) -> AbstractContextManager[Served]:
@@ -232,6 +243,95 @@ class Tarfuse(FuseTool):
         return command, mountpoint / os.path.basename(dataset.member)
 
 
+class TarfuseWorkers(Tarfuse):
+    """tarfuse with `-o workers=N`: the workers dimension, on the plain case's cheap metrics."""
+
+    METRICS = ("ready", "seq", "rand1-same", "rand1-apart", "rand4", "rss")
+
+    def __init__(self, workers: int) -> None:
+        super().__init__()
+        self.workers = workers
+        self.name = f"tarfuse workers={workers}"
+
+    def measures(self, case: str, metric: str) -> bool:
+        return case == "plain" and metric in self.METRICS
+
+    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
+        command, image = super().argv(dataset, mountpoint)
+        return [command[0], "-o", f"workers={self.workers}", *command[1:]], image
+
+
+def worker_counts(cpus: int | None = None) -> list[int]:
+    """1, 2, and on bigger machines powers of two and the CPU count itself, up to tarfuse's default cap."""
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    top = min(cpus, 8)  # tarfuse's default is one worker per CPU, at most 8 (tarfuse.mount)
+    counts = {1, 2, top} | {n for n in (4, 8) if n <= top}
+    return sorted(counts)
+
+
+class CCeiling(FuseTool):
+    """scripts/fuse_ceiling.c: the same read path as tarfuse (segment map, reads from the tar's fd) in C
+    on libfuse's low-level API, with tarfuse's readahead and request size: what FUSE allows here."""
+
+    role = "limit"
+
+    def __init__(self, multithreaded: bool) -> None:
+        super().__init__()
+        self.multithreaded = multithreaded
+        self.name = C_CEILING_MT if multithreaded else C_CEILING
+
+    def _setup(self) -> None:
+        build_ceiling()
+
+    def version(self) -> str:
+        loop = "fuse_session_loop_mt" if self.multithreaded else "fuse_session_loop"
+        return f"scripts/fuse_ceiling.c, {loop}, libfuse {_pkg_config('--modversion')}"
+
+    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
+        segment_map = mountpoint.parent / f"{dataset.name}.segments"
+        if not segment_map.exists():
+            lines = (
+                f"{s.logical} {s.length} {-1 if s.physical is None else s.physical}\n"
+                for s in dataset.segments
+            )
+            segment_map.write_text("".join(lines))
+        name = os.path.basename(dataset.member)
+        flags = ["-m"] if self.multithreaded else []
+        return [
+            str(CEILING_PROGRAM),
+            *flags,
+            str(dataset.archive),
+            str(segment_map),
+            name,
+            str(mountpoint),
+        ], (mountpoint / name)
+
+
+def build_ceiling() -> Path:
+    """Compile scripts/fuse_ceiling.c into build/ if it is missing or older than its source."""
+    if CEILING_PROGRAM.exists() and CEILING_PROGRAM.stat().st_mtime >= CEILING_SOURCE.stat().st_mtime:
+        return CEILING_PROGRAM
+    if shutil.which("cc") is None:
+        raise ToolFailed("no C compiler (cc): apt-get install gcc")
+    flags = _pkg_config("--cflags", "--libs").split()
+    CEILING_PROGRAM.parent.mkdir(parents=True, exist_ok=True)
+    command = ["cc", "-O2", "-Wall", "-o", str(CEILING_PROGRAM), str(CEILING_SOURCE), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ToolFailed(f"cc failed: {result.stderr.strip()[-300:]}")
+    return CEILING_PROGRAM
+
+
+def _pkg_config(*args: str) -> str:
+    try:
+        result = subprocess.run(["pkg-config", *args, "fuse3"], capture_output=True, text=True, check=False)
+    except OSError:
+        raise ToolFailed("pkg-config is missing: apt-get install pkg-config libfuse3-dev") from None
+    if result.returncode != 0:
+        raise ToolFailed("libfuse3-dev is missing: apt-get install libfuse3-dev")
+    return result.stdout.strip()
+
+
 class Ratarmount(FuseTool):
     """ratarmount from PyPI, in its own venv; `--index-file :memory:` so every mount indexes afresh."""
 
@@ -300,7 +400,19 @@ class FuseArchive(FuseTool):
 
 
 def all_tools() -> list[Tool]:
-    return [PreadLimit(), LoopLimit(), Tarfuse(), Ratarmount(), NbdkitTar(), Archivemount(), FuseArchive()]
+    workers: list[Tool] = [TarfuseWorkers(n) for n in worker_counts()]
+    return [
+        PreadLimit(),
+        LoopLimit(),
+        CCeiling(multithreaded=False),
+        CCeiling(multithreaded=True),
+        Tarfuse(),
+        *workers,
+        Ratarmount(),
+        NbdkitTar(),
+        Archivemount(),
+        FuseArchive(),
+    ]
 
 
 # ---- Versions and installing -------------------------------------------------------------------------

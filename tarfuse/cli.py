@@ -6,7 +6,6 @@ the shape of the command line, as for sshfs. Exit codes: 0 success, 1 the archiv
 """
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -142,8 +141,9 @@ MOUNT_OPTION_HELP = (
     ("readahead_kb=N", "the mount's readahead, for root (default 4096: 1 MiB requests, several in flight)"),
     (
         "workers=N",
-        "processes that serve a plain or sparse local archive (default: one per CPU, at most "
-        f"{DEFAULT_WORKERS_MAX}); a compressed or http(s) archive is always served by one",
+        "processes that serve a plain or sparse local archive (default 1: more were slower on 2 "
+        f"CPUs; try up to {DEFAULT_WORKERS_MAX} on bigger hosts); a compressed or http(s) archive is "
+        "always served by one",
     ),
     (
         "index=PATH",
@@ -263,11 +263,16 @@ def _hide_secrets(words: list[str]) -> None:
     /proc/PID/cmdline is readable by every user; setproctitle rewrites it in place. What it showed for the
     fraction of a second before this runs cannot be taken back.
     """
-    shown = [remote.display_name(w) if remote.is_url(w) else _HEADER_VALUE.sub(r"\1***", w) for w in words]
-    if shown != words:
+    if _shown_command(words) != " ".join(["tarfuse", *words]):
         import setproctitle
 
-        setproctitle.setproctitle(" ".join(["tarfuse", *shown]))
+        setproctitle.setproctitle(_shown_command(words))
+
+
+def _shown_command(words: list[str]) -> str:
+    """The command line as ps may show it: no URL query string or user info, no -o header= value."""
+    shown = [remote.display_name(w) if remote.is_url(w) else _HEADER_VALUE.sub(r"\1***", w) for w in words]
+    return " ".join(["tarfuse", *shown])
 
 
 def _run_by_mount() -> bool:
@@ -289,6 +294,8 @@ def _list(path: str, options: MountOptions, as_json: bool = False) -> int:
     listing = list_archive(path, options, say=log.info)
     compression, found, images = listing.compression, listing.index, listing.images
     if as_json:
+        import json  # only --list --json needs it: a mount does not pay its import
+
         print(json.dumps(_listing(path, compression, found, images), indent=2))
     elif compression is not None:
         print(f"{remote.display_name(path)}: {compression}-compressed, index: {found or 'none'}")
@@ -365,6 +372,9 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
     }
     if args.debug_fuse:
         fuse_options.add("debug")
+    processes = assembly.processes(options.workers)
+    if options.workers is not None and options.workers > processes:
+        log.info("workers=%d: a compressed or http(s) archive is served by one process", options.workers)
     if not args.foreground:
         assembly.before_fork()
     try:
@@ -377,6 +387,9 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
             args.foreground,
             mountpoint.path,
             tasks=assembly.tasks,
+            processes=processes,
+            init_replied=ops.init_replied,
+            title=_shown_command(sys.argv[1:]),
             background=assembly.background,
             before_wait=ops.after_init_replied,
         )

@@ -31,9 +31,9 @@ _MAX_REQUEST = 1 << 20  # FUSE reads are at most max_pages (256) pages long; lar
 _PROGRESS_EVERY = 5.0  # seconds between progress lines while a stream is decompressed for its size
 _REMOTE_SHARE = 4  # a compressed archive on a URL: a quarter of the cache for its compressed blocks
 MAX_WORKERS = 64  # -o workers=: more processes than this is a typo, not a plan
-# The default -o workers: one per CPU this process may run on (a request is served start to end by one
-# process, so more processes than CPUs only add wake-ups and memory), at most this many: unmeasured
-# beyond, and each one costs a few MiB (docs/benchmarks.md, "Workers").
+# The default -o workers is 1: measured on 2 vCPUs (docs/benchmarks.md), two processes were slower than
+# one at 1 and 4 readers (every process polling the one /dev/fuse fd wakes for each request). What the
+# help suggests trying on bigger hosts:
 DEFAULT_WORKERS_MAX = 8
 
 
@@ -100,9 +100,7 @@ class Assembly:
         """How many processes serve the mount: `asked` (-o workers) or one per CPU; one if not shareable."""
         if not self.shareable:
             return 1
-        if asked is not None:
-            return asked
-        return max(1, min(len(os.sched_getaffinity(0)), DEFAULT_WORKERS_MAX))
+        return 1 if asked is None else asked
 
     def before_fork(self) -> None:
         """Drop what does not survive fork(): a decoder's threads (the daemon opens its own)."""

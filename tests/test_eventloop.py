@@ -6,9 +6,11 @@ runs a real mount and fails loudly then.
 """
 
 import os
+import select
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +129,15 @@ def test_pyfuse3_still_waits_for_requests_through_the_installed_facade(tmp_path:
         "pyfuse3 no longer reads its module attribute `trio`: tarfuse.eventloop has no effect "
         "(no readahead hook, no direct loop); see the pin in pyproject.toml"
     )
+
+
+async def test_the_direct_wait_spins_briefly_then_sleeps_while_idle(pipe: tuple[int, int]) -> None:
+    read_fd, _ = pipe
+    wait = eventloop._Wait(lambda: None, direct=True, until=None)
+    wait._poll = select.poll()
+    wait._poll.register(read_fd, select.POLLIN)
+    started_cpu, started = time.process_time(), time.monotonic()
+    assert not wait._readable()  # nothing comes: the spin, then IDLE_WAIT_MS asleep
+    elapsed_cpu, elapsed = time.process_time() - started_cpu, time.monotonic() - started
+    assert elapsed >= eventloop.IDLE_WAIT_MS / 1000
+    assert elapsed_cpu < elapsed / 2  # most of the wait slept: the spin is bounded

@@ -46,6 +46,7 @@ LOGGING_MODULES = {
     "tarfuse/cli.py",
     "tarfuse/serve/fs.py",
     "tarfuse/serve/daemon.py",
+    "tarfuse/serve/workers.py",
     "tarfuse/sources/index.py",
 }
 LOG_CALL = re.compile(r"^\s*log(ging)?\.(debug|info|warning|error|exception|critical)\(", re.M)

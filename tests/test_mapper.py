@@ -135,3 +135,23 @@ def test_read_into_of_data_cut_off_raises_truncated() -> None:
 def test_empty_image() -> None:
     mapper = ImageMapper(short_read_at(b"", 1), sparse_map(sparsegen.Layout(0, ())))
     assert (mapper.size, mapper.read(0, 10), mapper.plan(0, 10)) == (0, b"", [])
+
+
+@given(size=st.integers(1, 20_000), read=reads, chunk=st.integers(1, 5000))
+def test_read_into_of_a_plain_member_matches_its_data(size: int, read: tuple[int, int], chunk: int) -> None:
+    layout = sparsegen.Layout(size, ((0, size),))  # one extent over the whole image: the fast path
+    image = sparsegen.image_of(layout)
+    archive = archive_of(layout, image)
+    mapper = ImageMapper(short_read_at(archive, 1), sparse_map(layout), short_pread_into(archive, chunk))
+    offset, length = read
+    buffer = bytearray(b"\xaa" * length)
+    count = mapper.read_into(memoryview(buffer), offset)
+    assert bytes(buffer[:count]) == image[offset : offset + length]
+
+
+def test_read_into_of_a_cut_off_plain_member_raises_truncated() -> None:
+    layout = sparsegen.Layout(10_000, ((0, 10_000),))
+    archive = archive_of(layout, sparsegen.image_of(layout))[: len(PREFIX) + 6000]
+    mapper = ImageMapper(short_read_at(archive, 1), sparse_map(layout), short_pread_into(archive, 4096))
+    with pytest.raises(TruncatedArchive):
+        mapper.read_into(memoryview(bytearray(4096)), 4000)

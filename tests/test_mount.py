@@ -491,7 +491,8 @@ def daemon_pids(mountpoint: Path) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                arguments = (entry / "cmdline").read_bytes().split(b"\0")
+                # split on spaces too: with several workers, setproctitle joins the words into one
+                arguments = (entry / "cmdline").read_bytes().replace(b"\0", b" ").split(b" ")
                 if os.fsencode(mountpoint) in arguments:
                     pids.append(int(entry.name))
     return pids

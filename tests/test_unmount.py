@@ -5,6 +5,7 @@ the image and checking every byte against the sample image. README: "Exit status
 """
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -109,10 +110,13 @@ def assert_all_bytes_right(tallies: list[Tally], allowed_errors: set[str], short
     assert errors <= allowed_errors, tallies
 
 
-@pytest.fixture
-def served(sample_archive: Path, mount: MountFactory, tmp_path: Path) -> Mount:
+@pytest.fixture(params=[1, 2], ids=lambda n: f"workers={n}")
+def served(
+    request: pytest.FixtureRequest, sample_archive: Path, mount: MountFactory, tmp_path: Path
+) -> Mount:
+    """Every test here runs with one process and with two serving the mount (serve/workers.py)."""
     (mountpoint := tmp_path / "mnt").mkdir()
-    return mount(sample_archive, mountpoint)
+    return mount(sample_archive, mountpoint, "-o", f"workers={request.param}")
 
 
 def fusermount_unmount(mountpoint: Path) -> subprocess.CompletedProcess[str]:
@@ -210,3 +214,43 @@ def test_connection_aborted_with_readers_in_flight_ends_cleanly(
         tallies = readers.stop()
     assert "Traceback" not in served.stderr_text()
     assert_all_bytes_right(tallies, allowed_errors={"ENOTCONN", "ECONNABORTED"}, short_ok=True)
+
+
+def _workers_of(main: int) -> list[int]:
+    children = Path(f"/proc/{main}/task/{main}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_a_killed_worker_is_logged_and_the_others_go_on_serving(
+    sample_archive: Path, sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+) -> None:
+    (mountpoint := tmp_path / "mnt").mkdir()
+    served = mount(sample_archive, mountpoint, "-o", "workers=2")
+    (worker,) = _workers_of(served.process.pid)
+    assert b"[worker 2/2]" in Path(f"/proc/{worker}/cmdline").read_bytes()  # ps shows the role
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + TIMEOUT
+    while "died (killed by SIGKILL)" not in served.stderr_text():
+        assert time.monotonic() < deadline, served.stderr_text()
+        time.sleep(0.05)
+    assert (mountpoint / "disk.raw").read_bytes() == sample_image.data
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(TIMEOUT) == 0, served.stderr_text()
+    assert not is_mounted(mountpoint)
+
+
+def test_sigkill_of_the_main_process_ends_its_workers_and_leaves_a_stale_mount(
+    sample_archive: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    (mountpoint := tmp_path / "mnt").mkdir()
+    served = mount(sample_archive, mountpoint, "-o", "workers=2")
+    (worker,) = _workers_of(served.process.pid)
+    served.process.kill()
+    served.process.wait(TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while Path(f"/proc/{worker}").exists() and b"(Z)" not in Path(f"/proc/{worker}/stat").read_bytes():
+        assert time.monotonic() < deadline, "a worker outlived its main process"
+        time.sleep(0.05)
+    with pytest.raises(OSError, match="not connected") as caught:
+        os.stat(mountpoint / "disk.raw")
+    assert caught.value.errno == errno.ENOTCONN  # as with one process: fusermount3 -u clears it

@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from tarfuse.errors import UsageError
-from tarfuse.serve import eventloop, mountinfo
+from tarfuse.serve import eventloop, mountinfo, workers
 from tarfuse.serve.fs import ImageFs
 
 log = logging.getLogger(__name__)
@@ -174,11 +174,16 @@ def serve(
     tasks: int = 1,
     background: BackgroundJob | None = None,
     before_wait: Callable[[], None] = lambda: None,
+    processes: int = 1,
+    init_replied: Callable[[], bool] = lambda: True,
+    title: str = "tarfuse",
 ) -> int:
     """Run the mounted file system until it is unmounted or a stop signal comes; return the exit status.
 
-    `mountpoint` is the resolved path (MountPoint.path); `tasks` the most requests pyfuse3 serves at once;
-    `before_wait` runs before each wait for a request (ImageFs.after_init_replied).
+    `mountpoint` is the resolved path (MountPoint.path); `tasks` the most requests pyfuse3 serves at once
+    in one process; `before_wait` runs before each wait for a request (ImageFs.after_init_replied).
+    `processes` > 1: the INIT is answered first, then workers are forked to serve with this process
+    (workers.py); `init_replied` tells when (ImageFs.init_replied), `title` is the command for ps.
     """
     ready_fd = None
     if not foreground:
@@ -189,10 +194,17 @@ def serve(
             raise
     device = find_mount(mountpoint)
     clean = aborted = False
+    group = None
     try:
-        aborted = trio.run(_run_until_unmounted, ready_fd, tasks, background, before_wait)
+        if processes > 1 and trio.run(_answer_init, before_wait, init_replied):
+            workers.set_title(f"main 1/{processes}", title)
+            keep = () if ready_fd is None else (ready_fd,)
+            group = workers.start(processes, lambda n: _serve_as_worker(n, processes, title), keep)
+        aborted = trio.run(_run_until_unmounted, ready_fd, tasks, background, before_wait, group)
         clean = True
     finally:
+        if group is not None:
+            group.stop()
         # After a crash, leave the mount in place (ENOTCONN) rather than an empty directory that
         # looks like a working, empty mount; the message tells how to clear it.
         pyfuse3.close(unmount=clean)
@@ -216,36 +228,102 @@ def _unmount_aborted(mountpoint: str, seen: bool) -> None:
         log.warning("could not unmount %s: %s", mountpoint, result.stderr.strip() or result.returncode)
 
 
+async def _answer_init(before_wait: Callable[[], None], init_replied: Callable[[], bool]) -> bool:
+    """Serve until the FUSE INIT is answered; return False if the session ended or a stop signal came."""
+    stopped = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_terminate_on_signal, "unmounting", stopped)
+        await _serve_requests(1, direct=False, before_wait=before_wait, until=init_replied)
+        nursery.cancel_scope.cancel()
+    return init_replied() and not stopped.is_set()
+
+
+def _serve_as_worker(number: int, size: int, title: str) -> int:
+    workers.set_title(f"worker {number}/{size}", title)
+    trio.run(_worker_loop, number)
+    return 0
+
+
+async def _worker_loop(number: int) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_terminate_on_signal, f"worker {number} stopping", trio.Event())
+        log.debug("worker %d (pid %d) serving", number, os.getpid())
+        await _serve_requests(1, direct=True)
+        nursery.cancel_scope.cancel()
+
+
 async def _run_until_unmounted(
-    ready_fd: int | None, tasks: int, background: BackgroundJob | None, before_wait: Callable[[], None]
+    ready_fd: int | None,
+    tasks: int,
+    background: BackgroundJob | None,
+    before_wait: Callable[[], None],
+    group: workers.Group | None,
 ) -> bool:
     """Serve until the session ends; return whether the kernel aborted the connection."""
-    aborted = False
     async with trio.open_nursery() as nursery:
-        await nursery.start(_terminate_on_signal)
+        await nursery.start(_terminate_on_signal, "unmounting", trio.Event())
+        if group is not None:
+            await nursery.start(_watch_workers, group)
         if background is not None:
             nursery.start_soon(_run_in_background, background)
         if ready_fd is not None:
             os.write(ready_fd, _READY)
             os.close(ready_fd)
-        log.info("serving")
+        log.info("serving" if group is None else f"serving, {group.size} processes")
         # One task when every handler runs to completion without awaiting (fs.py): more tasks only add
         # churn: fio's 4 KiB random reads were slower with pyfuse3's default of up to 99 than with one
         # (docs/benchmarks.md). Blocking sources need one task per reader thread.
-        eventloop.install(before_wait, direct=tasks == 1 and background is None)
-        try:
-            await pyfuse3.main(min_tasks=1, max_tasks=tasks)
-        except* ConnectionAbortedError:
-            # The kernel tore the connection down under a read that had already taken a request: an
-            # abort through /sys/fs/fuse/connections/N/abort, or the end of a lazy unmount. The read
-            # then fails with ECONNABORTED instead of ENODEV (fs/fuse/dev.c), which libfuse reports as
-            # an error; either way nothing more will come and the session is over.
-            log.info("the kernel closed the FUSE connection")
-            aborted = True
-        finally:
-            eventloop.uninstall()
+        aborted = await _serve_requests(tasks, tasks == 1 and background is None, before_wait)
         nursery.cancel_scope.cancel()
     return aborted
+
+
+async def _serve_requests(
+    tasks: int,
+    direct: bool,
+    before_wait: Callable[[], None] = lambda: None,
+    until: Callable[[], bool] | None = None,
+) -> bool:
+    """pyfuse3's loop, with our wait (eventloop.py); return whether the kernel aborted the connection."""
+    eventloop.install(before_wait, direct=direct, until=until)
+    aborted = False
+    try:
+        await pyfuse3.main(min_tasks=1, max_tasks=tasks)
+    except* ConnectionAbortedError:
+        # The kernel tore the connection down under a read that had already taken a request: an
+        # abort through /sys/fs/fuse/connections/N/abort, or the end of a lazy unmount. The read
+        # then fails with ECONNABORTED instead of ENODEV (fs/fuse/dev.c), which libfuse reports as
+        # an error; either way nothing more will come and the session is over.
+        log.info("the kernel closed the FUSE connection")
+        aborted = True
+    finally:
+        eventloop.uninstall()
+    return aborted
+
+
+async def _watch_workers(
+    group: workers.Group, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Log each worker that ends while the mount is served; the others go on serving.
+
+    SIGCHLD also interrupts this process's read of /dev/fuse, so a death is noticed while idle too.
+    """
+    with trio.open_signal_receiver(signal.SIGCHLD) as ended:
+        task_status.started()
+        while True:
+            for number, pid, status in group.reap():
+                if os.waitstatus_to_exitcode(status) == 0:
+                    log.info("worker %d (pid %d) ended", number, pid)
+                else:
+                    log.warning(
+                        "worker %d (pid %d) died (%s); %d of %d processes go on serving",
+                        number,
+                        pid,
+                        workers.how_it_ended(status),
+                        len(group.running) + 1,
+                        group.size,
+                    )
+            await ended.__anext__()
 
 
 async def _run_in_background(job: BackgroundJob) -> None:
@@ -277,15 +355,23 @@ async def _report_progress(job: BackgroundJob, stop: threading.Event) -> None:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
-async def _terminate_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def _terminate_on_signal(
+    doing: str, stopped: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """End pyfuse3's loop at the first stop signal; log "got SIGTERM, `doing`" and set `stopped`."""
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
-        # Held back since mount(): from now on they come here.
+        # Held back since mount(), and again between event loops: from now on they come here.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        task_status.started()
-        async for signum in signals:
-            log.info("got %s, unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
+        try:
+            task_status.started()
+            async for signum in signals:
+                log.info("got %s, %s", signal.Signals(signum).name, doing)
+                stopped.set()
+                pyfuse3.terminate()
+                await trio.sleep_forever()  # still here: a second signal must not kill the process
+        finally:
+            # Before the receiver goes: one that comes later waits for the next loop, or for none.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
 
 
 def _detach() -> int:

@@ -5,14 +5,19 @@ fetch the same block: the second waits for the first), coalescing the missing bl
 fetch, and readahead for a sequential reader. Knows nothing about HTTP: a `Fetch` streams one byte range.
 """
 
+from __future__ import annotations
+
 import os
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 from tarfuse.errors import ArchiveError, TruncatedArchive
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 Fetch = Callable[[int, int], Iterable[bytes]]  # (offset, size) -> chunks adding up to exactly size bytes
 # (more is refused after the chunk that overshoots, so a faulty fetch cannot fill memory)
@@ -125,6 +130,9 @@ class BlockCache:
             elif (future := self._pending.get(block)) is not None:
                 found.append(future)
             else:
+                # Imported here, where an HTTP fetch follows: every mount imports this module (via remote.py)
+                from concurrent.futures import Future
+
                 self._pending[block] = future = Future()
                 found.append(future)
                 claimed.append(block)
@@ -245,7 +253,7 @@ class BlockCache:
                 thread.join()
 
 
-_LIVE: "weakref.WeakSet[BlockCache]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[BlockCache] = weakref.WeakSet()
 
 
 def _quiesce_all() -> None:

@@ -14,7 +14,6 @@ file objects.
 """
 
 import io
-import json
 import lzma
 import threading
 from collections import OrderedDict
@@ -143,10 +142,14 @@ class _OffsetsDecoder(_SeekingDecoder):
             return int(self._file.size()) if complete else None  # type: ignore[attr-defined]
 
     def export_index(self) -> bytes | None:
+        import json  # gzip's index alone: a plain mount does not pay for it
+
         offsets = self._file.block_offsets()  # type: ignore[attr-defined]
         return json.dumps(sorted(offsets.items())).encode()
 
     def import_index(self, blob: bytes) -> None:
+        import json
+
         with _decoding((ValueError,)):  # json.JSONDecodeError, UnicodeDecodeError: not an index
             pairs = json.loads(blob)
         if not all(isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) for p in pairs):

@@ -2,9 +2,10 @@
 
 Serving: a FUSE daemon run in the foreground, in a session of its own (its children go with it), timed from
 its command's start until the image it shows reads, and stopped at the end, also when a read hangs (a
-watchdog kills the daemon, so blocked reads fail). Reading: timed passes in 1 MiB requests and per-read
-latencies. Running: a scratch directory where nothing stays mounted, and SIGTERM handled as Ctrl-C; both
-unmount on the way out. Output: Markdown tables. The data, the tools and the figures are each benchmark's.
+watchdog kills the daemon, so blocked reads fail); its process tree's PSS, sampled during a step; its
+threads pinned to a CPU. Reading: timed passes in 1 MiB requests and per-read latencies. Running: a scratch
+directory where nothing stays mounted, and SIGTERM handled as Ctrl-C; both unmount on the way out.
+Output: Markdown tables. The data, the tools and the figures are each benchmark's.
 """
 
 import contextlib
@@ -61,10 +62,34 @@ class Served:
         if self.process is None:
             return None
         total = 0
-        for pid in _with_descendants(self.process.pid):
+        for pid in self.pids():
             with contextlib.suppress(OSError, LookupError):  # gone, or a zombie
                 total += status_kib(pid, "VmHWM") * 1024
         return total
+
+    def pids(self) -> list[int]:
+        """The daemon and all its descendants (workers, helpers such as nbdkit); empty without a daemon."""
+        return [] if self.process is None else _with_descendants(self.process.pid)
+
+    def pss(self) -> int | None:
+        """The proportional set size of the daemon's whole process tree now, in bytes: the sum of `Pss`
+        of /proc/PID/smaps_rollup, so pages the processes share (a forked worker's) count once."""
+        if self.process is None:
+            return None
+        return sum(_pss_kib(pid) for pid in self.pids()) * 1024
+
+    def pin(self, cpu: int) -> None:
+        """Pin every thread of the daemon and of all its descendants to `cpu` (`taskset -a -p -c`).
+
+        Threads and processes they start later inherit the affinity.
+        """
+        for pid in self.pids():
+            subprocess.run(
+                ["taskset", "-a", "-p", "-c", str(cpu), str(pid)],
+                check=False,  # a helper that has just exited
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
 
 
 # ---- Serving ------------------------------------------------------------------------------------------
@@ -137,6 +162,61 @@ def _abort(process: subprocess.Popen[bytes], mountpoint: Path, aborted: threadin
     kill_group(process)
     with contextlib.suppress(MountError):
         unmount(mountpoint)
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):  # gone, or a zombie (an empty rollup)
+        pass
+    return 0
+
+
+class PssSampler:
+    """Sample a served daemon's PSS (as `Served.pss`) every `interval` seconds in a thread; `peak` is the
+    largest sample, the last one taken when the block ends included.
+
+    Finding the process tree walks all of /proc (~3 ms): it is done once a second, not at every sample
+    (~0.2 ms a process), so that the sampler takes little CPU from the step it watches.
+    """
+
+    TREE_EVERY_S = 1.0
+
+    def __init__(self, served: Served, interval: float = 0.05) -> None:
+        self._served, self._interval = served, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pss-sampler", daemon=True)
+        self._pids: list[int] = []
+        self._pids_at = -self.TREE_EVERY_S
+        self.peak: int | None = None
+
+    def _sample(self) -> None:
+        if self._served.process is None:
+            return
+        if time.monotonic() - self._pids_at >= self.TREE_EVERY_S:
+            self._pids, self._pids_at = self._served.pids(), time.monotonic()
+        value = sum(_pss_kib(pid) for pid in self._pids) * 1024
+        if self.peak is None or value > self.peak:
+            self.peak = value
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sample()
+
+    def __enter__(self) -> "PssSampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if not self._served.aborted.is_set():
+            self._pids_at = -self.TREE_EVERY_S  # the last sample looks for new processes too
+            self._sample()
 
 
 def _with_descendants(pid: int) -> list[int]:

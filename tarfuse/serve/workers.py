@@ -1,0 +1,120 @@
+"""Several processes serving one mount: worker processes forked after the FUSE INIT, and their reaping.
+
+The kernel hands each request on /dev/fuse to exactly one reader and matches the reply by the request's
+unique id, whoever writes it (libfuse's multi-threaded loop relies on this), so processes that share the
+connection need nothing from each other. libfuse keeps the session's state, "INIT answered" included, in
+each process: the fork comes after the INIT reply, from the process that wrote it, and never while trio
+runs (each process starts its own trio; an epoll set shared across fork would wake the wrong process).
+
+Roles. The main process (the command, or the daemon it detached) serves like any worker and also reaps
+the others and ends them. A worker serves until the connection ends, a stop signal comes, or the main
+process dies (it asks the kernel for a SIGTERM then: PR_SET_PDEATHSIG). Workers never unmount: only the
+main process does, so a group whose main process is killed leaves a stale mount, as one process would.
+"""
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 5.0  # how long a worker may take to finish its request after SIGTERM, before SIGKILL
+
+
+@dataclass
+class Group:
+    """The worker processes of one mount, seen from the main process (which is number 1 of `size`)."""
+
+    size: int
+    running: dict[int, int] = field(default_factory=dict)  # pid -> worker number
+
+    def reap(self) -> list[tuple[int, int, int]]:
+        """Collect the workers that have ended: (number, pid, wait status) each; never blocks."""
+        ended = []
+        for pid, number in list(self.running.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done:
+                del self.running[pid]
+                ended.append((number, pid, status))
+        return ended
+
+    def stop(self) -> None:
+        """End every worker: SIGTERM, then SIGKILL for one still there after STOP_GRACE_S; reap all."""
+        for pid in self.running:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self.running and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.005)
+        for pid, number in list(self.running.items()):
+            log.warning(
+                "worker %d (pid %d) did not stop within %.0f s: killing it", number, pid, STOP_GRACE_S
+            )
+            _signal(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        self.running.clear()
+
+
+def how_it_ended(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+
+
+def start(size: int, serve: Callable[[int], int], close_in_workers: tuple[int, ...] = ()) -> Group:
+    """Fork workers 2..size; each runs `serve(number)` and exits with what it returns.
+
+    Call with no trio running and no other thread. `close_in_workers`: descriptors only the main process
+    may hold (the pipe that tells the command the mount is ready).
+    """
+    main = os.getpid()
+    group = Group(size)
+    for number in range(2, size + 1):
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns
+            status = 1
+            try:
+                for fd in close_in_workers:
+                    os.close(fd)
+                status = serve(number) if _end_with_parent(main) else 0
+            except BaseException as exc:  # a worker must reach os._exit, whatever happened
+                log.error(
+                    "worker %d: %s",
+                    number,
+                    exc or type(exc).__name__,
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        group.running[pid] = number
+    return group
+
+
+def set_title(role: str, command: str) -> None:
+    """Show the process's role in ps and top: "tarfuse [worker 2/4] ARCHIVE MOUNTPOINT"."""
+    import setproctitle  # only with several workers
+
+    words = command.split(" ", 1)
+    setproctitle.setproctitle(" ".join([words[0], f"[{role}]", *words[1:]]))
+
+
+def _end_with_parent(main: int) -> bool:
+    """Have the kernel send us SIGTERM when the main process dies; False if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    return os.getppid() == main
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # ended already: reap() collects it
+        os.kill(pid, signum)

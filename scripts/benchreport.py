@@ -476,7 +476,7 @@ def _method() -> list[str]:
         "`taskset -c`. On one CPU the pinned placements are skipped. Same CPU shows the CPU cost of a "
         "request (µs per read = 1 / rate: server, kernel and fio together); different CPUs the cost of "
         "waking a task on another CPU twice per request; unpinned mixes the two and swings from run to run.",
-        "- Workers: `tarfuse` runs with its default (`-o workers=`: one process per CPU, at most 8), "
+        "- Workers: `tarfuse` runs with its default (`-o workers=`: one process per 4 CPUs, 1 to 8), "
         "`tarfuse workers=N` with N = 1, 2 and on bigger machines up to the CPU count, on the plain "
         "case's ready, seq, rand1-same, rand1-apart, rand4 and rss. All the workers of a pinned server are "
         "pinned to the same CPU, so the pinned one-reader figures show what idle workers cost.",

@@ -15,7 +15,14 @@ import textwrap
 from tarfuse import __version__
 from tarfuse.errors import ArchiveError, TarfuseError, UsageError
 from tarfuse.image.open import Image
-from tarfuse.mount import DEFAULT_WORKERS_MAX, MAX_WORKERS, MountOptions, assemble, list_archive
+from tarfuse.mount import (
+    CPUS_PER_WORKER,
+    DEFAULT_WORKERS_MAX,
+    MAX_WORKERS,
+    MountOptions,
+    assemble,
+    list_archive,
+)
 from tarfuse.serve import daemon
 from tarfuse.serve.fs import ImageFs, seek_support
 from tarfuse.sources import remote
@@ -141,9 +148,9 @@ MOUNT_OPTION_HELP = (
     ("readahead_kb=N", "the mount's readahead, for root (default 4096: 1 MiB requests, several in flight)"),
     (
         "workers=N",
-        "processes that serve a plain or sparse local archive (default 1: more were slower on 2 "
-        f"CPUs; try up to {DEFAULT_WORKERS_MAX} on bigger hosts); a compressed or http(s) archive is "
-        "always served by one",
+        "processes that serve a plain or sparse local archive (default: one per "
+        f"{CPUS_PER_WORKER} CPUs, 1 to {DEFAULT_WORKERS_MAX}; 1 on 2 CPUs, where 2 were slower); a "
+        "compressed or http(s) archive is always served by one",
     ),
     (
         "index=PATH",

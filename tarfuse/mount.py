@@ -31,9 +31,13 @@ _MAX_REQUEST = 1 << 20  # FUSE reads are at most max_pages (256) pages long; lar
 _PROGRESS_EVERY = 5.0  # seconds between progress lines while a stream is decompressed for its size
 _REMOTE_SHARE = 4  # a compressed archive on a URL: a quarter of the cache for its compressed blocks
 MAX_WORKERS = 64  # -o workers=: more processes than this is a typo, not a plan
-# The default -o workers is 1: measured on 2 vCPUs (docs/benchmarks.md), two processes were slower than
-# one at 1 and 4 readers (every process polling the one /dev/fuse fd wakes for each request). What the
-# help suggests trying on bigger hosts:
+# The default -o workers: one process per CPUS_PER_WORKER CPUs this process may run on, at least one and at
+# most DEFAULT_WORKERS_MAX. A request costs the server about as much CPU as it costs the reader's side
+# (~12 of ~27 us at 4 readers on 2 vCPUs), so a worker is kept busy by about one CPU of readers, and the
+# VM being served needs CPUs of its own. Measured on 2 vCPUs, where this gives 1: two processes served
+# 4 readers at 0.7x one process's rate (more context switches per request, and nothing idle to run
+# them on). On bigger hosts the formula is a paper estimate (docs/benchmarks.md, "Workers").
+CPUS_PER_WORKER = 4
 DEFAULT_WORKERS_MAX = 8
 
 
@@ -63,6 +67,11 @@ class Listing:
     compression: Compression | None
     index: str | None  # the saved index that a mount would use, if any
     images: list[Image]
+
+
+def default_workers(cpus: int) -> int:
+    """The -o workers default for a process that may run on `cpus` CPUs (taskset and cpusets count)."""
+    return max(1, min(DEFAULT_WORKERS_MAX, cpus // CPUS_PER_WORKER))
 
 
 @dataclass
@@ -97,10 +106,10 @@ class Assembly:
         return self.background is None and not self.members and not any(s.blocking for s in self.served)
 
     def processes(self, asked: int | None) -> int:
-        """How many processes serve the mount: `asked` (-o workers) or one per CPU; one if not shareable."""
+        """How many processes serve the mount: `asked` (-o workers), else the default; 1 if not shareable."""
         if not self.shareable:
             return 1
-        return 1 if asked is None else asked
+        return default_workers(len(os.sched_getaffinity(0))) if asked is None else asked
 
     def before_fork(self) -> None:
         """Drop what does not survive fork(): a decoder's threads (the daemon opens its own)."""

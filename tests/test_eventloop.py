@@ -78,6 +78,24 @@ async def test_the_direct_wait_yields_to_trio_every_so_many_requests(pipe: tuple
     assert scope.cancelled_caught
 
 
+async def test_a_shared_wait_leaves_the_waiting_to_the_read_and_stops_when_told(
+    pipe: tuple[int, int],
+) -> None:
+    """A worker of a group: nothing to read, and still no poll and no trip through trio (read(2) will
+    block, with the kernel's exclusive wake-up); `until` (its stop flag) ends the loop."""
+    read_fd, _ = pipe
+    stop = False
+    wait = eventloop._Wait(lambda: None, direct=True, until=lambda: stop, shared=True)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        for _ in range(eventloop.YIELD_EVERY + 10):
+            await wait(read_fd)
+    assert not scope.cancelled_caught
+    stop = True
+    with pytest.raises(trio.ClosedResourceError):
+        await wait(read_fd)
+
+
 async def test_an_idle_direct_wait_waits_in_trio_so_other_tasks_run(pipe: tuple[int, int]) -> None:
     read_fd, write_fd = pipe
     wait = eventloop._Wait(lambda: None, direct=True, until=None)

@@ -6,6 +6,7 @@ the image and checking every byte against the sample image. README: "Exit status
 
 import contextlib
 import errno
+import gzip
 import json
 import os
 import signal
@@ -226,16 +227,37 @@ def test_a_killed_worker_is_logged_and_the_others_go_on_serving(
 ) -> None:
     (mountpoint := tmp_path / "mnt").mkdir()
     served = mount(sample_archive, mountpoint, "-o", "workers=2")
-    (worker,) = _workers_of(served.process.pid)
-    assert b"[worker 2/2]" in Path(f"/proc/{worker}/cmdline").read_bytes()  # ps shows the role
-    os.kill(worker, signal.SIGKILL)
+    first, second = _workers_of(served.process.pid)
+    # ps shows which process is which
+    assert b"[main]" in Path(f"/proc/{served.process.pid}/cmdline").read_bytes()
+    assert b"[worker 1/2]" in Path(f"/proc/{first}/cmdline").read_bytes()
+    assert b"[worker 2/2]" in Path(f"/proc/{second}/cmdline").read_bytes()
+    os.kill(second, signal.SIGKILL)
     deadline = time.monotonic() + TIMEOUT
-    while "died (killed by SIGKILL)" not in served.stderr_text():
+    while "died (killed by SIGKILL); 1 of 2 go on serving" not in served.stderr_text():
         assert time.monotonic() < deadline, served.stderr_text()
         time.sleep(0.05)
-    assert (mountpoint / "disk.raw").read_bytes() == sample_image.data
+    for _ in range(20):  # every read now needs the one worker left (the page cache dropped in between)
+        with open(mountpoint / "disk.raw", "rb") as image:
+            assert image.read() == sample_image.data
+            os.posix_fadvise(image.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     served.process.send_signal(signal.SIGTERM)
     assert served.process.wait(TIMEOUT) == 0, served.stderr_text()
+    assert not is_mounted(mountpoint)
+    assert not Path(f"/proc/{first}").exists() or b"(Z)" in Path(f"/proc/{first}/stat").read_bytes()
+
+
+def test_when_every_worker_dies_the_mount_is_taken_away_and_the_status_says_so(
+    sample_archive: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    """Never a hung mount: with no worker left nothing would answer, so the main process unmounts."""
+    (mountpoint := tmp_path / "mnt").mkdir()
+    served = mount(sample_archive, mountpoint, "-o", "workers=2")
+    for worker in _workers_of(served.process.pid):
+        os.kill(worker, signal.SIGKILL)
+    assert served.process.wait(TIMEOUT) == 1, served.stderr_text()
+    assert "the last one: unmounting" in served.stderr_text()
+    assert "Traceback" not in served.stderr_text()
     assert not is_mounted(mountpoint)
 
 
@@ -244,13 +266,30 @@ def test_sigkill_of_the_main_process_ends_its_workers_and_leaves_a_stale_mount(
 ) -> None:
     (mountpoint := tmp_path / "mnt").mkdir()
     served = mount(sample_archive, mountpoint, "-o", "workers=2")
-    (worker,) = _workers_of(served.process.pid)
+    group = _workers_of(served.process.pid)
+    assert len(group) == 2
     served.process.kill()
     served.process.wait(TIMEOUT)
     deadline = time.monotonic() + TIMEOUT
-    while Path(f"/proc/{worker}").exists() and b"(Z)" not in Path(f"/proc/{worker}/stat").read_bytes():
-        assert time.monotonic() < deadline, "a worker outlived its main process"
-        time.sleep(0.05)
+    for worker in group:
+        while Path(f"/proc/{worker}").exists() and b"(Z)" not in Path(f"/proc/{worker}/stat").read_bytes():
+            assert time.monotonic() < deadline, "a worker outlived its main process"
+            time.sleep(0.05)
     with pytest.raises(OSError, match="not connected") as caught:
         os.stat(mountpoint / "disk.raw")
     assert caught.value.errno == errno.ENOTCONN  # as with one process: fusermount3 -u clears it
+
+
+def test_a_compressed_archive_is_served_by_one_process_whatever_workers_asks(
+    sample_archive: Path, sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+) -> None:
+    """Its chunk cache and indexing pass live in one process: copies in several would each fill their own."""
+    compressed = tmp_path / "vm.tar.gz"
+    compressed.write_bytes(gzip.compress(sample_archive.read_bytes(), compresslevel=1))
+    (mountpoint := tmp_path / "mnt").mkdir()
+    served = mount(compressed, mountpoint, "-o", "workers=2")
+    assert "a compressed or http(s) archive is served by one process" in served.stderr_text()
+    assert (mountpoint / "disk.raw").read_bytes() == sample_image.data
+    assert b"[worker" not in b" ".join(
+        Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _workers_of(served.process.pid)
+    )

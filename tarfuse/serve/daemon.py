@@ -182,8 +182,9 @@ def serve(
 
     `mountpoint` is the resolved path (MountPoint.path); `tasks` the most requests pyfuse3 serves at once
     in one process; `before_wait` runs before each wait for a request (ImageFs.after_init_replied).
-    `processes` > 1: the INIT is answered first, then workers are forked to serve with this process
-    (workers.py); `init_replied` tells when (ImageFs.init_replied), `title` is the command for ps.
+    `processes` > 1: the INIT is answered first, then that many workers are forked to serve while this
+    process watches them (workers.py); `init_replied` tells when (ImageFs.init_replied), `title` is the
+    command for ps. The status is 1 if the last worker died rather than ended (the mount is taken away).
     """
     ready_fd = None
     if not foreground:
@@ -197,7 +198,7 @@ def serve(
     group = None
     try:
         if processes > 1 and trio.run(_answer_init, before_wait, init_replied):
-            workers.set_title(f"main 1/{processes}", title)
+            workers.set_title("main", title)
             keep = () if ready_fd is None else (ready_fd,)
             group = workers.start(processes, lambda n: _serve_as_worker(n, processes, title), keep)
         aborted = trio.run(_run_until_unmounted, ready_fd, tasks, background, before_wait, group)
@@ -211,7 +212,7 @@ def serve(
     if clean and device is not None and find_mount(mountpoint) == device:
         _unmount_aborted(mountpoint, aborted)
     log.info("unmounted, exiting")
-    return 0
+    return 1 if group is not None and group.last_died else 0
 
 
 def _unmount_aborted(mountpoint: str, seen: bool) -> None:
@@ -240,16 +241,12 @@ async def _answer_init(before_wait: Callable[[], None], init_replied: Callable[[
 
 def _serve_as_worker(number: int, size: int, title: str) -> int:
     workers.set_title(f"worker {number}/{size}", title)
-    trio.run(_worker_loop, number)
+    stopping = workers.stop_flag(_STOP_SIGNALS)
+    log.debug("worker %d (pid %d) serving", number, os.getpid())
+    trio.run(_serve_requests, 1, True, lambda: None, stopping, True)
+    if stopping():
+        log.debug("worker %d stopping", number)
     return 0
-
-
-async def _worker_loop(number: int) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_terminate_on_signal, f"worker {number} stopping", trio.Event())
-        log.debug("worker %d (pid %d) serving", number, os.getpid())
-        await _serve_requests(1, direct=True)
-        nursery.cancel_scope.cancel()
 
 
 async def _run_until_unmounted(
@@ -259,21 +256,30 @@ async def _run_until_unmounted(
     before_wait: Callable[[], None],
     group: workers.Group | None,
 ) -> bool:
-    """Serve until the session ends; return whether the kernel aborted the connection."""
+    """Serve until the session ends; return whether the kernel aborted the connection.
+
+    With a group, the workers serve and this process watches them until none is left.
+    """
+    done = trio.Event()  # with a group: a stop signal came, or no worker is left
     async with trio.open_nursery() as nursery:
-        await nursery.start(_terminate_on_signal, "unmounting", trio.Event())
-        if group is not None:
-            await nursery.start(_watch_workers, group)
+        await nursery.start(_terminate_on_signal, "unmounting", done)
         if background is not None:
             nursery.start_soon(_run_in_background, background)
+        if group is not None:
+            await nursery.start(_watch_workers, group, done)
         if ready_fd is not None:
             os.write(ready_fd, _READY)
             os.close(ready_fd)
-        log.info("serving" if group is None else f"serving, {group.size} processes")
-        # One task when every handler runs to completion without awaiting (fs.py): more tasks only add
-        # churn: fio's 4 KiB random reads were slower with pyfuse3's default of up to 99 than with one
-        # (docs/benchmarks.md). Blocking sources need one task per reader thread.
-        aborted = await _serve_requests(tasks, tasks == 1 and background is None, before_wait)
+        if group is None:
+            log.info("serving")
+            # One task when every handler runs to completion without awaiting (fs.py): more tasks only
+            # add churn: fio's 4 KiB random reads were slower with pyfuse3's default of up to 99 than
+            # with one (docs/benchmarks.md). Blocking sources need one task per reader thread.
+            aborted = await _serve_requests(tasks, tasks == 1 and background is None, before_wait)
+        else:
+            log.info("serving, %d worker processes", group.size)
+            await done.wait()  # serve() then ends the workers that are left
+            aborted = False
         nursery.cancel_scope.cancel()
     return aborted
 
@@ -283,9 +289,10 @@ async def _serve_requests(
     direct: bool,
     before_wait: Callable[[], None] = lambda: None,
     until: Callable[[], bool] | None = None,
+    shared: bool = False,
 ) -> bool:
     """pyfuse3's loop, with our wait (eventloop.py); return whether the kernel aborted the connection."""
-    eventloop.install(before_wait, direct=direct, until=until)
+    eventloop.install(before_wait, direct=direct, until=until, shared=shared)
     aborted = False
     try:
         await pyfuse3.main(min_tasks=1, max_tasks=tasks)
@@ -302,27 +309,40 @@ async def _serve_requests(
 
 
 async def _watch_workers(
-    group: workers.Group, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    group: workers.Group,
+    all_ended: trio.Event,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Log each worker that ends while the mount is served; the others go on serving.
+    """Log each worker that ends while the mount is served, and set `all_ended` once none is left.
 
-    SIGCHLD also interrupts this process's read of /dev/fuse, so a death is noticed while idle too.
+    Workers end at the unmount (each reads ENODEV) or die one by one; the others go on serving.
     """
     with trio.open_signal_receiver(signal.SIGCHLD) as ended:
         task_status.started()
         while True:
             for number, pid, status in group.reap():
                 if os.waitstatus_to_exitcode(status) == 0:
-                    log.info("worker %d (pid %d) ended", number, pid)
-                else:
+                    log.debug("worker %d (pid %d) ended", number, pid)
+                elif group.running:
                     log.warning(
-                        "worker %d (pid %d) died (%s); %d of %d processes go on serving",
+                        "worker %d (pid %d) died (%s); %d of %d go on serving",
                         number,
                         pid,
                         workers.how_it_ended(status),
-                        len(group.running) + 1,
+                        len(group.running),
                         group.size,
                     )
+                else:
+                    group.last_died = True
+                    log.error(
+                        "worker %d (pid %d) died (%s), the last one: unmounting",
+                        number,
+                        pid,
+                        workers.how_it_ended(status),
+                    )
+            if not group.running:
+                all_ended.set()
+                return
             await ended.__anext__()
 
 

@@ -13,6 +13,11 @@ It looks these names up in its module attribute `trio`, which it lets a compatib
   runs, so it still yields to trio every YIELD_EVERY requests, and waits in trio once idle, so that
   signals are handled. Random and sequential reads both gained by about 2x (docs/benchmarks.md,
   "Levers, measured").
+- `shared`: one of several processes reading the same connection (workers.py). poll wakes every process
+  that waits in it for each request, and all but one then find nothing to read; a read(2) that blocks is
+  an exclusive wait in the kernel, which wakes one reader per request. So the wait returns at once and
+  libfuse's read blocks: no poll, no spin, no trip through trio. Signals interrupt that read (EINTR), and
+  `until` is how they end the loop (workers.stop_flag).
 """
 
 import select
@@ -66,9 +71,16 @@ class _FreeLock:
 class _Wait:
     """trio.lowlevel.wait_readable for the FUSE fd, after `before`; with `direct`, polling it ourselves."""
 
-    def __init__(self, before: Callable[[], None], direct: bool, until: Callable[[], bool] | None) -> None:
+    def __init__(
+        self,
+        before: Callable[[], None],
+        direct: bool,
+        until: Callable[[], bool] | None,
+        shared: bool = False,
+    ) -> None:
         self._before = before
         self._direct = direct
+        self._shared = shared
         self._until = until
         self._poll: Any = None  # made on the first call, when the fd is known
         self._streak = 0
@@ -77,6 +89,8 @@ class _Wait:
         self._before()
         if self._until is not None and self._until():
             raise trio.ClosedResourceError("done")  # pyfuse3's loop takes this as "stop", and returns
+        if self._shared:
+            return  # libfuse's read(2) waits, with the kernel's exclusive wake-up
         if self._direct:
             if self._poll is None:
                 self._poll = select.poll()
@@ -100,14 +114,20 @@ class _Wait:
         return bool(poll(IDLE_WAIT_MS))
 
 
-def install(before_wait: Callable[[], None], direct: bool, until: Callable[[], bool] | None = None) -> None:
+def install(
+    before_wait: Callable[[], None],
+    direct: bool,
+    until: Callable[[], bool] | None = None,
+    shared: bool = False,
+) -> None:
     """Make pyfuse3 wait for requests through _Wait; call before pyfuse3.main().
 
     With `until`, pyfuse3.main() returns at the first wait at which it is true, leaving the session as it
-    is (not exited): the daemon serves the FUSE INIT alone this way, then forks its workers.
+    is (not exited): the daemon serves the FUSE INIT alone this way, then forks its workers, which wait
+    `shared` (and `direct`: their handlers never await either).
     """
     lowlevel = types.SimpleNamespace(**vars(trio.lowlevel))
-    lowlevel.wait_readable = _Wait(before_wait, direct, until)
+    lowlevel.wait_readable = _Wait(before_wait, direct, until, shared)
     facade = types.SimpleNamespace(**vars(trio))
     facade.lowlevel = lowlevel
     if direct:

@@ -6,10 +6,14 @@ connection need nothing from each other. libfuse keeps the session's state, "INI
 each process: the fork comes after the INIT reply, from the process that wrote it, and never while trio
 runs (each process starts its own trio; an epoll set shared across fork would wake the wrong process).
 
-Roles. The main process (the command, or the daemon it detached) serves like any worker and also reaps
-the others and ends them. A worker serves until the connection ends, a stop signal comes, or the main
-process dies (it asks the kernel for a SIGTERM then: PR_SET_PDEATHSIG). Workers never unmount: only the
-main process does, so a group whose main process is killed leaves a stale mount, as one process would.
+Roles. The main process (the command, or the daemon it detached) answers the INIT, forks workers 1..N
+and then only watches them: it reaps them, logs one that dies, ends them at a stop signal, and unmounts
+once none is left. The workers serve, each blocked in read(2) on the connection, where the kernel wakes
+exactly one per request (eventloop.py, `shared`); had the main process served too, it would have had to
+wait in poll for trio's sake, and poll wakes every waiter for every request. A worker serves until the
+connection ends, a stop signal comes, or the main process dies (it asks the kernel for a SIGTERM then:
+PR_SET_PDEATHSIG). Workers never unmount: only the main process does, so a group whose main process is
+killed leaves a stale mount, as one process would.
 """
 
 import contextlib
@@ -29,10 +33,11 @@ STOP_GRACE_S = 5.0  # how long a worker may take to finish its request after SIG
 
 @dataclass
 class Group:
-    """The worker processes of one mount, seen from the main process (which is number 1 of `size`)."""
+    """The worker processes of one mount, numbered 1..size, seen from the main process."""
 
     size: int
     running: dict[int, int] = field(default_factory=dict)  # pid -> worker number
+    last_died: bool = False  # the last worker to end died, with the mount still there: exit status 1
 
     def reap(self) -> list[tuple[int, int, int]]:
         """Collect the workers that have ended: (number, pid, wait status) each; never blocks."""
@@ -70,14 +75,14 @@ def how_it_ended(status: int) -> str:
 
 
 def start(size: int, serve: Callable[[int], int], close_in_workers: tuple[int, ...] = ()) -> Group:
-    """Fork workers 2..size; each runs `serve(number)` and exits with what it returns.
+    """Fork workers 1..size; each runs `serve(number)` and exits with what it returns.
 
     Call with no trio running and no other thread. `close_in_workers`: descriptors only the main process
     may hold (the pipe that tells the command the mount is ready).
     """
     main = os.getpid()
     group = Group(size)
-    for number in range(2, size + 1):
+    for number in range(1, size + 1):
         pid = os.fork()
         if pid == 0:  # the worker: never returns
             status = 1
@@ -97,6 +102,20 @@ def start(size: int, serve: Callable[[int], int], close_in_workers: tuple[int, .
                 os._exit(status)
         group.running[pid] = number
     return group
+
+
+def stop_flag(signals: tuple[int, ...]) -> Callable[[], bool]:
+    """Have `signals` set a flag instead of ending the process, let them through, and return the flag.
+
+    A worker waits in read(2), outside trio: a signal interrupts that read (Python handlers do not
+    restart system calls), its handler runs as soon as the loop is back in Python code, which is the
+    wait, and the wait asks the flag (eventloop.install's `until`).
+    """
+    came: list[int] = []
+    for signum in signals:
+        signal.signal(signum, lambda number, _frame: came.append(number))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # the main process held them back at the fork
+    return lambda: bool(came)
 
 
 def set_title(role: str, command: str) -> None:

@@ -114,10 +114,23 @@ def assert_all_bytes_right(tallies: list[Tally], allowed_errors: set[str], short
 @pytest.fixture(params=[1, 2], ids=lambda n: f"workers={n}")
 def served(
     request: pytest.FixtureRequest, sample_archive: Path, mount: MountFactory, tmp_path: Path
-) -> Mount:
-    """Every test here runs with one process and with two serving the mount (serve/workers.py)."""
+) -> Iterator[Mount]:
+    """Every test here runs with one process and with two serving the mount (serve/workers.py); when the
+    daemon has ended, none of its workers may be left."""
     (mountpoint := tmp_path / "mnt").mkdir()
-    return mount(sample_archive, mountpoint, "-o", f"workers={request.param}")
+    served = mount(sample_archive, mountpoint, "-o", f"workers={request.param}")
+    group = _workers_of(served.process.pid)
+    assert len(group) == (0 if request.param == 1 else request.param)
+    yield served
+    if served.process.poll() is not None:
+        assert not [pid for pid in group if _is_worker(pid)], "a worker outlived the daemon"
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"[worker " in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def fusermount_unmount(mountpoint: Path) -> subprocess.CompletedProcess[str]:

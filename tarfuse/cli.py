@@ -276,6 +276,11 @@ def _hide_secrets(words: list[str]) -> None:
         setproctitle.setproctitle(_shown_command(words))
 
 
+def _log_debug(message: str | None) -> None:
+    if message is not None:
+        log.debug("%s", message)
+
+
 def _shown_command(words: list[str]) -> str:
     """The command line as ps may show it: no URL query string or user info, no -o header= value."""
     shown = [remote.display_name(w) if remote.is_url(w) else _HEADER_VALUE.sub(r"\1***", w) for w in words]
@@ -399,6 +404,7 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
             title=_shown_command(sys.argv[1:]),
             background=assembly.background,
             before_wait=ops.after_init_replied,
+            before_serving=lambda: _log_debug(assembly.before_serving()),
         )
     finally:
         assembly.close()

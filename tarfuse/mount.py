@@ -111,6 +111,13 @@ class Assembly:
             return 1
         return default_workers(len(os.sched_getaffinity(0))) if asked is None else asked
 
+    def before_serving(self) -> str | None:
+        """In each process that serves, once it serves (after any fork): a local archive's read lease,
+        which spares every read its fstat (ArchiveFile.watch_for_writers); what came of it, to log."""
+        if isinstance(self.archive, ArchiveFile):
+            return self.archive.watch_for_writers()
+        return None
+
     def before_fork(self) -> None:
         """Drop what does not survive fork(): a decoder's threads (the daemon opens its own)."""
         for source in (*self.members, self.archive):

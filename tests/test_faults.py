@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kit.mounts import MountFactory, is_mounted, tarfuse_command, unmount
+from kit.mounts import Mount, MountFactory, is_mounted, tarfuse_command, unmount
 from kit.sample import SampleImage
 
 pytestmark = pytest.mark.fuse
@@ -61,6 +61,58 @@ def test_archive_rewritten_in_place_makes_reads_fail_with_eio(
         with pytest.raises(OSError, match="Input/output error") as caught:
             read_first_megabyte(served.mountpoint)
         assert caught.value.errno == errno.EIO
+
+
+def _leases_on(path: Path) -> set[int]:
+    """The pids holding a lease on `path` (/proc/locks: "1: LEASE ACTIVE READ PID MAJ:MIN:INODE 0 EOF")."""
+    inode = path.stat().st_ino
+    holders = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        words = line.split()
+        if words[1] == "LEASE" and int(words[5].rsplit(":", 1)[1]) == inode:
+            holders.add(int(words[4]))
+    return holders
+
+
+def _serving_pids(served: Mount) -> set[int]:
+    children = Path(f"/proc/{served.process.pid}/task/{served.process.pid}/children").read_text().split()
+    return {int(pid) for pid in children} or {served.process.pid}  # the workers, or the one process
+
+
+@WORKERS
+def test_each_serving_process_leases_the_archive_and_a_writer_that_writes_nothing_changes_nothing(
+    archive_copy: Path, sample_image: SampleImage, mount: MountFactory, tmp_path: Path, workers: int
+) -> None:
+    """The read lease spares every read its fstat (ArchiveFile.watch_for_writers): the kernel tells the
+    holder before the file can be opened for writing, and the holder goes back to the fstat check and
+    lets go at once (a writer would otherwise wait up to lease-break-time, 45 s)."""
+    (tmp_path / "mnt.raw").touch()
+    served = mount(archive_copy, tmp_path / "mnt.raw", "-o", f"workers={workers}")
+    assert _leases_on(archive_copy) == _serving_pids(served)
+    started = time.monotonic()
+    with archive_copy.open("r+b"):
+        assert time.monotonic() - started < 5, "the lease was not let go"
+    assert _leases_on(archive_copy) == set()
+    for _ in range(10):  # opened for writing but unchanged: served as before, each read fstat-checked
+        with served.mountpoint.open("rb", buffering=0) as image:
+            assert image.read(1 << 20) == sample_image.data[: 1 << 20]
+            os.posix_fadvise(image.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # the next read asks again
+
+
+def test_without_a_lease_every_read_is_still_checked(
+    archive_copy: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    """No lease while someone has the archive open for writing: the fstat after every read stays."""
+    (tmp_path / "mnt.raw").touch()
+    with archive_copy.open("r+b") as writer:
+        served = mount(archive_copy, tmp_path / "mnt.raw")
+        assert _leases_on(archive_copy) == set()
+        writer.seek(1 << 20)
+        writer.write(b"\xff" * 4096)
+        writer.flush()
+        os.utime(archive_copy, ns=(0, 12345))
+        with pytest.raises(OSError, match="Input/output error"):
+            read_first_megabyte(served.mountpoint)
 
 
 def test_archive_replaced_by_rename_keeps_serving_the_original(

@@ -177,6 +177,7 @@ def serve(
     processes: int = 1,
     init_replied: Callable[[], bool] = lambda: True,
     title: str = "tarfuse",
+    before_serving: Callable[[], None] = lambda: None,
 ) -> int:
     """Run the mounted file system until it is unmounted or a stop signal comes; return the exit status.
 
@@ -185,6 +186,7 @@ def serve(
     `processes` > 1: the INIT is answered first, then that many workers are forked to serve while this
     process watches them (workers.py); `init_replied` tells when (ImageFs.init_replied), `title` is the
     command for ps. The status is 1 if the last worker died rather than ended (the mount is taken away).
+    `before_serving` runs in each process that serves requests, before its loop (Assembly.before_serving).
     """
     ready_fd = None
     if not foreground:
@@ -200,7 +202,11 @@ def serve(
         if processes > 1 and trio.run(_answer_init, before_wait, init_replied):
             workers.set_title("main", title)
             keep = () if ready_fd is None else (ready_fd,)
-            group = workers.start(processes, lambda n: _serve_as_worker(n, processes, title), keep)
+            group = workers.start(
+                processes, lambda n: _serve_as_worker(n, processes, title, before_serving), keep
+            )
+        else:
+            before_serving()
         aborted = trio.run(_run_until_unmounted, ready_fd, tasks, background, before_wait, group)
         clean = True
     finally:
@@ -239,9 +245,10 @@ async def _answer_init(before_wait: Callable[[], None], init_replied: Callable[[
     return init_replied() and not stopped.is_set()
 
 
-def _serve_as_worker(number: int, size: int, title: str) -> int:
+def _serve_as_worker(number: int, size: int, title: str, before_serving: Callable[[], None]) -> int:
     workers.set_title(f"worker {number}/{size}", title)
     stopping = workers.stop_flag(_STOP_SIGNALS)
+    before_serving()
     log.debug("worker %d (pid %d) serving", number, os.getpid())
     trio.run(_serve_requests, 1, True, lambda: None, stopping, True)
     if stopping():

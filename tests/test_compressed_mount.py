@@ -2,6 +2,7 @@
 
 import errno
 import gzip
+import os
 import random
 import subprocess
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import make_archive, make_ext4_image, read_payload_through_loop, require_tool
 from kit import tarbuilder as tb
-from kit.mounts import Mount, MountFactory, tarfuse_command
+from kit.mounts import Mount, MountFactory, status_kib, tarfuse_command
 from kit.sample import SampleImage
 from test_qemu import boot_and_read_serial
 
@@ -233,3 +234,43 @@ def test_a_plain_archive_with_the_image_three_times_serves_the_last(
     (served := tmp_path / "mnt").mkdir()
     mount(archive.with_suffix(""), served)
     assert (served / "ufo.img").read_bytes() == contents[-1]
+
+
+MEMORY_CEILING_KIB = 1  # issue 11: any archive, at any point of a mount's life
+
+
+@pytest.mark.parametrize(("suffix", "command"), [("gz", ["gzip", "-1"]), ("zst", ["zstd", "-q", "-1"])])
+def test_a_live_mount_stays_under_the_memory_ceiling_through_its_life(
+    mount: MountFactory, tmp_path: Path, suffix: str, command: list[str]
+) -> None:
+    """The ceiling held by a mount, not only by --list and the fuzzer (which mounts nothing): a 160 MiB
+    image that does not compress, read whole while the indexing pass runs, then at random until the
+    chunk cache has turned over, then whole again; the daemon's peak RSS (VmHWM) stays under 256 MiB."""
+    require_tool(command[0])
+    image = tmp_path / "disk.raw"
+    with image.open("wb") as out:
+        for _ in range(160):
+            out.write(random.randbytes(1 << 20))
+    plain = make_archive("gnu", image, tmp_path / "vm.tar")
+    image.unlink()
+    archive = tmp_path / f"vm.tar.{suffix}"
+    with plain.open("rb") as source, archive.open("wb") as out:
+        subprocess.run([*command, "-c"], stdin=source, stdout=out, check=True)
+    plain.unlink()
+    (served := tmp_path / "mnt").mkdir()
+    daemon = mount(archive, served)
+    served_image = served / "disk.raw"
+    rng = random.Random(7)
+    with served_image.open("rb", buffering=0) as reader:
+        while reader.read(1 << 20):
+            pass
+        size = served_image.stat().st_size
+        for _ in range(2000):
+            reader.seek(rng.randrange(0, size - (1 << 16)))
+            reader.read(1 << 16)
+        os.posix_fadvise(reader.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        reader.seek(0)
+        while reader.read(1 << 20):
+            pass
+    peak = status_kib(daemon.process.pid, "VmHWM")
+    assert peak < MEMORY_CEILING_KIB, f"peak RSS {peak // 1024} MiB"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import pyzstd
 from kit.httpserver import RangeServer, serve
-from kit.mounts import MountFactory, tarfuse_command
+from kit.mounts import MountFactory, status_kib, tarfuse_command
 from kit.sample import SampleImage
 
 from tarfuse.sources import index
@@ -264,3 +264,29 @@ def test_the_first_mount_of_a_remote_seekable_tar_zst_fetches_only_what_is_read(
         assert image.read(MiB) == random.Random(40 * MiB).randbytes(MiB)
     assert "indexing" not in live.stderr_text()
     assert server.bytes_served < len(archive) // 4, f"{server.bytes_served} of {len(archive)} bytes fetched"
+
+
+@pytest.mark.fuse
+def test_a_live_mount_of_a_remote_tar_gz_stays_under_the_memory_ceiling(
+    server: RangeServer, mount: MountFactory, tmp_path: Path
+) -> None:
+    """Issue 11's ceiling (256 MiB at any point of a mount's life) over http(s), where the block cache
+    and the chunk cache share one budget: read whole while the pass runs, at random, then whole again."""
+    plain = random_tar(96 * MiB)
+    url = server.put("big.tar.gz", compress(plain, ["gzip", "-1", "-c"]))
+    (served := tmp_path / "mnt").mkdir()
+    daemon = mount(url, served)
+    rng = random.Random(11)
+    with (served / "disk.raw").open("rb", buffering=0) as reader:
+        while reader.read(MiB):
+            pass
+        for _ in range(500):
+            reader.seek(rng.randrange(0, 95 * MiB))
+            reader.read(1 << 16)
+        os.posix_fadvise(reader.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        reader.seek(0)
+        assert reader.read(MiB) == plain[512 : 512 + MiB]
+        while reader.read(MiB):
+            pass
+    peak = status_kib(daemon.process.pid, "VmHWM")
+    assert peak < 256 * 1024, f"peak RSS {peak // 1024} MiB"

@@ -17,6 +17,7 @@ import pytest
 from conftest import make_archive, require_tool
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kit.httpserver import serve
 from kit.mounts import MountFactory
 
 from tarfuse.image.mapper import ImageMapper
@@ -202,7 +203,7 @@ def test_without_the_handler_the_whole_file_is_data(mount: MountFactory, tmp_pat
 
 @pytest.mark.fuse
 @needs_handler
-@pytest.mark.parametrize("compress", [["gzip"], ["xz", "-T2"], ["zstd", "-q", "--rm"]])
+@pytest.mark.parametrize("compress", [["gzip"], ["bzip2"], ["xz", "-T2"], ["zstd", "-q", "--rm"]])
 def test_seek_on_a_sparse_member_of_a_compressed_tar(
     compress: list[str], mount: MountFactory, tmp_path: Path
 ) -> None:
@@ -223,3 +224,34 @@ def test_seek_on_a_sparse_member_of_a_compressed_tar(
     finally:
         os.close(original)
         os.close(mounted)
+
+
+@pytest.mark.fuse
+@needs_handler
+@pytest.mark.parametrize("compress", [None, ["gzip", "-c"]], ids=["tar", "tar.gz"])
+def test_seek_on_a_sparse_member_over_http(
+    compress: list[str] | None, mount: MountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The map answers for an archive on a web server too: no byte of a hole is fetched to find it."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = tmp_path / "src" / "disk.img"
+    source.parent.mkdir()
+    runs = sparse_original(source, seed=9)
+    archive = make_archive("gnu", source.parent, tmp_path / "disk.tar").read_bytes()
+    if compress is not None:
+        archive = subprocess.run(compress, input=archive, capture_output=True, check=True).stdout
+    served = tmp_path / "served"
+    served.write_bytes(b"")
+    with serve() as server:
+        mount(server.put("disk.tar" + (".gz" if compress else ""), archive), served, "-o", "noindex")
+        original, mounted = os.open(source, os.O_RDONLY), os.open(served, os.O_RDONLY)
+        try:
+            for offset in sorted({0, *(o for run in runs for o in (run[0], run[0] + run[1]))}):
+                for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                    assert seek(mounted, offset, whence) == seek(original, offset, whence), (offset, whence)
+        finally:
+            os.close(original)
+            os.close(mounted)

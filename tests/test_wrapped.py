@@ -5,6 +5,7 @@ tar, an image given as it is; each made by the real tool and served through a re
 import gzip
 import hashlib
 import io
+import json
 import os
 import random
 import shutil
@@ -95,7 +96,7 @@ def test_bare_compressed_image_is_served_whole(
 
 
 @pytest.mark.fuse
-@pytest.mark.parametrize("kind", ["xz-T2", "gzip", "zstd", "dictzip"])
+@pytest.mark.parametrize("kind", COMPRESSORS)
 def test_bare_compressed_image_over_http(
     kind: str, raw_image: Path, mount: MountFactory, tmp_path: Path
 ) -> None:
@@ -157,6 +158,39 @@ def test_compressed_member_of_a_tar_is_served_decompressed(
     mount(archive, mountpoint, "-o", "index=" + str(tmp_path / "index"))
     assert os.listdir(mountpoint) == ["disk.img"]
     assert (mountpoint / "disk.img").read_bytes() == raw_image.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["xz-T2", "gzip", "zstd", "bzip2"])
+def test_list_of_a_bare_compressed_image_shows_its_name_format_and_size(
+    kind: str, raw_image: Path, tmp_path: Path
+) -> None:
+    compressed = compress(kind, raw_image, tmp_path)
+    listed = subprocess.run(
+        tarfuse_command("--list", "--json", compressed), capture_output=True, text=True, check=False
+    )
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)["images"]
+    assert row["path"] == "disk.img"  # the name without its compression suffix
+    assert row["size"] == raw_image.stat().st_size
+    assert row["format"] == "raw"
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("kind", ["xz-T2", "gzip"])
+@pytest.mark.parametrize("outer", ["", "gz"])
+def test_compressed_member_of_a_tar_over_http(
+    kind: str, outer: str, raw_image: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    """file or URL -> decompressed -> member -> decompressed -> image, with the URL at the bottom."""
+    (tmp_path / "src").mkdir()
+    member = compress(kind, raw_image, tmp_path / "src")
+    archive = tmp_path / f"appliance.tar{'.' + outer if outer else ''}"
+    with tarfile.open(archive, f"w:{outer}") as tar:
+        tar.add(member, arcname=f"images/{member.name}")
+    with serve() as server:
+        url = server.put(archive.name, archive)
+        target = served_file(mount, url, tmp_path, "-o", "index=" + str(tmp_path / "index"))
+        assert target.read_bytes() == raw_image.read_bytes()
 
 
 def test_list_of_a_tar_shows_its_compressed_member(raw_image: Path, tmp_path: Path) -> None:

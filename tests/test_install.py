@@ -93,3 +93,32 @@ def test_uninstall_removes_everything_install_made(prefix: Path, tmp_path: Path)
     assert result.returncode == 0, result.stderr
     left = [p for p in other.rglob("*") if not p.is_dir()]
     assert left == []
+
+
+def test_pip_install_into_a_fresh_venv_works_with_pyfuse3_from_the_index(
+    sample_archive: Path, sample_image: SampleImage, tmp_path: Path
+) -> None:
+    """`pip install .` as a user would run it: pyfuse3 from the package index, without the lseek patch.
+    tarfuse says so, serves the same bytes, and holes read as data, as before the patch (issue 16)."""
+    if shutil.which("python3") is None:
+        pytest.skip("no python3 to make a venv with")
+    venv = tmp_path / "venv"
+    made = subprocess.run(["python3", "-m", "venv", venv], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"python3 cannot make a venv here: {made.stderr.strip()[-200:]}")
+    pip = subprocess.run(
+        [venv / "bin" / "pip", "install", "-q", CHECKOUT], capture_output=True, text=True, timeout=600
+    )
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    version = subprocess.run([venv / "bin" / "tarfuse", "--version"], capture_output=True, text=True)
+    assert "no lseek handler" in version.stdout, version.stdout + version.stderr
+    (mountpoint := tmp_path / "mnt").mkdir()
+    with daemon_mount([venv / "bin" / "tarfuse", "-f", sample_archive, mountpoint], mountpoint, cwd="/"):
+        image = mountpoint / "disk.raw"
+        assert image.read_bytes() == sample_image.data
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            assert os.lseek(fd, 0, os.SEEK_HOLE) == len(sample_image.data)  # all data, as before
+        finally:
+            os.close(fd)
+    assert not is_mounted(mountpoint)

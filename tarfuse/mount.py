@@ -32,11 +32,11 @@ _PROGRESS_EVERY = 5.0  # seconds between progress lines while a stream is decomp
 _REMOTE_SHARE = 4  # a compressed archive on a URL: a quarter of the cache for its compressed blocks
 MAX_WORKERS = 64  # -o workers=: more processes than this is a typo, not a plan
 # The default -o workers: one process per CPUS_PER_WORKER CPUs this process may run on, at least one and at
-# most DEFAULT_WORKERS_MAX. A request costs the server about as much CPU as it costs the reader's side
-# (~12 of ~27 us at 4 readers on 2 vCPUs), so a worker is kept busy by about one CPU of readers, and the
-# VM being served needs CPUs of its own. Measured on 2 vCPUs, where this gives 1: two processes served
-# 4 readers at 0.7x one process's rate (more context switches per request, and nothing idle to run
-# them on). On bigger hosts the formula is a paper estimate (docs/benchmarks.md, "Workers").
+# most DEFAULT_WORKERS_MAX. A request costs the server about as much CPU as it costs the reader's side,
+# so a worker is kept busy by about one CPU of readers, and the VM being served needs CPUs of its own.
+# On 2 vCPUs, where this gives 1, two processes served 4 readers slower than one (more context switches
+# per request, and nothing idle to run them on). On bigger hosts the formula is a paper estimate. Figures:
+# docs/benchmarks.md, "Serving from several processes".
 CPUS_PER_WORKER = 4
 DEFAULT_WORKERS_MAX = 8
 

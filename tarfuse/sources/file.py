@@ -92,7 +92,7 @@ class ArchiveFile:
     def watch_for_writers(self) -> str:
         """Have the kernel tell this process before anyone may change the file; say what came of it.
 
-        check_unchanged's fstat after every read is ~1.1 us of a ~11 us request (docs/benchmarks.md). A
+        check_unchanged's fstat after every read is a tenth of a request's CPU (docs/benchmarks.md). A
         read lease (fcntl F_SETLEASE) makes every open for writing and every truncate of the file wait
         until its holder lets go, and sends the holder SIGIO first. While the lease is held nobody can
         have changed the file, so the check needs no fstat. At the first SIGIO the handler goes back to

@@ -32,6 +32,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.skip(reason=f"FUSE unusable: {reason}"))
 
 
+def no_proxy_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests talk to loopback addresses only: a proxy set on the machine must not come between."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 def require_tool(name: str) -> str:
     """Return the path of the program `name`, or skip the test that needs it."""
     path = shutil.which(name)

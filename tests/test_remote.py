@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ArchiveFactory, require_tool
+from conftest import ArchiveFactory, no_proxy_from_outside, require_tool
 from kit.httpserver import RangeServer, serve
 from kit.mounts import MountFactory, mount_entry, tarfuse_command
 from kit.sample import DataRun, SampleImage, boot_sector, data_runs
@@ -32,15 +32,11 @@ from tarfuse.sources.compressed import CompressedSource
 from tarfuse.sources.remote import RemoteArchive, RemoteOptions, display_name, open_source, parse_options
 
 MiB = 1 << 20
-_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
 @pytest.fixture(autouse=True)
 def _no_proxy_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tests talk to 127.0.0.1 only: a proxy set on the machine must not come between."""
-    for name in _PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
+    no_proxy_from_outside(monkeypatch)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import pyzstd
+from conftest import no_proxy_from_outside
 from kit.httpserver import RangeServer, serve
 from kit.mounts import MountFactory, status_kib, tarfuse_command
 from kit.sample import SampleImage
@@ -25,15 +26,12 @@ from tarfuse.sources.compressed import GZIP_REMOTE_CHUNK_SIZE, CompressedSource,
 from tarfuse.sources.remote import RemoteArchive
 
 MiB = 1 << 20
-_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
 @pytest.fixture(autouse=True)
 def _local_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No proxy between the tests and 127.0.0.1; the index cache in the test's own directory."""
-    for name in _PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
+    no_proxy_from_outside(monkeypatch)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 

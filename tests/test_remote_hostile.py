@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import no_proxy_from_outside
 from kit.httpserver import RangeServer, serve
 from kit.mounts import run_tarfuse_measuring_peak_rss
 from test_remote import tls_files  # noqa: F401  # a fixture: a self-signed certificate for 127.0.0.1
@@ -29,10 +30,7 @@ RSS_CEILING = 256 * MiB  # issue 11: peak RSS under 256 MiB at any point of a mo
 
 @pytest.fixture(autouse=True)
 def _no_proxy_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tests talk to loopback addresses only: a proxy set on the machine must not come between."""
-    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
+    no_proxy_from_outside(monkeypatch)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
-from conftest import make_archive, require_tool
+from conftest import make_archive, no_proxy_from_outside, require_tool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kit.httpserver import serve
@@ -201,6 +201,18 @@ def test_without_the_handler_the_whole_file_is_data(mount: MountFactory, tmp_pat
     assert (found < 40 * MiB) == HAS_HANDLER
 
 
+def assert_seeks_agree(served: Path, original: Path, runs: list[tuple[int, int]]) -> None:
+    """SEEK_DATA and SEEK_HOLE at 0 and at every run's edges: the same answer on both files."""
+    theirs, ours = os.open(original, os.O_RDONLY), os.open(served, os.O_RDONLY)
+    try:
+        for offset in sorted({0, *(o for run in runs for o in (run[0], run[0] + run[1]))}):
+            for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                assert seek(ours, offset, whence) == seek(theirs, offset, whence), (offset, whence)
+    finally:
+        os.close(theirs)
+        os.close(ours)
+
+
 @pytest.mark.fuse
 @needs_handler
 @pytest.mark.parametrize("compress", [["gzip"], ["bzip2"], ["xz", "-T2"], ["zstd", "-q", "--rm"]])
@@ -216,14 +228,7 @@ def test_seek_on_a_sparse_member_of_a_compressed_tar(
     served = tmp_path / "served"
     served.write_bytes(b"")
     mount(compressed, served, "-o", "noindex")
-    original, mounted = os.open(source, os.O_RDONLY), os.open(served, os.O_RDONLY)
-    try:
-        for offset in sorted({0, *(o for run in runs for o in (run[0], run[0] + run[1]))}):
-            for whence in (os.SEEK_DATA, os.SEEK_HOLE):
-                assert seek(mounted, offset, whence) == seek(original, offset, whence), (offset, whence)
-    finally:
-        os.close(original)
-        os.close(mounted)
+    assert_seeks_agree(served, source, runs)
 
 
 @pytest.mark.fuse
@@ -233,9 +238,7 @@ def test_seek_on_a_sparse_member_over_http(
     compress: list[str] | None, mount: MountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The map answers for an archive on a web server too: no byte of a hole is fetched to find it."""
-    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
+    no_proxy_from_outside(monkeypatch)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     source = tmp_path / "src" / "disk.img"
     source.parent.mkdir()
@@ -247,11 +250,4 @@ def test_seek_on_a_sparse_member_over_http(
     served.write_bytes(b"")
     with serve() as server:
         mount(server.put("disk.tar" + (".gz" if compress else ""), archive), served, "-o", "noindex")
-        original, mounted = os.open(source, os.O_RDONLY), os.open(served, os.O_RDONLY)
-        try:
-            for offset in sorted({0, *(o for run in runs for o in (run[0], run[0] + run[1]))}):
-                for whence in (os.SEEK_DATA, os.SEEK_HOLE):
-                    assert seek(mounted, offset, whence) == seek(original, offset, whence), (offset, whence)
-        finally:
-            os.close(original)
-            os.close(mounted)
+        assert_seeks_agree(served, source, runs)

@@ -140,19 +140,26 @@ def test_ext4_in_a_bare_xz_image_through_losetup(mount: MountFactory, tmp_path: 
     assert read_payload_through_loop(target, tmp_path / "loop") == payload
 
 
+def appliance(kind: str, outer: str, image: Path, work: Path, *others: tarfile.TarInfo) -> Path:
+    """A tar (compressed with `outer`, or not) holding `image` compressed as `kind`, under images/, and
+    the empty members `others`."""
+    (work / "src").mkdir()
+    member = compress(kind, image, work / "src")
+    archive = work / f"appliance.tar{'.' + outer if outer else ''}"
+    with tarfile.open(archive, f"w:{outer}") as tar:
+        tar.add(member, arcname=f"images/{member.name}")
+        for info in others:
+            tar.addfile(info)
+    return archive
+
+
 @pytest.mark.fuse
 @pytest.mark.parametrize("kind", ["xz-T2", "xz-single-block", "gzip", "zstd", "dictzip"])
 @pytest.mark.parametrize("outer", ["", "gz", "xz"])
 def test_compressed_member_of_a_tar_is_served_decompressed(
     kind: str, outer: str, raw_image: Path, mount: MountFactory, tmp_path: Path
 ) -> None:
-    (tmp_path / "src").mkdir()
-    member = compress(kind, raw_image, tmp_path / "src")
-    archive = tmp_path / f"appliance.tar{'.' + outer if outer else ''}"
-    with tarfile.open(archive, f"w:{outer}") as tar:
-        tar.add(member, arcname=f"images/{member.name}")
-        info = tarfile.TarInfo("README")
-        tar.addfile(info)
+    archive = appliance(kind, outer, raw_image, tmp_path, tarfile.TarInfo("README"))
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     mount(archive, mountpoint, "-o", "index=" + str(tmp_path / "index"))
@@ -182,11 +189,7 @@ def test_compressed_member_of_a_tar_over_http(
     kind: str, outer: str, raw_image: Path, mount: MountFactory, tmp_path: Path
 ) -> None:
     """file or URL -> decompressed -> member -> decompressed -> image, with the URL at the bottom."""
-    (tmp_path / "src").mkdir()
-    member = compress(kind, raw_image, tmp_path / "src")
-    archive = tmp_path / f"appliance.tar{'.' + outer if outer else ''}"
-    with tarfile.open(archive, f"w:{outer}") as tar:
-        tar.add(member, arcname=f"images/{member.name}")
+    archive = appliance(kind, outer, raw_image, tmp_path)
     with serve() as server:
         url = server.put(archive.name, archive)
         target = served_file(mount, url, tmp_path, "-o", "index=" + str(tmp_path / "index"))

@@ -5,12 +5,14 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from kit.mounts import Mount, MountFactory, is_mounted, tarfuse_command, unmount
 from kit.sample import SampleImage
+from test_security import as_user, require_root, temporary_user
 
 pytestmark = pytest.mark.fuse
 
@@ -153,3 +155,35 @@ def _wait_until_listed(mountpoint: Path) -> None:
     while not is_mounted(mountpoint):
         assert time.monotonic() < deadline, "tarfuse did not mount"
         time.sleep(0.05)
+
+
+def test_a_user_who_owns_roots_archive_cannot_change_it_unseen_under_the_lease(
+    sample_archive: Path, mount: MountFactory, tmp_path: Path
+) -> None:
+    """Root serves an archive another user owns and may rewrite (a shared download directory). Root's
+    daemon holds a read lease (CAP_LEASE); the user's in-place rewrite breaks it, is held only for the
+    moment the daemon needs, and every read after it fails with EIO instead of serving their bytes."""
+    require_root()
+    top = Path(tempfile.mkdtemp(prefix="tarfuse-lease-"))  # outside pytest's 0700 tmp_path
+    try:
+        top.chmod(0o755)
+        archive = top / "vm.tar"
+        shutil.copyfile(sample_archive, archive)
+        with temporary_user() as user:
+            os.chown(archive, user.uid, user.gid)
+            (tmp_path / "mnt.raw").touch()
+            served = mount(archive, tmp_path / "mnt.raw")
+            assert _leases_on(archive) == {served.process.pid}
+            started = time.monotonic()
+            subprocess.run(
+                as_user(user, "dd", f"of={archive}", "bs=4096", "seek=256", "count=1", "conv=notrunc"),
+                input=b"\xff" * 4096,
+                capture_output=True,
+                check=True,
+                timeout=60,
+            )
+            assert time.monotonic() - started < 5, "the user's write was held for the lease-break time"
+            with pytest.raises(OSError, match="Input/output error"):
+                read_first_megabyte(served.mountpoint)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

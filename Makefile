@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 BUILD_PACKAGES := libfuse3-dev pkg-config gcc patch python3 python3-venv python3-dev
 # What the tests and the demo run: FUSE, QEMU, and the other tar programs the tests compare against.
 APT_PACKAGES := $(BUILD_PACKAGES) fuse3 qemu-utils qemu-system-x86 libarchive-tools busybox \
-	e2fsprogs fio util-linux gzip pigz zstd xz-utils bzip2 dictzip man-db
+	e2fsprogs fio util-linux gzip pigz zstd xz-utils bzip2 dictzip man-db xorriso udftools
 APT_STAMP := $(VENV)/.apt-done
 BUILD_STAMP := $(VENV)/.build-deps-done
 VENV_STAMP := $(VENV)/.installed

@@ -19,7 +19,9 @@ from tarfuse.tar import header as th
 from tarfuse.tar import sparse
 from tarfuse.tar.archive import Member, ReadAt
 
-TAR_HEAD = 20 * 512  # one record of GNU tar's default blocking: all an empty tar holds
+# Enough to tell an empty tar (one record of zeros) from a data ISO 9660 or UDF image, whose first 32 KiB
+# are zeros too: the stream is an empty tar only if all of it is zeros.
+TAR_HEAD = detect.HEAD_SIZE
 
 # What a stream that is neither tar, nor compressed, nor an image may be: first bytes, and a name.
 _NOT_IMAGES = (

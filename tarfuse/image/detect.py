@@ -118,6 +118,8 @@ def detect_format(read_at: ReadAt, size: int, read_tail: bool = True) -> ImageFo
         return ImageFormat("vpc", "VHD, fixed")
     if head[0x8001:0x8006] == b"CD001":
         return ImageFormat("raw", "ISO 9660")
+    if head[0x8001:0x8006] in (b"BEA01", b"NSR02", b"NSR03"):  # UDF's volume recognition sequence
+        return ImageFormat("raw", "UDF")
     if head[512:520] == b"EFI PART":
         return ImageFormat("raw", "GPT partition table")
     if head[510:512] == b"\x55\xaa":

@@ -23,6 +23,7 @@ from tarfuse.mount import (
     assemble,
     list_archive,
 )
+from tarfuse.printable import PrintableFormatter, printable, terminal_safe
 from tarfuse.serve import daemon
 from tarfuse.serve.fs import ImageFs, seek_support
 from tarfuse.sources import remote
@@ -235,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_intermixed_args(argv)  # options anywhere, as mount helpers take them
     if argv is None:
         _hide_secrets(sys.argv[1:])
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="tarfuse: %(message)s" if not args.debug else "tarfuse: %(name)s: %(message)s",
+    console = logging.StreamHandler()
+    console.setFormatter(
+        PrintableFormatter("tarfuse: %(message)s" if not args.debug else "tarfuse: %(name)s: %(message)s")
     )
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[console])
     try:
         options = split_mount_options(args.options, rw_is_default=_run_by_mount())
         if args.json and not args.list:
@@ -249,16 +251,25 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("MOUNTPOINT is missing (or use --list to see what ARCHIVE holds)")
         return _mount(args, options)
     except UsageError as exc:
-        print(f"tarfuse: {exc}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_USAGE
     except TarfuseError as exc:
-        print(f"tarfuse: {remote.display_name(args.archive)}: {exc}", file=sys.stderr)
+        _error(f"{_shown_path(args.archive)}: {exc}")
         return EXIT_FAILED
     except OSError as exc:
-        print(
-            f"tarfuse: {exc.filename or remote.display_name(args.archive)}: {exc.strerror}", file=sys.stderr
-        )
+        named = isinstance(exc.filename, str | bytes) and exc.filename
+        _error(f"{printable(exc.filename) if named else _shown_path(args.archive)}: {exc.strerror}")
         return EXIT_FAILED
+
+
+def _error(message: str) -> None:
+    """One line on stderr; whatever names it carries cannot act on the terminal (printable.py)."""
+    print(f"tarfuse: {terminal_safe(message)}", file=sys.stderr)
+
+
+def _shown_path(path: str) -> str:
+    """The archive as messages name it: no URL secrets, no raw control characters."""
+    return printable(remote.display_name(path))
 
 
 _HEADER_VALUE = re.compile(r"(header=[^:,]*:)[^,]*")
@@ -310,12 +321,12 @@ def _list(path: str, options: MountOptions, as_json: bool = False) -> int:
 
         print(json.dumps(_listing(path, compression, found, images), indent=2))
     elif compression is not None:
-        print(f"{remote.display_name(path)}: {compression}-compressed, index: {found or 'none'}")
+        print(f"{_shown_path(path)}: {compression}-compressed, index: {printable(found or 'none')}")
     if not images:
-        print(f"tarfuse: {remote.display_name(path)}: no disk image found", file=sys.stderr)
+        _error(f"{_shown_path(path)}: no disk image found")
         return EXIT_FAILED
     for warning in (warning for image in images for warning in image.member.warnings):
-        print(f"tarfuse: {remote.display_name(path)}: warning: {warning}", file=sys.stderr)
+        _error(f"{_shown_path(path)}: warning: {warning}")
     if not as_json:
         _print_table(images)
     return EXIT_OK
@@ -346,8 +357,8 @@ def _print_table(images: list[Image]) -> None:
     rows = [("PATH", "FORMAT", "SIZE", "ALLOCATED", "EXTENTS", "OFFSET")]
     rows += [
         (
-            i.name,
-            str(i.format),
+            printable(i.name),  # a newline in a name would forge a row
+            printable(str(i.format)),
             str(i.mapper.size),
             str(i.stored_bytes),
             str(i.extent_count),
@@ -368,8 +379,8 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         log.info("%s", note)
     for image in assembly.images:
         for warning in image.member.warnings:  # metadata tar -x would also have taken leniently
-            log.warning("%s: warning: %s", remote.display_name(args.archive), warning)
-        log.debug("serving %s (%s, %d bytes)", image.name, image.format, image.mapper.size)
+            log.warning("%s: warning: %s", _shown_path(args.archive), warning)
+        log.debug("serving %s (%s, %d bytes)", printable(image.name), image.format, image.mapper.size)
     ops = ImageFs(
         assembly.served,
         mountpoint.is_file,

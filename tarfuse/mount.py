@@ -19,6 +19,7 @@ from tarfuse.image import bare
 from tarfuse.image.detect import HEAD_SIZE, has_image_suffix
 from tarfuse.image.mapper import HOLE, ImageMapper
 from tarfuse.image.open import Image, list_files, list_images, open_first_image, open_image
+from tarfuse.printable import printable
 from tarfuse.serve.daemon import BackgroundJob
 from tarfuse.serve.fs import BLOCKING_READERS, ServedFile
 from tarfuse.sources import DEFAULT_CACHE_SIZE, compressed, remote
@@ -184,8 +185,8 @@ def assemble(
             image, background = _open_bare(path, source, head, options, say)
             if not isinstance(source, CompressedSource) and not remote.is_url(path):
                 notes = (
-                    f"{path} is a {image.format} image itself, not an archive: serving it as it is "
-                    "(QEMU, qemu-img and losetup -r can open it without tarfuse)",
+                    f"{printable(path)} is a {image.format} image itself, not an archive: serving it as it "
+                    "is (QEMU, qemu-img and losetup -r can open it without tarfuse)",
                 )
             served = [_served_file(image, source, options, bare=True)]
             return Assembly(source, [image], served, background, notes=notes)
@@ -235,7 +236,7 @@ def _symlinks_inside(links: list[tuple[str, str]]) -> tuple[list[tuple[str, str]
         path = _inside(name)
         resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
         if not path or not target or target.startswith("/") or resolved == ".." or resolved.startswith("../"):
-            left_out.append(f"{name} -> {target}")
+            left_out.append(f"{printable(name)} -> {printable(target)}")
         else:
             kept.append((path, target))
     shown = ", ".join(left_out[:5])

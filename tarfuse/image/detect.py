@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tarfuse.errors import NoImage
+from tarfuse.printable import printable
 from tarfuse.sources.compression import COMPRESSION_SUFFIXES
 from tarfuse.tar.archive import Member, ReadAt, normalize_name
 from tarfuse.tar.files import Candidate
@@ -81,7 +82,7 @@ def choose_image(files: list[Candidate], candidates: list[Candidate], wanted: st
             + f" or starts like a disk image; the archive holds {_some(files)}; "
             "name the image with -o member=PATH"
         )
-    names = ", ".join(c.name for c in candidates[:10])
+    names = ", ".join(printable(c.name) for c in candidates[:10])
     more = f" and {len(candidates) - 10} more" if len(candidates) > 10 else ""
     raise NoImage(
         f"the archive holds {len(candidates)} disk images ({names}{more}); "

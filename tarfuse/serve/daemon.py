@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from tarfuse.errors import UsageError
+from tarfuse.printable import PrintableFormatter
 from tarfuse.serve import eventloop, mountinfo, workers
 from tarfuse.serve.fs import ImageFs
 
@@ -429,5 +430,5 @@ def _log_to_syslog() -> None:
         root.removeHandler(handler)
     if os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("tarfuse[%(process)d]: %(message)s"))
+        handler.setFormatter(PrintableFormatter("tarfuse[%(process)d]: %(message)s"))  # no raw names
         root.addHandler(handler)

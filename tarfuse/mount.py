@@ -9,13 +9,12 @@ for a CompressedSource.
 
 import contextlib
 import os
-import posixpath
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tarfuse.errors import CompressedArchive, CorruptCompressed, NoImage, TarfuseError, UsageError
-from tarfuse.image import bare
+from tarfuse.image import bare, links
 from tarfuse.image.detect import HEAD_SIZE, has_image_suffix
 from tarfuse.image.mapper import HOLE, ImageMapper
 from tarfuse.image.open import Image, list_files, list_images, open_first_image, open_image
@@ -190,14 +189,13 @@ def assemble(
                 )
             served = [_served_file(image, source, options, bare=True)]
             return Assembly(source, [image], served, background, notes=notes)
-        symlinks: list[tuple[str, str]] = []
+        found_links: list[tuple[str, str]] = []
         if options.all_files and options.member is None and several:
             if isinstance(source, CompressedSource) and not source.size_known:
                 say(f"{source.path}: -o all: reading the compressed archive whole, to find every file in it")
             images, found_links = list_files(source.read_at, source.size, source.pread_into)
             if not images:
                 raise NoImage("-o all: the archive holds no regular files", None)
-            symlinks, notes = _symlinks_inside(found_links)
             background = None
             if isinstance(source, CompressedSource) and source.compression == "dictzip":
                 background = _dictzip_check(source)
@@ -217,31 +215,16 @@ def assemble(
             background = _one_after_another(background, member_job)
             opened.append(whole)
             served.append(_served_file(whole, inner, options, bare=len(images) == 1))
+        # tar -x makes `etc/passwd -> /etc/passwd` or `../../x` as they are; a mount that others may
+        # browse must not offer a path out of it, nor one that the links it serves add up to.
+        symlinks, left_out = links.symlinks_inside([file.name for file in served], found_links)
+        notes += links.notes_on(left_out)
         return Assembly(source, opened, served, background, members, notes, symlinks)
     except BaseException:
         for inner in members:
             inner.close()
         source.close()
         raise
-
-
-def _symlinks_inside(links: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
-    """The archive's symlinks whose target stays inside the mount, at their paths; a note on the others.
-
-    tar -x makes `etc/passwd -> /etc/passwd` or `../../x` as they are; a mount that others may browse must
-    not offer a path out of it, so those are left out (and named).
-    """
-    kept, left_out = [], []
-    for name, target in links:
-        path = _inside(name)
-        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-        if not path or not target or target.startswith("/") or resolved == ".." or resolved.startswith("../"):
-            left_out.append(f"{printable(name)} -> {printable(target)}")
-        else:
-            kept.append((path, target))
-    shown = ", ".join(left_out[:5])
-    notes = (f"-o all: {len(left_out)} symlink(s) pointing outside the mount are left out: {shown}",)
-    return kept, notes if left_out else ()
 
 
 def _open_tar(

@@ -29,7 +29,7 @@ from tarfuse.sources import sidefiles
 from tarfuse.sources.compressed import UNKNOWN_SIZE, CompressedSource, Decoder
 from tarfuse.sources.compression import DecodeError
 from tarfuse.sources.file import Identity
-from tarfuse.sources.spill import SpillWriter
+from tarfuse.sources.spill import SpillWriter, default_limit, why_no_spill
 from tarfuse.tar.archive import normalize_name, scan_members
 from tarfuse.tar.files import Candidate, FileTable
 
@@ -297,10 +297,13 @@ class IndexingPass:
         index_path: str | None,
         scan: bool = True,
         served_header: int | None = None,
+        spill_max: int | None = None,
     ) -> None:
         """`scan`: read every header (not needed when the image was chosen from all of them): look for
         other image candidates, and check that the member served is the one tar -x extracts under its name:
-        the one whose header is at `served_header` (decompressed offset)."""
+        the one whose header is at `served_header` (decompressed offset). `spill_max`: -o spill_max, the
+        longest spill (None: the default, spill.default_limit of the archive's size)."""
+        self._spill_limit = spill_max if spill_max is not None else default_limit(source.archive.size)
         self._source, self._served, self._index_path, self._scan = source, served, index_path, scan
         self._served_header = served_header
         self.progress = Progress(time.monotonic(), compressed_total=source.archive.size)
@@ -437,10 +440,10 @@ class IndexingPass:
     def _open_spill(self) -> SpillWriter | None:
         try:
             if self._index_path is None:
-                return SpillWriter.unnamed(sidefiles.unnamed_dir())
-            return SpillWriter.named(spill_path(self._index_path))
+                return SpillWriter.unnamed(sidefiles.unnamed_dir(), self._spill_limit)
+            return SpillWriter.named(spill_path(self._index_path), self._spill_limit)
         except OSError as exc:
-            reason = exc.strerror or exc
+            reason = why_no_spill(exc)
             log.warning("cannot write a spill (%s): backwards reads will decompress from the start", reason)
             return None
 
@@ -452,8 +455,9 @@ class IndexingPass:
             return
         try:
             self._spill.write(data)
-        except OSError as exc:
-            log.warning("cannot write the spill (%s): backwards reads will decompress from the start", exc)
+        except OSError as exc:  # a bound, or a file system that will take no more: no spill, not a bug
+            reason = why_no_spill(exc)
+            log.warning("no spill: %s; backwards reads will decompress from the start", reason)
             self._drop_spill()
 
     def _serve_spill(self, decoder: Decoder, size: int) -> int | None:
@@ -468,7 +472,8 @@ class IndexingPass:
             path, length, file = spill.finish()
             self._source.serve_spill(path, size, file)
         except _SPILL_ERRORS as exc:
-            log.warning("cannot complete the spill (%s): backwards reads will decompress from the start", exc)
+            reason = why_no_spill(exc) if isinstance(exc, OSError) else exc
+            log.warning("cannot complete the spill (%s): backwards reads decompress from the start", reason)
             spill.abandon()
             if file is not None:
                 file.close()

@@ -9,9 +9,18 @@ complete (sidefiles.py: the archive may be private, and the directory is checked
 where it goes and records it in the index file. With `-o noindex` it is an unnamed temporary file
 (O_TMPFILE), gone when the daemon exits, however it exits. Either way the source reads the very file that
 was written, through its descriptor, never by name.
+
+A spill is not always smaller than what it copies: its frames are compressed one by one, so what zstd's
+long matches or a large window made small (a random block repeated) comes out nearly as large as the tar.
+So it has bounds (README, "Limits, said plainly"): its length (`limit`: by default SPILL_RATIO times the
+compressed archive, at least SPILL_FLOOR; `-o spill_max=SIZE`), and the free space it leaves on its file
+system (`reserve`). Past either, or when the file system says no (ENOSPC, EDQUOT, EFBIG), there is no
+spill: the writer raises SpillStopped or the OSError, the pass abandons it, and reads decompress from the
+start as they did before spills existed.
 """
 
 import contextlib
+import errno
 import os
 from typing import BinaryIO
 
@@ -21,14 +30,59 @@ from tarfuse.sources import sidefiles
 
 FRAME_SIZE = 1 << 20  # compressed.CHUNK_SIZE: a chunk read decompresses exactly one frame
 LEVEL = 1  # fast: the pass must not wait for the copy (level 1 compresses at several hundred MB/s)
+SPILL_RATIO = 16  # the default bound: this many times the compressed archive ...
+SPILL_FLOOR = 256 << 20  # ... and never less than this
+RESERVE_SHARE = 10  # the spill leaves a tenth of its file system free ...
+RESERVE_MAX = 1 << 30  # ... or this much, whichever is less
+# The writer looks at its length and the free space after every frame's worth of input. The compressor
+# holds up to a frame not yet written, and the next frame comes before the next look: stopping this far
+# short keeps the file within its bound and the file system above its reserve.
+_MARGIN = 2 * FRAME_SIZE
+# What the file system says when it will take no more: full, over quota, past RLIMIT_FSIZE.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class SpillStopped(OSError):
+    """The spill reached its bound or its file system's reserve: it is not written further."""
+
+
+def default_limit(compressed_size: int) -> int:
+    """The longest spill of an archive of `compressed_size` bytes, when -o spill_max does not say."""
+    return max(SPILL_RATIO * compressed_size, SPILL_FLOOR)
+
+
+def reserve(fs: os.statvfs_result) -> int:
+    """The free space a spill leaves on the file system `fs`: a tenth of it, at most RESERVE_MAX."""
+    return min(fs.f_blocks * fs.f_frsize // RESERVE_SHARE, RESERVE_MAX)
+
+
+def why_no_spill(exc: OSError) -> str:
+    """Why a spill could not be written or kept, in a few words, for the log."""
+    if isinstance(exc, SpillStopped):
+        return exc.strerror or str(exc)
+    said = {errno.ENOSPC: "its file system is full", errno.EDQUOT: "the disk quota is reached"}
+    if exc.errno == errno.EFBIG:
+        return "the file size limit is reached (ulimit -f)"
+    return said.get(exc.errno or 0, exc.strerror or str(exc))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
 
 
 class SpillWriter:
     """Write a stream, in order, into a seekable zstd file; `finish` gives the file to serve from."""
 
-    def __init__(self, file: BinaryIO, rename: tuple[str, str] | None) -> None:
-        """Write into `file`; `rename`: (temporary name, final name) of a named spill, None if unnamed."""
-        self.file, self._rename = file, rename
+    def __init__(self, file: BinaryIO, rename: tuple[str, str] | None, limit: int | None = None) -> None:
+        """Write into `file`; `rename`: (temporary name, final name) of a named spill, None if unnamed;
+        `limit`: the longest the file may grow (None: only the reserve bounds it).
+
+        Raises:
+            SpillStopped: the file system has no room above its reserve to start one.
+        """
+        self.file, self._rename, self._limit = file, rename, limit
+        self._unchecked = 0  # bytes of input since the last look at the length and the free space
+        self._check_room()
         options: dict[int, int] = {
             pyzstd.CParameter.compressionLevel: LEVEL,
             pyzstd.CParameter.checksumFlag: 1,
@@ -38,28 +92,52 @@ class SpillWriter:
         )
 
     @classmethod
-    def named(cls, path: str) -> "SpillWriter":
+    def named(cls, path: str, limit: int | None = None) -> "SpillWriter":
         """A spill to keep at `path`: written under a temporary name of ours, 0600, renamed by finish()."""
         file, temporary = sidefiles.create(path)
         try:
-            return cls(file, (temporary, path))
+            return cls(file, (temporary, path), limit)
         except BaseException:
             file.close()
             os.unlink(temporary)
             raise
 
     @classmethod
-    def unnamed(cls, directory: str) -> "SpillWriter":
+    def unnamed(cls, directory: str, limit: int | None = None) -> "SpillWriter":
         """A spill with no name (O_TMPFILE in `directory`, 0600), gone once nothing holds it open."""
         file = sidefiles.create_unnamed(directory)
         try:
-            return cls(file, None)
+            return cls(file, None, limit)
         except BaseException:
             file.close()
             raise
 
     def write(self, data: bytes | memoryview) -> None:
+        """Add `data`; raise SpillStopped past a bound, or the OSError of a file system that said no."""
         self._zstd.write(data)
+        self._unchecked += len(data)
+        if self._unchecked >= FRAME_SIZE:
+            self._unchecked = 0
+            self._check_room()
+
+    def _check_room(self) -> None:
+        """Raise SpillStopped if another frame could take the file past its limit or its file system
+        under its reserve."""
+        written = self.file.tell()
+        if self._limit is not None and written + _MARGIN > self._limit:
+            raise SpillStopped(
+                errno.EFBIG,
+                f"the spill stopped at {_mib(written)}, at its bound of {_mib(self._limit)} (by default "
+                f"{SPILL_RATIO} times the archive, at least {_mib(SPILL_FLOOR)}; -o spill_max=SIZE)",
+            )
+        fs = os.fstatvfs(self.file.fileno())
+        kept = reserve(fs)
+        if fs.f_bavail * fs.f_frsize < kept + _MARGIN:
+            raise SpillStopped(
+                errno.ENOSPC,
+                f"the spill stopped at {_mib(written)}: its file system keeps {_mib(kept)} free "
+                f"({_mib(fs.f_bavail * fs.f_frsize)} left)",
+            )
 
     def finish(self) -> tuple[str, int, BinaryIO]:
         """Write the seek table and rename; return the name to show, the length, and the file to read.
@@ -83,10 +161,15 @@ class SpillWriter:
         return path, length, reader
 
     def abandon(self) -> None:
-        """Drop what was written (the stream has restart points after all, or the pass stopped)."""
-        with contextlib.suppress(OSError, ValueError):  # a full disk: the seek table cannot be written either
+        """Drop what was written (the stream has restart points after all, the pass stopped, or the spill
+        reached a bound). Never raises for the file system: a full one is the likeliest reason to be here.
+        """
+        with contextlib.suppress(OSError, ValueError):
+            os.ftruncate(self.file.fileno(), 0)  # the space comes back now, and the writes below fit
+        with contextlib.suppress(OSError, ValueError):  # what the compressor and the buffer still hold
             self._zstd.close()
-        self.file.close()
+        with contextlib.suppress(OSError):  # goes nowhere useful: flushing it may fail, closing does not
+            self.file.close()
         if self._rename is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._rename[0])

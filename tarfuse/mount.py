@@ -129,13 +129,18 @@ class Assembly:
             source.close()
 
 
-def open_source(path: str, options: MountOptions) -> ByteSource:
+def open_source(
+    path: str, options: MountOptions, say: Callable[[str], None] = lambda line: None
+) -> ByteSource:
     """The archive as the tar reader must see it: a file or URL, decompressed if it is compressed.
 
     One cache budget, `-o cache_size`, whatever the layers: a compressed archive on a URL gives a quarter
-    to the compressed blocks under the decompressor and the rest to decompressed chunks.
+    to the compressed blocks under the decompressor and the rest to decompressed chunks. `say` hears
+    whose rights opened a local archive, if not the caller's (sources/opening.py).
     """
     archive = remote.open_source(path, options.remote, options.cache_size)
+    if isinstance(archive, ArchiveFile) and archive.opened_as is not None:
+        say(archive.opened_as)
     if not remote.is_url(path):
         return compressed.decompressed(archive, options.cache_size)
     blocks = options.cache_size // _REMOTE_SHARE
@@ -148,7 +153,7 @@ def open_source(path: str, options: MountOptions) -> ByteSource:
 def list_archive(path: str, options: MountOptions, say: Callable[[str], None] = lambda line: None) -> Listing:
     """Every candidate image, and for a compressed archive the saved index a mount would use."""
     compression = found = None
-    with contextlib.closing(open_source(path, options)) as source:
+    with contextlib.closing(open_source(path, options, say)) as source:
         head = source.read_at(0, bare.TAR_HEAD)
         if not bare.is_tar(head):  # the stream is the image: what a mount would serve
             image, _ = _open_bare(path, source, head, options, say)
@@ -175,7 +180,7 @@ def assemble(
     image of the tar is served, at its path. `say` hears of a wait (a stream whose size only its end
     tells, a compressed multi-disk archive read whole before it is served).
     """
-    source = open_source(path, options)
+    source = open_source(path, options, say)
     members: list[CompressedSource] = []
     try:
         notes: tuple[str, ...] = ()
@@ -265,7 +270,8 @@ def _open_bare(
         _refuse_compressed_again(head, "the decompressed stream")
         bare.check_image(name, source.read_at(0, HEAD_SIZE))  # before a wait for the size, not after
         job = _whole_stream_ready(source, options, say)
-    mtime = 0 if remote.is_url(path) else int(os.stat(path).st_mtime)
+    stamp = source.identity()[3]  # a local file's (device, inode, size, mtime_ns), from its descriptor
+    mtime = stamp // 1_000_000_000 if isinstance(stamp, int) and not remote.is_url(path) else 0
     return bare.open_whole(source.read_at, source.size, name, mtime, source.pread_into), job
 
 

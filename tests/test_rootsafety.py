@@ -46,6 +46,7 @@ def test_a_comma_in_the_archive_name_adds_no_mount_option(setup: Setup) -> None:
     """root mounting `vm.tar,allow_other` got allow_other: any user could read a 0600 archive's image."""
     archive = setup.archive.with_name("vm.tar,allow_other")
     shutil.copyfile(setup.archive, archive)
+    os.chown(archive, setup.owner.uid, setup.owner.gid)  # the owner's: root opens it with their rights
     archive.chmod(0o600)
     with foreground_mount(archive, setup.mountpoint):
         entry = mount_entry(setup.mountpoint)

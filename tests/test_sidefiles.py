@@ -158,7 +158,7 @@ def test_symlinks_planted_at_the_names_root_writes_redirect_nothing(
     one_frame: Path, user: User, top: Path, root_cache: Path, mount: MountFactory, tmp_path: Path
 ) -> None:
     shared = users_directory(top, user)
-    archive = roots_archive(one_frame, shared)
+    archive = roots_archive(one_frame, shared, mode=0o644)  # root opens it with the user's rights
     victims = {name: tmp_path / name for name in ("shadow-a", "shadow-b")}
     for name, victim in victims.items():
         victim.write_bytes(f"root's {name}\n".encode())
@@ -458,7 +458,7 @@ def test_a_mount_of_an_archive_in_a_users_directory_keeps_nothing_in_their_tree(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     users_home = users_directory(top, user, "home")
-    archive = roots_archive(one_frame, users_directory(top, user))
+    archive = roots_archive(one_frame, users_directory(top, user), mode=0o644)  # opened with their rights
     monkeypatch.setenv("XDG_CACHE_HOME", str(users_home / ".cache"))
     monkeypatch.setenv("HOME", str(tmp_path / "root-home"))
     (served := tmp_path / "mnt").mkdir()

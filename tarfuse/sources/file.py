@@ -13,7 +13,8 @@ import stat
 import threading
 from typing import TYPE_CHECKING, Protocol
 
-from tarfuse.errors import ArchiveChanged, UsageError
+from tarfuse.errors import ArchiveChanged
+from tarfuse.sources.opening import open_archive
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -57,11 +58,10 @@ class ArchiveFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.opened_as: str | None = None  # whose rights opened it, if not the caller's (opening.py)
+        self.fd = open_archive(path, say=self._opened_as)  # a regular file or block device
         try:
             info = os.fstat(self.fd)
-            if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
-                raise UsageError(f"{path}: not a regular file or block device")
             self.size = info.st_size if stat.S_ISREG(info.st_mode) else _device_size(self.fd)
         except BaseException:
             os.close(self.fd)
@@ -71,6 +71,9 @@ class ArchiveFile:
         self._key: Identity = [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
         self._leased = False  # a read lease is held: nobody can have opened the file for writing
         self._lease_fd: int | None = None
+
+    def _opened_as(self, line: str) -> None:
+        self.opened_as = line
 
     def read_at(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)

@@ -26,11 +26,15 @@ import pwd
 import re
 import stat
 import tempfile
+from dataclasses import dataclass
 from typing import BinaryIO
+
+from tarfuse.printable import printable
 
 TEMPORARY_SUFFIX = ".tarfuse-tmp"
 SYSTEM_CACHE = "/var/cache/tarfuse"  # root's cache when neither $XDG_CACHE_HOME nor a home is trusted
 _MAX_LINKS = 40  # the kernel's limit on symbolic links in one lookup (path_resolution(7), ELOOP)
+_PROC_ROOT_INO = 1  # procfs's root directory (PROC_ROOT_INO): its own symbolic links are plain text ones
 _PID_MAX = 1 << 22  # the largest pid_max Linux allows (proc(5), /proc/sys/kernel/pid_max)
 # Temporary files of ours: NAME.PID.XXXXXXXX.tarfuse-tmp (mkstemp's 8 characters), and the names tarfuse
 # used before, NAME.tarfuse-index.PID.tmp and NAME.tarfuse-spill.zst.PID.tmp.
@@ -118,6 +122,101 @@ def _user(uid: int) -> str:
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
     except KeyError:
         return f"uid {uid}"
+
+
+@dataclass(frozen=True, slots=True)
+class Changer:
+    """Someone besides the caller and root who could change what a path leads to.
+
+    `uid` is that user; with `uid` None, `gid` is a group whose members could (a group-writable
+    directory), and with both None it is every user (a directory anyone can write).
+    """
+
+    uid: int | None
+    gid: int | None
+    reason: str  # "PATH is owned by uid N (name)", escaped for a log line
+
+
+def changers(path: str) -> list[Changer]:
+    """Who besides the caller and root could change what `path` leads to, in the order the walk met them.
+
+    The path is followed as the kernel would (symbolic links, "..", at most 40 links), each component
+    lstat'ed: whoever owns a directory or link on the way, and whoever may write a directory whose
+    entries they could replace (not a sticky one's: there only an entry's owner can). The owner of the
+    file at the end counts only in a sticky directory, where they could put a link in its place;
+    elsewhere they can change its bytes, which are theirs to read, not where the path leads. Where the
+    walk cannot go on (a name missing, a loop, a file used as a directory), opening the path fails the
+    same way; whoever could write the directory it stopped in could have put the name there first, so
+    they count. A magic link in /proc (/proc/PID/fd/N, .../exe, .../cwd) leads to what that process
+    holds, not to the text readlink shows (a memfd's "/memfd:x (deleted)" is no path): its owner, the
+    process's, controls it, and the walk stops there.
+
+    Never raises OSError: the caller opens the path and reports what open(2) says.
+    """
+    found: list[Changer] = []
+    with contextlib.suppress(OSError):  # lstat of "/" or of a parent walked: the open says what is wrong
+        _walk(os.path.abspath(path), found)
+    return found
+
+
+def _walk(path: str, found: list[Changer]) -> None:
+    pending = path.split("/")[::-1]  # a stack: the next component is last
+    current, info = "/", os.lstat("/")
+    _note_owner(found, current, info)
+    links = 0
+    while pending:
+        name = pending.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":  # `current` has no symbolic links in it: its parent was judged on the way
+            current = os.path.dirname(current)
+            info = os.lstat(current)
+            continue
+        step = os.path.join(current, name)
+        try:
+            entry = os.lstat(step)
+        except OSError:
+            _note_writers(found, current, info)  # anyone who can write here could make the name
+            return
+        if not info.st_mode & stat.S_ISVTX:
+            _note_writers(found, current, info)  # they could rename another entry over this one
+        if not stat.S_ISLNK(entry.st_mode) and not stat.S_ISDIR(entry.st_mode):
+            if info.st_mode & stat.S_ISVTX:
+                _note_owner(found, step, entry)
+            return  # the file at the end
+        _note_owner(found, step, entry)
+        if stat.S_ISLNK(entry.st_mode):
+            links += 1
+            if links > _MAX_LINKS or _is_magic_link(entry, info):
+                return
+            target = os.readlink(step)
+            if target.startswith("/"):
+                current, info = "/", os.lstat("/")
+            pending.extend(target.split("/")[::-1])
+            continue
+        current, info = step, entry
+
+
+def _is_magic_link(link: os.stat_result, directory: os.stat_result) -> bool:
+    """Whether a symbolic link is one of procfs's per-process links, which the kernel follows by the
+    object, not by the text (proc(5)); /proc/self and /proc/mounts, in procfs's root, are plain text."""
+    try:
+        proc = os.lstat("/proc")
+    except OSError:
+        return False
+    return link.st_dev == proc.st_dev and proc.st_ino == _PROC_ROOT_INO and directory.st_ino != proc.st_ino
+
+
+def _note_owner(found: list[Changer], path: str, info: os.stat_result) -> None:
+    if info.st_uid not in (os.geteuid(), 0):
+        found.append(Changer(info.st_uid, None, f"{printable(path)} is owned by {_user(info.st_uid)}"))
+
+
+def _note_writers(found: list[Changer], path: str, info: os.stat_result) -> None:
+    if info.st_mode & 0o002:
+        found.append(Changer(None, None, f"{printable(path)} is writable by every user"))
+    elif info.st_mode & 0o020:
+        found.append(Changer(None, info.st_gid, f"{printable(path)} is writable by group {info.st_gid}"))
 
 
 def make_directory(path: str) -> str:

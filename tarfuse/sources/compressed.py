@@ -8,11 +8,16 @@ nearest one; zstd is ours (zstdframes.py: frame starts). A stream with no restar
 zstd frame, one xz block) is served, once the background pass has copied it, from its spill (spill.py).
 Reads are served in whole chunks from a bounded cache of decompressed chunks.
 
+Every decoder gets a share of the mount's decoder memory (-o decoder_memory; compression.decoder_share):
+liblzma's memlimit, zstd's windowLogMax, and for rapidgzip a chunk size that its cache of decompressed
+chunks fits in. A stream that needs more is refused with a line that names the limit and the option.
+
 Library file objects are not thread-safe (seek + read), so each sits behind a lock. A local archive is
 opened by path; any other source (remote.RemoteArchive) through a `PreadFile`, for the libraries that take
 file objects.
 """
 
+import heapq
 import io
 import lzma
 import threading
@@ -21,9 +26,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO, Protocol, TypeVar, cast
 
-from tarfuse.errors import ArchiveError, CorruptCompressed, TarfuseError
+from tarfuse.errors import ArchiveError, CompressedArchive, CorruptCompressed, TarfuseError
 from tarfuse.sources import DEFAULT_CACHE_SIZE
-from tarfuse.sources.compression import Compression, DecodeError, sniff
+from tarfuse.sources.compression import (
+    DEFAULT_DECODER_MEMORY,
+    Compression,
+    DecodeError,
+    DecoderMemoryError,
+    decoder_share,
+    memory_refusal,
+    sniff,
+)
 from tarfuse.sources.file import ArchiveFile, ByteSource, Identity, PreadFile
 
 UNKNOWN_SIZE = 1 << 62  # the size until the stream's end is known: reads past the real end come back short
@@ -34,6 +47,13 @@ CHUNK_SIZE = 1 << 20  # the unit of decompression and of the cache
 # there; locally 1 MiB made indexing 20 % slower (docs/compressed.md).
 GZIP_CHUNK_SIZE = 2 << 20
 GZIP_REMOTE_CHUNK_SIZE = 1 << 20
+# rapidgzip keeps up to ~19 decompressed chunks (its cache and what it prefetches), each cut at 16 chunk
+# sizes of output however well the input compresses: on zeros (gzip's 1000:1), 2 MiB chunks reach 700 MiB,
+# 128 KiB ones 90 (measured). So a decoder watches the ratio between the checkpoints it has made, and
+# when 19 chunks of that ratio would not fit its share, starts again with smaller chunks, down to this.
+GZIP_SMALLEST_CHUNK_SIZE = 128 << 10
+_RAPIDGZIP_CHUNKS_HELD = 19
+_RAPIDGZIP_RATIO_CAP = 16  # a chunk's output is cut at this many times its input
 
 # What rapidgzip raises on a corrupt or cut stream (gzip and bzip2). Broad, so caught only around calls
 # into it (_decoding); zstdframes.py and _XzDecoder catch their libraries' own.
@@ -92,38 +112,111 @@ class _SeekingDecoder:
         self._file.close()
 
 
+class GzipRatioWatch:
+    """What the gzip decoders of one source learn of how large rapidgzip's held chunks grow.
+
+    A decoder that reads forward reports each read (compressed bytes consumed, bytes produced); the watch
+    follows rapidgzip's chunks (one ends after `chunk_size` compressed bytes or _RAPIDGZIP_RATIO_CAP times
+    that in output) and projects what _RAPIDGZIP_CHUNKS_HELD of them hold: the largest seen, and as many
+    more of the average size. When that passes the share, `chunk_size` becomes the smaller chunk that fits,
+    and every decoder of the source changes to it at its next read (a decoder that only seeks learns
+    nothing itself: the pass teaches it).
+    """
+
+    def __init__(self, chunk: int, share: int) -> None:
+        self.chunk_size, self._share = chunk, share
+        self._start()
+
+    def _start(self) -> None:
+        self._largest: list[int] = []  # a min-heap of the largest chunk outputs seen at chunk_size
+        self._seen, self._total = 0, 0  # chunks closed, their output
+        self._compressed, self._output = 0, 0  # the open chunk's
+
+    def saw(self, compressed: int, produced: int) -> None:
+        """A forward read consumed `compressed` more compressed bytes and produced `produced` bytes."""
+        cap = _RAPIDGZIP_RATIO_CAP * self.chunk_size
+        self._compressed += compressed
+        self._output += produced
+        if self._compressed < self.chunk_size and self._output < cap:
+            return
+        held = min(cap, self._output)
+        self._seen, self._total = self._seen + 1, self._total + held
+        heapq.heappush(self._largest, held)
+        if len(self._largest) > _RAPIDGZIP_CHUNKS_HELD:
+            heapq.heappop(self._largest)
+        self._compressed, self._output = 0, 0
+        projected = sum(self._largest) + (_RAPIDGZIP_CHUNKS_HELD - len(self._largest)) * (
+            self._total // self._seen
+        )
+        if projected > self._share and self.chunk_size > GZIP_SMALLEST_CHUNK_SIZE:
+            fits = self.chunk_size * self._share // projected
+            self.chunk_size = max(GZIP_SMALLEST_CHUNK_SIZE, 1 << max(0, fits.bit_length() - 1))
+            self._start()  # learnt again at the new size
+
+
 class _GzipDecoder(_SeekingDecoder):
     """rapidgzip: a checkpoint every chunk of input (GZIP_*CHUNK_SIZE), exported in gztool's index format.
 
     gztool's format keeps the 32 KiB windows compressed: a quarter of indexed_gzip's format, and 4x faster
-    to import (10 ms for 1.3 MiB); rapidgzip reads either, so older index files still load.
+    to import (10 ms for 1.3 MiB); rapidgzip reads either, so older index files still load. Reads feed the
+    source's GzipRatioWatch; when it asks for a smaller chunk, the decoder opens rapidgzip again with it
+    (losing its checkpoints: a forward pass decompresses up to where it was once more).
     """
 
-    def __init__(self, path: "str | PreadFile") -> None:
+    def __init__(self, path: "str | PreadFile", watch: GzipRatioWatch) -> None:
         import rapidgzip  # only archives that need it pay for the import
 
-        chunk = GZIP_CHUNK_SIZE if isinstance(path, str) else GZIP_REMOTE_CHUNK_SIZE
-        with _decoding(_RAPIDGZIP_ERRORS):
-            self._gz = rapidgzip.RapidgzipFile(path, parallelization=1, chunk_size=chunk)
+        self._path, self._watch = path, watch
         self._index_format = rapidgzip.IndexFormat.GZTOOL
+        self._index: bytes | None = None  # imported: given again to a decoder opened with a smaller chunk
+        self._chunk = watch.chunk_size
+        self._gz = self._open_rapidgzip()
+        self._next = 0  # where a forward read would go on (-1: after a reopen, not yet known)
         super().__init__(self._gz, _RAPIDGZIP_ERRORS)
 
+    def _open_rapidgzip(self) -> "io.IOBase":
+        import rapidgzip
+
+        with _decoding(_RAPIDGZIP_ERRORS):
+            gz = rapidgzip.RapidgzipFile(self._path, parallelization=1, chunk_size=self._chunk)
+            if self._index is not None:
+                gz.import_index(io.BytesIO(self._index))
+        return cast("io.IOBase", gz)
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        if self._watch.chunk_size < self._chunk:
+            self._reopen()
+        forward, before = offset == self._next, self.compressed_position() or 0
+        data = super().read_at(offset, size)
+        if forward and data:
+            self._watch.saw((self.compressed_position() or 0) - before, len(data))
+        self._next = offset + len(data)
+        return data
+
+    def _reopen(self) -> None:
+        self._gz.close()
+        self._chunk = self._watch.chunk_size
+        self._gz = self._file = self._open_rapidgzip()
+        self._next = -1
+
     def compressed_position(self) -> int | None:
-        return int(self._gz.tell_compressed()) // 8  # rapidgzip counts bits
+        return int(self._gz.tell_compressed()) // 8  # type: ignore[attr-defined]  # rapidgzip counts bits
 
     def complete_size(self) -> int | None:
         with _decoding(_RAPIDGZIP_ERRORS):
-            return int(self._gz.size()) if self._gz.block_offsets_complete() else None
+            complete = self._gz.block_offsets_complete()  # type: ignore[attr-defined]
+            return int(self._gz.size()) if complete else None  # type: ignore[attr-defined]
 
     def export_index(self) -> bytes | None:
         out = io.BytesIO()
         with _decoding(_RAPIDGZIP_ERRORS):  # e.g. "All window sizes must be at least 32 KiB" (tiny streams)
-            self._gz.export_index(out, self._index_format)
+            self._gz.export_index(out, self._index_format)  # type: ignore[attr-defined]
         return out.getvalue()
 
     def import_index(self, blob: bytes) -> None:
         with _decoding(_RAPIDGZIP_ERRORS):
-            self._gz.import_index(io.BytesIO(blob))
+            self._gz.import_index(io.BytesIO(blob))  # type: ignore[attr-defined]
+        self._index = blob
 
 
 class _OffsetsDecoder(_SeekingDecoder):
@@ -158,7 +251,8 @@ class _OffsetsDecoder(_SeekingDecoder):
             self._file.set_block_offsets(dict(pairs))  # type: ignore[attr-defined]
 
 
-def _open_bzip2(path: "str | PreadFile") -> Decoder:
+def _open_bzip2(path: "str | PreadFile", share: int) -> Decoder:
+    """rapidgzip's bzip2 reader: bzip2 blocks decompress to at most ~46 MB, whatever `share` says."""
     import rapidgzip
 
     with _decoding(_RAPIDGZIP_ERRORS):
@@ -166,27 +260,63 @@ def _open_bzip2(path: "str | PreadFile") -> Decoder:
     return _OffsetsDecoder(file, position_unit=8)
 
 
-def _open_zstd(path: "str | PreadFile") -> Decoder:
+def _open_zstd(path: "str | PreadFile", share: int) -> Decoder:
     from tarfuse.sources.zstdframes import ZstdFrames
 
-    return ZstdFrames(open(path, "rb", buffering=0) if isinstance(path, str) else path)
+    return ZstdFrames(open(path, "rb", buffering=0) if isinstance(path, str) else path, share)
 
 
 def _open_spill(file: BinaryIO) -> Decoder:
-    """A decoder over the spill `file`, with a file position of its own: the same inode, not a name."""
-    return _open_zstd(f"/proc/self/fd/{file.fileno()}")
+    """A decoder over the spill `file`, with a file position of its own: the same inode, not a name.
+    Its frames are 1 MiB (spill.py): no window near any share."""
+    return _open_zstd(f"/proc/self/fd/{file.fileno()}", decoder_share(DEFAULT_DECODER_MEMORY))
+
+
+# python-xz makes each block's decoder as lzma.LZMADecompressor(format=FORMAT_XZ), with no memory limit:
+# liblzma then allocates whatever dictionary the block header declares (4 GiB in a 156 KB file). Its
+# module's name for the class is pointed at _limited_lzma, which adds the memlimit of the _XzDecoder whose
+# read is running in this thread (each decoder reads in one thread at a time, under its source's lock).
+_xz_share = threading.local()
+
+
+def _limited_lzma(format: int = lzma.FORMAT_AUTO, memlimit: int | None = None) -> lzma.LZMADecompressor:
+    limit = getattr(_xz_share, "value", None) if memlimit is None else memlimit
+    return lzma.LZMADecompressor(format=format, memlimit=limit)
 
 
 class _XzDecoder(_SeekingDecoder):
-    """python-xz: seeks by the block index every xz file ends with; nothing to build or keep."""
+    """python-xz: seeks by the block index every xz file ends with; nothing to build or keep.
 
-    def __init__(self, path: "str | PreadFile") -> None:
+    One block decoder at a time (python-xz keeps eight by default, each with its dictionary), each made
+    with liblzma's memlimit at the decoder's share: a block that declares a larger dictionary is refused.
+    """
+
+    def __init__(self, path: "str | PreadFile", share: int) -> None:
         import xz  # imported here, with its XZError: a plain mount does not pay ~15 ms for it
+        import xz.block
+        from xz.strategy import RollingBlockReadStrategy
 
+        xz.block.LZMADecompressor = _limited_lzma  # type: ignore[attr-defined,assignment]
+        self._share = share
         errors = (xz.XZError, lzma.LZMAError)  # python-xz wraps lzma's errors in its own, mostly
+        strategy = RollingBlockReadStrategy(max_block_read_nb=1)
         with _decoding(errors, "xz: "):
-            self._xz = xz.open(path if isinstance(path, str) else cast(BinaryIO, path))  # it reads, seeks
+            file = path if isinstance(path, str) else cast(BinaryIO, path)  # it reads, seeks
+            self._xz = xz.open(file, block_read_strategy=strategy)
         super().__init__(self._xz, errors, "xz: ")
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        _xz_share.value = self._share
+        try:
+            return super().read_at(offset, size)
+        except DecodeError as exc:
+            if "Memory usage limit" in str(exc):
+                raise memory_refusal(
+                    f"the xz block that holds decompressed byte {offset}", None, self._share
+                ) from exc
+            raise
+        finally:
+            _xz_share.value = None
 
     def compressed_position(self) -> int | None:
         return None
@@ -242,8 +372,9 @@ class _DictzipDecoder:
         self._reader.close()
 
 
-DECODERS: dict[Compression, Callable[[str | PreadFile], Decoder]] = {
-    "gzip": _GzipDecoder,
+# The decoders of the compressions other than gzip (whose decoders share a GzipRatioWatch of their source):
+# (path, the memory the decoder may claim) -> decoder.
+DECODERS: dict[Compression, Callable[[str | PreadFile, int], Decoder]] = {
     "bzip2": _open_bzip2,
     "zstd": _open_zstd,
     "xz": _XzDecoder,
@@ -299,17 +430,28 @@ class CompressedSource:
     readers = 1
 
     def __init__(
-        self, archive: ByteSource, compression: Compression, cache_size: int = DEFAULT_CACHE_SIZE
+        self,
+        archive: ByteSource,
+        compression: Compression,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        decoder_memory: int = DEFAULT_DECODER_MEMORY,
     ) -> None:
+        """`decoder_memory`: what this source's decoders (the pass's and the serving one) may claim."""
         self.path = archive.path
         self.archive = archive
         self.cache = ChunkCache(cache_size)
+        share = decoder_share(decoder_memory)
+        self._open_decoder: Callable[[str | PreadFile], Decoder]
         if compression == "gzip" and _has_random_access_table(archive):
             compression = "dictzip"
             self.readers = 4  # its reader is thread-safe and inflates outside its lock
-            self._open_decoder: Callable[[str | PreadFile], Decoder] = lambda _: _DictzipDecoder(archive)
+            self._open_decoder = lambda _: _DictzipDecoder(archive)
+        elif compression == "gzip":
+            chunk = GZIP_CHUNK_SIZE if isinstance(archive, ArchiveFile) else GZIP_REMOTE_CHUNK_SIZE
+            watch = GzipRatioWatch(chunk, share)
+            self._open_decoder = lambda path: _GzipDecoder(path, watch)
         else:
-            self._open_decoder = DECODERS[compression]
+            self._open_decoder = lambda path: DECODERS[compression](path, share)
         self.compression = compression
         self._lock = threading.Lock()  # guards _decoder: library objects are not thread-safe
         self._decoder: Decoder | None = None
@@ -454,6 +596,8 @@ class CompressedSource:
                 decoder.close()
                 self._decoder = None
                 raise
+            except DecoderMemoryError as exc:
+                raise CompressedArchive(str(exc), start) from None
             except DecodeError as exc:
                 what = f"the {self.compression} stream" if self._spill is None else f"the spill {self._spill}"
                 raise CorruptCompressed(f"{what} cannot be decompressed: {exc}", start) from None
@@ -524,7 +668,9 @@ def _has_random_access_table(archive: ByteSource) -> bool:
 Source = TypeVar("Source", bound=ByteSource)
 
 
-def decompressed(archive: Source, cache_size: int = DEFAULT_CACHE_SIZE) -> Source | CompressedSource:
+def decompressed(
+    archive: Source, cache_size: int = DEFAULT_CACHE_SIZE, decoder_memory: int = DEFAULT_DECODER_MEMORY
+) -> Source | CompressedSource:
     """The archive as the tar reader must see it: itself, or a decompressed view chosen by its magic number.
 
     On failure the archive is closed.
@@ -533,7 +679,7 @@ def decompressed(archive: Source, cache_size: int = DEFAULT_CACHE_SIZE) -> Sourc
         compression = sniff(archive.read_at(0, 8))
         if compression is None:
             return archive
-        return CompressedSource(archive, compression, cache_size)
+        return CompressedSource(archive, compression, cache_size, decoder_memory)
     except BaseException:
         archive.close()
         raise

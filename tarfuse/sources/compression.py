@@ -77,12 +77,53 @@ class DecodeError(Exception):
     """
 
 
+class DecoderMemoryError(DecodeError):
+    """The stream needs a larger window or dictionary than the mount's decoder memory allows (the message
+    names the limit and `-o decoder_memory`): refused, rather than let one archive claim the memory."""
+
+
+# -o decoder_memory: what all decoders of a mount may claim for windows, dictionaries and their own buffers,
+# beside -o cache_size (sources/__init__.py) and the daemon itself, under the 256 MiB that a mount stays in.
+# A compressed source has two decoders at once (the background pass's and the one that serves reads), so
+# each gets half: 72 MiB takes `xz -9` (a 64 MiB dictionary) and zstd windows up to 64 MiB (every level
+# without --long or --ultra); `zstd --long` (128 MiB) and larger are refused unless the option is raised.
+DEFAULT_DECODER_MEMORY = 144 << 20
+DECODERS_PER_SOURCE = 2
+
+
+def decoder_share(decoder_memory: int) -> int:
+    """The memory one decoder of a source may claim, out of the source's `decoder_memory`."""
+    return max(1 << 20, decoder_memory // DECODERS_PER_SOURCE)
+
+
+def memory_refusal(what: str, needs: int | None, share: int) -> DecoderMemoryError:
+    """The one line that says a stream needs more decoder memory than the mount allows, and what to do."""
+    needed = "" if needs is None else f" ({_mib(needs)})"
+    return DecoderMemoryError(
+        f"{what} needs more memory to decode{needed} than the decoder memory limit allows ({_mib(share)} for "
+        f"each of an archive's two decoders; -o decoder_memory=SIZE raises it, default "
+        f"{DEFAULT_DECODER_MEMORY >> 20}M)"
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):,.0f} MiB" if size >= 1 << 20 else f"{size} bytes"
+
+
+def zstd_window_log(share: int) -> int:
+    """zstd's windowLogMax for a decoder that may claim `share` bytes: the largest window that fits."""
+    return max(10, min(31, share.bit_length() - 1))
+
+
 PEEK_INPUT = 1 << 20  # compressed bytes a peek decodes at most: enough for a disk image's first 34 KiB
 
 
-def peek(compressed: bytes, compression: Compression, size: int) -> bytes:
+def peek(
+    compressed: bytes, compression: Compression, size: int, share: int = DEFAULT_DECODER_MEMORY // 2
+) -> bytes:
     """The first `size` decompressed bytes of a stream that starts with `compressed` (short if the input
-    ends first, or is damaged): to tell what a compressed member holds without decompressing it all."""
+    ends first, or is damaged, or needs more than `share` bytes of decoder memory): to tell what a
+    compressed member holds without decompressing it all."""
     import bz2
     import lzma
     import zlib
@@ -93,9 +134,10 @@ def peek(compressed: bytes, compression: Compression, size: int) -> bytes:
         if compression in ("gzip", "dictzip"):
             return zlib.decompressobj(31).decompress(compressed, size)
         if compression == "xz":
-            return lzma.LZMADecompressor().decompress(compressed, max_length=size)
+            return lzma.LZMADecompressor(memlimit=share).decompress(compressed, max_length=size)
         if compression == "bzip2":
             return bz2.BZ2Decompressor().decompress(compressed, max_length=size)
-        return bytes(pyzstd.EndlessZstdDecompressor().decompress(compressed, max_length=size))
+        option = {int(pyzstd.DParameter.windowLogMax): zstd_window_log(share)}
+        return bytes(pyzstd.EndlessZstdDecompressor(option=option).decompress(compressed, max_length=size))
     except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError, pyzstd.ZstdError):
         return b""  # damaged: whatever it holds, it does not start like an image

@@ -8,6 +8,10 @@ Compressed input is read INPUT_SIZE at a time, so a read near the start of a lar
 only what it decodes. Every frame met is checked against the starts already known (seek table, saved
 index), and a frame that decodes past the next known start fails: a mismatch found raises rather than
 serve misplaced bytes. Every such failure, and every error of pyzstd's, is a DecodeError.
+
+Every frame is decoded with windowLogMax set from the decoder's share of the mount's decoder memory
+(compression.decoder_share): a frame that asks for a larger window (`zstd --long`, or a patched header) is
+refused with a DecoderMemoryError that names the limit and the option, before its window is allocated.
 """
 
 import io
@@ -18,7 +22,13 @@ from bisect import bisect_left, bisect_right
 
 import pyzstd
 
-from tarfuse.sources.compression import DecodeError
+from tarfuse.sources.compression import (
+    DEFAULT_DECODER_MEMORY,
+    DecodeError,
+    decoder_share,
+    memory_refusal,
+    zstd_window_log,
+)
 
 INPUT_SIZE = 256 << 10  # compressed bytes read at a time
 OUTPUT_SIZE = 1 << 20  # decompressed bytes produced at a time, also while skipping forward
@@ -30,8 +40,11 @@ _TAIL_SIZE = 64 << 10  # one read at the end holds the seek table of up to ~8000
 class ZstdFrames:
     """Random access to a zstd stream (any layout), restarting at frame starts; not thread-safe."""
 
-    def __init__(self, file: io.RawIOBase) -> None:
+    def __init__(self, file: io.RawIOBase, share: int = decoder_share(DEFAULT_DECODER_MEMORY)) -> None:
+        """Read `file`; `share`: the memory this decoder may claim (its window, at most)."""
         self._file = file
+        self._share = share
+        self._options = {int(pyzstd.DParameter.windowLogMax): zstd_window_log(share)}
         self._file_size = file.seek(0, io.SEEK_END)
         self._starts_c: list[int] = []  # compressed offsets of the frames that produce output
         self._starts_d: list[int] = []  # ... and the decompressed offsets where they start
@@ -87,6 +100,8 @@ class ZstdFrames:
             try:
                 out = decompressor.decompress(data, limit)
             except pyzstd.ZstdError as exc:
+                if "too much memory" in str(exc):
+                    raise self._refusal(data) from exc
                 raise DecodeError(f"zstd: {exc}") from exc
             if decompressor.eof:
                 self._pending, self._decompressor = decompressor.unused_data, None
@@ -103,10 +118,15 @@ class ZstdFrames:
                     raise DecodeError(f"the zstd stream ends at {self._position}, the index says {self._end}")
                 self._end = self._position
                 return None
-        self._decompressor = pyzstd.ZstdDecompressor()
+        self._decompressor = pyzstd.ZstdDecompressor(option=self._options)
         self._frame_start = (self._fed - len(self._pending), self._position)
         self._frame_entered = False
         return self._decompressor
+
+    def _refusal(self, data: bytes) -> DecodeError:
+        """The frame starting this decoder's input `data` needs a window past the share: say how large."""
+        at = self._frame_start[0]
+        return memory_refusal(f"the zstd frame at compressed byte {at}", frame_window(data), self._share)
 
     def _account(self, produced: int) -> None:
         if not self._frame_entered:  # skippable and empty frames never get here: they are no restart point
@@ -209,6 +229,29 @@ class ZstdFrames:
 
     def close(self) -> None:
         self._file.close()
+
+
+def frame_window(header: bytes) -> int | None:
+    """The window size a zstd frame header declares (RFC 8878, 3.1.1.1), or None if `header` is not one.
+
+    Frame_Header_Descriptor bit 5 (Single_Segment): the window is the content size, in the 1, 2, 4 or 8
+    bytes after the optional dictionary ID; otherwise the Window_Descriptor byte: exponent (high 5 bits)
+    and mantissa (low 3 bits) of a size from 1 KiB.
+    """
+    if len(header) < 6 or header[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = header[4]
+    if not descriptor & 0x20:
+        exponent, mantissa = header[5] >> 3, header[5] & 7
+        base = 1 << (10 + exponent)
+        return base + base // 8 * mantissa
+    dictionary_bytes = (0, 1, 2, 4)[descriptor & 3]
+    size_bytes = (1, 2, 4, 8)[descriptor >> 6]
+    start = 5 + dictionary_bytes
+    field = header[start : start + size_bytes]
+    if len(field) != size_bytes:
+        return None
+    return int.from_bytes(field, "little") + (256 if size_bytes == 2 else 0)
 
 
 def _increasing(values: list[int]) -> bool:

@@ -1,0 +1,159 @@
+"""The 256 MiB ceiling holds for compressed streams that decompress to far more than they are: a live mount
+of zeros in each compression, read whole then at random, stays under it; a stream whose window or
+dictionary would not fit the decoder budget (-o decoder_memory) is refused with one line that names it.
+
+The archives are made from one compressed piece repeated (gzip members, zstd frames, xz and bzip2 streams
+may follow one another), so a 512 MiB image costs a few MB and well under a second to make.
+"""
+
+import bz2
+import functools
+import lzma
+import os
+import random
+import subprocess
+import tarfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import pyzstd
+from kit.mounts import MountFactory, status_kib, tarfuse_command
+
+pytestmark = pytest.mark.fuse
+
+MEMORY_CEILING_KIB = 256 * 1024
+PIECE = 32 << 20  # zeros compressed once, repeated
+IMAGE_SIZE = 16 * PIECE  # 512 MiB of zeros: more than rapidgzip's 2 MiB chunks held, before the budget
+
+
+def _gzip(data: bytes) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    return compressor.compress(data) + compressor.flush()
+
+
+def _zstd(data: bytes) -> bytes:
+    return pyzstd.compress(data, 3)
+
+
+def _xz(data: bytes) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_XZ, preset=6)  # an 8 MiB dictionary
+
+
+def _bzip2(data: bytes) -> bytes:
+    return bz2.compress(data, 9)
+
+
+COMPRESSORS: dict[str, Callable[[bytes], bytes]] = {"gz": _gzip, "zst": _zstd, "xz": _xz, "bz2": _bzip2}
+
+
+@functools.cache
+def _zeros(suffix: str) -> bytes:
+    return COMPRESSORS[suffix](bytes(PIECE))
+
+
+def _header(size: int) -> bytes:
+    info = tarfile.TarInfo("disk.img")
+    info.size, info.mtime = size, 1_700_000_000
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
+def zeros_tar(path: Path, suffix: str) -> Path:
+    """A tar of one zero-filled image, IMAGE_SIZE bytes, compressed in pieces: header, zeros, end blocks."""
+    compress = COMPRESSORS[suffix]
+    with path.open("wb") as out:
+        out.write(compress(_header(IMAGE_SIZE)))
+        for _ in range(IMAGE_SIZE // PIECE):
+            out.write(_zeros(suffix))
+        out.write(compress(bytes(1024)))
+    return path
+
+
+def read_whole_then_at_random(image: Path) -> None:
+    """Read the served image whole, then 300 random 64 KiB pieces; every byte must be zero."""
+    rng = random.Random(3)
+    with image.open("rb", buffering=0) as reader:
+        while data := reader.read(1 << 20):
+            assert not any(data[::4096]), "a served zero-filled image has data"
+        size = image.stat().st_size
+        assert size == IMAGE_SIZE
+        for _ in range(300):
+            reader.seek(rng.randrange(0, size - (1 << 16)))
+            assert reader.read(1 << 16) == bytes(1 << 16)
+
+
+@pytest.mark.parametrize("suffix", ["gz", "zst", "xz", "bz2"])
+def test_a_mount_of_zeros_stays_under_the_ceiling(mount: MountFactory, tmp_path: Path, suffix: str) -> None:
+    archive = zeros_tar(tmp_path / f"zeros.tar.{suffix}", suffix)
+    (served := tmp_path / "mnt").mkdir()
+    daemon = mount(archive, served)
+    read_whole_then_at_random(served / "disk.img")
+    peak = status_kib(daemon.process.pid, "VmHWM")
+    assert peak < MEMORY_CEILING_KIB, f"peak RSS {peak // 1024} MiB"
+
+
+def _refusal(archive: Path, mountpoint: Path, *options: str) -> str:
+    """Mount `archive`, which must be refused: the one line it says."""
+    mountpoint.mkdir(exist_ok=True)
+    result = subprocess.run(
+        tarfuse_command(archive, mountpoint, *options),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def long_window_zstd(path: Path) -> Path:
+    """`zstd --long=27` of a small tar: streamed, so its frame declares the full 128 MiB window."""
+    options = {pyzstd.CParameter.windowLog: 27, pyzstd.CParameter.enableLongDistanceMatching: 1}
+    compressor = pyzstd.ZstdCompressor(options)
+    data = _header(1 << 20) + bytes(range(256)) * 4096 + bytes(1024)
+    path.write_bytes(compressor.compress(data) + compressor.flush())
+    return path
+
+
+def test_a_zstd_window_past_the_budget_is_refused_with_one_line(mount: MountFactory, tmp_path: Path) -> None:
+    archive = long_window_zstd(tmp_path / "long.tar.zst")
+    line = _refusal(archive, tmp_path / "mnt")
+    assert "128 MiB" in line and "-o decoder_memory=SIZE" in line, line
+    (served := tmp_path / "raised").mkdir()
+    mount(archive, served, "-o", "decoder_memory=320M")  # the option that the line names serves it
+    assert (served / "disk.img").read_bytes() == bytes(range(256)) * 4096
+
+
+def patched_dictionary_xz(path: Path) -> Path:
+    """An xz of a small tar whose block header declares a 4 GiB dictionary (LZMA2 property byte 40), its
+    header CRC32 made right again: liblzma would allocate what it says."""
+    data = _header(1 << 20) + random.Random(5).randbytes(1 << 20) + bytes(1024)
+    stream = bytearray(lzma.compress(data, format=lzma.FORMAT_XZ, filters=[{"id": lzma.FILTER_LZMA2}]))
+    start = 12  # the stream header; then the block header: its size, flags, one filter (LZMA2, 1 property)
+    size = (stream[start] + 1) * 4
+    assert stream[start + 1] & 0x03 == 0 and stream[start + 2 : start + 4] == b"\x21\x01", bytes(stream[:32])
+    stream[start + 4] = 40  # dictionary 4 GiB - 1
+    crc = zlib.crc32(stream[start : start + size - 4]).to_bytes(4, "little")
+    stream[start + size - 4 : start + size] = crc
+    path.write_bytes(bytes(stream))
+    return path
+
+
+def test_an_xz_dictionary_past_the_budget_is_refused_with_one_line(tmp_path: Path) -> None:
+    archive = patched_dictionary_xz(tmp_path / "huge-dictionary.tar.xz")
+    line = _refusal(archive, tmp_path / "mnt")
+    assert "xz block" in line and "-o decoder_memory=SIZE" in line, line
+
+
+def test_decoder_memory_is_a_size(tmp_path: Path) -> None:
+    result = subprocess.run(
+        tarfuse_command(tmp_path / "x.tar", tmp_path, "-o", "decoder_memory=lots"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2 and "decoder_memory" in result.stderr, result.stderr

@@ -9,7 +9,6 @@ may follow one another), so a 512 MiB image costs a few MB and well under a seco
 import bz2
 import functools
 import lzma
-import os
 import random
 import subprocess
 import tarfile
@@ -121,7 +120,8 @@ def long_window_zstd(path: Path) -> Path:
 def test_a_zstd_window_past_the_budget_is_refused_with_one_line(mount: MountFactory, tmp_path: Path) -> None:
     archive = long_window_zstd(tmp_path / "long.tar.zst")
     line = _refusal(archive, tmp_path / "mnt")
-    assert "128 MiB" in line and "-o decoder_memory=SIZE" in line, line
+    assert "128 MiB" in line, line
+    assert "-o decoder_memory=SIZE" in line, line
     (served := tmp_path / "raised").mkdir()
     mount(archive, served, "-o", "decoder_memory=320M")  # the option that the line names serves it
     assert (served / "disk.img").read_bytes() == bytes(range(256)) * 4096
@@ -134,7 +134,8 @@ def patched_dictionary_xz(path: Path) -> Path:
     stream = bytearray(lzma.compress(data, format=lzma.FORMAT_XZ, filters=[{"id": lzma.FILTER_LZMA2}]))
     start = 12  # the stream header; then the block header: its size, flags, one filter (LZMA2, 1 property)
     size = (stream[start] + 1) * 4
-    assert stream[start + 1] & 0x03 == 0 and stream[start + 2 : start + 4] == b"\x21\x01", bytes(stream[:32])
+    assert stream[start + 1] & 0x03 == 0, bytes(stream[:32])
+    assert stream[start + 2 : start + 4] == b"\x21\x01", bytes(stream[:32])
     stream[start + 4] = 40  # dictionary 4 GiB - 1
     crc = zlib.crc32(stream[start : start + size - 4]).to_bytes(4, "little")
     stream[start + size - 4 : start + size] = crc
@@ -145,7 +146,8 @@ def patched_dictionary_xz(path: Path) -> Path:
 def test_an_xz_dictionary_past_the_budget_is_refused_with_one_line(tmp_path: Path) -> None:
     archive = patched_dictionary_xz(tmp_path / "huge-dictionary.tar.xz")
     line = _refusal(archive, tmp_path / "mnt")
-    assert "xz block" in line and "-o decoder_memory=SIZE" in line, line
+    assert "xz block" in line, line
+    assert "-o decoder_memory=SIZE" in line, line
 
 
 def test_decoder_memory_is_a_size(tmp_path: Path) -> None:
@@ -156,4 +158,5 @@ def test_decoder_memory_is_a_size(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert result.returncode == 2 and "decoder_memory" in result.stderr, result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "decoder_memory" in result.stderr, result.stderr

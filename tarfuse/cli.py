@@ -48,7 +48,11 @@ _PASSED = frozenset({
 # fmt: on
 # uid_t and gid_t are 32 bits, and (uid_t)-1 means "no change" to chown(2): never a file's owner.
 _OPTION_MAX = {"uid": 2**32 - 2, "gid": 2**32 - 2, "umask": 0o777, "workers": MAX_WORKERS}
-_OURS = ("member", "uid", "gid", "umask", "fsname", "readahead_kb", "index", "cache_size", "workers")
+# fmt: off
+_OURS = (
+    "member", "uid", "gid", "umask", "fsname", "readahead_kb", "index", "cache_size", "workers", "decoder_memory",
+)
+# fmt: on
 _SIZE = re.compile(r"(\d+)\s*([kmgKMG]?)(?:i?[bB])?")  # cache_size=: bytes, K, M or G (binary: 64M is 64 MiB)
 
 
@@ -90,10 +94,10 @@ def _set_option(options: MountOptions, key: str, value: str) -> None:
             raise UsageError(f"option {key}= needs a value")
         setattr(options, key, value)
         return
-    if key == "cache_size":
+    if key in ("cache_size", "decoder_memory"):
         if (match := _SIZE.fullmatch(value.strip())) is None:
             raise UsageError(f"option {key}={value!r}: use bytes or a K, M or G suffix (e.g. {key}=64M)")
-        options.cache_size = int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2].upper()]
+        setattr(options, key, int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2].upper()])
         return
     base = 8 if key == "umask" else 10
     try:
@@ -167,6 +171,12 @@ MOUNT_OPTION_HELP = (
         "cache_size=SIZE",
         "memory for decompressed chunks of a compressed archive, and the block cache of an http(s) "
         "archive (default 64M)",
+    ),
+    (
+        "decoder_memory=SIZE",
+        "memory for the windows and dictionaries of a compressed archive's decoders, half each for the "
+        "background pass and for reads (default 144M: xz -9, zstd up to level 19); a stream that needs "
+        "more (zstd --long, a huge xz dictionary) is refused with a line that says so (docs/compressed.md)",
     ),
     (
         "header=NAME:VALUE",

@@ -23,7 +23,7 @@ from tarfuse.serve.daemon import BackgroundJob
 from tarfuse.serve.fs import BLOCKING_READERS, ServedFile
 from tarfuse.sources import DEFAULT_CACHE_SIZE, compressed, remote
 from tarfuse.sources.compressed import CompressedSource
-from tarfuse.sources.compression import Compression, compression_of, sniff
+from tarfuse.sources.compression import DEFAULT_DECODER_MEMORY, Compression, compression_of, sniff
 from tarfuse.sources.file import ArchiveFile, ByteSource
 from tarfuse.sources.member import MemberSource
 
@@ -58,6 +58,7 @@ class MountOptions:
     noindex: bool = False  # keep no index on disk
     all_files: bool = False  # -o all: every regular file, not only the disk images
     workers: int | None = None  # -o workers=N: processes serving the mount (None: Assembly.processes)
+    decoder_memory: int = DEFAULT_DECODER_MEMORY  # -o decoder_memory=SIZE: all decoders' windows, together
 
 
 @dataclass(frozen=True)
@@ -142,9 +143,9 @@ def open_source(
     if isinstance(archive, ArchiveFile) and archive.opened_as is not None:
         say(archive.opened_as)
     if not remote.is_url(path):
-        return compressed.decompressed(archive, options.cache_size)
+        return compressed.decompressed(archive, options.cache_size, options.decoder_memory)
     blocks = options.cache_size // _REMOTE_SHARE
-    source = compressed.decompressed(archive, options.cache_size - blocks)
+    source = compressed.decompressed(archive, options.cache_size - blocks, options.decoder_memory)
     if source is not archive and isinstance(archive, remote.RemoteArchive):
         archive.resize_cache(blocks)
     return source
@@ -309,7 +310,8 @@ def _open_compressed_member(
     member = MemberSource(
         archive, image.mapper.read_into, image.mapper.size, image.name, image.member.header_offset
     )
-    inner = CompressedSource(member, compression, cache_size)
+    decoders = options.decoder_memory // (2 if isinstance(archive, CompressedSource) else 1)  # shared with it
+    inner = CompressedSource(member, compression, cache_size, decoders)
     try:
         _refuse_compressed_again(inner.read_at(0, 8), f"member {image.name!r} decompressed")
         job = _whole_stream_ready(inner, options, say)

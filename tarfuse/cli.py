@@ -50,7 +50,8 @@ _PASSED = frozenset({
 _OPTION_MAX = {"uid": 2**32 - 2, "gid": 2**32 - 2, "umask": 0o777, "workers": MAX_WORKERS}
 # fmt: off
 _OURS = (
-    "member", "uid", "gid", "umask", "fsname", "readahead_kb", "index", "cache_size", "workers", "decoder_memory",
+    "member", "uid", "gid", "umask", "fsname", "readahead_kb", "index", "cache_size", "workers",
+    "decoder_memory",
 )
 # fmt: on
 _SIZE = re.compile(r"(\d+)\s*([kmgKMG]?)(?:i?[bB])?")  # cache_size=: bytes, K, M or G (binary: 64M is 64 MiB)

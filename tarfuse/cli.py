@@ -55,6 +55,7 @@ _OURS = (
 )
 # fmt: on
 _SIZE = re.compile(r"(\d+)\s*([kmgKMG]?)(?:i?[bB])?")  # cache_size=: bytes, K, M or G (binary: 64M is 64 MiB)
+_SIZES = ("cache_size", "decoder_memory", "spill_max", "cache_max")  # sizes, as _SIZE reads them
 
 
 def split_mount_options(words: list[str], rw_is_default: bool = False) -> MountOptions:
@@ -66,7 +67,7 @@ def split_mount_options(words: list[str], rw_is_default: bool = False) -> MountO
     options = MountOptions()
     for word in (w for group in words for w in group.split(",") if w):
         key, has_value, value = word.partition("=")
-        if key in _OURS and has_value:
+        if (key in _OURS or key in _SIZES) and has_value:
             _set_option(options, key, value)
         elif key in remote.OPTION_KEYS and (has_value or word in remote.FLAG_KEYS):
             options.remote.append(word)  # checked by remote.parse_options when a URL is opened
@@ -95,7 +96,7 @@ def _set_option(options: MountOptions, key: str, value: str) -> None:
             raise UsageError(f"option {key}= needs a value")
         setattr(options, key, value)
         return
-    if key in ("cache_size", "decoder_memory"):
+    if key in _SIZES:
         if (match := _SIZE.fullmatch(value.strip())) is None:
             raise UsageError(f"option {key}={value!r}: use bytes or a K, M or G suffix (e.g. {key}=64M)")
         setattr(options, key, int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2].upper()])
@@ -178,6 +179,17 @@ MOUNT_OPTION_HELP = (
         "memory for the windows and dictionaries of a compressed archive's decoders, half each for the "
         "background pass and for reads (default 144M: xz -9, zstd up to level 19); a stream that needs "
         "more (zstd --long, a huge xz dictionary) is refused with a line that says so (docs/compressed.md)",
+    ),
+    (
+        "spill_max=SIZE",
+        "the longest spill of a one-frame zstd or one-block xz archive (default: 16 times the compressed "
+        "archive, at least 256M); past it, or where it would leave less than a tenth of its file system "
+        "free (at most 1G), no spill is kept and backwards reads decompress from the start",
+    ),
+    (
+        "cache_max=SIZE",
+        "what the cache directory may hold (default 16G): at mount, entries of archives that are gone or "
+        "changed are removed, then the least recently used past SIZE; those of running mounts stay",
     ),
     (
         "header=NAME:VALUE",

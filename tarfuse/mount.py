@@ -21,7 +21,7 @@ from tarfuse.image.open import Image, list_files, list_images, open_first_image,
 from tarfuse.printable import printable
 from tarfuse.serve.daemon import BackgroundJob
 from tarfuse.serve.fs import BLOCKING_READERS, ServedFile
-from tarfuse.sources import DEFAULT_CACHE_SIZE, compressed, remote
+from tarfuse.sources import DEFAULT_CACHE_SIZE, cachedir, compressed, remote
 from tarfuse.sources.compressed import CompressedSource
 from tarfuse.sources.compression import DEFAULT_DECODER_MEMORY, Compression, compression_of, sniff
 from tarfuse.sources.file import ArchiveFile, ByteSource
@@ -58,6 +58,8 @@ class MountOptions:
     noindex: bool = False  # keep no index on disk
     all_files: bool = False  # -o all: every regular file, not only the disk images
     workers: int | None = None  # -o workers=N: processes serving the mount (None: Assembly.processes)
+    spill_max: int | None = None  # -o spill_max=SIZE: the longest spill (None: spill.default_limit)
+    cache_max: int = cachedir.DEFAULT_CACHE_MAX  # -o cache_max=SIZE: what the cache directory may hold
     decoder_memory: int = DEFAULT_DECODER_MEMORY  # -o decoder_memory=SIZE: all decoders' windows, together
 
 
@@ -345,7 +347,9 @@ def _whole_stream_ready(
     where = _with_saved_index(source, options)
     if source.size_known and not source.needs_spill():
         return None
-    indexing = index.IndexingPass(source, source.path, where, scan=False)
+    indexing = index.IndexingPass(
+        source, source.path, where, scan=False, spill_max=options.spill_max
+    )
     if source.size_known or not wait:  # only its spill or index to make: in the background, as for a tar
         return BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
     say(f"{source.path}: the {source.compression} stream does not say its size: decompressing it once")
@@ -404,6 +408,8 @@ def _with_saved_index(source: CompressedSource, options: MountOptions) -> str | 
     from tarfuse.sources import index
 
     where = index_path(source, options)
+    if where is not None:  # in the cache directory: hold its entry there, and keep the directory bounded
+        cachedir.use(where, source, options.cache_max)
     if where is not None and (not source.size_known or source.needs_spill()):
         index.use_saved_index(where, source)
     return where
@@ -436,6 +442,7 @@ def _open_compressed(
         where,
         scan=not complete,
         served_header=None if complete else image.member.header_offset,
+        spill_max=options.spill_max,
     )
     return image, BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
 

@@ -90,7 +90,7 @@ def rights_of(found: list[Changer]) -> Rights:
     groups = {c.gid for c in found if c.uid is None and c.gid is not None}
     everyone = any(c.uid is None and c.gid is None for c in found)
     if len(users) == 1 and not everyone:
-        uid = users.pop()
+        (uid,) = users
         with contextlib.suppress(KeyError):
             entry = pwd.getpwuid(uid)
             if groups <= {entry.pw_gid}:
@@ -100,7 +100,7 @@ def rights_of(found: list[Changer]) -> Rights:
                 )
     nobody, nogroup = _nobody()
     if not users and not everyone and len(groups) == 1:
-        gid = groups.pop()
+        (gid,) = groups
         return Rights(nobody, gid, (gid,), f"group {gid} (as uid {nobody}, in that group only)")
     return Rights(nobody, nogroup, (), f"uid {nobody} (nobody: what every user may read)")
 

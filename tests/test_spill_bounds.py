@@ -1,0 +1,167 @@
+"""The spill's bounds, through real mounts: its length (-o spill_max, or 16 times the archive), the free
+space it leaves on its file system, and a file system that says no (ENOSPC). In each case there is no
+spill, nothing of it is left, one log line says why (never "a bug"), and every read is still right.
+
+The archives are single-frame .tar.zst of a 1.5 MiB random block repeated: zstd's window spans the
+block, so the archive is ~1.5 MiB, while the spill's 1 MiB frames cannot compress random bytes and would
+be as large as the tar. Small file systems are real tmpfs mounts (root).
+"""
+
+import os
+import random
+import re
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import require_tool
+from kit.mounts import Mount, MountFactory
+
+from tarfuse.sources import spill
+
+pytestmark = pytest.mark.fuse
+
+MiB = 1 << 20
+BLOCK = 3 * MiB // 2
+PASS_TIMEOUT = 60.0
+
+
+def repeated_block_tar_zst(out: Path, repeats: int) -> bytes:
+    """Write a one-frame .tar.zst holding disk.raw, a random 1.5 MiB block `repeats` times; return disk.raw."""
+    require_tool("zstd")
+    data = random.Random(repeats).randbytes(BLOCK) * repeats
+    with out.open("wb") as sink:
+        zstd = subprocess.Popen(["zstd", "-q", "--single-thread", "-c"], stdin=subprocess.PIPE, stdout=sink)
+        assert zstd.stdin is not None
+        with tarfile.open(fileobj=zstd.stdin, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+            info = tarfile.TarInfo("disk.raw")
+            info.size = len(data)
+            tar.addfile(info, _Reader(data))
+        zstd.stdin.close()
+        assert zstd.wait() == 0
+    return data
+
+
+class _Reader:
+    """A file-like view of bytes for tarfile.addfile, without a copy into a BytesIO."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view, self._at = memoryview(data), 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else self._at + size
+        chunk = self._view[self._at : end]
+        self._at += len(chunk)
+        return bytes(chunk)
+
+
+def wait_for_log(live: Mount, text: str) -> str:
+    """The daemon's log once it holds `text` (the pass logs its end); fail with the log as soon as the
+    pass failed the mount, or after a while."""
+    deadline = time.monotonic() + PASS_TIMEOUT
+    while text not in (log := live.stderr_text()):
+        assert live.process.poll() is None, log
+        assert "reads fail from now on" not in log, log
+        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{log}"
+        time.sleep(0.05)
+    return log
+
+
+def assert_no_spill_left(directory: Path) -> None:
+    left = [p.name for p in directory.iterdir() if "spill" in p.name or p.name.endswith(".tarfuse-tmp")]
+    assert left == []
+
+
+def assert_no_bug(log: str) -> None:
+    assert "bug" not in log
+    assert "reads fail" not in log
+    assert "Traceback" not in log
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs, mode 0700 (a trusted place for side files), unmounted after the test's mounts."""
+    if os.getuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    (where := tmp_path / "small").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tarfuse-test", where], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", where], check=False)
+
+
+def test_the_default_bound_is_sixteen_times_the_archive_and_at_least_256_mib() -> None:
+    assert spill.default_limit(1 * MiB) == 256 * MiB
+    assert spill.default_limit(100 * MiB) == 1600 * MiB
+
+
+def test_the_reserve_is_a_tenth_of_the_file_system_and_at_most_1_gib(tmp_path: Path) -> None:
+    fs = os.statvfs(tmp_path)
+    assert spill.reserve(fs) == min(fs.f_blocks * fs.f_frsize // 10, 1 << 30)
+
+
+def test_a_spill_past_spill_max_stops_there_and_is_removed(mount: MountFactory, tmp_path: Path) -> None:
+    archive = tmp_path / "big.tar.zst"
+    data = repeated_block_tar_zst(archive, 24)  # 36 MiB of tar
+    (served := tmp_path / "mnt").mkdir()
+    live = mount(archive, served, "-o", "spill_max=8M")
+    log = wait_for_log(live, "index complete")
+    stopped = re.search(r"no spill: the spill stopped at (\d+) MiB, at its bound of 8 MiB", log)
+    assert stopped is not None, log
+    assert int(stopped[1]) <= 8
+    assert_no_spill_left(tmp_path)
+    assert (served / "disk.raw").read_bytes() == data
+    assert_no_bug(live.stderr_text())
+
+
+def test_the_noindex_spill_has_the_same_bound(
+    mount: MountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where its O_TMPFILE goes
+    archive = tmp_path / "big.tar.zst"
+    data = repeated_block_tar_zst(archive, 24)
+    (served := tmp_path / "mnt").mkdir()
+    live = mount(archive, served, "-o", "noindex,spill_max=8M")
+    log = wait_for_log(live, "index complete")
+    assert "no spill: the spill stopped at" in log
+    assert "spill complete" not in log
+    assert (served / "disk.raw").read_bytes() == data
+    assert_no_bug(live.stderr_text())
+
+
+def test_a_spill_leaves_its_file_system_a_reserve(
+    mount: MountFactory, tmp_path: Path, small_fs: Path
+) -> None:
+    archive = small_fs / "big.tar.zst"
+    data = repeated_block_tar_zst(archive, 16)  # 24 MiB of tar, on a 16 MiB file system
+    (served := tmp_path / "mnt").mkdir()
+    live = mount(archive, served)
+    log = wait_for_log(live, "index complete")
+    assert "no spill: the spill stopped at" in log
+    assert "its file system keeps 2 MiB free" in log  # a tenth of 16 MiB, rounded
+    assert_no_spill_left(small_fs)
+    assert (served / "disk.raw").read_bytes() == data
+    assert_no_bug(live.stderr_text())
+
+
+def test_a_full_file_system_means_no_spill_and_right_reads(
+    mount: MountFactory, tmp_path: Path, small_fs: Path
+) -> None:
+    archive = small_fs / "big.tar.zst"
+    data = repeated_block_tar_zst(archive, 16)
+    # Leave room for the spill to start (the reserve, two frames, 256 KiB), not for one frame more: the
+    # file system is full before the writer's first look at it after it started.
+    fs = os.statvfs(small_fs)
+    room = spill.reserve(fs) + 2 * spill.FRAME_SIZE + 256 * 1024
+    (small_fs / "filler").write_bytes(bytes(fs.f_bavail * fs.f_frsize - room))
+    (served := tmp_path / "mnt").mkdir()
+    live = mount(archive, served)
+    log = wait_for_log(live, "index complete")
+    assert "no spill: its file system is full" in log
+    assert_no_spill_left(small_fs)
+    assert (served / "disk.raw").read_bytes() == data
+    assert_no_bug(live.stderr_text())

@@ -11,9 +11,19 @@ and then only watches them: it reaps them, logs one that dies, ends them at a st
 once none is left. The workers serve, each blocked in read(2) on the connection, where the kernel wakes
 exactly one per request (eventloop.py, `shared`); had the main process served too, it would have had to
 wait in poll for trio's sake, and poll wakes every waiter for every request. A worker serves until the
-connection ends, a stop signal comes, or the main process dies (it asks the kernel for a SIGTERM then:
+connection ends, a stop signal comes, or the main process dies (it asks the kernel for a SIGKILL then:
 PR_SET_PDEATHSIG). Workers never unmount: only the main process does, so a group whose main process is
 killed leaves a stale mount, as one process would.
+
+A stop signal can be spent without effect. The worker's wait asks its flag, then libfuse's read(2) blocks;
+a signal that comes in between is taken before the read starts (its handler may even run only after
+it), and nothing interrupts that read until the next request. The kernel gives no read(2) that unblocks signals atomically (as ppoll does for poll),
+and pyfuse3 takes EAGAIN from a non-blocking read as a fatal error. So the main process repeats SIGTERM
+until the worker has ended (Group.stop): a repeat finds it blocked in read (EINTR, then the wait sees the
+flag) or serving (it sees the flag at its next wait). The main process's death is a SIGKILL, which no
+window can lose: a worker has nothing to clean up that the kernel does not (the mount is stale then
+anyway). A stop signal sent by hand to one worker alone is not repeated: that worker may wait for the next
+request before it ends.
 """
 
 import contextlib
@@ -29,6 +39,8 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 5.0  # how long a worker may take to finish its request after SIGTERM, before SIGKILL
+RESIGNAL_S = 0.05  # how often Group.stop repeats SIGTERM to a worker that is still there
+_REAP_POLL_S = 0.005
 
 
 @dataclass
@@ -53,13 +65,21 @@ class Group:
         return ended
 
     def stop(self) -> None:
-        """End every worker: SIGTERM, then SIGKILL for one still there after STOP_GRACE_S; reap all."""
-        for pid in self.running:
-            _signal(pid, signal.SIGTERM)
+        """End every worker: SIGTERM, repeated every RESIGNAL_S, then SIGKILL for one still there after
+        STOP_GRACE_S; reap all.
+
+        Repeated because a SIGTERM that comes between a worker's flag check and its read(2) is spent
+        (module docstring); the next one finds the worker in read, or serving.
+        """
         deadline = time.monotonic() + STOP_GRACE_S
-        while self.running and time.monotonic() < deadline:
+        resignal_at = 0.0
+        while self.running and (now := time.monotonic()) < deadline:
+            if now >= resignal_at:
+                for pid in self.running:
+                    _signal(pid, signal.SIGTERM)
+                resignal_at = now + RESIGNAL_S
             self.reap()
-            time.sleep(0.005)
+            time.sleep(_REAP_POLL_S)
         for pid, number in list(self.running.items()):
             log.warning(
                 "worker %d (pid %d) did not stop within %.0f s: killing it", number, pid, STOP_GRACE_S
@@ -109,7 +129,8 @@ def stop_flag(signals: tuple[int, ...]) -> Callable[[], bool]:
 
     A worker waits in read(2), outside trio: a signal interrupts that read (Python handlers do not
     restart system calls), its handler runs as soon as the loop is back in Python code, which is the
-    wait, and the wait asks the flag (eventloop.install's `until`).
+    wait, and the wait asks the flag (eventloop.install's `until`). One that comes after the wait asked
+    and before the read blocks is spent: Group.stop repeats SIGTERM for that reason.
     """
     came: list[int] = []
     for signum in signals:
@@ -127,9 +148,13 @@ def set_title(role: str, command: str) -> None:
 
 
 def _end_with_parent(main: int) -> bool:
-    """Have the kernel send us SIGTERM when the main process dies; False if it already has."""
+    """Have the kernel SIGKILL us when the main process dies; False if it already has.
+
+    SIGKILL, not a signal we handle: a handled one that comes just before read(2) blocks would be spent
+    (module docstring), and the worker would outlive its main process until the next request.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
     return os.getppid() == main
 

@@ -65,8 +65,9 @@ def remote(url: str, **options: object) -> RemoteArchive:
 
 
 def settled_bytes_served(server: RangeServer) -> int:
-    """The server's count once its handlers have noticed the hang-up."""
-    time.sleep(0.3)
+    """The server's count once every handler has returned: it sent all it was going to, or noticed the
+    hang-up. A server still sending 64 MiB, or 600, fails the wait rather than pass the bound."""
+    server.wait_until_every_request_handled(timeout=30)
     return server.bytes_served
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +34,40 @@ TIMEOUT = 15.0  # a reader or daemon that takes longer than this hangs
 
 @dataclass
 class Readers:
-    """Reader threads and processes over one image; `stop` ends them and returns what each saw."""
+    """Reader threads and processes over one image; `stop` ends them and returns what each saw.
+
+    `asked[n]` counts how often thread reader n asked whether to stop, which it does before each read.
+    """
 
     threads: list[tuple[threading.Thread, list[Tally]]]
     processes: list[subprocess.Popen[str]]
     stopping: threading.Event
     stop_file: Path
+    asked: list[int]
+
+    def wait_until_each_thread_read_again(self) -> None:
+        """Wait until every reader thread has ended, or finished a read that it began after this call.
+
+        Two more questions: the first may come right after a read that began before.
+        """
+        before = list(self.asked)
+        deadline = time.monotonic() + TIMEOUT
+        for (thread, _), number in zip(self.threads, range(THREADS), strict=True):
+            while self.asked[number] < before[number] + 2 and thread.is_alive():
+                assert time.monotonic() < deadline, f"reader thread {number} made no progress"
+                time.sleep(0.01)
+
+    def wait_until_each_ended_by_itself(self) -> list[Tally]:
+        """Wait until every reader has stopped at an error of its own, never told to; return the tallies."""
+        for thread, _ in self.threads:
+            thread.join(TIMEOUT)
+            assert not thread.is_alive(), "a reader thread goes on reading"
+        for process in self.processes:
+            try:
+                process.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pytest.fail("a reader process goes on reading")
+        return self.stop()
 
     def stop(self) -> list[Tally]:
         self.stopping.set()
@@ -65,12 +93,21 @@ def busy_readers(image: Path, sample: SampleImage, workdir: Path, reopen: bool) 
     stop_file = workdir / "stop-readers"
     ready = [workdir / f"reader-{n}.ready" for n in range(THREADS + PROCESSES)]
     stopping = threading.Event()
+    asked = [0] * THREADS
+
+    def stop_asked_by(number: int) -> Callable[[], bool]:
+        def ask() -> bool:
+            asked[number] += 1
+            return stopping.is_set()
+
+        return ask
+
     threads = []
     for seed in range(THREADS):
         result: list[Tally] = []
         thread = threading.Thread(
             target=lambda s=seed, r=result: r.append(
-                read_until(str(image), sample.data, stopping.is_set, str(ready[s]), s, reopen)
+                read_until(str(image), sample.data, stop_asked_by(s), str(ready[s]), s, reopen)
             ),
             daemon=True,  # if one hangs in the kernel, pytest can still exit
         )
@@ -86,7 +123,7 @@ def busy_readers(image: Path, sample: SampleImage, workdir: Path, reopen: bool) 
         )
         for seed in range(THREADS, THREADS + PROCESSES)
     ]
-    readers = Readers(threads, processes, stopping, stop_file)
+    readers = Readers(threads, processes, stopping, stop_file, asked)
     try:
         deadline = time.monotonic() + TIMEOUT
         while not all(path.exists() for path in ready):
@@ -119,8 +156,7 @@ def served(
     daemon has ended, none of its workers may be left."""
     (mountpoint := tmp_path / "mnt").mkdir()
     served = mount(sample_archive, mountpoint, "-o", f"workers={request.param}")
-    group = _workers_of(served.process.pid)
-    assert len(group) == (0 if request.param == 1 else request.param)
+    group = _workers_of(served.process.pid, 0 if request.param == 1 else request.param)
     yield served
     if served.process.poll() is not None:
         assert not [pid for pid in group if _is_worker(pid)], "a worker outlived the daemon"
@@ -147,7 +183,7 @@ def test_fusermount_unmount_with_files_open_is_refused_and_serving_goes_on(
         assert refused.returncode != 0
         assert "busy" in refused.stderr
         assert is_mounted(served.mountpoint)
-        time.sleep(0.3)
+        readers.wait_until_each_thread_read_again()
         tallies = readers.stop()
     assert_all_bytes_right(tallies, allowed_errors=set())
     assert fusermount_unmount(served.mountpoint).returncode == 0
@@ -166,10 +202,10 @@ def test_fusermount_unmount_between_reads_ends_daemon_and_readers(
             time.sleep(0.01)
         assert served.process.wait(TIMEOUT) == 0, served.stderr_text()
         assert not is_mounted(served.mountpoint)
-        time.sleep(0.3)  # let every reader meet the empty mount point
-        tallies = readers.stop()
-    # The mount point is an empty directory again: the next open finds no image.
+        # The mount point is an empty directory again: each reader's next open finds no image.
+        tallies = readers.wait_until_each_ended_by_itself()
     assert_all_bytes_right(tallies, allowed_errors={"ENOENT"})
+    assert all(t.errors == ["ENOENT"] for t in tallies), tallies
 
 
 @pytest.mark.parametrize("command", [["fusermount3", "-u", "-z"], ["umount", "-l"]], ids=" ".join)
@@ -181,8 +217,8 @@ def test_lazy_unmount_serves_open_files_until_closed_then_exits_zero(
     with busy_readers(served.mountpoint / "disk.raw", sample_image, tmp_path, reopen=False) as readers:
         subprocess.run([*command, str(served.mountpoint)], check=True, timeout=TIMEOUT)
         assert not is_mounted(served.mountpoint)
-        time.sleep(0.5)
-        assert served.process.poll() is None, "the open files must still be served"
+        readers.wait_until_each_thread_read_again()  # the open files are still served
+        assert served.process.poll() is None
         tallies = readers.stop()
     assert_all_bytes_right(tallies, allowed_errors=set())
     assert served.process.wait(TIMEOUT) == 0, served.stderr_text()
@@ -195,7 +231,7 @@ def test_sigterm_with_readers_in_flight_unmounts_and_exits_zero(
         served.process.send_signal(signal.SIGTERM)
         assert served.process.wait(TIMEOUT) == 0, served.stderr_text()
         assert not is_mounted(served.mountpoint)
-        time.sleep(0.3)
+        readers.wait_until_each_thread_read_again()  # on a connection that is gone
         tallies = readers.stop()
     # Reads of pages still in the page cache go on succeeding, the others find no daemon: a read that
     # starts in cached pages ends short, with the right bytes, where they end.
@@ -224,15 +260,40 @@ def test_connection_aborted_with_readers_in_flight_ends_cleanly(
         abort.write_text("1")
         assert served.process.wait(TIMEOUT) == 0, served.stderr_text()
         assert not is_mounted(served.mountpoint)
-        time.sleep(0.3)
+        readers.wait_until_each_thread_read_again()  # on a connection that is gone
         tallies = readers.stop()
     assert "Traceback" not in served.stderr_text()
     assert_all_bytes_right(tallies, allowed_errors={"ENOTCONN", "ECONNABORTED"}, short_ok=True)
 
 
-def _workers_of(main: int) -> list[int]:
-    children = Path(f"/proc/{main}/task/{main}/children").read_text().split()
-    return [int(pid) for pid in children]
+def _children_of(main: int) -> list[int]:
+    return [int(pid) for pid in Path(f"/proc/{main}/task/{main}/children").read_text().split()]
+
+
+def _workers_of(main: int, expected: int) -> list[int]:
+    """The children of `main`, once there are `expected` of them: the mount answers before the last fork."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(children := _children_of(main)) != expected:
+        assert time.monotonic() < deadline, f"{main} has children {children}, not {expected}"
+        time.sleep(0.01)
+    return children
+
+
+def _has_ended(pid: int) -> bool:
+    """Whether `pid` has exited: reaped (gone from /proc), or a zombie (state Z) or dying (X)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ")"
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"Z", b"X")
+
+
+def _wait_until_ended(pid: int, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not _has_ended(pid):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
 
 
 def test_a_killed_worker_is_logged_and_the_others_go_on_serving(
@@ -240,7 +301,7 @@ def test_a_killed_worker_is_logged_and_the_others_go_on_serving(
 ) -> None:
     (mountpoint := tmp_path / "mnt").mkdir()
     served = mount(sample_archive, mountpoint, "-o", "workers=2")
-    first, second = _workers_of(served.process.pid)
+    first, second = _workers_of(served.process.pid, 2)
     # ps shows which process is which
     assert b"[main]" in Path(f"/proc/{served.process.pid}/cmdline").read_bytes()
     assert b"[worker 1/2]" in Path(f"/proc/{first}/cmdline").read_bytes()
@@ -257,7 +318,7 @@ def test_a_killed_worker_is_logged_and_the_others_go_on_serving(
     served.process.send_signal(signal.SIGTERM)
     assert served.process.wait(TIMEOUT) == 0, served.stderr_text()
     assert not is_mounted(mountpoint)
-    assert not Path(f"/proc/{first}").exists() or b"(Z)" in Path(f"/proc/{first}/stat").read_bytes()
+    assert _has_ended(first)  # reaped by the main process before it exited
 
 
 def test_when_every_worker_dies_the_mount_is_taken_away_and_the_status_says_so(
@@ -266,7 +327,7 @@ def test_when_every_worker_dies_the_mount_is_taken_away_and_the_status_says_so(
     """Never a hung mount: with no worker left nothing would answer, so the main process unmounts."""
     (mountpoint := tmp_path / "mnt").mkdir()
     served = mount(sample_archive, mountpoint, "-o", "workers=2")
-    for worker in _workers_of(served.process.pid):
+    for worker in _workers_of(served.process.pid, 2):
         os.kill(worker, signal.SIGKILL)
     assert served.process.wait(TIMEOUT) == 1, served.stderr_text()
     assert "the last one: unmounting" in served.stderr_text()
@@ -279,15 +340,11 @@ def test_sigkill_of_the_main_process_ends_its_workers_and_leaves_a_stale_mount(
 ) -> None:
     (mountpoint := tmp_path / "mnt").mkdir()
     served = mount(sample_archive, mountpoint, "-o", "workers=2")
-    group = _workers_of(served.process.pid)
-    assert len(group) == 2
+    group = _workers_of(served.process.pid, 2)
     served.process.kill()
     served.process.wait(TIMEOUT)
-    deadline = time.monotonic() + TIMEOUT
     for worker in group:
-        while Path(f"/proc/{worker}").exists() and b"(Z)" not in Path(f"/proc/{worker}/stat").read_bytes():
-            assert time.monotonic() < deadline, "a worker outlived its main process"
-            time.sleep(0.05)
+        _wait_until_ended(worker, "a worker outlived its main process")
     with pytest.raises(OSError, match="not connected") as caught:
         os.stat(mountpoint / "disk.raw")
     assert caught.value.errno == errno.ENOTCONN  # as with one process: fusermount3 -u clears it
@@ -304,5 +361,5 @@ def test_a_compressed_archive_is_served_by_one_process_whatever_workers_asks(
     assert "a compressed or http(s) archive is served by one process" in served.stderr_text()
     assert (mountpoint / "disk.raw").read_bytes() == sample_image.data
     assert b"[worker" not in b" ".join(
-        Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _workers_of(served.process.pid)
+        Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _children_of(served.process.pid)
     )

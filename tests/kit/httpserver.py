@@ -84,6 +84,8 @@ class ServerState:
     requests: list[Request] = field(default_factory=list)
     bytes_served: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    handled: int = 0  # requests whose handler has returned: answered, or given up when the client left
+    handler_returned: threading.Condition = field(default_factory=threading.Condition)
 
 
 class RangeServer:
@@ -122,8 +124,21 @@ class RangeServer:
         with self.state.lock:
             return list(self.state.requests)
 
+    def wait_until_every_request_handled(self, timeout: float) -> None:
+        """Wait until the handler of every request received so far has returned (body sent, or the client
+        hung up); then `bytes_served` counts all it will. Raise TimeoutError if one is still sending."""
+
+        def all_handled() -> bool:
+            with self.state.lock:
+                return self.state.handled >= len(self.state.requests)
+
+        with self.state.handler_returned:
+            if not self.state.handler_returned.wait_for(all_handled, timeout):
+                raise TimeoutError(f"a request handler still runs after {timeout} s")
+
     def reset_counters(self) -> None:
         with self.state.lock:
+            self.state.handled -= len(self.state.requests)  # what still runs of them counts back to 0
             self.state.requests.clear()
             self.state.bytes_served = 0
 
@@ -143,6 +158,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=True)
 
     def _serve(self, body: bool) -> None:
+        try:
+            self._serve_request(body)
+        finally:
+            state = self.server.state
+            with state.handler_returned:
+                with state.lock:
+                    state.handled += 1
+                state.handler_returned.notify_all()
+
+    def _serve_request(self, body: bool) -> None:
         state = self.server.state
         with state.lock:
             state.requests.append(Request(self.command, self.path, dict(self.headers.items())))

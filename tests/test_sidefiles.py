@@ -178,7 +178,7 @@ def test_symlinks_planted_at_the_names_root_writes_redirect_nothing(
         assert victim.read_bytes() == f"root's {name}\n".encode(), f"{name} overwritten:\n{log}"
     assert all(os.readlink(link) == str(victim) for link, victim in links.items())
     kept = cache_files(root_cache)
-    assert [p.suffix for p in kept] == [".tarfuse-index", ".zst"], log
+    assert [p.suffix for p in kept] == [".tarfuse-index", ".zst", ".tarfuse-use"], log  # cachedir.py
     assert all(mode_of(p) == 0o600 and p.stat().st_uid == 0 for p in kept)
     assert "ignoring" in log
     assert f"{shared} is owned by uid {user.uid}" in log

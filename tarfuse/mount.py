@@ -347,9 +347,7 @@ def _whole_stream_ready(
     where = _with_saved_index(source, options)
     if source.size_known and not source.needs_spill():
         return None
-    indexing = index.IndexingPass(
-        source, source.path, where, scan=False, spill_max=options.spill_max
-    )
+    indexing = index.IndexingPass(source, source.path, where, scan=False, spill_max=options.spill_max)
     if source.size_known or not wait:  # only its spill or index to make: in the background, as for a tar
         return BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
     say(f"{source.path}: the {source.compression} stream does not say its size: decompressing it once")

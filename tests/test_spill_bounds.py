@@ -30,7 +30,7 @@ PASS_TIMEOUT = 60.0
 
 
 def repeated_block_tar_zst(out: Path, repeats: int) -> bytes:
-    """Write a one-frame .tar.zst holding disk.raw, a random 1.5 MiB block `repeats` times; return disk.raw."""
+    """Write a one-frame .tar.zst of disk.raw, a random 1.5 MiB block `repeats` times; return disk.raw."""
     require_tool("zstd")
     data = random.Random(repeats).randbytes(BLOCK) * repeats
     with out.open("wb") as sink:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool
-from kit.mounts import Mount, MountFactory
+from kit.mounts import Mount, MountFactory, daemon_mount, tarfuse_command
 
 from tarfuse.sources import spill
 
@@ -165,3 +165,17 @@ def test_a_full_file_system_means_no_spill_and_right_reads(
     assert_no_spill_left(small_fs)
     assert (served / "disk.raw").read_bytes() == data
     assert_no_bug(live.stderr_text())
+
+
+def test_a_file_size_limit_means_no_spill_and_right_reads(tmp_path: Path) -> None:
+    require_tool("prlimit")
+    archive = tmp_path / "big.tar.zst"
+    data = repeated_block_tar_zst(archive, 8)
+    (served := tmp_path / "mnt").mkdir()
+    limited = ["prlimit", f"--fsize={4 * MiB}", *tarfuse_command("-f", archive, served)]  # ulimit -f
+    with daemon_mount(limited, served) as live:
+        log = wait_for_log(live, "index complete")
+        assert "no spill: the file size limit is reached (ulimit -f)" in log
+        assert_no_spill_left(tmp_path)
+        assert (served / "disk.raw").read_bytes() == data
+        assert_no_bug(live.stderr_text())

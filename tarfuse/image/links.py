@@ -52,6 +52,7 @@ class _Node:
     children: dict[str, "_Node"] | None = None
     link: int | None = None
     entries: int = 0  # a directory's files and links, at any depth: at 0 it was made by links alone
+    lasting: bool = False  # a directory with a file under it: no link left out takes it away
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,7 @@ class _Walk:
     at: _Node
     pending: list[str]
     hops: int = 1  # the link itself counts, as in the kernel
-    visited: set[_Node] = field(default_factory=set)  # directories the walk stood in
+    visited: set[_Node] = field(default_factory=set)  # directories the walk stood in that may go
     followed: list[int] = field(default_factory=list)  # links it went through
 
 
@@ -133,7 +134,7 @@ class _Tree:
     """The served tree, as serve/fs.py builds it: the files at their paths, then the links that fit."""
 
     def __init__(self, files: Sequence[str]) -> None:
-        self.root = _Node(None, children={})
+        self.root = _Node(None, children={}, lasting=True)
         for path in files:
             self._add(_parts(path), _Node(None))
 
@@ -162,6 +163,7 @@ class _Tree:
         ancestor: _Node | None = parent
         while ancestor is not None:
             ancestor.entries += 1
+            ancestor.lasting |= leaf.link is None
             ancestor = ancestor.parent
         return leaf
 
@@ -173,7 +175,8 @@ class _Walker:
         self._targets = targets
         self._placed = placed
         self.results: dict[int, _Resolved] = {}
-        self._visitors: dict[_Node, list[int]] = {}  # directory -> links whose walk stood in it
+        # a directory that may go (no file under it) -> the links whose walk stood in it
+        self._visitors: dict[_Node, list[int]] = {}
         self._followers: dict[int, list[int]] = {}  # link -> links whose walk went through it
 
     def resolve_all(self) -> dict[int, _Resolved]:
@@ -184,7 +187,12 @@ class _Walker:
 
     def _resolve(self, first: int) -> None:
         """Resolve `first` and every link its walk needs first, with a stack of walks rather than recursion
-        (a chain may be as long as the archive is wide)."""
+        (a chain may be as long as the archive is wide).
+
+        Each walk on the stack waits for the one above it, and will add that one's links to its own: the
+        bottom one, below MAX_HOPS others, would follow more links than the kernel does, so it ends there
+        as a loop, and the stack stays short whatever the chain.
+        """
         stack = [self._start(first)]
         waiting = {first}
         while stack:
@@ -200,6 +208,10 @@ class _Walker:
                 return
             stack.append(self._start(needed))
             waiting.add(needed)
+            if len(stack) > MAX_HOPS:
+                bottom = stack.pop(0)
+                waiting.discard(bottom.link)
+                self.results[bottom.link] = _Resolved(None, reason=LOOP)
 
     def _start(self, link: int) -> _Walk:
         node = self._placed[link]
@@ -243,7 +255,8 @@ class _Walker:
                     return _Resolved(None, reason=NOWHERE)
                 return _Resolved(child, walk.hops)
             walk.at = child
-            walk.visited.add(child)
+            if not child.lasting:
+                walk.visited.add(child)
         return _Resolved(walk.at, walk.hops)
 
     def _finish(self, walk: _Walk, result: _Resolved) -> None:

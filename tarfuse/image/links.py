@@ -29,6 +29,7 @@ MAX_HOPS = 40  # Linux's MAXSYMLINKS: links one path lookup may follow, nested o
 # FUSE's readlink reply fills at most one page less its NUL (fs/fuse/dir.c): a longer target cannot be read
 MAX_TARGET = 4095
 _SHOWN = 5  # left-out links named in a note; the count says how many there are
+_CLIP = 120  # characters of a name or target shown in a note
 
 OUTSIDE = "outside"  # the walk leaves the mount
 NOWHERE = "nowhere"  # the walk fails inside it: no such name, a file as a directory, an empty target
@@ -122,8 +123,14 @@ def notes_on(left_out: Sequence[LeftOut]) -> tuple[str, ...]:
 
 
 def _named(entries: Sequence[LeftOut]) -> str:
-    shown = ", ".join(f"{printable(e.name)} -> {printable(e.target)}" for e in entries[:_SHOWN])
+    shown = ", ".join(f"{_clipped(e.name)} -> {_clipped(e.target)}" for e in entries[:_SHOWN])
     return shown + (", ..." if len(entries) > _SHOWN else "")
+
+
+def _clipped(name: str) -> str:
+    """`name` escaped, and cut short: a target may be a megabyte long, a log line should not."""
+    shown = printable(name)
+    return shown if len(shown) <= _CLIP else shown[:_CLIP] + "..."
 
 
 def _parts(path: str) -> list[str]:

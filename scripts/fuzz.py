@@ -8,7 +8,8 @@ is a finding: it is printed and its archive saved under --findings, and the exit
 A case is made again from its number: `scripts/fuzz.py --seed S --replay N` runs case N alone, in this
 process, and says what tarfuse and GNU tar make of it.
 
-The engine is the test kit's (tests/kit/fuzz/: seeds.py, seed archives; layout.py, mutate.py, maps.py,
+The engine is the test kit's (tests/kit/fuzz/: seeds.py, seed archives; ratio.py, high-ratio compressed
+seeds (zeros, repeated blocks, a long zstd window, a patched xz dictionary); layout.py, mutate.py, maps.py,
 mutations; engine.py, one case; pool.py, worker processes), shared with tests/test_fuzz.py, which runs a short
 slice of the same cases in `make test`.
 """
@@ -52,10 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tarfuse-seeds-") as tmp:
         archives = seeds.make_seeds(Path(tmp))
-    corpus = engine.Corpus(archives)
+    corpus = engine.Corpus(archives)  # and the high-ratio seeds (kit/fuzz/ratio.py), compressed as they are
     print(
         f"fuzz: {len(archives)} seed archives: "
         + ", ".join(f"{s.name} ({len(s.data) // 1024} KiB)" for s in archives)
+    )
+    print(
+        f"fuzz: {len(corpus.high_ratio)} high-ratio seeds ({engine.HIGH_RATIO:.1%} of the cases, "
+        "mounted only): " + ", ".join(f"{s.name} ({len(s.data) // 1024} KiB)" for s in corpus.high_ratio)
     )
     config = pool.Config(
         seed=args.seed,

@@ -18,6 +18,10 @@ from pathlib import Path
 
 import pytest
 import pyzstd
+from kit.fuzz import engine, pool
+from kit.fuzz.engine import Case
+from kit.fuzz.ratio import make_ratio_seeds
+from kit.fuzz.seeds import Seed
 from kit.mounts import MountFactory, status_kib, tarfuse_command
 
 pytestmark = pytest.mark.fuse
@@ -160,3 +164,26 @@ def test_decoder_memory_is_a_size(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "option decoder_memory='lots': use bytes or a K, M or G suffix" in result.stderr, result.stderr
+
+
+class _RatioSeedsOnly(engine.Corpus):
+    """Case N is the fuzzer's high-ratio seed N, intact."""
+
+    def case(self, fuzz_seed: int, number: int) -> Case:
+        seed = self.high_ratio[number]
+        return Case(number, seed.name, (), seed.data, made=seed)
+
+
+def test_the_fuzzers_high_ratio_seeds_are_served_or_refused_under_the_ceiling() -> None:
+    """Every high-ratio seed of the fuzzer (kit/fuzz/ratio.py), mounted in fuzz workers: served, or
+    refused where it asks for more decoder memory than the budget, the peak RSS under 256 MiB."""
+    seeds = make_ratio_seeds()
+    corpus = _RatioSeedsOnly([Seed("tiny", _header(0) + bytes(1024))], high_ratio=seeds)
+    summary = pool.run(corpus, pool.Config(cases=len(seeds), jobs=2, compare_every=0, batch=1))
+    assert not summary.findings, "\n\n".join(f"{f.headline()}\n{f.detail}" for f in summary.findings)
+    outcomes = summary.outcomes
+    refused = sum(n for outcome, n in summary.outcomes.items() if outcome.endswith(" CompressedArchive"))
+    served = sum(n for outcome, n in summary.outcomes.items() if outcome.endswith(" served"))
+    assert refused == sum(seed.refused for seed in seeds), outcomes
+    assert served == len(seeds) - refused, outcomes
+    assert summary.memory.peak < MEMORY_CEILING_KIB * 1024, summary.memory

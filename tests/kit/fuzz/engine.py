@@ -7,7 +7,9 @@ mutations (mutate.py), whether the archive is compressed, and how, and whether i
 the mutated archive and reads the image, or refuses it with an ArchiveError that has a reason and an offset
 inside the archive; anything else tarfuse raises is a finding. A compressed or remote case is also mounted
 the way the CLI mounts it (without FUSE), read before and after the background pass, and must serve what
-the plain archive serves, or refuse.
+the plain archive serves, or refuse. A few cases (HIGH_RATIO) are a high-ratio seed (ratio.py) instead:
+compressed as it is, sometimes damaged, only mounted; the two that ask for more decoder memory than the
+budget must be refused.
 Compared with GNU tar, other bytes from a tar that succeeded are a finding; a tar that fails where tarfuse
 serves is kept for a person to inspect; a tar more lenient than tarfuse is fine, and counted.
 """
@@ -24,8 +26,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kit.fuzz import ratio
 from kit.fuzz.mutate import Layout, Mutation, duplicate_image, mutate, sized_special, walk
 from kit.fuzz.packed import SUFFIXES, Mount, Packing, choose_packing
+from kit.fuzz.ratio import RatioSeed
 from kit.fuzz.seeds import Seed
 from tarfuse.errors import ArchiveError, CorruptCompressed, NoImage, TarfuseError
 from tarfuse.image.open import Image, list_images, open_image
@@ -38,6 +42,7 @@ COMPARE_WHOLE = 64 * MIB  # extracted images up to this size are compared whole
 TAR_TIMEOUT = 60.0
 COMPRESSED = 0.15  # share of the cases that are compressed
 REMOTE = 0.03  # share of the cases that are read over HTTP (compressed or not)
+HIGH_RATIO = 0.005  # share of the cases made from a high-ratio seed (ratio.py), drawn apart from the rest
 # Every DIFFERENTIAL_STRIDE-th case is one of these plans in turn: (the one mutation, or None for the usual
 # chain; "plain", "compressed" or "either"): duplicate image names plain and compressed, sized link,
 # device, directory, FIFO, contiguous and dumpdir headers, and ordinary mutations (issue 12). With
@@ -65,24 +70,34 @@ class Case:
     data: bytes  # the tar archive, before any compression
     packing: Packing | None = None
     remote: bool = False  # read over HTTP
+    made: RatioSeed | None = None  # a high-ratio seed: `data` is empty, the archive is its bytes (damaged)
+    damaged: bool = False  # the high-ratio seed's bytes were flipped or cut
 
     def archive(self) -> bytes:
         """The archive as tarfuse is given it: compressed, if the case is."""
+        if self.made is not None:
+            return self.data
         return self.data if self.packing is None else self.packing.pack(self.data)
 
     @property
     def mounted(self) -> bool:
         """Whether the case goes through a mount (Mount), not only through the plain archive in memory."""
-        return self.packing is not None or self.remote
+        return self.packing is not None or self.remote or self.made is not None
 
     @property
     def sound(self) -> bool:
         """Whether the archive holds the case's tar: not a stream damaged on purpose."""
-        return self.packing is None or self.packing.damage is None
+        return (self.packing is None or self.packing.damage is None) and not self.damaged
+
+    @property
+    def compression(self) -> str | None:
+        if self.made is not None:
+            return self.made.compression
+        return None if self.packing is None else self.packing.compression
 
     @property
     def suffix(self) -> str:
-        return ".tar" + ("" if self.packing is None else SUFFIXES[self.packing.compression])
+        return ".tar" + ("" if self.compression is None else SUFFIXES[self.compression])
 
 
 Check = Callable[[Case, random.Random], str]
@@ -91,11 +106,17 @@ Check = Callable[[Case, random.Random], str]
 class Corpus:
     """The seed archives and their structure; makes the mutated archive of any case number."""
 
-    def __init__(self, seeds: list[Seed]) -> None:
+    def __init__(self, seeds: list[Seed], high_ratio: list[RatioSeed] | None = None) -> None:
+        """`high_ratio`: the high-ratio seeds (default: ratio.make_ratio_seeds(); [] for none)."""
         self.seeds = seeds
+        self.high_ratio = ratio.make_ratio_seeds() if high_ratio is None else high_ratio
         self._layouts: list[Layout] = [walk(seed.data) for seed in seeds]
 
     def case(self, fuzz_seed: int, number: int) -> Case:
+        if self.high_ratio and number % DIFFERENTIAL_STRIDE:  # drawn apart: the other cases stay as they were
+            drawn = random.Random(f"{fuzz_seed}:{number}:ratio")
+            if drawn.random() < HIGH_RATIO:
+                return self._high_ratio_case(number, drawn)
         rng = random.Random(f"{fuzz_seed}:{number}")  # str seeds hash with SHA-512: same on every run
         i = rng.randrange(len(self.seeds))
         first, packed, planned = None, rng.random() < COMPRESSED, number % DIFFERENTIAL_STRIDE == 0
@@ -108,6 +129,12 @@ class Corpus:
         steps += [f"compressed: {packing.describe()}"] if packing is not None else []
         steps += ["read over HTTP"] if remote else []
         return Case(number, self.seeds[i].name, tuple(steps), data, packing, remote)
+
+    def _high_ratio_case(self, number: int, rng: random.Random) -> Case:
+        seed = self.high_ratio[rng.randrange(len(self.high_ratio))]
+        data, damage = ratio.damage(seed.data, rng)
+        steps = (f"high-ratio {seed.compression}" + ("" if damage is None else f", {damage}"),)
+        return Case(number, seed.name, steps, data, made=seed, damaged=damage is not None)
 
 
 def quiet_logs() -> None:
@@ -132,6 +159,11 @@ def check_archive(case: Case, rng: random.Random) -> str:
             archive served otherwise than the same tar plain.
         Exception: anything but an ArchiveError from tarfuse propagates: it is what the fuzzer looks for.
     """
+    if case.made is not None:
+        outcome = check_mounted(case, None, rng)
+        if case.made.refused and case.sound and not outcome.startswith(("CompressedArchive", "served, then")):
+            raise Problem(f"{case.seed}: needs more decoder memory than the budget, yet {outcome}")
+        return f"{case.made.compression} {outcome}"
     outcome, image = check_plain(case.data, rng)
     if not case.mounted:
         return outcome
@@ -168,7 +200,7 @@ def check_mounted(case: Case, plain: Image | None, rng: random.Random) -> str:
     try:
         mount = Mount(case.archive(), case.remote)
     except ArchiveError as exc:
-        check_error(exc, len(case.data) if case.sound else None)
+        check_error(exc, len(case.data) if case.sound and case.made is None else None)
         if case.sound and isinstance(exc, CorruptCompressed):
             raise Problem(f"a sound stream was refused as corrupt: {exc}") from None
         return type(exc).__name__
@@ -306,6 +338,8 @@ def compare_with_gnu_tar(case: Case, work: Path, rng: random.Random) -> tuple[st
     A plain case: every image tarfuse lists. A compressed or remote one: what its mount serves, before and
     after the background pass (mount_categories).
     """
+    if case.made is not None:
+        return "high-ratio", ""  # no tar to give GNU tar: it would be the hundreds of MiB the seed avoids
     archive, out = work / "case.tar", work / "out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

@@ -34,6 +34,7 @@ from tarfuse.printable import printable
 from tarfuse.sources.sidefiles import Changer, changers
 
 OPEN_TIMEOUT = 30.0  # seconds the helper may take to open as the user (their FUSE mount may never answer)
+_PR_SET_DUMPABLE = 4  # prctl(2), <linux/prctl.h>
 _NOBODY = 65534  # the kernel's overflow uid and gid, when the password database has no `nobody`
 _READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _KINDS = {
@@ -166,27 +167,32 @@ def _check_kind(info: os.stat_result, devices: bool) -> None:
 
 def _open_as(rights: Rights, path: str) -> int:
     """Open `path` in a child process that runs with `rights`; its descriptor comes back over a socket."""
+    import ctypes  # here, before the fork: a child takes no import lock
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours:
         with theirs:
             pid = os.fork()
             if pid == 0:  # pragma: no cover (the child; its exit status is all the parent reads of it)
                 ours.close()
-                _child(rights, path, theirs)
+                _child(rights, path, theirs, lambda: prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0))
         return _answer(ours, pid, rights, path)
 
 
-def _child(rights: Rights, path: str, channel: socket.socket) -> None:
+def _child(rights: Rights, path: str, channel: socket.socket, not_dumpable: Callable[[], object]) -> None:
     """In the forked child: drop to `rights`, open, send the descriptor or the error, and exit.
 
-    Changing the effective uid makes the process non-dumpable (prctl(2), PR_SET_DUMPABLE), so the user
-    cannot ptrace it or read what it inherited from root.
+    The child holds root's memory and descriptors: the user whose rights it takes must not ptrace it or
+    read /proc/PID/fd. Changing the uid makes a process non-dumpable unless fs.suid_dumpable says
+    otherwise (prctl(2), PR_SET_DUMPABLE); `not_dumpable` makes sure.
     """
     status = 1
     try:
         os.setgroups(list(rights.groups))
         os.setresgid(rights.gid, rights.gid, rights.gid)
         os.setresuid(rights.uid, rights.uid, rights.uid)
+        not_dumpable()
         try:
             fd = open_checked(path, devices=False)
         except Unservable as exc:

@@ -224,7 +224,8 @@ def _answer(channel: socket.socket, pid: int, rights: Rights, path: str) -> int:
         raise Unservable(message[1:].decode("utf-8", "surrogateescape"))
     if message.startswith(b"E") and message[1:].isdigit():
         code = int(message[1:])
-        raise OSError(code, f"{os.strerror(code)} (opened with the rights of {rights.who})", path)
+        denied = code in (errno.EACCES, errno.EPERM)  # then whose rights is the whole story
+        raise OSError(code, os.strerror(code) + f" (opened with the rights of {rights.who})" * denied, path)
     if message == b"T":
         raise Unservable(f"opening it with the rights of {rights.who} did not end within {OPEN_TIMEOUT:g} s")
     raise Unservable(f"the process that opens it with the rights of {rights.who} ended without an answer")

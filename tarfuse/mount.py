@@ -21,7 +21,7 @@ from tarfuse.image.open import Image, list_files, list_images, open_first_image,
 from tarfuse.printable import printable
 from tarfuse.serve.daemon import BackgroundJob
 from tarfuse.serve.fs import BLOCKING_READERS, ServedFile
-from tarfuse.sources import DEFAULT_CACHE_SIZE, cachedir, compressed, remote
+from tarfuse.sources import DEFAULT_CACHE_MAX, DEFAULT_CACHE_SIZE, compressed, remote
 from tarfuse.sources.compressed import CompressedSource
 from tarfuse.sources.compression import DEFAULT_DECODER_MEMORY, Compression, compression_of, sniff
 from tarfuse.sources.file import ArchiveFile, ByteSource
@@ -59,7 +59,7 @@ class MountOptions:
     all_files: bool = False  # -o all: every regular file, not only the disk images
     workers: int | None = None  # -o workers=N: processes serving the mount (None: Assembly.processes)
     spill_max: int | None = None  # -o spill_max=SIZE: the longest spill (None: spill.default_limit)
-    cache_max: int = cachedir.DEFAULT_CACHE_MAX  # -o cache_max=SIZE: what the cache directory may hold
+    cache_max: int = DEFAULT_CACHE_MAX  # -o cache_max=SIZE: what the cache directory may hold
     decoder_memory: int = DEFAULT_DECODER_MEMORY  # -o decoder_memory=SIZE: all decoders' windows, together
 
 
@@ -407,7 +407,7 @@ def _with_saved_index(source: CompressedSource, options: MountOptions) -> str | 
 
     where = index_path(source, options)
     if where is not None:  # in the cache directory: hold its entry there, and keep the directory bounded
-        cachedir.use(where, source, options.cache_max)
+        index.keep_cache_bounded(where, source, options.cache_max)
     if where is not None and (not source.size_known or source.needs_spill()):
         index.use_saved_index(where, source)
     return where

@@ -5,3 +5,6 @@ spill), an http(s) URL; and the side files root may write.
 # -o cache_size: the memory a mount may spend on cached bytes, one budget for every layer (mount.py shares
 # it out when a compressed archive sits on a URL). 64 MiB: sixty-four 1 MiB chunks of a compressed archive.
 DEFAULT_CACHE_SIZE = 64 << 20
+# -o cache_max: what the cache directory may hold on disk (sources/cachedir.py): far more than a few
+# images' indexes and spills, far less than a disk.
+DEFAULT_CACHE_MAX = 16 << 30

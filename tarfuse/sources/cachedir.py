@@ -12,9 +12,10 @@ At mount, when the index is kept there, the directory is swept:
 - the entries of a local archive that is gone, or is another version now (device, inode, size, mtime:
   what keyed it), are removed; a URL's never are for that (nothing here says that it changed);
 - then the least recently used entries (the use file's mtime is touched at every mount) until what is
-  left takes at most -o cache_max.
+  left takes at most -o cache_max (DEFAULT_CACHE_MAX in sources/__init__.py).
 
-Never removed: an entry in use, whose lock a mount holds, or with a temporary file of a tarfuse still
+Never logs (index.keep_cache_bounded, the boundary, logs what `use` reports). Never removed: an entry
+in use, whose lock a mount holds, or with a temporary file of a tarfuse still
 running (sidefiles.remove_stale removes those of the dead). Only names of ours, only regular files owned
 by the caller, only in a trusted directory; a sweeper takes the entry's lock exclusively before it
 unlinks anything, so a mount that starts meanwhile waits, then finds the entry gone and rebuilds it.
@@ -24,7 +25,6 @@ import contextlib
 import errno
 import fcntl
 import json
-import logging
 import os
 import re
 import stat
@@ -34,9 +34,6 @@ from tarfuse.sources import sidefiles
 from tarfuse.sources.compressed import CompressedSource
 from tarfuse.sources.file import ArchiveFile, Identity
 
-log = logging.getLogger(__name__)
-
-DEFAULT_CACHE_MAX = 16 << 30  # -o cache_max
 USE_SUFFIX = ".tarfuse-use"
 _INDEX = "tarfuse-index"  # index.SUFFIX and SPILL_SUFFIX, without the dot (index.py imports pyzstd)
 _SPILL = "tarfuse-spill.zst"
@@ -59,28 +56,33 @@ class Entry:
     record: dict[str, object] = field(default_factory=dict)  # its use file's
 
 
-def use(index_path: str, source: CompressedSource, cache_max: int) -> None:
-    """At mount: if `index_path` is an entry of the cache directory, hold it and sweep the directory.
+def use(index_path: str, source: CompressedSource, cache_max: int) -> list[str]:
+    """At mount: if `index_path` is an entry of the cache directory, hold it and sweep the directory;
+    return what to log (what was removed, and why; what failed).
 
-    Every failure is logged and ignored: the cache is an optimisation, the mount goes on.
+    Failures are reported, not raised: the cache is an optimisation, the mount goes on.
     """
     directory = _cache_directory_of(index_path)
     if directory is None:
-        return
+        return []
     key = os.path.basename(index_path).split(".", 1)[0]
     archive = source.archive
     local = os.path.abspath(archive.path) if isinstance(archive, ArchiveFile) else None
+    said = []
     try:
         hold(directory, key, local, source.identity())
     except OSError as exc:
-        log.info("cache %s: cannot mark %s in use (%s)", directory, key, exc.strerror or exc)
+        said.append(f"cache {directory}: cannot mark {key} in use ({exc.strerror or exc})")
     try:
+        stale = sidefiles.remove_stale(directory)
+        said += [
+            f"removed {os.path.join(directory, name)}, left by a tarfuse that did not finish"
+            for name in stale
+        ]
         removed = sweep(directory, cache_max)
     except OSError as exc:
-        log.warning("cache %s: cannot sweep it (%s)", directory, exc.strerror or exc)
-        return
-    for entry, why in removed:
-        log.info("cache %s: removed %s (%s): %s", directory, entry.key, _mib(entry.size), why)
+        return [*said, f"cache {directory}: cannot sweep it ({exc.strerror or exc})"]
+    return said + [f"cache {directory}: removed {e.key} ({_mib(e.size)}): {why}" for e, why in removed]
 
 
 def _cache_directory_of(index_path: str) -> str | None:
@@ -140,8 +142,7 @@ def sweep(directory: str, cache_max: int) -> list[tuple[Entry, str]]:
         OSError: sidefiles.Untrusted if someone else could change `directory`; what listing it said.
     """
     real = sidefiles.check_directory(directory)
-    for name in sidefiles.remove_stale(real):
-        log.info("removed %s, left behind by a tarfuse that did not finish", os.path.join(real, name))
+    sidefiles.remove_stale(real)  # what a tarfuse killed while writing left: not in use
     entries = _entries(real)
     removed = []
     for entry in entries:

@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from tarfuse.errors import ArchiveError, CorruptCompressed, RemoteError
 from tarfuse.image.detect import has_image_suffix
-from tarfuse.sources import sidefiles
+from tarfuse.sources import cachedir, sidefiles
 from tarfuse.sources.compressed import UNKNOWN_SIZE, CompressedSource, Decoder
 from tarfuse.sources.compression import DecodeError
 from tarfuse.sources.file import Identity
@@ -201,6 +201,13 @@ def _serve_spill_file(where: str, file: BinaryIO, loaded: Loaded, source: Compre
     except DecodeError as exc:
         return f"its spill {where} is damaged ({exc})"
     return ""
+
+
+def keep_cache_bounded(path: str, source: CompressedSource, cache_max: int) -> None:
+    """If the index at `path` is an entry of the cache directory, hold it and keep the directory within
+    `cache_max` (cachedir.py: entries of gone or changed archives, then the least recently used); log."""
+    for line in cachedir.use(path, source, cache_max):
+        log.info("%s", line)
 
 
 def remove_stale(directory: str) -> None:

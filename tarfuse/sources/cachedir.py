@@ -76,7 +76,7 @@ def use(index_path: str, source: CompressedSource, cache_max: int) -> list[str]:
     try:
         stale = sidefiles.remove_stale(directory)
         said += [
-            f"removed {os.path.join(directory, name)}, left by a tarfuse that did not finish"
+            f"removed {os.path.join(directory, name)}, left behind by a tarfuse that did not finish"
             for name in stale
         ]
         removed = sweep(directory, cache_max)

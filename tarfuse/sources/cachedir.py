@@ -35,7 +35,7 @@ from tarfuse.sources.compressed import CompressedSource
 from tarfuse.sources.file import ArchiveFile, Identity
 
 USE_SUFFIX = ".tarfuse-use"
-_INDEX = "tarfuse-index"  # index.SUFFIX and SPILL_SUFFIX, without the dot (index.py imports pyzstd)
+_INDEX = "tarfuse-index"  # index.SUFFIX and SPILL_SUFFIX without the dot (index.py imports this module)
 _SPILL = "tarfuse-spill.zst"
 _KEY = re.compile(r"[0-9a-f]{32}")  # index.default_path: the first 32 hex digits of a SHA-256
 _RECORD_MAX = 1 << 16  # a use file holds one path and an identity

@@ -39,7 +39,11 @@ RESERVE_MAX = 1 << 30  # ... or this much, whichever is less
 # short keeps the file within its bound and the file system above its reserve.
 _MARGIN = 2 * FRAME_SIZE
 # What the file system says when it will take no more: full, over quota, past RLIMIT_FSIZE.
-NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_NO_ROOM = {
+    errno.ENOSPC: "its file system is full",
+    errno.EDQUOT: "the disk quota is reached",
+    errno.EFBIG: "the file size limit is reached (ulimit -f)",
+}
 
 
 class SpillStopped(OSError):
@@ -60,10 +64,7 @@ def why_no_spill(exc: OSError) -> str:
     """Why a spill could not be written or kept, in a few words, for the log."""
     if isinstance(exc, SpillStopped):
         return exc.strerror or str(exc)
-    said = {errno.ENOSPC: "its file system is full", errno.EDQUOT: "the disk quota is reached"}
-    if exc.errno == errno.EFBIG:
-        return "the file size limit is reached (ulimit -f)"
-    return said.get(exc.errno or 0, exc.strerror or str(exc))
+    return _NO_ROOM.get(exc.errno or 0, exc.strerror or str(exc))
 
 
 def _mib(n: int) -> str:

@@ -17,6 +17,7 @@ from tarfuse.errors import ArchiveError, TarfuseError, UsageError
 from tarfuse.image.open import Image
 from tarfuse.mount import (
     CPUS_PER_WORKER,
+    DEFAULT_MAX_RATIO,
     DEFAULT_WORKERS_MAX,
     MAX_WORKERS,
     MountOptions,
@@ -51,7 +52,7 @@ _OPTION_MAX = {"uid": 2**32 - 2, "gid": 2**32 - 2, "umask": 0o777, "workers": MA
 # fmt: off
 _OURS = (
     "member", "uid", "gid", "umask", "fsname", "readahead_kb", "index", "cache_size", "workers",
-    "decoder_memory",
+    "decoder_memory", "max_ratio",
 )
 # fmt: on
 _SIZE = re.compile(r"(\d+)\s*([kmgKMG]?)(?:i?[bB])?")  # cache_size=: bytes, K, M or G (binary: 64M is 64 MiB)
@@ -190,6 +191,12 @@ MOUNT_OPTION_HELP = (
         "cache_max=SIZE",
         "what the cache directory may hold (default 16G): at mount, entries of archives that are gone or "
         "changed are removed, then the least recently used past SIZE; those of running mounts stay",
+    ),
+    (
+        "max_ratio=N",
+        "a compressed image that says its size only at its end (.img.gz, .img.bz2) is decompressed once "
+        f"before the mount; past N times its compressed size (default {DEFAULT_MAX_RATIO}, never below "
+        "256 MiB) it is refused as a decompression bomb; 0: no bound (docs/compressed.md)",
     ),
     (
         "header=NAME:VALUE",

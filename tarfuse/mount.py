@@ -13,7 +13,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tarfuse.errors import CompressedArchive, CorruptCompressed, NoImage, TarfuseError, UsageError
+from tarfuse.errors import (
+    ArchiveError,
+    CompressedArchive,
+    CorruptCompressed,
+    NoImage,
+    TarfuseError,
+    UsageError,
+)
 from tarfuse.image import bare, links
 from tarfuse.image.detect import HEAD_SIZE, has_image_suffix
 from tarfuse.image.mapper import HOLE, ImageMapper
@@ -26,10 +33,16 @@ from tarfuse.sources.compressed import CompressedSource
 from tarfuse.sources.compression import DEFAULT_DECODER_MEMORY, Compression, compression_of, sniff
 from tarfuse.sources.file import ArchiveFile, ByteSource
 from tarfuse.sources.member import MemberSource
+from tarfuse.tar import sparse
+from tarfuse.tar.files import Candidate
 
 _MAX_REQUEST = 1 << 20  # FUSE reads are at most max_pages (256) pages long; larger ones get their own buffer
 _PROGRESS_EVERY = 5.0  # seconds between progress lines while a stream is decompressed for its size
 _REMOTE_SHARE = 4  # a compressed archive on a URL: a quarter of the cache for its compressed blocks
+# -o max_ratio: a stream decompressed for its size before the mount is refused past this many times its
+# compressed size (and index.RATIO_FLOOR). gzip cannot pass ~1,030; images with data stay far below; a
+# blank file system compressed by bzip2 or zstd goes beyond (docs/compressed.md).
+DEFAULT_MAX_RATIO = 10_000
 MAX_WORKERS = 64  # -o workers=: more processes than this is a typo, not a plan
 # The default -o workers: one process per CPUS_PER_WORKER CPUs this process may run on, at least one and at
 # most DEFAULT_WORKERS_MAX. A request costs the server about as much CPU as it costs the reader's side,
@@ -58,6 +71,7 @@ class MountOptions:
     noindex: bool = False  # keep no index on disk
     all_files: bool = False  # -o all: every regular file, not only the disk images
     workers: int | None = None  # -o workers=N: processes serving the mount (None: Assembly.processes)
+    max_ratio: int = DEFAULT_MAX_RATIO  # -o max_ratio=N: bound of the wait for a stream's size (0: none)
     spill_max: int | None = None  # -o spill_max=SIZE: the longest spill (None: spill.default_limit)
     cache_max: int = DEFAULT_CACHE_MAX  # -o cache_max=SIZE: what the cache directory may hold
     decoder_memory: int = DEFAULT_DECODER_MEMORY  # -o decoder_memory=SIZE: all decoders' windows, together
@@ -198,6 +212,7 @@ def assemble(
             served = [_served_file(image, source, options, bare=True)]
             return Assembly(source, [image], served, background, notes=notes)
         found_links: list[tuple[str, str]] = []
+        later: _LaterCopy | None = None  # the served member, if a later one of its name may replace it
         if options.all_files and options.member is None and several:
             if isinstance(source, CompressedSource) and not source.size_known:
                 say(f"{source.path}: -o all: reading the compressed archive whole, to find every file in it")
@@ -208,7 +223,8 @@ def assemble(
             if isinstance(source, CompressedSource) and source.compression == "dictzip":
                 background = _dictzip_check(source)
         else:
-            images, background = _open_tar(source, options, several and options.member is None, say)
+            later = _LaterCopy(source) if isinstance(source, CompressedSource) else None
+            images, background = _open_tar(source, options, several and options.member is None, say, later)
         opened: list[Image] = []
         served = []
         share = _member_cache_share(source, images, options)
@@ -216,7 +232,8 @@ def assemble(
             unwrapped = _open_compressed_member(source, image, options, say, share)
             if unwrapped is None:
                 opened.append(image)
-                served.append(_served_file(image, source, options, bare=len(images) == 1))
+                one = len(images) == 1
+                served.append(_served_file(image, source, options, one, later if one else None))
                 continue
             inner, whole, member_job = unwrapped
             members.append(inner)
@@ -236,7 +253,11 @@ def assemble(
 
 
 def _open_tar(
-    source: ByteSource, options: MountOptions, several: bool, say: Callable[[str], None]
+    source: ByteSource,
+    options: MountOptions,
+    several: bool,
+    say: Callable[[str], None],
+    later: "_LaterCopy | None" = None,
 ) -> tuple[list[Image], BackgroundJob | None]:
     """The image of a tar, or with `several` every candidate image, where their headers are cheap to reach.
 
@@ -251,7 +272,7 @@ def _open_tar(
             images = list_images(source.read_at, source.size, source.pread_into)
             if images:  # one scan: with none, open_image below says why
                 return images, _dictzip_check(source) if source.compression == "dictzip" else None
-        image, background = _open_compressed(source, options, where)
+        image, background = _open_compressed(source, options, where, later)
         return [image], background
     if several:
         images = list_images(source.read_at, source.size, source.pread_into)
@@ -347,8 +368,16 @@ def _whole_stream_ready(
     where = _with_saved_index(source, options)
     if source.size_known and not source.needs_spill():
         return None
-    indexing = index.IndexingPass(source, source.path, where, scan=False, spill_max=options.spill_max)
-    if source.size_known or not wait:  # only its spill or index to make: in the background, as for a tar
+    waits = not source.size_known and wait
+    indexing = index.IndexingPass(
+        source,
+        source.path,
+        where,
+        scan=False,
+        spill_max=options.spill_max,
+        max_ratio=options.max_ratio if waits else 0,
+    )
+    if not waits:  # only its spill or index to make: in the background, as for a tar
         return BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
     say(f"{source.path}: the {source.compression} stream does not say its size: decompressing it once")
     indexing.quiet = True
@@ -414,10 +443,11 @@ def _with_saved_index(source: CompressedSource, options: MountOptions) -> str | 
 
 
 def _open_compressed(
-    source: CompressedSource, options: MountOptions, where: str | None
+    source: CompressedSource, options: MountOptions, where: str | None, later: "_LaterCopy | None" = None
 ) -> tuple[Image, BackgroundJob | None]:
     """Open the image as soon as its headers are decompressed; index the rest in the background. `where`:
-    the index's place, from _with_saved_index (which loaded a saved one).
+    the index's place, from _with_saved_index (which loaded a saved one); `later`: what lets the pass
+    serve a later member of the image's name instead, while nothing of the first was read.
 
     With a complete index (a saved one, or xz's and seekable zstd's own) every header is cheap to reach:
     open as for a plain archive. Otherwise serve the first candidate, and let the background pass look for
@@ -440,6 +470,7 @@ def _open_compressed(
         where,
         scan=not complete,
         served_header=None if complete else image.member.header_offset,
+        replace=None if later is None else later.replace,
         spill_max=options.spill_max,
     )
     return image, BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
@@ -450,7 +481,7 @@ def _inside(name: str) -> str:
     return "/".join(part for part in name.split("/") if part not in ("", ".", ".."))
 
 
-def _cached(mapper: ImageMapper, source: CompressedSource) -> Callable[[int, int], bool]:
+def _cached(mapper: "ImageMapper | _LaterCopy", source: CompressedSource) -> Callable[[int, int], bool]:
     """Whether an image read needs no decompression: all holes, or all in the chunk cache."""
 
     def ready(offset: int, size: int) -> bool:
@@ -459,10 +490,17 @@ def _cached(mapper: ImageMapper, source: CompressedSource) -> Callable[[int, int
     return ready
 
 
-def _served_file(image: Image, source: ByteSource, options: MountOptions, bare: bool = True) -> ServedFile:
+def _served_file(
+    image: Image,
+    source: ByteSource,
+    options: MountOptions,
+    bare: bool = True,
+    later: "_LaterCopy | None" = None,
+) -> ServedFile:
     """The file FUSE serves for `image`: named by its base name (`bare`), or by its path in the archive,
-    without "." and ".." (tar -x strips a leading "../" too), for several images."""
-    mapper = image.mapper
+    without "." and ".." (tar -x strips a leading "../" too), for several images. Read through `later`
+    if given (a later member of its name may replace it while unseen)."""
+    mapper = image.mapper if later is None else later.serving(image.mapper)
     # One buffer serves every request: handlers run one at a time on the trio loop, and pyfuse3 copies
     # the reply to the kernel before the next request is read (see ImageFs.read). Blocking sources are
     # read from several threads at once: each read gets its own buffer.
@@ -498,3 +536,64 @@ def _served_file(image: Image, source: ByteSource, options: MountOptions, bare: 
         next_data=mapper.next_data,
         next_hole=mapper.next_hole,
     )
+
+
+class _LaterCopy:
+    """The member a served file reads, until the indexing pass finds a later member of its name (tar -x
+    keeps the last) and it is replaced by that one, if it is still unseen.
+
+    Unseen: no read and no lseek was answered from it (bytes never change under a reader), and the later
+    one has its size, which a stat may have answered and the kernel keeps for the life of the mount (the
+    mtime shown stays the first's). Reads and lseeks go through here as through the ImageMapper.
+    """
+
+    def __init__(self, source: CompressedSource) -> None:
+        self._source = source
+        self._lock = threading.Lock()
+        self._mapper: ImageMapper | None = None  # what is served; None: no served file reads through here
+        self._seen = False
+
+    def serving(self, mapper: ImageMapper) -> "_LaterCopy":
+        """Serve `mapper` through this, until replace()."""
+        self._mapper = mapper
+        return self
+
+    def _answer(self) -> ImageMapper:
+        """The mapper to answer from; from now on it is seen, and stays."""
+        with self._lock:
+            self._seen = True
+            return self._served()
+
+    def _served(self) -> ImageMapper:
+        if self._mapper is None:
+            raise ArchiveError("no member is served through this mount's later-copy switch, a bug")
+        return self._mapper
+
+    @property
+    def size(self) -> int:
+        return self._served().size
+
+    def plan(self, offset: int, size: int) -> list[tuple[int, int]]:
+        return self._served().plan(offset, size)  # only to choose a thread: nothing is answered
+
+    def read_into(self, buffer: memoryview, offset: int) -> int:
+        return self._answer().read_into(buffer, offset)
+
+    def next_data(self, offset: int) -> int | None:
+        return self._answer().next_data(offset)
+
+    def next_hole(self, offset: int) -> int:
+        return self._answer().next_hole(offset)
+
+    def replace(self, later: Candidate) -> bool:
+        """Serve `later` from now on, if what is served is unseen and as long; say whether it is."""
+        read_at = self._source.read_at
+        try:
+            mapper = ImageMapper(read_at, sparse.decode(later.member, read_at), self._source.pread_into)
+        except ArchiveError:
+            return False  # its map is broken: tar -x would fail on it too; reads fail, as before
+        with self._lock:
+            if self._mapper is None or self._seen or mapper.size != self._mapper.size:
+                return False
+            self._mapper = mapper
+            return True

@@ -39,11 +39,19 @@ MAGIC = b"tarfuse-index 1\n"
 SUFFIX = ".tarfuse-index"
 SPILL_SUFFIX = ".tarfuse-spill.zst"
 _STEP = 4 << 20  # the background pass reads this much at a time, then looks at its stop flag
+# A pass that a mount waits for (a stream that says its size only at its end) stops past max_ratio times
+# the compressed size, but never before this much: a small archive that decompresses to a few hundred MiB
+# costs a second, whatever its ratio.
+RATIO_FLOOR = 256 << 20
 _SPILL_ERRORS = (OSError, DecodeError)  # writing it, or reading it back
 
 
 class Stopped(Exception):
     """The background pass was asked to stop (unmount)."""
+
+
+class _PastBound(Exception):
+    """The stream decompressed to more than the pass's bound (IndexingPass, max_ratio)."""
 
 
 def default_path(archive_path: str, ident: Identity, beside: bool = True) -> str | None:
@@ -238,9 +246,16 @@ class _ForwardReader:
     """
 
     def __init__(
-        self, decoder: Decoder, stop: threading.Event, progress: Progress, sink: Callable[[memoryview], None]
+        self,
+        decoder: Decoder,
+        stop: threading.Event,
+        progress: Progress,
+        sink: Callable[[memoryview], None],
+        limit: int | None = None,
     ) -> None:
+        """`limit`: raise _PastBound once more than this many bytes are decompressed."""
         self._decoder, self._stop, self._progress, self._sink = decoder, stop, progress, sink
+        self._limit = limit
         self.position = 0
         self.at_end = False
 
@@ -263,6 +278,8 @@ class _ForwardReader:
         self.at_end = self.at_end or len(data) < size
         self._progress.decompressed = self.position
         self._progress.compressed = self._decoder.compressed_position()
+        if self._limit is not None and self.position > self._limit:
+            raise _PastBound
         return data
 
 
@@ -304,15 +321,23 @@ class IndexingPass:
         index_path: str | None,
         scan: bool = True,
         served_header: int | None = None,
+        max_ratio: int = 0,
+        replace: Callable[[Candidate], bool] | None = None,
         spill_max: int | None = None,
     ) -> None:
         """`scan`: read every header (not needed when the image was chosen from all of them): look for
         other image candidates, and check that the member served is the one tar -x extracts under its name:
-        the one whose header is at `served_header` (decompressed offset). `spill_max`: -o spill_max, the
-        longest spill (None: the default, spill.default_limit of the archive's size)."""
+        the one whose header is at `served_header` (decompressed offset). `replace(candidate)`: serve a
+        later member of that name instead, if the mount can still do so unseen (True); without it, or if
+        it cannot, reads fail from then on. `max_ratio` (0: none): stop, and fail reads, once the stream
+        has decompressed to more than that many times its compressed size (and RATIO_FLOOR): a pass that
+        a mount waits for must end. `spill_max`: -o spill_max, the longest spill (None: the default,
+        spill.default_limit of the archive's size)."""
         self._spill_limit = spill_max if spill_max is not None else default_limit(source.archive.size)
         self._source, self._served, self._index_path, self._scan = source, served, index_path, scan
         self._served_header = served_header
+        self._replace = replace
+        self._max_ratio = max_ratio
         self.progress = Progress(time.monotonic(), compressed_total=source.archive.size)
         self.others: list[str] = []
         self.quiet = False  # a caller that waits for the pass reports a corrupt stream itself
@@ -327,6 +352,8 @@ class IndexingPass:
             self._walk(decoder, stop)
         except Stopped:
             log.debug("indexing pass stopped at decompressed offset %d", self.progress.decompressed)
+        except _PastBound:
+            self._refuse_past_bound()
         except CorruptCompressed as exc:
             self._source.mark_broken(exc)
             if not self.quiet:
@@ -354,8 +381,33 @@ class IndexingPass:
             self._drop_spill()  # unless _finish took it
         decoder.close()
 
+    def _output_limit(self) -> int | None:
+        """Decompressed bytes past which the pass stops (max_ratio), or None: no bound."""
+        if not self._max_ratio:
+            return None
+        return max(RATIO_FLOOR, self._max_ratio * self.progress.compressed_total)
+
+    def _refuse_past_bound(self) -> None:
+        """Fail reads, and say why, for a stream that decompressed past the bound (a decompression bomb)."""
+        p = self.progress
+        error = ArchiveError(
+            f"the {self._source.compression} stream decompresses to more than {self._max_ratio:,} times its "
+            f"compressed size ({_mib(p.decompressed)} from {p.compressed_total:,} bytes) before its end: "
+            "refused, as a decompression bomb would be; -o max_ratio=N raises the bound (0: none)",
+            None,
+        )
+        self._source.mark_broken(error)
+        if not self.quiet:
+            log.error("%s: %s", self._source.path, error)
+
     def _walk(self, decoder: Decoder, stop: threading.Event) -> None:
-        reader = _ForwardReader(decoder, stop, self.progress, lambda data: self._spill_more(decoder, data))
+        reader = _ForwardReader(
+            decoder,
+            stop,
+            self.progress,
+            lambda data: self._spill_more(decoder, data),
+            self._output_limit(),
+        )
         if self._scan:
             table = FileTable()  # the files as tar -x leaves them
             try:
@@ -369,18 +421,28 @@ class IndexingPass:
         reader.advance(UNKNOWN_SIZE)
 
     def _check_served(self, files: list[Candidate]) -> None:
-        """Fail reads if a later member replaces the one served (tar -x keeps the last of a name).
+        """Serve, or fail reads, if a later member replaces the one served (tar -x keeps the last of a name).
 
         The image was served as soon as its header was decompressed, before the rest of the archive was
         read: serving early and serving what tar -x extracts meet here. Bytes are never switched under a
-        reader: the mount fails every read from now on, and says to mount again, which serves the right
-        member from the saved index at once.
+        reader: if nothing of the first copy was answered yet, the mount serves the last one from now on
+        (`replace`); otherwise it fails every read from now on, and says to mount again, which serves the
+        right member from the saved index at once.
         """
         if self._served_header is None:
             return
         name = normalize_name(self._served)
         final = next((c for c in files if normalize_name(c.name) == name), None)
         if final is not None and final.member.header_offset == self._served_header:
+            return
+        if final is not None and self._replace is not None and self._replace(final):
+            log.info(
+                "a later member named %r replaces the first, as tar -x would: nothing of the first was "
+                "read yet, so this mount serves the later one (its header at decompressed offset %d)",
+                self._served,
+                final.member.header_offset,
+            )
+            self._served_header = final.member.header_offset
             return
         later = "is not a regular file there" if final is None else "holds other data"
         where = None if final is None else final.member.header_offset

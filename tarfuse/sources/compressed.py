@@ -17,8 +17,9 @@ opened by path; any other source (remote.RemoteArchive) through a `PreadFile`, f
 file objects.
 """
 
-import heapq
+import contextlib
 import io
+import logging
 import lzma
 import threading
 from collections import OrderedDict
@@ -39,21 +40,22 @@ from tarfuse.sources.compression import (
 )
 from tarfuse.sources.file import ArchiveFile, ByteSource, Identity, PreadFile
 
+log = logging.getLogger(__name__)
+
 UNKNOWN_SIZE = 1 << 62  # the size until the stream's end is known: reads past the real end come back short
 CHUNK_SIZE = 1 << 20  # the unit of decompression and of the cache
+_ZERO_CHUNK = bytes(CHUNK_SIZE)  # the one copy the cache keeps of every chunk of zeros
 # rapidgzip's chunk, and so its checkpoint spacing, in compressed bytes (its default is 4 MiB). It caches up
 # to 16 decompressed chunks and decompresses a whole chunk to serve one byte of it: 2 MiB cut the daemon's
 # peak RSS and the p95 of random reads, indexing as fast. Over http(s) a read fetches whole chunks, so 1 MiB
 # there; locally 1 MiB made indexing 20 % slower (docs/compressed.md).
 GZIP_CHUNK_SIZE = 2 << 20
 GZIP_REMOTE_CHUNK_SIZE = 1 << 20
-# rapidgzip keeps up to ~19 decompressed chunks (its cache and what it prefetches), each cut at 16 chunk
-# sizes of output however well the input compresses: on zeros (gzip's 1000:1), 2 MiB chunks reach 700 MiB,
-# 128 KiB ones 90 (measured). So a decoder watches the ratio between the checkpoints it has made, and
-# when 19 chunks of that ratio would not fit its share, starts again with smaller chunks, down to this.
+# rapidgzip's chunk for a stream that compresses very well (GzipRatioWatch): what it holds stays small.
 GZIP_SMALLEST_CHUNK_SIZE = 128 << 10
-_RAPIDGZIP_CHUNKS_HELD = 19
-_RAPIDGZIP_RATIO_CAP = 16  # a chunk's output is cut at this many times its input
+_HIGH_RATIO = 4  # a span of the stream compressed better than this makes the chunks small
+_RATIO_SAMPLE = 4 << 20  # the output of a span, or a chunk's worth of compressed input
+_GZIP_PROBE = 256 << 10  # compressed bytes inflated at open to see how well the stream compresses
 
 # What rapidgzip raises on a corrupt or cut stream (gzip and bzip2). Broad, so caught only around calls
 # into it (_decoding); zstdframes.py and _XzDecoder catch their libraries' own.
@@ -112,46 +114,67 @@ class _SeekingDecoder:
         self._file.close()
 
 
-class GzipRatioWatch:
-    """What the gzip decoders of one source learn of how large rapidgzip's held chunks grow.
+def release_freed_memory() -> None:
+    """Give back to the system what a closed decoder freed: rapidgzip's threads allocate from malloc
+    arenas of their own, which glibc keeps mapped after free() unless told (malloc_trim trims them all)."""
+    import ctypes
 
-    A decoder that reads forward reports each read (compressed bytes consumed, bytes produced); the watch
-    follows rapidgzip's chunks (one ends after `chunk_size` compressed bytes or _RAPIDGZIP_RATIO_CAP times
-    that in output) and projects what _RAPIDGZIP_CHUNKS_HELD of them hold: the largest seen, and as many
-    more of the average size. When that passes the share, `chunk_size` becomes the smaller chunk that fits,
-    and every decoder of the source changes to it at its next read (a decoder that only seeks learns
-    nothing itself: the pass teaches it).
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+class GzipRatioWatch:
+    """Whether the gzip stream of one source compresses so well that rapidgzip must use small chunks.
+
+    rapidgzip cuts a chunk at 16 chunk sizes of output, and holds up to ~19 of them (its cache and its
+    prefetch): on a stream of ratio 4 or more that outgrows a decoder's share at its default chunk
+    (measured on zeros, one decoder: 2 MiB and 1 MiB chunks 255 MiB, 256 KiB 136, 128 KiB 70 after
+    random reads). The watch sees the start of the stream (probe) and every forward read of the source's
+    decoders (compressed bytes consumed, bytes produced); once a span of _RATIO_SAMPLE output came from
+    less than a quarter of it, `chunk_size` becomes GZIP_SMALLEST_CHUNK_SIZE for good, and every decoder
+    of the source changes to it at its next read. A decoder that only seeks learns nothing itself: the
+    pass, which reads the stream forward from its start, teaches it.
     """
 
-    def __init__(self, chunk: int, share: int) -> None:
-        self.chunk_size, self._share = chunk, share
-        self._start()
+    def __init__(self, chunk: int) -> None:
+        self.chunk_size = chunk
+        self._compressed, self._output = 0, 0  # the span so far
 
-    def _start(self) -> None:
-        self._largest: list[int] = []  # a min-heap of the largest chunk outputs seen at chunk_size
-        self._seen, self._total = 0, 0  # chunks closed, their output
-        self._compressed, self._output = 0, 0  # the open chunk's
+    def probe(self, head: bytes) -> None:
+        """Look at the stream's first compressed bytes `head` before rapidgzip decodes a chunk: zlib
+        inflates up to _RATIO_SAMPLE of them, 1 MiB at a time, member after member."""
+        import zlib
+
+        produced, rest = 0, head
+        while rest and produced < _RATIO_SAMPLE:
+            inflate = zlib.decompressobj(31)
+            try:
+                while rest and not inflate.eof and produced < _RATIO_SAMPLE:
+                    produced += len(inflate.decompress(rest, 1 << 20))
+                    rest = inflate.unconsumed_tail
+            except zlib.error:
+                return  # rapidgzip will say what is wrong with it
+            rest = rest or inflate.unused_data
+        self.saw(len(head) - len(rest), produced)
 
     def saw(self, compressed: int, produced: int) -> None:
         """A forward read consumed `compressed` more compressed bytes and produced `produced` bytes."""
-        cap = _RAPIDGZIP_RATIO_CAP * self.chunk_size
+        if self.chunk_size <= GZIP_SMALLEST_CHUNK_SIZE:
+            return
         self._compressed += compressed
         self._output += produced
-        if self._compressed < self.chunk_size and self._output < cap:
+        if self._output < _RATIO_SAMPLE and self._compressed < self.chunk_size:
             return
-        held = min(cap, self._output)
-        self._seen, self._total = self._seen + 1, self._total + held
-        heapq.heappush(self._largest, held)
-        if len(self._largest) > _RAPIDGZIP_CHUNKS_HELD:
-            heapq.heappop(self._largest)
+        ratio = self._output / max(1, self._compressed)
         self._compressed, self._output = 0, 0
-        projected = sum(self._largest) + (_RAPIDGZIP_CHUNKS_HELD - len(self._largest)) * (
-            self._total // self._seen
-        )
-        if projected > self._share and self.chunk_size > GZIP_SMALLEST_CHUNK_SIZE:
-            fits = self.chunk_size * self._share // projected
-            self.chunk_size = max(GZIP_SMALLEST_CHUNK_SIZE, 1 << max(0, fits.bit_length() - 1))
-            self._start()  # learnt again at the new size
+        if ratio > _HIGH_RATIO:
+            self.chunk_size = GZIP_SMALLEST_CHUNK_SIZE
+            log.info(
+                "the gzip stream decompresses to %.0f times its size: rapidgzip chunks of %d KiB from now "
+                "on, to keep its decoders within their memory",
+                ratio,
+                self.chunk_size >> 10,
+            )
 
 
 class _GzipDecoder(_SeekingDecoder):
@@ -163,7 +186,10 @@ class _GzipDecoder(_SeekingDecoder):
     (losing its checkpoints: a forward pass decompresses up to where it was once more).
     """
 
-    def __init__(self, path: "str | PreadFile", watch: GzipRatioWatch) -> None:
+    def __init__(self, path: "str | PreadFile", watch: GzipRatioWatch, serving: bool = False) -> None:
+        """`serving`: the decoder that serves reads while the pass runs, with the smallest chunks from the
+        start: it reads before the watch has learnt anything (the first chunk, at mount), and at random,
+        where small chunks cost little; the pass's decoder, which replaces it, makes the saved index."""
         import rapidgzip  # only archives that need it pay for the import
 
         self._path, self._watch = path, watch
@@ -195,6 +221,7 @@ class _GzipDecoder(_SeekingDecoder):
 
     def _reopen(self) -> None:
         self._gz.close()
+        release_freed_memory()
         self._chunk = self._watch.chunk_size
         self._gz = self._file = self._open_rapidgzip()
         self._next = -1
@@ -402,6 +429,8 @@ class ChunkCache:
         return index in self._chunks
 
     def put(self, index: int, chunk: bytes) -> None:
+        if len(chunk) == CHUNK_SIZE and chunk == _ZERO_CHUNK:  # a zero-filled image: no memory per chunk
+            chunk = _ZERO_CHUNK
         with self._lock:
             self.misses += 1
             self._chunks[index] = chunk
@@ -441,17 +470,18 @@ class CompressedSource:
         self.archive = archive
         self.cache = ChunkCache(cache_size)
         share = decoder_share(decoder_memory)
-        self._open_decoder: Callable[[str | PreadFile], Decoder]
+        self._open_decoder: Callable[[str | PreadFile, bool], Decoder]  # (path, serving) -> decoder
         if compression == "gzip" and _has_random_access_table(archive):
             compression = "dictzip"
             self.readers = 4  # its reader is thread-safe and inflates outside its lock
-            self._open_decoder = lambda _: _DictzipDecoder(archive)
+            self._open_decoder = lambda _, __: _DictzipDecoder(archive)
         elif compression == "gzip":
             chunk = GZIP_CHUNK_SIZE if isinstance(archive, ArchiveFile) else GZIP_REMOTE_CHUNK_SIZE
-            watch = GzipRatioWatch(chunk, share)
-            self._open_decoder = lambda path: _GzipDecoder(path, watch)
+            watch = GzipRatioWatch(chunk)
+            watch.probe(archive.read_at(0, min(archive.size, _GZIP_PROBE)))
+            self._open_decoder = lambda path, serving: _GzipDecoder(path, watch, serving)
         else:
-            self._open_decoder = lambda path: DECODERS[compression](path, share)
+            self._open_decoder = lambda path, _: DECODERS[compression](path, share)
         self.compression = compression
         self._lock = threading.Lock()  # guards _decoder: library objects are not thread-safe
         self._decoder: Decoder | None = None
@@ -484,19 +514,25 @@ class CompressedSource:
         """The spill that reads are served from, if any (its path, or /proc/self/fd/N if unnamed)."""
         return self._spill
 
-    def new_decoder(self) -> Decoder:
-        """Open another decoder over the same file (the background pass has its own)."""
+    def new_decoder(self, serving: bool = False) -> Decoder:
+        """Open another decoder over the same file (the background pass has its own); `serving`: the one
+        that serves reads until the pass's replaces it (adopt), for gzip with the smallest chunks."""
         if isinstance(self.archive, ArchiveFile):
-            decoder = self._open_decoder(f"/proc/self/fd/{self.archive.fd}")  # the very file we opened
+            decoder = self._open_decoder(
+                f"/proc/self/fd/{self.archive.fd}", serving
+            )  # the very file we opened
         else:
-            decoder = self._open_decoder(PreadFile(self.archive))
+            decoder = self._open_decoder(PreadFile(self.archive), serving)
         if self._index is not None:
             decoder.import_index(self._index)
         return decoder
 
     def _decoder_locked(self) -> Decoder:
         if self._decoder is None:
-            self._decoder = self.new_decoder() if self._spill_file is None else _open_spill(self._spill_file)
+            if self._spill_file is None:
+                self._decoder = self.new_decoder(serving=True)
+            else:
+                self._decoder = _open_spill(self._spill_file)
         return self._decoder
 
     def needs_spill(self) -> bool:
@@ -548,6 +584,7 @@ class CompressedSource:
             old, self._decoder, self._size = self._decoder, decoder, size
         if old is not None:
             old.close()
+            release_freed_memory()
 
     def verify(self, stopped: Callable[[], bool] = lambda: False) -> bool:
         """Read a dictzip stream whole against its CRC32 (its chunks carry none), with a decoder of its own;

@@ -160,6 +160,7 @@ def served(
     yield served
     if served.process.poll() is not None:
         assert not [pid for pid in group if _is_worker(pid)], "a worker outlived the daemon"
+        assert "did not stop within" not in served.stderr_text()  # each ended at its SIGTERM
 
 
 def _is_worker(pid: int) -> bool:
@@ -296,16 +297,23 @@ def _wait_until_ended(pid: int, what: str) -> None:
         time.sleep(0.01)
 
 
+def _wait_for_title(pid: int, title: bytes) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while title not in (command := Path(f"/proc/{pid}/cmdline").read_bytes()):
+        assert time.monotonic() < deadline, f"{pid}: {command!r}, not {title!r}"
+        time.sleep(0.01)
+
+
 def test_a_killed_worker_is_logged_and_the_others_go_on_serving(
     sample_archive: Path, sample_image: SampleImage, mount: MountFactory, tmp_path: Path
 ) -> None:
     (mountpoint := tmp_path / "mnt").mkdir()
     served = mount(sample_archive, mountpoint, "-o", "workers=2")
     first, second = _workers_of(served.process.pid, 2)
-    # ps shows which process is which
+    # ps shows which process is which (a worker names itself just after the fork)
     assert b"[main]" in Path(f"/proc/{served.process.pid}/cmdline").read_bytes()
-    assert b"[worker 1/2]" in Path(f"/proc/{first}/cmdline").read_bytes()
-    assert b"[worker 2/2]" in Path(f"/proc/{second}/cmdline").read_bytes()
+    _wait_for_title(first, b"[worker 1/2]")
+    _wait_for_title(second, b"[worker 2/2]")
     os.kill(second, signal.SIGKILL)
     deadline = time.monotonic() + TIMEOUT
     while "died (killed by SIGKILL); 1 of 2 go on serving" not in served.stderr_text():

@@ -1,0 +1,142 @@
+"""A mount of 100,000 small files (`-o all`): memory stays under the ceiling, and listings are whole.
+
+A served file must cost no read buffer of its own (a megabyte each would make a few thousand small
+files cost gigabytes), and a listing must resume from its offset without walking or copying the
+directory (which made one `ls -f` grow with the square of the directory's size; its time is measured
+in docs/benchmarks.md, not asserted). The archive is built block by block: one header template whose
+name and checksum are patched per member.
+"""
+
+import ctypes
+import ctypes.util
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kit import tarbuilder as tb
+from kit.mounts import Mount, foreground_mount, status_kib
+
+pytestmark = pytest.mark.fuse
+
+FILES = 100_000
+MEMORY_CEILING_KIB = 256 * 1024  # the daemon's peak RSS for any archive (README, "Limits, said plainly")
+MOUNT_DEADLINE_S = 180.0  # scanning 100,000 headers on a loaded 2-CPU machine; a bound, not a measure
+_DIGITS = 6
+
+
+def name_of(number: int) -> str:
+    return f"f{number:0{_DIGITS}d}.txt"
+
+
+def content_of(number: int) -> bytes:
+    return name_of(number).encode()  # each file holds its own name: a read of the wrong member shows
+
+
+def write_many_files_tar(path: Path, count: int) -> None:
+    """A ustar archive of `count` files f000000.txt... each holding its name, written in one pass."""
+    template = bytearray(tb.file_member(name_of(0), content_of(0)))
+    zeros_sum = ord("0") * _DIGITS
+    base_checksum = tb.checksum(template) - zeros_sum  # all but the name's digits
+    with path.open("wb") as out:
+        for number in range(count):
+            digits = b"%0*d" % (_DIGITS, number)
+            template[1 : 1 + _DIGITS] = digits  # in the name field, after "f"
+            template[512 + 1 : 512 + 1 + _DIGITS] = digits  # in the data, which is the name
+            template[148:156] = b"%06o\0 " % (base_checksum + sum(digits))
+            out.write(template)
+        out.write(tb.END)
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """The archive mounted with `-o all` in one process (`workers=1`: one peak RSS to read)."""
+    where = tmp_path_factory.mktemp("many")
+    archive = where / "many.tar"
+    write_many_files_tar(archive, FILES)
+    (mountpoint := where / "mnt").mkdir()
+    with foreground_mount(archive, mountpoint, "-o", "all,workers=1", timeout=MOUNT_DEADLINE_S) as mounted:
+        yield mounted
+
+
+def expected_names() -> list[str]:
+    return [name_of(number) for number in range(FILES)]
+
+
+def test_a_hundred_thousand_files_stay_under_the_memory_ceiling(many: Mount) -> None:
+    for number in range(0, FILES, 997):  # files across the whole archive: each read takes the buffer
+        assert (many.mountpoint / name_of(number)).read_bytes() == content_of(number)
+    peak = status_kib(many.process.pid, "VmHWM")
+    assert peak < MEMORY_CEILING_KIB, f"peak RSS {peak // 1024} MiB for {FILES} files"
+
+
+def list_at_most(directory: Path, limit: int) -> list[str]:
+    """The names one pass of getdents returns (`ls -f`), stopping after `limit`: a listing that never
+    ends (an offset that does not move on) fails the test instead of filling memory."""
+    with os.scandir(directory) as entries:
+        return [entry.name for entry in itertools.islice(entries, limit)]
+
+
+def test_ls_f_lists_every_name_exactly_once(many: Mount) -> None:
+    listed = list_at_most(many.mountpoint, FILES + 1)
+    assert len(listed) == FILES
+    assert sorted(listed) == expected_names()
+
+
+class _Dirent(ctypes.Structure):
+    """glibc's struct dirent on Linux (dirent64 layout on 64-bit)."""
+
+    _fields_ = (
+        ("d_ino", ctypes.c_uint64),
+        ("d_off", ctypes.c_int64),
+        ("d_reclen", ctypes.c_ushort),
+        ("d_type", ctypes.c_ubyte),
+        ("d_name", ctypes.c_char * 256),
+    )
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.opendir.argtypes = (ctypes.c_char_p,)
+    libc.readdir.restype = ctypes.POINTER(_Dirent)
+    libc.readdir.argtypes = (ctypes.c_void_p,)
+    libc.telldir.restype = ctypes.c_long
+    libc.telldir.argtypes = (ctypes.c_void_p,)
+    libc.seekdir.restype = None
+    libc.seekdir.argtypes = (ctypes.c_void_p, ctypes.c_long)
+    libc.closedir.argtypes = (ctypes.c_void_p,)
+    return libc
+
+
+def read_in_pieces(directory: Path, piece: int, limit: int) -> list[str]:
+    """List `directory` `piece` entries at a time, each piece from a fresh opendir that seekdir()s to
+    where the last one stopped: every piece after the first is a FUSE readdir from a saved offset.
+    Stops after about `limit` names, as list_at_most does."""
+    libc = _libc()
+    names: list[str] = []
+    position = 0
+    while len(names) <= limit:
+        handle = libc.opendir(os.fsencode(directory))
+        if not handle:
+            raise OSError(ctypes.get_errno(), f"opendir {directory}")
+        try:
+            libc.seekdir(handle, position)
+            got = 0
+            while got < piece and (entry := libc.readdir(handle)):
+                names.append(os.fsdecode(entry.contents.d_name))
+                got += 1
+            position = libc.telldir(handle)
+        finally:
+            libc.closedir(handle)
+        if got < piece:
+            break
+    return [name for name in names if name not in (".", "..")]
+
+
+def test_a_listing_resumed_from_saved_offsets_gives_every_name_once(many: Mount) -> None:
+    # 7,001: not a multiple of what one reply holds, so pieces end in the middle of a reply
+    listed = read_in_pieces(many.mountpoint, piece=7_001, limit=FILES + 2)
+    assert len(listed) == FILES
+    assert sorted(listed) == expected_names()

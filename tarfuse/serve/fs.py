@@ -27,12 +27,14 @@ _FOREVER = 24 * 3600.0  # attribute and entry timeouts: nothing under a tarfuse 
 _BLOCK = 4096
 
 ReadFn = Callable[[int, int], bytes | memoryview]  # (offset, size) -> image bytes
+ReadIntoFn = Callable[[memoryview, int], int]  # (buffer, offset) -> bytes filled, short only at the end
 
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 BLOCKING_READERS = 8  # threads serving blocking reads at once; also how many FUSE workers then run
+REQUEST_BUFFER = 1 << 20  # FUSE reads are at most max_pages (256) pages; a larger one gets its own buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +45,7 @@ class ServedFile:
     size: int
     mtime_ns: int
     stored_bytes: int  # real data behind the file, for st_blocks (so `du` shows sparseness)
-    read: ReadFn
+    read: ReadFn  # for callers outside the daemon; ImageFs uses `read_into` where there is one
     xattrs: Mapping[str, bytes]
     uid: int
     gid: int
@@ -58,6 +60,8 @@ class ServedFile:
     # lseek SEEK_DATA / SEEK_HOLE from the map: the next data byte (None: a hole to the end), the next hole.
     next_data: Callable[[int], int | None] = lambda offset: offset
     next_hole: Callable[[int], int] | None = None  # None: no hole but the implicit one at the end
+    # Fill a buffer that ImageFs lends (_Buffers): a served file then holds no buffer of its own.
+    read_into: ReadIntoFn | None = None
 
 
 def seek_support() -> str:
@@ -89,14 +93,56 @@ def _eio_on_bug(
     return guarded
 
 
-@dataclass
+class _Buffers:
+    """Reply buffers lent to reads, one per read in progress in this process, never one per served file.
+
+    Safe to reuse because pyfuse3 answers a read as soon as the handler returns, before any other task
+    runs (fuse_read_async: `await operations.read(...)`, then fuse_reply_buf copies the buffer into the
+    reply). So a handler gives its buffer back just before it returns a view into it: the next taker runs
+    only after the reply is out. Taking and giving happen on the trio thread alone; a read that waits for
+    a thread holds its buffer until the thread is done. Reads answered inline use one buffer at a time;
+    the pool never holds more buffers than reads run at once (pyfuse3's tasks, each with one request).
+    Worker processes each fill their own copy (copy-on-write after fork).
+    """
+
+    def __init__(self) -> None:
+        self._free: list[memoryview] = []
+
+    def take(self, size: int) -> memoryview:
+        """A buffer of at least `size` bytes; made on first use (a bytearray's pages are touched as made)."""
+        if size > REQUEST_BUFFER:
+            return memoryview(bytearray(size))
+        return self._free.pop() if self._free else memoryview(bytearray(REQUEST_BUFFER))
+
+    def give(self, buffer: memoryview) -> None:
+        if len(buffer) == REQUEST_BUFFER:
+            self._free.append(buffer)
+
+
+@dataclass(slots=True)
+class _Directory:
+    """A directory's entries: by name for lookup, and in a fixed order for readdir."""
+
+    children: dict[bytes, InodeT] = field(default_factory=dict)  # name -> inode
+    # The same names in the order they were added, which never changes: readdir's offset is an index
+    # into it, so a listing resumes where it stopped in O(1), not by a walk or a copy of the children.
+    names: list[bytes] = field(default_factory=list)
+    subdirectories: int = 0  # for st_nlink, counted once rather than at every getattr
+
+    def add(self, name: bytes, inode: InodeT, is_directory: bool) -> None:
+        self.children[name] = inode
+        self.names.append(name)
+        self.subdirectories += is_directory
+
+
+@dataclass(slots=True)
 class _Node:
-    """A file (`served`) or a directory (`children`: name -> inode) of the tree."""
+    """A file (`served`), a symbolic link (`target`) or a directory (`directory`) of the tree."""
 
     parent: InodeT
     served: ServedFile | None = None
-    children: dict[bytes, InodeT] = field(default_factory=dict)
     target: bytes | None = None  # a symbolic link's (mount.py keeps only those that stay inside)
+    directory: _Directory | None = None
 
 
 def _tree(
@@ -109,27 +155,28 @@ def _tree(
         if len(files) != 1:
             raise ValueError(f"a file mount point serves one file, not {len(files)}")
         return {root: _Node(root, files[0])}
-    nodes = {root: _Node(root)}
+    nodes = {root: _Node(root, directory=_Directory())}
     entries = [(f.name, _Node(root, served=f)) for f in files]
     entries += [(path, _Node(root, target=os.fsencode(target))) for path, target in symlinks]
     for path, leaf in entries:
         *directories, name = [os.fsencode(part) for part in path.split("/") if part not in ("", ".", "..")]
-        parent: InodeT | None = root
+        parent: _Directory | None = nodes[root].directory
+        parent_inode = root
         for directory in directories:
             assert parent is not None
-            child = nodes[parent].children.get(directory)
+            child = parent.children.get(directory)
             if child is None:
                 child = InodeT(len(nodes) + pyfuse3.ROOT_INODE)
-                nodes[parent].children[directory] = child
-                nodes[child] = _Node(parent)
-            parent = child if nodes[child].served is None and nodes[child].target is None else None
+                parent.add(directory, child, is_directory=True)
+                nodes[child] = _Node(parent_inode, directory=_Directory())
+            parent, parent_inode = nodes[child].directory, child
             if parent is None:
                 break
-        if parent is None or name in nodes[parent].children:
+        if parent is None or name in parent.children:
             continue
         inode = InodeT(len(nodes) + pyfuse3.ROOT_INODE)
-        nodes[parent].children[name] = inode
-        leaf.parent = parent
+        parent.add(name, inode, is_directory=False)
+        leaf.parent = parent_inode
         nodes[inode] = leaf
     return nodes
 
@@ -153,14 +200,11 @@ class ImageFs(pyfuse3.Operations):
         self._nodes = _tree(files, root_is_file, symlinks)
         self._files = files
         self._root_is_file = root_is_file
-        self._xattrs = {
-            inode: {os.fsencode(k): v for k, v in node.served.xattrs.items()}
-            for inode, node in self._nodes.items()
-            if node.served is not None
-        }
+        self._blocks = sum(-(-f.size // _BLOCK) for f in files)  # statfs, counted once
         self._logged_errors: set[tuple[str, int | None]] = set()
         self._init_seen = False
         self._limiter: trio.CapacityLimiter | None = None
+        self._buffers = _Buffers()
 
     def init(self) -> None:
         """libfuse calls this while it builds the FUSE INIT reply: too early for `after_init`."""
@@ -202,13 +246,15 @@ class ImageFs(pyfuse3.Operations):
             attr.st_blocks = -(-served.stored_bytes // 512)
         else:
             attr.st_mode = stat.S_IFDIR | (0o555 & ~served.umask)
-            attr.st_nlink = 2 + sum(self._is_directory(c) for c in node.children.values())
+            attr.st_nlink = 2 + (node.directory.subdirectories if node.directory else 0)
             attr.st_size = 0
         return attr
 
-    def _is_directory(self, inode: InodeT) -> bool:
-        node = self._nodes[inode]
-        return node.served is None and node.target is None
+    def _directory(self, inode: InodeT) -> _Directory:
+        directory = self._node(inode).directory
+        if directory is None:
+            raise FUSEError(errno.ENOTDIR)
+        return directory
 
     def _node(self, inode: InodeT) -> _Node:
         node = self._nodes.get(inode)
@@ -230,14 +276,12 @@ class ImageFs(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: InodeT, name: bytes, ctx: RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        parent = self._node(parent_inode)
-        if not self._is_directory(parent_inode):
-            raise FUSEError(errno.ENOTDIR)
+        directory = self._directory(parent_inode)
         if name == b".":
             return self._attributes(parent_inode)
         if name == b"..":
-            return self._attributes(parent.parent)
-        inode = parent.children.get(name)
+            return self._attributes(self._nodes[parent_inode].parent)
+        inode = directory.children.get(name)
         if inode is None:
             raise FUSEError(errno.ENOENT)
         return self._attributes(inode)
@@ -251,17 +295,18 @@ class ImageFs(pyfuse3.Operations):
 
     @_eio_on_bug
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
-        self._node(inode)
-        if not self._is_directory(inode):
-            raise FUSEError(errno.ENOTDIR)
+        self._directory(inode)
         return FileHandleT(inode)
 
     @_eio_on_bug
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = list(self._node(InodeT(fh)).children.items())
-        for index in range(start_id, len(entries)):
-            name, inode = entries[index]
-            if not pyfuse3.readdir_reply(token, name, self._attributes(inode), index + 1):
+        """Entries from `start_id` on: the offset is the index of the next name (each reply's next_id),
+        so a listing costs what it returns, however large the directory."""
+        directory = self._directory(InodeT(fh))
+        names, children = directory.names, directory.children
+        for index in range(max(start_id, 0), len(names)):
+            name = names[index]
+            if not pyfuse3.readdir_reply(token, name, self._attributes(children[name]), index + 1):
                 return
 
     async def releasedir(self, fh: FileHandleT) -> None:
@@ -277,14 +322,16 @@ class ImageFs(pyfuse3.Operations):
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         # Plain files, and blocking sources whose data is at hand (`ready`): no await, the read runs
-        # inline, which measured faster than trio.to_thread for page-cached archives, and lets
-        # ServedFile.read reuse one buffer (pyfuse3 replies before it reads the next request).
+        # inline, which measured faster than trio.to_thread for page-cached archives.
         try:
             served = self._file(InodeT(fh))
-            if served.blocking and not (served.ready is not None and served.ready(off, size)):
-                data = await trio.to_thread.run_sync(served.read, off, size, limiter=self._blocking_limiter())
-            else:
+            inline = not served.blocking or (served.ready is not None and served.ready(off, size))
+            if served.read_into is not None:
+                return await self._read_into_buffer(served.read_into, off, size, inline)  # type: ignore[return-value]
+            if inline:
                 data = served.read(off, size)
+            else:
+                data = await trio.to_thread.run_sync(served.read, off, size, limiter=self._blocking_limiter())
             return data  # type: ignore[return-value]  # pyfuse3 takes any buffer
         except TarfuseError as exc:
             self._log_once(exc, f"read of {size} bytes at image offset {off} failed: {exc}")
@@ -295,6 +342,19 @@ class ImageFs(pyfuse3.Operations):
         except Exception as exc:  # a bug must not end the daemon (see _eio_on_bug)
             self.log_unexpected("read", exc)
             raise FUSEError(errno.EIO) from None
+
+    async def _read_into_buffer(self, read_into: ReadIntoFn, off: int, size: int, inline: bool) -> memoryview:
+        """Read into a lent buffer (_Buffers says why giving it back before the return is safe)."""
+        buffer = self._buffers.take(size)
+        try:
+            view = buffer[:size]
+            if inline:
+                filled = read_into(view, off)
+            else:
+                filled = await trio.to_thread.run_sync(read_into, view, off, limiter=self._blocking_limiter())
+        finally:
+            self._buffers.give(buffer)
+        return view[:filled]
 
     def _blocking_limiter(self) -> trio.CapacityLimiter:
         if self._limiter is None:  # made on first use, inside trio.run
@@ -347,7 +407,7 @@ class ImageFs(pyfuse3.Operations):
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = _BLOCK
-        data.f_blocks = sum(-(-f.size // _BLOCK) for f in self._files)
+        data.f_blocks = self._blocks
         data.f_bfree = data.f_bavail = 0
         data.f_files = len(self._nodes)
         data.f_ffree = data.f_favail = 0
@@ -356,16 +416,16 @@ class ImageFs(pyfuse3.Operations):
 
     @_eio_on_bug
     async def getxattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> bytes:
-        self._node(inode)
-        value = self._xattrs.get(inode, {}).get(name)
+        served = self._node(inode).served  # looked up in the file's own map: no copy kept per file
+        value = None if served is None else served.xattrs.get(os.fsdecode(name))
         if value is None:
             raise FUSEError(pyfuse3.ENOATTR)
         return value
 
     @_eio_on_bug
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[bytes]:
-        self._node(inode)
-        return list(self._xattrs.get(inode, {}))
+        served = self._node(inode).served
+        return [] if served is None else [os.fsencode(key) for key in served.xattrs]
 
     # Everything below would change the file system: refuse, as a read-only file system must.
 

@@ -8,6 +8,7 @@ for a CompressedSource.
 """
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -36,7 +37,6 @@ from tarfuse.sources.member import MemberSource
 from tarfuse.tar import sparse
 from tarfuse.tar.files import Candidate
 
-_MAX_REQUEST = 1 << 20  # FUSE reads are at most max_pages (256) pages long; larger ones get their own buffer
 _PROGRESS_EVERY = 5.0  # seconds between progress lines while a stream is decompressed for its size
 _REMOTE_SHARE = 4  # a compressed archive on a URL: a quarter of the cache for its compressed blocks
 # -o max_ratio: a stream decompressed for its size before the mount is refused past this many times its
@@ -501,31 +501,19 @@ def _served_file(
     without "." and ".." (tar -x strips a leading "../" too), for several images. Read through `later`
     if given (a later member of its name may replace it while unseen)."""
     mapper = image.mapper if later is None else later.serving(image.mapper)
-    # One buffer serves every request: handlers run one at a time on the trio loop, and pyfuse3 copies
-    # the reply to the kernel before the next request is read (see ImageFs.read). Blocking sources are
-    # read from several threads at once: each read gets its own buffer.
-    buffer = memoryview(bytearray(0 if source.blocking else _MAX_REQUEST))
-
-    def read(offset: int, size: int) -> memoryview:
-        view = buffer[:size] if size <= len(buffer) else memoryview(bytearray(size))
-        try:
-            filled = mapper.read_into(view, offset)
-        except TarfuseError:
-            source.check_unchanged()  # a read cut short by a truncated archive: name the cause
-            raise
-        source.check_unchanged()  # after the read: a change before it or during it is caught
-        return view[:filled]
+    reads = _CheckedReads(mapper, source)
 
     return ServedFile(
         name=(os.path.basename(image.name.rstrip("/")) if bare else _inside(image.name)) or "image",
         size=mapper.size,
         mtime_ns=image.member.mtime * 1_000_000_000,
         stored_bytes=image.stored_bytes,
-        read=read,
+        read=reads.read,
+        read_into=reads.read_into,
         xattrs={
             "user.tarfuse.member": os.fsencode(image.name),
-            "user.tarfuse.format": image.format.driver.encode(),
-            "user.tarfuse.archive": os.fsencode(remote.display_name(source.path)),
+            "user.tarfuse.format": _shared_bytes(image.format.driver),
+            "user.tarfuse.archive": _shared_bytes(remote.display_name(source.path)),
         },
         uid=os.getuid() if options.uid is None else options.uid,
         gid=os.getgid() if options.gid is None else options.gid,
@@ -536,6 +524,39 @@ def _served_file(
         next_data=mapper.next_data,
         next_hole=mapper.next_hole,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_bytes(text: str) -> bytes:
+    """One bytes object for a value that every file of a mount carries (the archive, a format)."""
+    return os.fsencode(text)
+
+
+class _CheckedReads:
+    """A served file's reads, each followed by the source's check that the archive has not changed.
+
+    The daemon lends the buffer (serve/fs.py: one per read in progress, none per file). One small object
+    per file, whose methods ServedFile holds: two closures cost twice as much, for up to 250,000 files.
+    """
+
+    __slots__ = ("_mapper", "_source")
+
+    def __init__(self, mapper: "ImageMapper | _LaterCopy", source: ByteSource) -> None:
+        self._mapper = mapper
+        self._source = source
+
+    def read_into(self, buffer: memoryview, offset: int) -> int:
+        try:
+            filled = self._mapper.read_into(buffer, offset)
+        except TarfuseError:
+            self._source.check_unchanged()  # a read cut short by a truncated archive: name the cause
+            raise
+        self._source.check_unchanged()  # after the read: a change before it or during it is caught
+        return filled
+
+    def read(self, offset: int, size: int) -> memoryview:
+        view = memoryview(bytearray(max(min(size, self._mapper.size - offset), 0)))
+        return view[: self.read_into(view, offset)]
 
 
 class _LaterCopy:

@@ -16,14 +16,14 @@ PR_SET_PDEATHSIG). Workers never unmount: only the main process does, so a group
 killed leaves a stale mount, as one process would.
 
 A stop signal can be spent without effect. The worker's wait asks its flag, then libfuse's read(2) blocks;
-a signal that comes in between is taken before the read starts (its handler may even run only after
-it), and nothing interrupts that read until the next request. The kernel gives no read(2) that unblocks signals atomically (as ppoll does for poll),
-and pyfuse3 takes EAGAIN from a non-blocking read as a fatal error. So the main process repeats SIGTERM
-until the worker has ended (Group.stop): a repeat finds it blocked in read (EINTR, then the wait sees the
-flag) or serving (it sees the flag at its next wait). The main process's death is a SIGKILL, which no
-window can lose: a worker has nothing to clean up that the kernel does not (the mount is stale then
-anyway). A stop signal sent by hand to one worker alone is not repeated: that worker may wait for the next
-request before it ends.
+a signal that comes in between is taken before the read starts (its handler may even run only after it),
+and nothing interrupts that read until the next request. The kernel gives no read(2) that unblocks signals
+atomically (as ppoll does for poll), and pyfuse3 takes EAGAIN from a non-blocking read as a fatal error.
+So the main process repeats SIGTERM until the worker has ended (Group.stop): a repeat finds it blocked in
+read (EINTR, then the wait sees the flag) or serving (it sees the flag at its next wait). The main
+process's death is a SIGKILL, which no window can lose: a worker has nothing to clean up that the kernel
+does not (the mount is stale then anyway). A stop signal sent by hand to one worker alone is not repeated:
+that worker may wait for the next request before it ends.
 """
 
 import contextlib

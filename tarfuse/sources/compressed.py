@@ -52,7 +52,7 @@ _ZERO_CHUNK = bytes(CHUNK_SIZE)  # the one copy the cache keeps of every chunk o
 GZIP_CHUNK_SIZE = 2 << 20
 GZIP_REMOTE_CHUNK_SIZE = 1 << 20
 # rapidgzip's chunk for a stream that compresses very well (GzipRatioWatch): what it holds stays small.
-GZIP_SMALLEST_CHUNK_SIZE = 128 << 10
+GZIP_SMALLEST_CHUNK_SIZE = 192 << 10
 _HIGH_RATIO = 4  # a span of the stream compressed better than this makes the chunks small
 _RATIO_SAMPLE = 4 << 20  # the output of a span, or a chunk's worth of compressed input
 _GZIP_PROBE = 256 << 10  # compressed bytes inflated at open to see how well the stream compresses
@@ -128,11 +128,13 @@ class GzipRatioWatch:
 
     rapidgzip cuts a chunk at 16 chunk sizes of output, and holds up to ~19 of them (its cache and its
     prefetch): on a stream of ratio 4 or more that outgrows a decoder's share at its default chunk
-    (measured on zeros, one decoder: 2 MiB and 1 MiB chunks 255 MiB, 256 KiB 136, 128 KiB 70 after
-    random reads). The watch sees the start of the stream (probe) and every forward read of the source's
-    decoders (compressed bytes consumed, bytes produced); once a span of _RATIO_SAMPLE output came from
-    less than a quarter of it, `chunk_size` becomes GZIP_SMALLEST_CHUNK_SIZE for good, and every decoder
-    of the source changes to it at its next read. A decoder that only seeks learns nothing itself: the
+    (measured on zeros, one decoder: 2 MiB and 1 MiB chunks 255 MiB, 256 KiB 136, 192 KiB 70 after
+    random reads; rapidgzip 0.16 fails a cut stream with "block offset index is out of sync" at 96 and
+    128 KiB, where it ends short at 192 KiB as at 2 MiB, so 192 KiB it is). The watch sees the start of
+    the stream (probe) and every forward read of the source's decoders (compressed bytes consumed, bytes
+    produced); once a span of _RATIO_SAMPLE output came from less than a quarter of it, `chunk_size`
+    becomes GZIP_SMALLEST_CHUNK_SIZE for good, and every decoder of the source changes to it at its next
+    read. A decoder that only seeks learns nothing itself: the
     pass, which reads the stream forward from its start, teaches it.
     """
 

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 TIMEOUT = 60.0  # a case that takes longer than this hangs
 GRACE_S = 20.0  # Group.stop's SIGKILL deadline in the cases: far longer than a worker needs to end
 
@@ -104,9 +106,12 @@ def run_case(body: str, **constants: object) -> str:
     """Run the prelude and `body` with `constants` defined; return its output, which must end in "done"."""
     code = "".join(f"{name} = {value!r}\n" for name, value in {"GRACE_S": GRACE_S, **constants}.items())
     code += textwrap.dedent(_PRELUDE) + textwrap.dedent(body)
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, check=False
-    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still stopping workers after {TIMEOUT:g} s: several did not end at their SIGTERM")
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 

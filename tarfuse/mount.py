@@ -11,7 +11,7 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from tarfuse.errors import (
@@ -509,20 +509,16 @@ def _served_file(
         mtime_ns=image.member.mtime * 1_000_000_000,
         stored_bytes=image.stored_bytes,
         read=reads.read,
-        read_into=reads.read_into,
-        xattrs={
-            "user.tarfuse.member": os.fsencode(image.name),
-            "user.tarfuse.format": _shared_bytes(image.format.driver),
-            "user.tarfuse.archive": _shared_bytes(remote.display_name(source.path)),
-        },
+        contents=reads,
+        xattrs=_Xattrs(
+            image.name, _shared_bytes(image.format.driver), _shared_bytes(remote.display_name(source.path))
+        ),
         uid=os.getuid() if options.uid is None else options.uid,
         gid=os.getgid() if options.gid is None else options.gid,
         umask=options.umask,
         blocking=source.blocking,
         ready=_cached(mapper, source) if isinstance(source, CompressedSource) else None,
         readers=source.readers,
-        next_data=mapper.next_data,
-        next_hole=mapper.next_hole,
     )
 
 
@@ -532,11 +528,36 @@ def _shared_bytes(text: str) -> bytes:
     return os.fsencode(text)
 
 
-class _CheckedReads:
-    """A served file's reads, each followed by the source's check that the archive has not changed.
+class _Xattrs(Mapping[str, bytes]):
+    """A served file's user.tarfuse.* attributes: the member's name, encoded when asked (it is the
+    Member's own string), and the format and archive, which every file of a mount shares. A dict per
+    file costs three times as much."""
 
-    The daemon lends the buffer (serve/fs.py: one per read in progress, none per file). One small object
-    per file, whose methods ServedFile holds: two closures cost twice as much, for up to 250,000 files.
+    __slots__ = ("_archive", "_format", "_member")
+    _KEYS = ("user.tarfuse.member", "user.tarfuse.format", "user.tarfuse.archive")
+
+    def __init__(self, member: str, format_: bytes, archive: bytes) -> None:
+        self._member, self._format, self._archive = member, format_, archive
+
+    def __getitem__(self, key: str) -> bytes:
+        if key == "user.tarfuse.member":
+            return os.fsencode(self._member)
+        if key == "user.tarfuse.format":
+            return self._format
+        if key == "user.tarfuse.archive":
+            return self._archive
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._KEYS)
+
+    def __len__(self) -> int:
+        return len(self._KEYS)
+
+
+class _CheckedReads:
+    """A served file's contents (serve.fs.Contents): reads, each followed by the source's check that the
+    archive has not changed, into the buffer the daemon lends; holes and data from the map.
     """
 
     __slots__ = ("_mapper", "_source")
@@ -557,6 +578,12 @@ class _CheckedReads:
     def read(self, offset: int, size: int) -> memoryview:
         view = memoryview(bytearray(max(min(size, self._mapper.size - offset), 0)))
         return view[: self.read_into(view, offset)]
+
+    def next_data(self, offset: int) -> int | None:
+        return self._mapper.next_data(offset)
+
+    def next_hole(self, offset: int) -> int:
+        return self._mapper.next_hole(offset)
 
 
 class _LaterCopy:

@@ -12,7 +12,7 @@ import os
 import stat
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 import trio
@@ -30,6 +30,23 @@ ReadFn = Callable[[int, int], bytes | memoryview]  # (offset, size) -> image byt
 ReadIntoFn = Callable[[memoryview, int], int]  # (buffer, offset) -> bytes filled, short only at the end
 
 
+class Contents(Protocol):
+    """A served file's bytes, as one object: a mount may serve 250,000 files, and a callable stored per
+    file per operation (a bound method or a closure) costs 64 bytes or more each."""
+
+    def read_into(self, buffer: memoryview, offset: int) -> int:
+        """Fill `buffer` (lent by ImageFs, see _Buffers) from `offset`; short only at the end."""
+        ...
+
+    def next_data(self, offset: int) -> int | None:
+        """lseek SEEK_DATA: the next data byte at or after `offset`; None: a hole to the end."""
+        ...
+
+    def next_hole(self, offset: int) -> int:
+        """lseek SEEK_HOLE: the next hole at or after `offset` (the size if none before the end)."""
+        ...
+
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -45,7 +62,7 @@ class ServedFile:
     size: int
     mtime_ns: int
     stored_bytes: int  # real data behind the file, for st_blocks (so `du` shows sparseness)
-    read: ReadFn  # for callers outside the daemon; ImageFs uses `read_into` where there is one
+    read: ReadFn  # for callers outside the daemon; ImageFs reads `contents` where there is one
     xattrs: Mapping[str, bytes]
     uid: int
     gid: int
@@ -60,8 +77,8 @@ class ServedFile:
     # lseek SEEK_DATA / SEEK_HOLE from the map: the next data byte (None: a hole to the end), the next hole.
     next_data: Callable[[int], int | None] = lambda offset: offset
     next_hole: Callable[[int], int] | None = None  # None: no hole but the implicit one at the end
-    # Fill a buffer that ImageFs lends (_Buffers): a served file then holds no buffer of its own.
-    read_into: ReadIntoFn | None = None
+    # In place of `read`, `next_data` and `next_hole` for ImageFs: reads fill a buffer it lends.
+    contents: Contents | None = None
 
 
 def seek_support() -> str:
@@ -326,8 +343,8 @@ class ImageFs(pyfuse3.Operations):
         try:
             served = self._file(InodeT(fh))
             inline = not served.blocking or (served.ready is not None and served.ready(off, size))
-            if served.read_into is not None:
-                return await self._read_into_buffer(served.read_into, off, size, inline)  # type: ignore[return-value]
+            if served.contents is not None:
+                return await self._read_into_buffer(served.contents.read_into, off, size, inline)  # type: ignore[return-value]
             if inline:
                 data = served.read(off, size)
             else:
@@ -388,12 +405,15 @@ class ImageFs(pyfuse3.Operations):
         served = self._file(InodeT(fh))
         if off < 0 or off >= served.size:
             raise FUSEError(errno.ENXIO)
+        contents = served.contents
         if whence == os.SEEK_DATA:
-            found = served.next_data(off)
+            found = contents.next_data(off) if contents is not None else served.next_data(off)
             if found is None:
                 raise FUSEError(errno.ENXIO)
             return found
         if whence == os.SEEK_HOLE:
+            if contents is not None:
+                return contents.next_hole(off)
             return served.size if served.next_hole is None else served.next_hole(off)
         raise FUSEError(errno.EINVAL)
 

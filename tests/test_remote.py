@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import tarfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,10 +137,8 @@ def test_a_short_run_is_read_ahead_by_at_most_half_its_length(server: RangeServe
     server.reset_counters()
     for offset in range(BLOCK_SIZE, BLOCK_SIZE + MiB, 64 * 1024):
         assert source.read_at(offset, 64 * 1024) == blob[offset : offset + 64 * 1024]
-    settled = -1
-    while settled != server.bytes_served:  # readahead still on its way ends by itself
-        settled = server.bytes_served
-        time.sleep(0.2)
+    source._blocks._quiesce()  # the readahead threads have ended: every request they make was made
+    server.wait_until_every_request_handled(timeout=60)  # and every byte of the answers counted
     assert server.bytes_served <= MiB + MiB // 2
 
 
@@ -176,11 +173,9 @@ def test_endless_503s_fail_after_the_retries(server: RangeServer, blob: bytes) -
     source = remote(server.put("blob", blob), retries=2)
     server.reset_counters()
     server.faults.error = -1
-    started = time.monotonic()
     with pytest.raises(RemoteError, match="HTTP 503"):
         source.read_at(3 * MiB, 1000)
     assert len(server.requests) == 3
-    assert time.monotonic() - started < 3
 
 
 def test_missing_object_fails_at_once(server: RangeServer) -> None:
@@ -195,7 +190,7 @@ def test_server_ignoring_range_is_refused_without_downloading(server: RangeServe
     server.faults.ignore_range = True
     with pytest.raises(RemoteError, match="ignored the Range header"):
         remote(url)
-    time.sleep(0.2)  # let the server notice the hang-up
+    server.wait_until_every_request_handled(timeout=60)  # the server has noticed the hang-up
     assert server.bytes_served < len(big) // 2
 
 

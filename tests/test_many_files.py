@@ -11,12 +11,16 @@ import ctypes
 import ctypes.util
 import itertools
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from kit import tarbuilder as tb
 from kit.mounts import Mount, foreground_mount, status_kib
+
+from tarfuse.serve.fs import ImageFs, ServedFile
 
 pytestmark = pytest.mark.fuse
 
@@ -140,3 +144,49 @@ def test_a_listing_resumed_from_saved_offsets_gives_every_name_once(many: Mount)
     listed = read_in_pieces(many.mountpoint, piece=7_001, limit=FILES + 2)
     assert len(listed) == FILES
     assert sorted(listed) == expected_names()
+
+
+class _Pattern:
+    """Contents whose every byte is a function of the read's offset; each read waits at `meet` after
+    filling its buffer, so that two reads in threads are both filled before either returns."""
+
+    def __init__(self, meet: threading.Barrier) -> None:
+        self._meet = meet
+
+    def read_into(self, buffer: memoryview, offset: int) -> int:
+        buffer[:] = bytes([offset % 251]) * len(buffer)
+        self._meet.wait()
+        return len(buffer)
+
+    def next_data(self, offset: int) -> int | None:
+        return offset
+
+    def next_hole(self, offset: int) -> int:
+        return 1 << 30
+
+
+async def test_reads_in_threads_at_once_never_share_a_lent_buffer() -> None:
+    """The buffers are shared across files and reads, but a read waiting on its thread keeps its own."""
+    contents = _Pattern(threading.Barrier(2, timeout=10))
+    served = ServedFile(
+        name="a.img",
+        size=1 << 30,
+        mtime_ns=0,
+        stored_bytes=0,
+        read=lambda offset, size: b"",
+        xattrs={},
+        uid=0,
+        gid=0,
+        blocking=True,
+        contents=contents,
+    )
+    fs = ImageFs(served, root_is_file=True)
+    results: dict[int, bytes] = {}
+
+    async def read_at(offset: int) -> None:
+        results[offset] = bytes(await fs.read(1, offset, 4096))  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_at, 1)
+        nursery.start_soon(read_at, 2)
+    assert results == {1: b"\x01" * 4096, 2: b"\x02" * 4096}

@@ -19,7 +19,6 @@ file objects.
 
 import contextlib
 import io
-import logging
 import lzma
 import threading
 from collections import OrderedDict
@@ -39,8 +38,6 @@ from tarfuse.sources.compression import (
     sniff,
 )
 from tarfuse.sources.file import ArchiveFile, ByteSource, Identity, PreadFile
-
-log = logging.getLogger(__name__)
 
 UNKNOWN_SIZE = 1 << 62  # the size until the stream's end is known: reads past the real end come back short
 CHUNK_SIZE = 1 << 20  # the unit of decompression and of the cache
@@ -171,12 +168,6 @@ class GzipRatioWatch:
         self._compressed, self._output = 0, 0
         if ratio > _HIGH_RATIO:
             self.chunk_size = GZIP_SMALLEST_CHUNK_SIZE
-            log.info(
-                "the gzip stream decompresses to %.0f times its size: rapidgzip chunks of %d KiB from now "
-                "on, to keep its decoders within their memory",
-                ratio,
-                self.chunk_size >> 10,
-            )
 
 
 class _GzipDecoder(_SeekingDecoder):

@@ -228,8 +228,9 @@ def assemble(
         opened: list[Image] = []
         served = []
         share = _member_cache_share(source, images, options)
+        decoders = _member_decoder_memory(source, images, options)
         for image in images:
-            unwrapped = _open_compressed_member(source, image, options, say, share)
+            unwrapped = _open_compressed_member(source, image, options, say, share, decoders)
             if unwrapped is None:
                 opened.append(image)
                 one = len(images) == 1
@@ -312,6 +313,14 @@ def _member_cache_share(source: ByteSource, images: list[Image], options: MountO
     return budget // count
 
 
+def _member_decoder_memory(source: ByteSource, images: list[Image], options: MountOptions) -> int:
+    """One decoder budget for the mount (-o decoder_memory), split before the members' decoders are built:
+    a compressed archive keeps half for its own, and each compressed member among `images` gets this much
+    of the rest for its two. A share too small for a member's window or dictionary refuses that stream."""
+    count = max(1, sum(_member_compression(image) is not None for image in images))
+    return options.decoder_memory // (2 if isinstance(source, CompressedSource) else 1) // count
+
+
 def _member_compression(image: Image) -> Compression | None:
     """The compression of a member named like a compressed image (disk.raw.xz) whose bytes agree."""
     stripped = bare.strip_compression_suffix(image.name)
@@ -323,9 +332,15 @@ def _member_compression(image: Image) -> Compression | None:
 
 
 def _open_compressed_member(
-    archive: ByteSource, image: Image, options: MountOptions, say: Callable[[str], None], cache_size: int
+    archive: ByteSource,
+    image: Image,
+    options: MountOptions,
+    say: Callable[[str], None],
+    cache_size: int,
+    decoder_memory: int,
 ) -> tuple[CompressedSource, Image, BackgroundJob | None] | None:
-    """The member chosen, decompressed, if it is named like a compressed image and its bytes agree."""
+    """The member chosen, decompressed, if it is named like a compressed image and its bytes agree;
+    `cache_size` and `decoder_memory`: its shares of the mount's budgets."""
     compression = _member_compression(image)
     if compression is None:
         return None
@@ -333,8 +348,7 @@ def _open_compressed_member(
     member = MemberSource(
         archive, image.mapper.read_into, image.mapper.size, image.name, image.member.header_offset
     )
-    decoders = options.decoder_memory // (2 if isinstance(archive, CompressedSource) else 1)  # shared with it
-    inner = CompressedSource(member, compression, cache_size, decoders)
+    inner = CompressedSource(member, compression, cache_size, decoder_memory)
     try:
         _refuse_compressed_again(inner.read_at(0, 8), f"member {image.name!r} decompressed")
         job = _whole_stream_ready(inner, options, say)

@@ -8,7 +8,9 @@ may follow one another), so a 512 MiB image costs a few MB and well under a seco
 
 import bz2
 import functools
+import io
 import lzma
+import os
 import random
 import subprocess
 import tarfile
@@ -97,15 +99,19 @@ def test_a_mount_of_zeros_stays_under_the_ceiling(mount: MountFactory, tmp_path:
 
 
 def _refusal(archive: Path, mountpoint: Path, *options: str) -> str:
-    """Mount `archive`, which must be refused: the one line it says."""
+    """Mount `archive`, which must be refused: the one line it says (a mount made instead is undone)."""
     mountpoint.mkdir(exist_ok=True)
-    result = subprocess.run(
-        tarfuse_command(archive, mountpoint, *options),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    try:
+        result = subprocess.run(
+            tarfuse_command(archive, mountpoint, *options),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        if os.path.ismount(mountpoint):
+            subprocess.run(["fusermount3", "-u", mountpoint], check=False)
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -187,3 +193,42 @@ def test_the_fuzzers_high_ratio_seeds_are_served_or_refused_under_the_ceiling() 
     assert refused == sum(seed.refused for seed in seeds), outcomes
     assert served == len(seeds) - refused, outcomes
     assert summary.memory.peak < MEMORY_CEILING_KIB * 1024, summary.memory
+
+
+MEMBER_PIECE = 64 << 20  # one frame of zeros that fills a 64 MiB window: fits one decoder's default share
+MEMBERS = 4
+
+
+@functools.cache
+def _window_filling_zstd() -> bytes:
+    """64 MiB of zeros in one zstd frame whose window is 64 MiB (what `--ultra -20` asks for)."""
+    options = {pyzstd.CParameter.compressionLevel: 3, pyzstd.CParameter.windowLog: 26}
+    return pyzstd.compress(bytes(MEMBER_PIECE), options)
+
+
+def compressed_members_tar(path: Path) -> Path:
+    """A plain tar of MEMBERS zero-filled images, each disk<N>.raw.zst of two 64 MiB-window frames."""
+    member = _window_filling_zstd() * 2
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for number in range(1, MEMBERS + 1):
+            info = tarfile.TarInfo(f"disk{number}.raw.zst")
+            info.size, info.mtime = len(member), 1_700_000_000
+            tar.addfile(info, io.BytesIO(member))
+    return path
+
+
+def test_compressed_members_share_one_decoder_budget(mount: MountFactory, tmp_path: Path) -> None:
+    """Each compressed member served on a directory mount point gets -o decoder_memory divided by their
+    number, not half of it each (four 64 MiB windows, each kept by its member's decoder: ~300 MiB): four
+    members that each need a 64 MiB window are refused at the default budget with the one line, and served
+    where the budget is raised to hold them all."""
+    archive = compressed_members_tar(tmp_path / "disks.tar")
+    line = _refusal(archive, tmp_path / "mnt")
+    assert "64 MiB" in line, line
+    assert "-o decoder_memory=SIZE" in line, line
+    (served := tmp_path / "raised").mkdir()
+    mount(archive, served, "-o", f"decoder_memory={MEMBERS * 2 * 64 + 16}M")
+    for number in range(1, MEMBERS + 1):
+        with (served / f"disk{number}.raw").open("rb", buffering=0) as reader:
+            reader.seek(2 * MEMBER_PIECE - (1 << 20))
+            assert reader.read() == bytes(1 << 20)

@@ -101,7 +101,7 @@ def memory_refusal(what: str, needs: int | None, share: int) -> DecoderMemoryErr
     needed = "" if needs is None else f" ({_mib(needs)})"
     return DecoderMemoryError(
         f"{what} needs more memory to decode{needed} than the decoder memory limit allows ({_mib(share)} for "
-        f"each of an archive's two decoders; -o decoder_memory=SIZE raises it, default "
+        f"each of this stream's two decoders; -o decoder_memory=SIZE raises it, default "
         f"{DEFAULT_DECODER_MEMORY >> 20}M)"
     )
 

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 import textwrap
 
@@ -128,7 +129,10 @@ GENERIC_WORDS = (
     "option is an error that names it."
 )
 FSTAB_EXAMPLE = "/srv/vm.tar /mnt/vm fuse.tarfuse ro,allow_other,member=disk.raw,nofail 0 0"
-EXIT_STATUS = "Exit status: 0 success, 1 the archive or the mount failed, 2 usage error."
+EXIT_STATUS = (
+    "Exit status: 0 success, 1 the archive or the mount failed, 2 usage error, "
+    "128+N a signal N (Ctrl-C: 130) before the mount was live: nothing mounted."
+)
 # The -o options, for people: --help, the man page (scripts/manpage.py) and the README's table are all
 # made from this one list (tests/test_docs.py checks the README against it).
 MOUNT_OPTION_HELP = (
@@ -271,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         PrintableFormatter("tarfuse: %(message)s" if not args.debug else "tarfuse: %(name)s: %(message)s")
     )
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[console])
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _interrupt)
     try:
         options = split_mount_options(args.options, rw_is_default=_run_by_mount())
         if args.json and not args.list:
@@ -280,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.mountpoint is None:
             raise UsageError("MOUNTPOINT is missing (or use --list to see what ARCHIVE holds)")
         return _mount(args, options)
+    except Interrupted as exc:
+        name = signal.Signals(exc.signum).name
+        _error(f"interrupted by {name}" + ("" if args.list else "; nothing mounted"))
+        return 128 + exc.signum
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -290,6 +300,24 @@ def main(argv: list[str] | None = None) -> int:
         named = isinstance(exc.filename, str | bytes) and exc.filename
         _error(f"{printable(exc.filename) if named else _shown_path(args.archive)}: {exc.strerror}")
         return EXIT_FAILED
+
+
+# Until the mount is live, a stop signal ends tarfuse with one line; from then on the daemon's loop takes
+# them (daemon.mount holds them back until it listens), and they unmount.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(BaseException):
+    """A stop signal before the mount was live. A BaseException, as KeyboardInterrupt is: no handler that
+    turns failures into EIO or a log line may take it; cleanup (`finally`, `with`) runs on its way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def _error(message: str) -> None:

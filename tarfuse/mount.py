@@ -52,6 +52,13 @@ MAX_WORKERS = 64  # -o workers=: more processes than this is a typo, not a plan
 # docs/benchmarks.md, "Serving from several processes".
 CPUS_PER_WORKER = 4
 DEFAULT_WORKERS_MAX = 8
+# The most files one mount serves (-o all, or every disk image on a directory mount point). Each costs
+# about 1.6 KB while served: 100,000 from a plain local tar stay under the 256 MiB ceiling
+# (tests/test_many_files.py measures it); beside a compressed or remote archive's chunk cache and
+# decoders, a quarter of that. The archive's 250,000 members (tar.files.MAX_MEMBERS) would not fit: past
+# the bound, the mount is refused before the files are opened.
+MAX_SERVED_FILES = 100_000
+MAX_SERVED_FILES_CACHED = 25_000
 
 
 @dataclass
@@ -216,7 +223,9 @@ def assemble(
         if options.all_files and options.member is None and several:
             if isinstance(source, CompressedSource) and not source.size_known:
                 say(f"{source.path}: -o all: reading the compressed archive whole, to find every file in it")
-            images, found_links = list_files(source.read_at, source.size, source.pread_into)
+            images, found_links = list_files(
+                source.read_at, source.size, source.pread_into, _most_served(source)
+            )
             if not images:
                 raise NoImage("-o all: the archive holds no regular files", None)
             background = None
@@ -270,16 +279,21 @@ def _open_tar(
     if isinstance(source, CompressedSource):
         where = None if source.compression == "dictzip" else _with_saved_index(source, options)
         if several and source.size_known and not source.needs_spill():
-            images = list_images(source.read_at, source.size, source.pread_into)
+            images = list_images(source.read_at, source.size, source.pread_into, _most_served(source))
             if images:  # one scan: with none, open_image below says why
                 return images, _dictzip_check(source) if source.compression == "dictzip" else None
         image, background = _open_compressed(source, options, where, later)
         return [image], background
     if several:
-        images = list_images(source.read_at, source.size, source.pread_into)
+        images = list_images(source.read_at, source.size, source.pread_into, _most_served(source))
         if images:  # one scan: with none, open_image below says why
             return images, None
     return [open_image(source.read_at, source.size, options.member, source.pread_into)], None
+
+
+def _most_served(source: ByteSource) -> int:
+    """How many files a mount of `source` may serve: fewer beside a cache (MAX_SERVED_FILES)."""
+    return MAX_SERVED_FILES if isinstance(source, ArchiveFile) else MAX_SERVED_FILES_CACHED
 
 
 def _open_bare(

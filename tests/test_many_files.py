@@ -4,13 +4,15 @@ A served file must cost no read buffer of its own (a megabyte each would make a 
 files cost gigabytes), and a listing must resume from its offset without walking or copying the
 directory (which made one `ls -f` grow with the square of the directory's size; its time is measured
 in docs/benchmarks.md, not asserted). The archive is built block by block: one header template whose
-name and checksum are patched per member.
+name and checksum are patched per member. One file more than a mount serves is refused before the files
+are opened: the archive's member limit is well above what fits under the ceiling.
 """
 
 import ctypes
 import ctypes.util
 import itertools
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +20,9 @@ from pathlib import Path
 import pytest
 import trio
 from kit import tarbuilder as tb
-from kit.mounts import Mount, foreground_mount, status_kib
+from kit.mounts import Mount, foreground_mount, is_mounted, status_kib, tarfuse_command
 
+from tarfuse.mount import MAX_SERVED_FILES, MAX_SERVED_FILES_CACHED
 from tarfuse.serve.fs import ImageFs, ServedFile
 
 pytestmark = pytest.mark.fuse
@@ -30,17 +33,18 @@ MOUNT_DEADLINE_S = 180.0  # scanning 100,000 headers on a loaded 2-CPU machine; 
 _DIGITS = 6
 
 
-def name_of(number: int) -> str:
-    return f"f{number:0{_DIGITS}d}.txt"
+def name_of(number: int, suffix: str = ".txt") -> str:
+    return f"f{number:0{_DIGITS}d}{suffix}"
 
 
 def content_of(number: int) -> bytes:
     return name_of(number).encode()  # each file holds its own name: a read of the wrong member shows
 
 
-def write_many_files_tar(path: Path, count: int) -> None:
-    """A ustar archive of `count` files f000000.txt... each holding its name, written in one pass."""
-    template = bytearray(tb.file_member(name_of(0), content_of(0)))
+def write_many_files_tar(path: Path, count: int, suffix: str = ".txt") -> None:
+    """A ustar archive of `count` files f000000.txt... (or `suffix`) each holding its name, written in
+    one pass."""
+    template = bytearray(tb.file_member(name_of(0, suffix), name_of(0, suffix).encode()))
     zeros_sum = ord("0") * _DIGITS
     base_checksum = tb.checksum(template) - zeros_sum  # all but the name's digits
     with path.open("wb") as out:
@@ -62,6 +66,54 @@ def many(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     (mountpoint := where / "mnt").mkdir()
     with foreground_mount(archive, mountpoint, "-o", "all,workers=1", timeout=MOUNT_DEADLINE_S) as mounted:
         yield mounted
+
+
+@pytest.fixture(scope="module")
+def one_too_many(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One file more than a mount serves, each named like a disk image: a directory mount point would
+    serve every one of them even without -o all."""
+    archive = tmp_path_factory.mktemp("too-many") / "disks.tar"
+    write_many_files_tar(archive, MAX_SERVED_FILES + 1, suffix=".img")
+    return archive
+
+
+def mount_refused(archive: Path, mountpoint: Path, *options: str) -> str:
+    """Run `tarfuse` (no -f: it returns once mounted, or on its error), check it mounted nothing and
+    exited 1, and return what it said."""
+    mountpoint.mkdir()
+    command = tarfuse_command(archive, mountpoint, *options)
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=MOUNT_DEADLINE_S, check=False
+        )
+    finally:
+        if is_mounted(mountpoint):  # a mount the test did not expect: leave none behind (its daemon ends)
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+    assert result.returncode == 1, result.stderr
+    assert not is_mounted(mountpoint)
+    return result.stderr
+
+
+@pytest.mark.parametrize("options", [("-o", "all"), ()], ids=["all-files", "every-disk-image"])
+def test_one_file_more_than_a_mount_serves_is_refused_in_one_line(
+    one_too_many: Path, tmp_path: Path, options: tuple[str, ...]
+) -> None:
+    said = mount_refused(one_too_many, tmp_path / "mnt", *options)
+    assert said.count("\n") == 1, said
+    assert f"holds {MAX_SERVED_FILES + 1:,}" in said
+    assert f"the {MAX_SERVED_FILES:,} one mount serves" in said
+    assert "-o member=PATH" in said
+    assert "tarfuse --list" in said
+
+
+def test_a_compressed_archive_serves_fewer_files_beside_its_cache(tmp_path: Path) -> None:
+    """Its chunk cache and decoders take part of the ceiling: the bound is lower, and refused alike."""
+    plain = tmp_path / "disks.tar"
+    write_many_files_tar(plain, MAX_SERVED_FILES_CACHED + 1, suffix=".img")
+    subprocess.run(["zstd", "-q", "--rm", str(plain)], check=True)
+    said = mount_refused(tmp_path / "disks.tar.zst", tmp_path / "mnt", "-o", "all")
+    assert f"holds {MAX_SERVED_FILES_CACHED + 1:,}" in said
+    assert f"the {MAX_SERVED_FILES_CACHED:,} one mount serves" in said
 
 
 def expected_names() -> list[str]:

@@ -6,6 +6,7 @@ The one entry point that the CLI and the daemon share.
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tarfuse.errors import NoImage
 from tarfuse.image import detect
 from tarfuse.image.detect import ImageFormat, has_image_suffix
 from tarfuse.image.mapper import ImageMapper, PreadInto
@@ -71,23 +72,41 @@ def _files(read_at: ReadAt, archive_size: int) -> list[Candidate]:
     return resolve_files(scan_members(read_at, archive_size))
 
 
-def list_images(read_at: ReadAt, archive_size: int, read_into: PreadInto | None = None) -> list[Image]:
+def list_images(
+    read_at: ReadAt, archive_size: int, read_into: PreadInto | None = None, most: int | None = None
+) -> list[Image]:
     """Every candidate image in the archive, opened (for `tarfuse --list`, and for every disk of a
-    multi-disk archive)."""
+    multi-disk archive); more than `most` are refused before any is opened."""
     files = _files(read_at, archive_size)
-    return [_open_candidate(c, read_at, read_into) for c in detect.find_candidates(files, _sniffer(read_at))]
+    candidates = detect.find_candidates(files, _sniffer(read_at))
+    _refuse_more_than(most, candidates, "disk images")
+    return [_open_candidate(c, read_at, read_into) for c in candidates]
 
 
 def list_files(
-    read_at: ReadAt, archive_size: int, read_into: PreadInto | None = None
+    read_at: ReadAt, archive_size: int, read_into: PreadInto | None = None, most: int | None = None
 ) -> tuple[list[Image], list[tuple[str, str]]]:
     """Every regular file the archive leaves on extraction, opened as an image would be (-o all): the
-    disk images with their format, the others as raw bytes; and the symlinks it leaves (name, target)."""
+    disk images with their format, the others as raw bytes; and the symlinks it leaves (name, target).
+    More than `most` files are refused before any is opened."""
     check_uncompressed(read_at(0, 16))
     table = FileTable()
     for member in scan_members(read_at, archive_size):
         table.add(member)
-    return [_open_candidate(c, read_at, read_into) for c in table.files()], table.symlinks()
+    files = table.files()
+    _refuse_more_than(most, files, "files")
+    return [_open_candidate(c, read_at, read_into) for c in files], table.symlinks()
+
+
+def _refuse_more_than(most: int | None, found: list[Candidate], what: str) -> None:
+    """An opened file costs about a kilobyte (its map, mapper and format) and a served one as much again:
+    past the caller's bound, refuse while the list is still only names, before the memory is spent."""
+    if most is not None and len(found) > most:
+        raise NoImage(
+            f"the archive holds {len(found):,} {what}, more than the {most:,} one mount serves (each costs "
+            "memory while served); serve one with -o member=PATH "
+            "(tarfuse --list ARCHIVE shows the disk images)"
+        )
 
 
 def open_first_image(

@@ -120,6 +120,16 @@ def release_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+def gzip_chunk_for(chunk: int, share: int) -> int:
+    """rapidgzip's chunk for a decoder whose share of the decoder memory is `share`: what it holds grows
+    with its chunk, so a share smaller than the default's (a mount's compressed members divide the budget)
+    makes the chunk smaller in proportion, down to GZIP_SMALLEST_CHUNK_SIZE."""
+    default = decoder_share(DEFAULT_DECODER_MEMORY)
+    if share >= default:
+        return chunk
+    return max(GZIP_SMALLEST_CHUNK_SIZE, chunk * share // default // 4096 * 4096)
+
+
 class GzipRatioWatch:
     """Whether the gzip stream of one source compresses so well that rapidgzip must use small chunks.
 
@@ -470,7 +480,7 @@ class CompressedSource:
             self._open_decoder = lambda _, __: _DictzipDecoder(archive)
         elif compression == "gzip":
             chunk = GZIP_CHUNK_SIZE if isinstance(archive, ArchiveFile) else GZIP_REMOTE_CHUNK_SIZE
-            watch = GzipRatioWatch(chunk)
+            watch = GzipRatioWatch(gzip_chunk_for(chunk, share))
             watch.probe(archive.read_at(0, min(archive.size, _GZIP_PROBE)))
             self._open_decoder = lambda path, serving: _GzipDecoder(path, watch, serving)
         else:

@@ -332,6 +332,30 @@ def test_list_a_url(server: RangeServer, archive_of: ArchiveFactory, sample_imag
     assert str(len(sample_image.data)) in result.stdout
 
 
+def test_a_refused_connection_is_said_in_plain_words(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as closed:  # a port that nothing listens on once this block ends
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/vm.tar"
+    (mnt := tmp_path / "mnt").mkdir()
+    for result in (run_tarfuse("--list", url), run_tarfuse("-f", url, str(mnt))):
+        assert result.returncode == 1
+        assert (
+            result.stderr
+            == f"tarfuse: {url}: GET {url}: cannot connect to 127.0.0.1:{port}: connection refused\n"
+        )
+    assert mount_entry(mnt) is None
+
+
+def test_a_missing_object_is_its_http_status_and_no_offset(server: RangeServer) -> None:
+    url = server.url("nothing.tar")
+    result = run_tarfuse("--list", url)
+    assert result.returncode == 1
+    assert result.stderr == f"tarfuse: {url}: GET {url}: HTTP 404 Not Found\n"
+
+
 def test_mount_of_a_server_ignoring_range_fails_clearly(server: RangeServer, tmp_path: Path) -> None:
     url = server.put("vm.tar", b"\0" * MiB)
     server.faults.ignore_range = True

@@ -97,7 +97,7 @@ def test_first_answer_claiming_more_than_asked_is_refused_before_its_body(
 ) -> None:
     url = server.put("vm.tar", gib_file)
     server.faults.claim = 64 * MiB  # "bytes 0-67108863/1073741824" to "bytes=0-131071"
-    with pytest.raises(RemoteError, match=r"asked for bytes 0-131071.*0-67108863/1073741824.*offset 0"):
+    with pytest.raises(RemoteError, match=r"asked for bytes 0-131071.*0-67108863/1073741824"):
         remote(url)
     assert settled_bytes_served(server) < 16 * MiB  # what socket buffers took before the hang-up
 

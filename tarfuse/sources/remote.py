@@ -314,7 +314,7 @@ class RemoteArchive:
             reason = exc.reason or _Transient("the request failed")
             if isinstance(reason, SSLError) and not deadline.expired:  # a certificate problem stays one
                 raise self._error(f"TLS: {reason}", offset) from None
-            raise reason from None
+            raise reason from reason.__cause__  # the socket's error, which _describe names
         finally:
             _CURRENT.deadline = None
 
@@ -425,7 +425,7 @@ class RemoteArchive:
 
     def _error(self, what: str, offset: int) -> RemoteError:
         """A failed read of the object at `offset`, with the URL's display name and no secret in it."""
-        return RemoteError(self._redact(f"GET {self.path}: {what}"), offset)
+        return RemoteError(self._redact(f"GET {self.path}: {what}"), offset or None)  # 0: the URL says it
 
     def _redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -636,8 +636,34 @@ def _backoff(failures: int, exc: Exception) -> float:
 
 
 def _describe(exc: Exception) -> str:
+    """What went wrong, in the words of someone who runs the server, not in urllib3's class names."""
+    from urllib3.exceptions import (
+        ConnectTimeoutError,
+        NameResolutionError,
+        NewConnectionError,
+        ProtocolError,
+        ReadTimeoutError,
+    )
+
     if isinstance(exc, _Transient):
         return str(exc)
+    conn = getattr(exc, "conn", None)
+    host = "the server" if conn is None else f"[{conn.host}]" if ":" in conn.host else conn.host
+    where = host if conn is None else f"{host}:{conn.port}"
+    cause = exc.__cause__
+    why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause or exc)
+    if isinstance(exc, NameResolutionError):
+        return f"cannot resolve {host}: {why}"
+    if isinstance(exc, NewConnectionError):
+        return f"cannot connect to {where}: {why[:1].lower()}{why[1:]}"
+    if isinstance(exc, ConnectTimeoutError):
+        return f"cannot connect to {where}: timed out"
+    if isinstance(exc, ReadTimeoutError):
+        return "the server stopped answering (timed out)"
+    if isinstance(exc, ProtocolError):
+        return f"the connection broke: {exc.args[-1] if exc.args else exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         options = split_mount_options(args.options, rw_is_default=_run_by_mount())
         if args.json and not args.list:
             raise UsageError("--json goes with --list")
+        if args.list and args.mountpoint is not None:
+            shown = printable(args.mountpoint)
+            raise UsageError(f"--list takes no MOUNTPOINT ({shown}): it only lists ARCHIVE")
         if args.list:
             return _list(args.archive, options, args.json)
         if args.mountpoint is None:

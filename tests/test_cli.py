@@ -148,3 +148,9 @@ def test_options_may_stand_between_the_archive_and_the_mount_point(tmp_path: Pat
     )
     assert shown.returncode == EXIT_USAGE
     assert f"mount point {missing}: No such file or directory" in shown.stderr
+
+
+def test_list_with_a_mount_point_is_a_usage_error(small_tar, tmp_path, capsys):
+    assert main(["--list", str(small_tar), str(tmp_path)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err == f"tarfuse: --list takes no MOUNTPOINT ({tmp_path}): it only lists ARCHIVE\n"

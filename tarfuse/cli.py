@@ -6,6 +6,7 @@ the shape of the command line, as for sshfs. Exit codes: 0 success, 1 the archiv
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -77,6 +78,8 @@ def split_mount_options(words: list[str], rw_is_default: bool = False) -> MountO
             options.noindex = True
         elif word == "all":
             options.all_files = True
+        elif word == "nonempty":  # libfuse 3 has no such option: it is ours to check
+            options.nonempty = True
         elif word == "rw":
             if not rw_is_default:
                 raise UsageError(
@@ -145,6 +148,11 @@ MOUNT_OPTION_HELP = (
         "all",
         "also serve every other regular file of the archive at its path (an OVA's .ovf and .mf, a "
         "Vagrantfile), read-only; hard links as the file they name; a compressed archive is read whole first",
+    ),
+    (
+        "nonempty",
+        "mount on a MOUNTPOINT file that is not empty (its bytes are hidden while mounted); without it, "
+        "tarfuse refuses, and it never mounts over the archive itself",
     ),
     (
         "allow_other",
@@ -434,6 +442,8 @@ def _print_table(images: list[Image]) -> None:
 
 def _mount(args: argparse.Namespace, options: MountOptions) -> int:
     mountpoint = daemon.pin_mountpoint(args.mountpoint)  # now: once mounted, resolving it would hang
+    if mountpoint.is_file:
+        _refuse_to_hide(mountpoint, args.archive, options)
     several = not mountpoint.is_file  # a directory mount point serves every disk of a multi-disk archive
     assembly = assemble(args.archive, options, several=several, say=log.info)
     for note in assembly.notes:
@@ -480,6 +490,25 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         )
     finally:
         assembly.close()
+
+
+def _refuse_to_hide(mountpoint: daemon.MountPoint, archive: str, options: MountOptions) -> None:
+    """A file mount point hides the file while mounted: never the archive itself (`tarfuse vm.tar vm.tar`),
+    and a file with bytes of its own (`tarfuse vm.tar disk.img.gz`) only when -o nonempty says so."""
+    info = os.fstat(mountpoint.fd)
+    shown = printable(mountpoint.path)
+    if not remote.is_url(archive):
+        with contextlib.suppress(OSError):  # a missing archive is said when it is opened
+            served = os.stat(archive)
+            if (served.st_dev, served.st_ino) == (info.st_dev, info.st_ino):
+                raise UsageError(
+                    f"mount point {shown} is the archive itself: mount it on another file or a directory"
+                )
+    if info.st_size and not options.nonempty:
+        raise UsageError(
+            f"mount point {shown} is a file of {info.st_size} bytes, which the mount would hide: "
+            "mount on an empty file or a directory, or add -o nonempty"
+        )
 
 
 def fuse_option_value(value: str) -> str:

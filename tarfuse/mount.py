@@ -77,6 +77,7 @@ class MountOptions:
     index: str | None = None  # where a compressed archive's seek index is kept (default: index.py)
     noindex: bool = False  # keep no index on disk
     all_files: bool = False  # -o all: every regular file, not only the disk images
+    nonempty: bool = False  # -o nonempty: mount over a file that has bytes of its own
     workers: int | None = None  # -o workers=N: processes serving the mount (None: Assembly.processes)
     max_ratio: int = DEFAULT_MAX_RATIO  # -o max_ratio=N: bound of the wait for a stream's size (0: none)
     spill_max: int | None = None  # -o spill_max=SIZE: the longest spill (None: spill.default_limit)

@@ -190,7 +190,7 @@ def list_archive(path: str, options: MountOptions, say: Callable[[str], None] = 
             compression = source.compression
             where = index_path(source, options)
             found = where if where is not None and index.use_saved_index(where, source) else None
-        images = list_images(source.read_at, source.size)
+        images = list_images(source.read_at, source.size, most=_most_served(source), listing=True)
     return Listing(compression, found, images)
 
 

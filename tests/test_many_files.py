@@ -106,6 +106,18 @@ def test_one_file_more_than_a_mount_serves_is_refused_in_one_line(
     assert "tarfuse --list" in said
 
 
+def test_a_list_of_more_disk_images_than_a_mount_serves_is_refused_in_one_line(one_too_many: Path) -> None:
+    """Every listed image is opened, at the cost a served one has: --list keeps to the same bound."""
+    result = subprocess.run(
+        tarfuse_command("--list", one_too_many), capture_output=True, text=True, timeout=MOUNT_DEADLINE_S
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"holds {MAX_SERVED_FILES + 1:,} disk images, more than the {MAX_SERVED_FILES:,}" in result.stderr
+    assert "tar -tf ARCHIVE" in result.stderr
+    assert result.stdout == ""
+
+
 def test_a_compressed_archive_serves_fewer_files_beside_its_cache(tmp_path: Path) -> None:
     """Its chunk cache and decoders take part of the ceiling: the bound is lower, and refused alike."""
     plain = tmp_path / "disks.tar"

@@ -73,12 +73,21 @@ def _files(read_at: ReadAt, archive_size: int) -> list[Candidate]:
 
 
 def list_images(
-    read_at: ReadAt, archive_size: int, read_into: PreadInto | None = None, most: int | None = None
+    read_at: ReadAt,
+    archive_size: int,
+    read_into: PreadInto | None = None,
+    most: int | None = None,
+    listing: bool = False,
 ) -> list[Image]:
     """Every candidate image in the archive, opened (for `tarfuse --list`, and for every disk of a
-    multi-disk archive); more than `most` are refused before any is opened."""
+    multi-disk archive); more than `most` are refused before any is opened, for a `listing` as well."""
     files = _files(read_at, archive_size)
     candidates = detect.find_candidates(files, _sniffer(read_at))
+    if listing and most is not None and len(candidates) > most:
+        raise NoImage(
+            f"the archive holds {len(candidates):,} disk images, more than the {most:,} tarfuse lists (each "
+            "costs memory while open); tar -tf ARCHIVE names them, and -o member=PATH serves one"
+        )
     _refuse_more_than(most, candidates, "disk images")
     return [_open_candidate(c, read_at, read_into) for c in candidates]
 

@@ -4,8 +4,10 @@ Format names are QEMU's block driver names (`qemu -drive format=...`), so users 
 Reads happen through callables handed in by the caller.
 """
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from tarfuse.errors import NoImage
 from tarfuse.printable import printable
@@ -36,10 +38,16 @@ HEAD_SIZE = 0x8800  # enough to see the ISO 9660 volume descriptor at 0x8001
 
 @dataclass(frozen=True, slots=True)
 class ImageFormat:
-    """A QEMU block driver name, and what was seen, for people."""
+    """A QEMU block driver name, what was seen, for people, and the disk size the image declares.
+
+    `virtual_size` is what QEMU's `qemu-img info` calls the virtual size: the guest's disk, which for
+    qcow2, vmdk, vdi, vhd and vhdx differs from the file's size. None where the header does not say it
+    (raw images: their size is the file's) or where finding it would mean walking more structure.
+    """
 
     driver: str
     detail: str = ""
+    virtual_size: int | None = None
 
     def __str__(self) -> str:
         return f"{self.driver} ({self.detail})" if self.detail else self.driver
@@ -104,19 +112,13 @@ def detect_format(read_at: ReadAt, size: int, read_tail: bool = True) -> ImageFo
     compressed archive, reading the end of the image means decompressing all of it first.
     """
     head = read_at(0, HEAD_SIZE)
-    if head[:4] == b"QFI\xfb":
-        version = int.from_bytes(head[4:8], "big")
-        return ImageFormat("qcow2" if version >= 2 else "qcow", f"version {version}")
-    if head[:4] == b"KDMV" or head.startswith(b"# Disk DescriptorFile"):
-        return ImageFormat("vmdk", "sparse extent" if head[:4] == b"KDMV" else "descriptor")
+    found = _virtual_disk_format(head)
+    if found is not None:
+        return found
     if head[:8] == b"vhdxfile":
-        return ImageFormat("vhdx")
-    if head[0x40:0x44] == b"\x7f\x10\xda\xbe":  # VirtualBox image signature 0xbeda107f, little-endian
-        return ImageFormat("vdi")
-    if head[:8] == b"conectix":
-        return ImageFormat("vpc", "VHD, dynamic")
-    if read_tail and size >= 512 and read_at(size - 512, 8) == b"conectix":
-        return ImageFormat("vpc", "VHD, fixed")
+        return ImageFormat("vhdx", virtual_size=_vhdx_size(read_at, size))
+    if read_tail and size >= 512 and (footer := read_at(size - 512, 512))[:8] == b"conectix":
+        return ImageFormat("vpc", "VHD, fixed", _vhd_size(footer))
     if head[0x8001:0x8006] == b"CD001":
         return ImageFormat("raw", "ISO 9660")
     if head[0x8001:0x8006] in (b"BEA01", b"NSR02", b"NSR03"):  # UDF's volume recognition sequence
@@ -130,3 +132,89 @@ def detect_format(read_at: ReadAt, size: int, read_tail: bool = True) -> ImageFo
     if head[:4] in (b"hsqs", b"XFSB"):
         return ImageFormat("raw", "squashfs" if head[:4] == b"hsqs" else "XFS file system")
     return None
+
+
+def _virtual_disk_format(head: bytes) -> ImageFormat | None:
+    """qcow, qcow2, vmdk, vdi or dynamic VHD, with the virtual size its header declares."""
+    if head[:4] == b"QFI\xfb":  # qcow and qcow2 alike: the disk size is a big-endian uint64 at 24
+        version = int.from_bytes(head[4:8], "big")
+        driver = "qcow2" if version >= 2 else "qcow"
+        return ImageFormat(driver, f"version {version}", _uint(head, 24, "big"))
+    if head[:4] == b"KDMV":
+        return _vmdk_sparse(head)
+    if head.startswith(b"# Disk DescriptorFile"):  # the size is the sum of the extents it names
+        return ImageFormat("vmdk", "descriptor")
+    if head[0x40:0x44] == b"\x7f\x10\xda\xbe":  # VirtualBox image signature 0xbeda107f, little-endian
+        # Header version 1.1 (what VirtualBox and qemu-img write) keeps the disk size at 0x170.
+        version_1_1 = head[0x44:0x48] == b"\x01\x00\x01\x00"
+        return ImageFormat("vdi", virtual_size=_uint(head, 0x170, "little") if version_1_1 else None)
+    if head[:8] == b"conectix":  # a dynamic VHD starts with a copy of its footer
+        return ImageFormat("vpc", "VHD, dynamic", _vhd_size(head))
+    return None
+
+
+def _vmdk_sparse(head: bytes) -> ImageFormat:
+    """A hosted sparse extent (VMware's "Virtual Disk Format 1.1", SparseExtentHeader): the capacity in
+    512-byte sectors at 12, and compressAlgorithm at 77, which only streamOptimized disks set (deflate)."""
+    capacity = _uint(head, 12, "little")
+    stream_optimized = head[77:79] == b"\x01\x00"
+    return ImageFormat(
+        "vmdk",
+        "streamOptimized" if stream_optimized else "sparse extent",
+        None if capacity is None else capacity * 512,
+    )
+
+
+def _vhd_size(footer: bytes) -> int | None:
+    """The VHD footer's Current Size, big-endian at 48 (Virtual Hard Disk Image Format Specification)."""
+    return _uint(footer, 48, "big")
+
+
+# [MS-VHDX] 2.2: the region table at 192 KiB finds the metadata region; its table finds the disk size.
+_VHDX_REGION_TABLE = 192 * 1024
+_VHDX_METADATA_REGION = uuid.UUID("8b7ca206-4790-4b9a-b8fe-575f050f886e").bytes_le
+_VHDX_VIRTUAL_DISK_SIZE = uuid.UUID("2fa54224-cd1b-4876-b211-5dbed83bf4b8").bytes_le
+_VHDX_TABLE_SIZE = 64 * 1024  # both tables are 64 KiB
+
+
+def _vhdx_size(read_at: ReadAt, size: int) -> int | None:
+    """The VHDX Virtual Disk Size metadata item, or None unless the region and metadata tables are whole
+    and say it plainly (a damaged image is QEMU's to judge, not --list's)."""
+    if size < _VHDX_REGION_TABLE + _VHDX_TABLE_SIZE:
+        return None
+    region = _vhdx_entry(read_at(_VHDX_REGION_TABLE, _VHDX_TABLE_SIZE), b"regi", 16, _VHDX_METADATA_REGION)
+    if region is None:
+        return None
+    metadata_offset = int.from_bytes(region[16:24], "little")
+    if metadata_offset + _VHDX_TABLE_SIZE > size:
+        return None
+    table = read_at(metadata_offset, _VHDX_TABLE_SIZE)
+    item = _vhdx_entry(table, b"metadata", 32, _VHDX_VIRTUAL_DISK_SIZE)
+    if item is None:
+        return None
+    item_offset, item_length = int.from_bytes(item[16:20], "little"), int.from_bytes(item[20:24], "little")
+    if item_length != 8 or item_offset < _VHDX_TABLE_SIZE or metadata_offset + item_offset + 8 > size:
+        return None
+    return int.from_bytes(read_at(metadata_offset + item_offset, 8), "little")
+
+
+def _vhdx_entry(table: bytes, signature: bytes, first: int, wanted: bytes) -> bytes | None:
+    """The 32-byte entry of a VHDX region or metadata table whose GUID is `wanted`.
+
+    Both tables keep their entry count as a little-endian uint32 at 8 (region table) or uint16 at 10
+    (metadata table), and their 32-byte entries from `first` on, each starting with its GUID.
+    """
+    if len(table) < _VHDX_TABLE_SIZE or not table.startswith(signature):
+        return None
+    count_field = table[8:12] if signature == b"regi" else table[10:12]
+    count = int.from_bytes(count_field, "little")
+    for start in range(first, min(first + 32 * count, _VHDX_TABLE_SIZE - 31), 32):
+        if table[start : start + 16] == wanted:
+            return table[start : start + 32]
+    return None
+
+
+def _uint(data: bytes, offset: int, byteorder: Literal["big", "little"]) -> int | None:
+    """An unsigned 64-bit field, or None if the header is cut short before it."""
+    field = data[offset : offset + 8]
+    return int.from_bytes(field, byteorder) if len(field) == 8 else None

@@ -28,7 +28,7 @@ PYFUSE3_BUILT := $(if $(PYFUSE3_PATCH),$(PYFUSE3_VERSION)+$(basename $(notdir $(
 PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3_BUILT)
 
 .PHONY: all deps build-deps dev pyfuse3 demo test test-fast lint format type check bench bench-compressed \
-	fuzz stress fixtures install uninstall clean
+	fuzz stress fixtures install install-docs uninstall clean
 
 all: dev
 
@@ -138,21 +138,35 @@ fixtures:
 PREFIX ?= /usr/local
 INSTALL_PYTHON ?= /usr/bin/python3
 INSTALL_DIR := $(PREFIX)/lib/tarfuse
+DOC_DIR := $(PREFIX)/share/doc/tarfuse
 install: build-deps
 	$(INSTALL_PYTHON) -m venv --clear $(INSTALL_DIR)
 	$(INSTALL_DIR)/bin/python -m pip install -q --upgrade pip
 	scripts/pyfuse3/install.sh $(INSTALL_DIR)/bin/python
 	$(INSTALL_DIR)/bin/python -m pip install -q .
-	install -d $(PREFIX)/bin $(PREFIX)/share/man/man1
+	install -d $(PREFIX)/bin
 	ln -sfn $(INSTALL_DIR)/bin/tarfuse $(PREFIX)/bin/tarfuse
-	$(INSTALL_DIR)/bin/python -m tarfuse.manpage > $(PREFIX)/share/man/man1/tarfuse.1
-	@echo "installed $(PREFIX)/bin/tarfuse (in $(INSTALL_DIR)) and $(PREFIX)/share/man/man1/tarfuse.1"
+	$(MAKE) --no-print-directory install-docs MANPAGE_PYTHON=$(INSTALL_DIR)/bin/python
+	@echo "installed $(PREFIX)/bin/tarfuse (in $(INSTALL_DIR)), $(PREFIX)/share/man/man1/tarfuse.1 and $(DOC_DIR)"
 
+# The man page and the documents it names (README.md, docs/compressed.md, docs/remote.md), which it finds
+# in $(DOC_DIR). Apart from install so that tests/test_docs.py can check it without building a venv.
+MANPAGE_PYTHON ?= $(PY)
+install-docs:
+	install -d $(PREFIX)/share/man/man1 $(DOC_DIR)
+	install -m 0644 README.md docs/compressed.md docs/remote.md $(DOC_DIR)/
+	$(MANPAGE_PYTHON) -m tarfuse.manpage --doc-dir $(DOC_DIR) > $(PREFIX)/share/man/man1/tarfuse.1
+
+# Side files are the users' data (an index is minutes of decompression to rebuild): never removed here, only
+# named, so that whoever wants the space back knows where to look.
 uninstall:
 	@if [ -L $(PREFIX)/bin/tarfuse ] && [ "$$(readlink $(PREFIX)/bin/tarfuse)" = $(INSTALL_DIR)/bin/tarfuse ]; \
 		then rm -f $(PREFIX)/bin/tarfuse; fi
-	rm -rf $(INSTALL_DIR)
+	rm -rf $(INSTALL_DIR) $(DOC_DIR)
 	rm -f $(PREFIX)/share/man/man1/tarfuse.1
+	@echo "left in place: tarfuse's caches (/var/cache/tarfuse for root, ~/.cache/tarfuse or" \
+		"\$$XDG_CACHE_HOME/tarfuse for each user) and the side files beside archives" \
+		"(*.tarfuse-index, *.tarfuse-spill.zst); remove them by hand if they are no longer wanted"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

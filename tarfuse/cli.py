@@ -121,9 +121,12 @@ def _set_option(options: MountOptions, key: str, value: str) -> None:
 
 
 DESCRIPTION = (
-    "Mount the disk image inside a tar archive as one read-only file, without unpacking it. Sparse "
-    "members (GNU tar -S, every format) are served with their holes as zeros. Unmount with: "
-    "fusermount3 -u MOUNTPOINT"
+    "Mount the disk image inside an archive as one read-only file, without unpacking it. ARCHIVE is a "
+    "path or an http:// or https:// URL (read with HTTP range requests) of a tar archive (sparse members, "
+    "GNU tar -S in every format, are served with their holes as zeros), a compressed tar (.tar.gz, "
+    ".tar.zst, .tar.xz, .tar.bz2), an OVA, a bare disk image, or a bare compressed image (.img.xz, "
+    ".img.gz, .img.zst, .img.bz2). MOUNTPOINT is a directory (the image appears inside it at its path) or "
+    "a file (it becomes the image). Unmount with: fusermount3 -u MOUNTPOINT"
 )
 GENERIC_WORDS = (
     "The generic words that mount, fstab and systemd pass (ro, defaults, noauto, nofail, _netdev, user, "
@@ -242,7 +245,12 @@ def parser() -> argparse.ArgumentParser:
         )
         + f"\n{textwrap.fill(GENERIC_WORDS, 78)}\n\nfstab: {FSTAB_EXAMPLE}\n{EXIT_STATUS.lower()}",
     )
-    command.add_argument("archive", metavar="ARCHIVE", help="tar archive holding the image")
+    command.add_argument(
+        "archive",
+        metavar="ARCHIVE",
+        help="a tar, a compressed tar (.tar.gz/.zst/.xz/.bz2), an OVA, a bare or compressed image (.img.xz), "
+        "as a path or an http(s) URL",
+    )
     command.add_argument(
         "mountpoint",
         metavar="MOUNTPOINT",

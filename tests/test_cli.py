@@ -1,6 +1,7 @@
 """The command line without mounting: -o parsing, --list, exit codes and one-line errors."""
 
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -62,9 +63,16 @@ def small_tar(tmp_path):
 def test_list_prints_one_row_per_image(small_tar, capsys):
     assert main(["--list", str(small_tar)]) == 0
     header, row = capsys.readouterr().out.splitlines()
-    assert header.split() == ["PATH", "FORMAT", "SIZE", "ALLOCATED", "EXTENTS", "OFFSET"]
-    assert row.split()[:2] == ["vm/disk.raw", "raw"]
-    assert row.split()[-4:] == ["4096", "4096", "1", "512"]
+    assert header.split() == ["PATH", "FORMAT", "SIZE", "ALLOCATED", "VIRTUAL", "EXTENTS", "OFFSET"]
+    assert re.split(r" {2,}", row) == [
+        "vm/disk.raw",
+        "raw (MBR boot sector)",
+        "4096 (4.0 KiB)",
+        "4096 (4.0 KiB)",
+        "-",
+        "1",
+        "512",
+    ]
 
 
 def test_a_bad_archive_gives_one_line_with_offset_and_exit_1(tmp_path, capsys):
@@ -117,12 +125,14 @@ def test_list_json_gives_the_table_s_fields_to_scripts() -> None:
     table = subprocess.run(
         [sys.executable, "-m", "tarfuse", "--list", archive], capture_output=True, text=True
     )
-    row = table.stdout.splitlines()[1].split()
-    assert row == [
+    assert image["virtual_size"] is None
+    cells = re.split(r" {2,}", table.stdout.splitlines()[1])
+    assert [cell.split(" (")[0] for cell in cells] == [  # the bytes, without the human figure
         image["path"],
         image["format"],
         str(image["size"]),
         str(image["allocated"]),
+        "-",  # a raw image declares no virtual size: its size is the file's
         str(image["extents"]),
         str(image["offset"]),
     ]

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import random
+import re
 import signal
 import stat
 import subprocess
@@ -58,11 +59,13 @@ def list_rows(archive: Path) -> dict[str, dict[str, str]]:
     columns = header.split()
     rows = {}
     for line in lines:
-        # PATH is the first column and FORMAT may contain spaces ("raw (MBR boot sector)"), so
-        # take the four numbers from the right.
-        head, *numbers = line.rsplit(maxsplit=4)
-        path, _, fmt = head.partition("  ")
-        rows[path] = dict(zip(columns, [path, fmt.strip(), *numbers], strict=True))
+        # Cells are two spaces apart or more; FORMAT ("raw (MBR boot sector)") and the sizes
+        # ("4096 (4.0 KiB)") hold single spaces. Sizes keep their bytes, without the human figure.
+        cells = re.split(r" {2,}", line)
+        row = dict(zip(columns, cells, strict=True))
+        for column in ("SIZE", "ALLOCATED"):
+            row[column] = row[column].split(" (")[0]
+        rows[cells[0]] = row
     return rows
 
 

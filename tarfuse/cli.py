@@ -422,6 +422,7 @@ def _listing(path: str, compression: str | None, index: str | None, images: list
                 "format_detail": i.format.detail,
                 "size": i.mapper.size,
                 "allocated": i.stored_bytes,
+                "virtual_size": i.format.virtual_size,
                 "extents": i.extent_count,
                 "offset": i.member.data_offset,
             }
@@ -431,13 +432,15 @@ def _listing(path: str, compression: str | None, index: str | None, images: list
 
 
 def _print_table(images: list[Image]) -> None:
-    rows = [("PATH", "FORMAT", "SIZE", "ALLOCATED", "EXTENTS", "OFFSET")]
+    """The table --list prints: columns two spaces apart or more, sizes in bytes with a human figure."""
+    rows = [("PATH", "FORMAT", "SIZE", "ALLOCATED", "VIRTUAL", "EXTENTS", "OFFSET")]
     rows += [
         (
             printable(i.name),  # a newline in a name would forge a row
             printable(str(i.format)),
-            str(i.mapper.size),
-            str(i.stored_bytes),
+            _bytes_and_human(i.mapper.size),
+            _bytes_and_human(i.stored_bytes),
+            "-" if i.format.virtual_size is None else _human_size(i.format.virtual_size),
             str(i.extent_count),
             str(i.member.data_offset),
         )
@@ -446,6 +449,23 @@ def _print_table(images: list[Image]) -> None:
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _bytes_and_human(size: int) -> str:
+    """`1073741824 (1.0 GiB)`: the exact figure to paste, and one to read; below 1 KiB only the bytes."""
+    return str(size) if size < 1024 else f"{size} ({_human_size(size)})"
+
+
+def _human_size(size: int) -> str:
+    """Binary units with one decimal, as `qemu-img info` and `ls -lh` show them: `512 B`, `1.5 GiB`."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} EiB"
 
 
 def _mount(args: argparse.Namespace, options: MountOptions) -> int:

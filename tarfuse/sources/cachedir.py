@@ -19,6 +19,9 @@ in use, whose lock a mount holds, or with a temporary file of a tarfuse still
 running (sidefiles.remove_stale removes those of the dead). Only names of ours, only regular files owned
 by the caller, only in a trusted directory; a sweeper takes the entry's lock exclusively before it
 unlinks anything, so a mount that starts meanwhile waits, then finds the entry gone and rebuilds it.
+
+`tarfuse --cache` lists the entries (`kept`) and, with --prune, removes every one no mount uses (`prune`),
+by the same rules.
 """
 
 import contextlib
@@ -245,3 +248,141 @@ def _remove(directory: str, entry: Entry) -> bool:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+# --- tarfuse --cache ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """One entry of the cache directory, as `tarfuse --cache` shows it."""
+
+    key: str
+    archive: str | None  # a local archive's path or a URL (no secrets: remote.display_name); None: not said
+    member: bool  # made of a compressed member inside that archive
+    kinds: tuple[str, ...]  # its side files: "index", "spill"
+    size: int  # bytes on disk, its use file and temporary files included
+    used: float  # its last use, as a Unix time: the latest mtime of its files
+    in_use: bool  # a running mount holds it
+    writing: bool  # a running tarfuse writes one of its files
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What `prune` did: the entries it removed, the temporary files of dead tarfuses (name, bytes) it
+    removed, and the entries it kept because a mount uses them or a tarfuse writes them."""
+
+    removed: list[Kept]
+    stale: list[tuple[str, int]]
+    kept: list[Kept]
+
+    @property
+    def freed(self) -> int:
+        return sum(k.size for k in self.removed) + sum(size for _, size in self.stale)
+
+
+def existing_cache_dir() -> tuple[str | None, str]:
+    """The cache directory that a mount would use, without making it: (its real path, "") if it exists,
+    else (None, why: where a mount would make it, or why no directory will do).
+
+    The candidates are sidefiles.cache_dir's, in its order: it takes the first it can make or find trusted.
+    """
+    reasons = []
+    for candidate in sidefiles._cache_candidates():
+        try:
+            if not os.path.lexists(candidate):
+                sidefiles.check_directory(_nearest_existing(candidate))
+                return None, f"no cache directory: {candidate} does not exist (a mount would make it)"
+            return sidefiles.check_directory(candidate), ""
+        except OSError as exc:
+            reasons.append(f"{candidate}: {exc.strerror or exc}")
+    return None, "no cache directory will do: " + ("; ".join(reasons) or "no home directory")
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def kept(directory: str) -> list[Kept]:
+    """Every entry of `directory` (the cache directory), the most recently used first.
+
+    Raises:
+        OSError: sidefiles.Untrusted if someone else could change `directory`; what listing it said.
+    """
+    real = sidefiles.check_directory(directory)
+    shown = [_kept(real, entry, _in_use(real, entry.key)) for entry in _entries(real)]
+    return sorted(shown, key=lambda k: k.used, reverse=True)
+
+
+def prune(directory: str) -> Pruned:
+    """Remove every entry of `directory` that no running mount uses and no running tarfuse writes, and
+    the temporary files that dead tarfuses left; say what went and what stayed.
+
+    Raises:
+        OSError: sidefiles.Untrusted if someone else could change `directory`; what listing it said.
+    """
+    real = sidefiles.check_directory(directory)
+    sizes = _temporary_sizes(real)
+    stale = [(name, sizes.get(name, 0)) for name in sidefiles.remove_stale(real)]
+    removed, stayed = [], []
+    for entry in _entries(real):
+        if _remove(real, entry):
+            removed.append(_kept(real, entry, in_use=False))
+        else:
+            stayed.append(_kept(real, entry, _in_use(real, entry.key)))
+    return Pruned(removed, stale, stayed)
+
+
+def _kept(directory: str, entry: Entry, in_use: bool) -> Kept:
+    names = {os.path.basename(p).partition(".")[2] for p in entry.paths}
+    kinds = tuple(kind for kind, name in (("index", _INDEX), ("spill", _SPILL)) if name in names)
+    archive, member = _belongs_to(entry.record)
+    return Kept(entry.key, archive, member, kinds, entry.size, entry.used, in_use, entry.writing)
+
+
+def _belongs_to(record: dict[str, object]) -> tuple[str | None, bool]:
+    """(the archive an entry was made of, whether of a member inside it), as its use file says.
+
+    A local archive's path is the record's "archive"; a URL is the first word of the identity
+    (remote.identity, without secrets); a member's identity is its archive's with the header's offset after
+    it (member.identity), and a member of a local archive records no path.
+    """
+    archive, identity = record.get("archive"), record.get("identity")
+    words = identity if isinstance(identity, list) else []
+    member = len(words) == _MEMBER_WORDS
+    if isinstance(archive, str):
+        return archive, member
+    if words and isinstance(words[0], str):
+        return words[0], member
+    return None, member
+
+
+_MEMBER_WORDS = 5  # file.identity or remote.identity (4 words), and the member's header offset
+
+
+def _in_use(directory: str, key: str) -> bool:
+    """Whether a mount holds entry `key`: its use file's lock cannot be taken exclusively, now."""
+    try:
+        fd = os.open(os.path.join(directory, key + USE_SUFFIX), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # no use file (an entry older than use files): nothing holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the descriptor, at once
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _temporary_sizes(directory: str) -> dict[str, int]:
+    """The bytes on disk of every temporary file of ours in `directory`, by name (before remove_stale)."""
+    sizes = {}
+    with os.scandir(directory) as listing:
+        for item in listing:
+            if item.name.endswith((sidefiles.TEMPORARY_SUFFIX, ".tmp")):
+                with contextlib.suppress(FileNotFoundError):
+                    sizes[item.name] = item.stat(follow_symlinks=False).st_blocks * 512
+    return sizes

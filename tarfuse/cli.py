@@ -13,6 +13,8 @@ import re
 import signal
 import sys
 import textwrap
+import time
+from typing import TYPE_CHECKING
 
 from tarfuse import __version__
 from tarfuse.errors import ArchiveError, TarfuseError, UsageError
@@ -30,6 +32,9 @@ from tarfuse.printable import PrintableFormatter, printable, terminal_safe
 from tarfuse.serve import daemon
 from tarfuse.serve.fs import ImageFs, seek_support
 from tarfuse.sources import remote
+
+if TYPE_CHECKING:
+    from tarfuse.sources import cachedir
 
 log = logging.getLogger("tarfuse")
 
@@ -248,6 +253,7 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument(
         "archive",
         metavar="ARCHIVE",
+        nargs="?",  # required, but for --cache (main says so)
         help="a tar, a compressed tar (.tar.gz/.zst/.xz/.bz2), an OVA, a bare or compressed image (.img.xz), "
         "as a path or an http(s) URL",
     )
@@ -275,7 +281,21 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("-d", "--debug", action="store_true", help="log debug messages")
     command.add_argument("--debug-fuse", action="store_true", help="also log libfuse's requests")
     command.add_argument("-l", "--list", action="store_true", help="list the disk images in ARCHIVE and exit")
-    command.add_argument("--json", action="store_true", help="with --list: one JSON object, for scripts")
+    command.add_argument(
+        "--json", action="store_true", help="with --list or --cache: one JSON object, for scripts"
+    )
+    command.add_argument(
+        "--cache",
+        action="store_true",
+        help="list what tarfuse keeps in the caller's cache directory (the index and spill of URLs, of "
+        "archives in read-only or shared directories, of compressed members): the archive each entry "
+        "belongs to, its size, last use, and whether a mount uses it; then exit",
+    )
+    command.add_argument(
+        "--prune",
+        action="store_true",
+        help="with --cache: remove every entry that no running mount uses, and say what was freed",
+    )
     command.add_argument(
         "-V", "--version", action="version", version=f"tarfuse {__version__} ({seek_support()})"
     )
@@ -283,7 +303,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_intermixed_args(argv)  # options anywhere, as mount helpers take them
+    command = parser()
+    args = command.parse_intermixed_args(argv)  # options anywhere, as mount helpers take them
+    if args.archive is None and not (args.cache or args.prune):
+        command.error("the following arguments are required: ARCHIVE")
     if argv is None:
         _hide_secrets(sys.argv[1:])
     console = logging.StreamHandler()
@@ -295,8 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, _interrupt)
     try:
         options = split_mount_options(args.options, rw_is_default=_run_by_mount())
-        if args.json and not args.list:
-            raise UsageError("--json goes with --list")
+        if args.json and not (args.list or args.cache):
+            raise UsageError("--json goes with --list or --cache")
+        if args.cache or args.prune:
+            return _cache(args)
         if args.list and args.mountpoint is not None:
             shown = printable(args.mountpoint)
             raise UsageError(f"--list takes no MOUNTPOINT ({shown}): it only lists ARCHIVE")
@@ -407,6 +432,107 @@ def _list(path: str, options: MountOptions, as_json: bool = False) -> int:
     if not as_json:
         _print_table(images)
     return EXIT_OK
+
+
+def _cache(args: argparse.Namespace) -> int:
+    """`tarfuse --cache [--prune] [--json]`: what the cache directory keeps, and removing what is unused."""
+    from tarfuse.sources import cachedir  # only --cache needs it: a mount does not pay its import
+
+    if not args.cache:
+        raise UsageError("--prune goes with --cache")
+    given = [word for word in (args.archive, args.mountpoint) if word is not None]
+    if given or args.list:
+        shown = " ".join(printable(word) for word in given) or "--list"
+        raise UsageError(
+            f"--cache takes no ARCHIVE, MOUNTPOINT or --list ({shown}): it looks at the cache only"
+        )
+    directory, why = cachedir.existing_cache_dir()
+    if directory is None:
+        if args.json:
+            _print_json({"directory": None, "why": why, "entries": [], "size": 0})
+        else:
+            print(printable(why))
+        return EXIT_OK
+    try:
+        if args.prune:
+            _show_pruned(directory, cachedir.prune(directory), args.json)
+        else:
+            _show_cache(directory, cachedir.kept(directory), args.json)
+    except OSError as exc:
+        _error(f"cache directory {printable(directory)}: {exc.strerror or exc}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _show_cache(directory: str, entries: "list[cachedir.Kept]", as_json: bool) -> None:
+    size = sum(e.size for e in entries)
+    if as_json:
+        _print_json({"directory": directory, "entries": [_cache_entry(e) for e in entries], "size": size})
+        return
+    rows = [("KIND", "SIZE", "LAST USE", "STATE", "ARCHIVE")]
+    rows += [_cache_row(e) for e in entries]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+    print(f"total: {count}, {_bytes_and_human(size)}, in {printable(directory)}")
+
+
+def _show_pruned(directory: str, pruned: "cachedir.Pruned", as_json: bool) -> None:
+    if as_json:
+        _print_json(
+            {
+                "directory": directory,
+                "removed": [_cache_entry(e) for e in pruned.removed],
+                "stale": [{"name": name, "size": size} for name, size in pruned.stale],
+                "kept": [_cache_entry(e) for e in pruned.kept],
+                "freed": pruned.freed,
+            }
+        )
+        return
+    for entry in pruned.removed:
+        what = "+".join(entry.kinds) or "use file"
+        print(f"removed {_archive_shown(entry)} ({what}, {_bytes_and_human(entry.size)})")
+    for name, size in pruned.stale:
+        print(f"removed {printable(name)} ({_bytes_and_human(size)}), left by a tarfuse that did not finish")
+    for entry in pruned.kept:
+        why = "in use by a mount" if entry.in_use else "being written" if entry.writing else "not removable"
+        print(f"kept {_archive_shown(entry)} ({_bytes_and_human(entry.size)}): {why}")
+    print(f"freed {_bytes_and_human(pruned.freed)} in {printable(directory)}")
+
+
+def _cache_row(entry: "cachedir.Kept") -> tuple[str, str, str, str, str]:
+    state = "in use" if entry.in_use else "writing" if entry.writing else "-"
+    used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.used))
+    return ("+".join(entry.kinds) or "-", _bytes_and_human(entry.size), used, state, _archive_shown(entry))
+
+
+def _archive_shown(entry: "cachedir.Kept") -> str:
+    if entry.archive is None:
+        return f"(not recorded{': a compressed member' if entry.member else ''}; key {entry.key})"
+    return printable(entry.archive) + (" (a compressed member in it)" if entry.member else "")
+
+
+def _cache_entry(entry: "cachedir.Kept") -> dict[str, object]:
+    """An entry for scripts: sizes in bytes, the last use in UTC (ISO 8601) and as a Unix time."""
+    used = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.used))
+    return {
+        "key": entry.key,
+        "archive": entry.archive,
+        "member": entry.member,
+        "kinds": list(entry.kinds),
+        "size": entry.size,
+        "last_used": used,
+        "last_used_unix": entry.used,
+        "in_use": entry.in_use,
+        "writing": entry.writing,
+    }
+
+
+def _print_json(value: object) -> None:
+    import json  # only --json needs it
+
+    print(json.dumps(value, indent=2))
 
 
 def _listing(path: str, compression: str | None, index: str | None, images: list[Image]) -> dict[str, object]:

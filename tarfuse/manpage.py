@@ -151,11 +151,14 @@ def render_man_page(doc_dir: str | None = None) -> str:
         ", ".join(f"\\fB{name.partition('(')[0]}\\fR({name.partition('(')[2]}" for name in _SEE_ALSO),
     ]
     if doc_dir is not None:
-        named = ", ".join(f"{doc_dir}/{name}" for name in DOCS)
         lines += [
             ".PP",
-            _roff(f"The limits, said plainly, and how compressed and remote archives are read: {named}."),
+            "The limits, said plainly, and how compressed and remote archives are read:",
+            ".RS 4",
+            ".nf",
         ]
+        lines += [_roff(f"{doc_dir}/{name}") for name in DOCS]  # a line each: a long path cannot be adjusted
+        lines += [".fi", ".RE"]
     return "\n".join(lines) + "\n"
 
 

@@ -166,7 +166,8 @@ uninstall:
 	rm -f $(PREFIX)/share/man/man1/tarfuse.1
 	@echo "left in place: tarfuse's caches (/var/cache/tarfuse for root, ~/.cache/tarfuse or" \
 		"\$$XDG_CACHE_HOME/tarfuse for each user) and the side files beside archives" \
-		"(*.tarfuse-index, *.tarfuse-spill.zst); remove them by hand if they are no longer wanted"
+		"(*.tarfuse-index, *.tarfuse-spill.zst); remove them by hand if they are no longer wanted" \
+		"(before uninstalling, tarfuse --cache --prune empties the caller's cache)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -47,11 +47,12 @@ FILES = (
     (
         "$XDG_CACHE_HOME/tarfuse, ~/.cache/tarfuse, /var/cache/tarfuse",
         "the cache directory (the first of these that is trusted; the last for root), created mode 0700: "
-        "indexes and spills of http(s) archives and of archives in directories that others can change. "
-        "Each mount that keeps its index there first removes the entries of archives that are gone or "
-        "changed, then the least recently used past -o cache_max=SIZE (default 16G). It may be removed "
-        "whenever nothing is mounted: the next mount indexes again. make uninstall leaves it, and the side "
-        "files beside archives.",
+        "indexes and spills of http(s) archives, of compressed members, and of archives in read-only "
+        "directories or ones that others can change. Each mount that keeps its index there first removes "
+        "the entries of archives that are gone or changed, then the least recently used past -o "
+        "cache_max=SIZE (default 16G). tarfuse --cache lists what it holds; tarfuse --cache --prune removes "
+        "every entry no running mount uses (the next mount indexes again). make uninstall leaves it, and "
+        "the side files beside archives.",
     ),
     ("/etc/fuse.conf", "a line user_allow_other lets users other than root mount with -o allow_other."),
 )
@@ -128,6 +129,9 @@ def render_man_page(doc_dir: str | None = None) -> str:
         ".br",
         ".B tarfuse \\-\\-list",
         "[\\fB\\-\\-json\\fR] \\fIARCHIVE\\fR",
+        ".br",
+        ".B tarfuse \\-\\-cache",
+        "[\\fB\\-\\-prune\\fR] [\\fB\\-\\-json\\fR]",
         ".SH DESCRIPTION",
         _roff(cli.DESCRIPTION),
         ".SH OPTIONS",

@@ -89,7 +89,9 @@ def test_the_man_page_says_what_archive_may_be_and_what_a_mount_leaves_on_disk(t
         assert words in text
     for words in (".tarfuse-index", ".tarfuse-spill.zst", "/var/cache/tarfuse", "~/.cache/tarfuse"):
         assert words in text
-    for words in ("spill_max=SIZE", "cache_max=SIZE", "HTTPS_PROXY", "NO_PROXY", "XDG_CACHE_HOME"):
+    for words in ("spill_max=SIZE", "cache_max=SIZE", "tarfuse --cache --prune", "tarfuse --cache [--prune]"):
+        assert words in text
+    for words in ("HTTPS_PROXY", "NO_PROXY", "XDG_CACHE_HOME"):
         assert words in text
     for words in ("-o all vm.ova /mnt/ova", "_netdev", "Type=fuse.tarfuse", cli.FSTAB_EXAMPLE):
         assert " ".join(words.split()) in text

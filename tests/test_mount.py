@@ -95,7 +95,7 @@ def test_file_mountpoint_reads_as_the_image(
 ) -> None:
     target = tmp_path / "served.raw"
     target.write_bytes(b"covered by the mount")
-    mount(sample_archive, target)
+    mount(sample_archive, target, "-o", "nonempty")  # a file with bytes of its own: only when asked
     assert b"".join(read_in_chunks(target)) == sample_image.data
 
 

@@ -9,6 +9,7 @@ may follow one another), so a 512 MiB image costs a few MB and well under a seco
 import bz2
 import concurrent.futures
 import functools
+import gc
 import io
 import lzma
 import os
@@ -26,6 +27,9 @@ from kit.fuzz.engine import Case
 from kit.fuzz.ratio import make_ratio_seeds
 from kit.fuzz.seeds import Seed
 from kit.mounts import MountFactory, status_kib, tarfuse_command
+
+from tarfuse.sources.compressed import decompressed
+from tarfuse.sources.file import ArchiveFile
 
 pytestmark = pytest.mark.fuse
 
@@ -271,3 +275,22 @@ def test_gzip_members_read_at_once_stay_under_the_ceiling(mount: MountFactory, t
     assert (served / "disk0.raw").stat().st_size == GZIP_PIECES << 22
     peak = status_kib(daemon.process.pid, "VmHWM")
     assert peak < MEMORY_CEILING_KIB, f"peak RSS {peak // 1024} MiB"
+
+
+def test_closed_xz_sources_leave_no_dictionary_behind(tmp_path: Path) -> None:
+    """A mount opens decoder after decoder (the fuzzer's workers, a daemon that seeks back): python-xz's
+    objects refer to one another, so each closed one kept its dictionary until the cyclic collector ran.
+    Twenty sources opened, read and closed must not hold twenty dictionaries (8 MiB each, at xz -6)."""
+    archive = tmp_path / "zeros.tar.xz"
+    archive.write_bytes(lzma.compress(_header(32 << 20) + bytes(32 << 20) + bytes(1024), preset=6))
+    resident_mib = [0] * 20
+    gc.disable()  # the collector must not run by chance: what is freed, close() freed
+    try:
+        for round_ in range(len(resident_mib)):
+            source = decompressed(ArchiveFile(str(archive)))
+            assert source.read_at(512 + (30 << 20), 4096) == bytes(4096)
+            source.close()
+            resident_mib[round_] = status_kib(os.getpid(), "VmRSS") // 1024
+    finally:
+        gc.enable()
+    assert resident_mib[-1] - resident_mib[2] < 32, resident_mib

@@ -18,6 +18,7 @@ file objects.
 """
 
 import contextlib
+import gc
 import io
 import lzma
 import threading
@@ -362,6 +363,14 @@ class _XzDecoder(_SeekingDecoder):
 
     def single_stream(self) -> bool:
         return len(self._xz.block_boundaries) <= 1
+
+    def close(self) -> None:
+        """python-xz's file, streams and blocks refer to one another: dropped, their block decoder (with
+        its dictionary, up to the decoder's share) would wait for the cyclic garbage collector, and a
+        mount that opens decoder after decoder would hold one dictionary more each time until it ran."""
+        super().close()
+        self._file = self._xz = None  # type: ignore[assignment]
+        gc.collect()
 
 
 class _DictzipDecoder:

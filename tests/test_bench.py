@@ -31,9 +31,10 @@ def test_quick_bench_measures_every_metric_of_tarfuse_the_limit_and_the_c_ceilin
     command = [
         sys.executable, "scripts/bench.py", "--quick", "--tools", f"tarfuse,{WORKERS}", "--reps", "1",
         "--only", ",".join((*CASES, "boot")), "--no-docs", "--out", str(tmp_path),
-        "--workdir", str(tmp_path),
+        "--workdir", str(tmp_path), "--cap", "120",
     ]  # fmt: skip
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # --cap: --quick cuts a step (a boot, a mount) off at 5 s, a timed assertion on a busy machine
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
 
     data = json.loads((tmp_path / "results.json").read_text())

@@ -116,3 +116,18 @@ def test_engine_turns_exceptions_hangs_memory_and_crashes_into_findings(corpus: 
     assert "_misbehave" in hang.detail  # faulthandler's stack of the stuck worker
     ceiling = next(f for f in summary.findings if f.kind == "memory-ceiling")
     assert "over the 256 MiB ceiling" in ceiling.detail
+
+
+def _served_by_pid(case: Case, rng: random.Random) -> str:
+    return f"pid {os.getpid()}"
+
+
+def test_a_worker_makes_way_for_a_fresh_one_after_its_share_of_cases(corpus: engine.Corpus) -> None:
+    # A long-lived worker's heap fragments over hundreds of thousands of different archives; it is
+    # replaced before that, and every case still runs once.
+    config = pool.Config(cases=24, jobs=2, compare_every=0, batch=8, cases_per_worker=5)
+    summary = pool.run(corpus, config, check=_served_by_pid)
+    assert summary.cases == 24 and not summary.findings
+    assert sum(summary.outcomes.values()) == 24
+    assert max(summary.outcomes.values()) <= 5
+    assert len(summary.outcomes) >= 5  # 24 cases, at most 5 a worker

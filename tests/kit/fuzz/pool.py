@@ -62,6 +62,10 @@ class Config:
     memory_limit: int = 2 << 30
     rss_ceiling: int = 256 * MIB  # peak RSS a worker may reach: more after a case is a finding
     batch: int = 100  # cases handed to a worker at a time
+    # Cases a worker runs before it makes way for a fresh one, as persistent-mode fuzzers restart theirs:
+    # a daemon opens one archive, but a worker opens a different one every case, and its heap fragments
+    # slowly over hundreds of thousands of them. Each case is still measured against rss_ceiling.
+    cases_per_worker: int = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +164,8 @@ def _worker_main(
 
     Results go back as (summary, next case number) at the end of a batch, and at once after a finding,
     so that a later case that kills the worker cannot take it along. After a case that took the peak
-    RSS over the ceiling, the worker sends its results and ends: the batch goes on in a fresh one.
+    RSS over the ceiling, or after config.cases_per_worker cases, the worker sends its results and ends:
+    the batch goes on in a fresh one.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     resource.setrlimit(resource.RLIMIT_AS, (config.memory_limit, config.memory_limit))
@@ -170,20 +175,23 @@ def _worker_main(
     with (work / "traceback").open("w") as log:
         faulthandler.enable(file=log, all_threads=True)  # SIGABRT from the watchdog: print the stack
         os.dup2(log.fileno(), 2)  # and what libraries print before they abort (rapidgzip: corrupt streams)
+        run = 0
         while (task := conn.recv()) is not None:
             summary = Summary()
             for number in range(*task):
+                run += 1
                 slot[1] = math.inf
                 slot[0] = number
                 comparing = bool(config.compare_every) and number % config.compare_every == 0
                 slot[1] = time.monotonic() + config.time_limit * (6 if comparing else 1)
                 run_case(corpus, config, number, check, work, summary)
                 over = meter.after_case(number, config.rss_ceiling, summary, corpus, config.seed)
-                if over or (summary.findings and number + 1 < task[1]):
+                leaving = over or run >= config.cases_per_worker
+                if leaving or (summary.findings and number + 1 < task[1]):
                     summary.memory = meter.figures()
                     conn.send((summary, number + 1))
                     summary = Summary()
-                if over:
+                if leaving:
                     return
             slot[1] = math.inf
             summary.memory = meter.figures()

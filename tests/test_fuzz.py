@@ -127,7 +127,8 @@ def test_a_worker_makes_way_for_a_fresh_one_after_its_share_of_cases(corpus: eng
     # replaced before that, and every case still runs once.
     config = pool.Config(cases=24, jobs=2, compare_every=0, batch=8, cases_per_worker=5)
     summary = pool.run(corpus, config, check=_served_by_pid)
-    assert summary.cases == 24 and not summary.findings
+    assert summary.cases == 24
+    assert not summary.findings
     assert sum(summary.outcomes.values()) == 24
     assert max(summary.outcomes.values()) <= 5
     assert len(summary.outcomes) >= 5  # 24 cases, at most 5 a worker

@@ -11,7 +11,6 @@ harness, kit.bench).
 """
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -56,7 +55,8 @@ from kit.bench import (
     timed_read,
     watchdog,
 )
-from kit.sample import boot_command, kvm_usable, make_archive, write_sparse_boot_image
+from kit.qemu import boot, kvm_usable
+from kit.sample import make_archive, write_sparse_boot_image
 
 REPO = Path(__file__).resolve().parent.parent
 BOOT = "boot"  # not a data case: QEMU boots the sample image (kit.sample), from the raw file and a mount
@@ -328,12 +328,12 @@ def run_boot(tools: list[Tool], options: Options, results: Results) -> None:
         for name in (BOOT_RAW, BOOT_MOUNT):
             try:
                 if name == BOOT_RAW:
-                    seconds = boot_once(image, directory, options.cap)
+                    seconds = boot_once(image, options.cap)
                 else:
                     with serve_fuse(
                         command, mountpoint, mountpoint / "disk.raw", options.cap, directory / "log"
                     ):
-                        seconds = boot_once(mountpoint / "disk.raw", directory, options.cap)
+                        seconds = boot_once(mountpoint / "disk.raw", options.cap)
                 results.boot.setdefault(name, []).append(seconds)
                 shown.append(f"{name} {METRICS['ready'].format(seconds)}")
             except (TimedOut, ToolFailed) as exc:
@@ -352,31 +352,14 @@ def _boot_unavailable(tarfuse: Tool | None) -> str | None:
     return None
 
 
-def boot_once(image: Path, directory: Path, cap: float) -> float:
+def boot_once(image: Path, cap: float) -> float:
     """Start QEMU on `image`; return the seconds until the boot sector's line is on its serial port."""
-    serial = directory / "com1.log"
-    serial.unlink(missing_ok=True)
-    expected = BOOT_MESSAGE.encode()
-    start = time.perf_counter()
-    qemu = subprocess.Popen(
-        boot_command(str(image), str(serial)),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        while True:
-            with contextlib.suppress(OSError):
-                if expected in serial.read_bytes():
-                    return time.perf_counter() - start
-            if qemu.poll() is not None:
-                raise ToolFailed(f"qemu-system-x86_64 exited with {qemu.returncode} before the serial line")
-            if time.perf_counter() - start > cap:
-                raise TimedOut(cap)
-            time.sleep(0.001)
-    finally:
-        qemu.kill()
-        qemu.wait()
+    booted = boot(image, BOOT_MESSAGE, cap)
+    if booted.seconds is not None:
+        return booted.seconds
+    if booted.exit_status is None:
+        raise TimedOut(cap)
+    raise ToolFailed(f"qemu-system-x86_64 exited with {booted.exit_status} before the serial line")
 
 
 # ---- Reading and checking -----------------------------------------------------------------------------

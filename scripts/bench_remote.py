@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import tarfile
 import time
 from contextlib import AbstractContextManager
@@ -21,7 +20,8 @@ from pathlib import Path
 from kit.bench import Served, latencies, quantile, run_main, scratch, serve_fuse, table, timed, timed_read
 from kit.httpserver import RangeServer, serve
 from kit.mounts import tarfuse_command
-from kit.sample import DataRun, boot_command, boot_sector, data_runs
+from kit.qemu import boot
+from kit.sample import DataRun, boot_sector, data_runs
 
 MiB = 1 << 20
 CAP_S = 300.0  # no step of a sound run comes near it; a daemon that hangs ends the run instead of stalling it
@@ -89,16 +89,8 @@ def boot_fetch(server: RangeServer, work: Path, mnt: Path) -> tuple[int, float] 
     server.reset_counters()
     started = time.monotonic()
     with mounted(url, mnt):
-        serial = work / "com1.log"
-        process = subprocess.Popen(boot_command(str(mnt / "disk.raw"), str(serial), qemu))
-        try:
-            while not (serial.exists() and message in serial.read_text(errors="replace")):
-                if time.monotonic() - started > 120:
-                    raise SystemExit("QEMU did not boot")
-                time.sleep(0.05)
-        finally:
-            process.kill()
-            process.wait()
+        if boot(mnt / "disk.raw", message, 120, qemu).seconds is None:
+            raise SystemExit("QEMU did not boot")
     return server.bytes_served, time.monotonic() - started
 
 

@@ -13,12 +13,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kit.mounts import Mount, MountError, daemon_mount
-from kit.sample import boot_command, kvm_usable, write_sparse_boot_image
+from kit.qemu import QEMU, boot, boot_command, kvm_usable
+from kit.sample import write_sparse_boot_image
 
 IMAGE_SIZE = 256 * 1024 * 1024
 MESSAGE = "Hello from a disk image inside a tar archive, served by tarfuse!"
@@ -95,25 +95,16 @@ def inspect_mount(image: Path, original: Path) -> None:
     print("    identical (sha256)")
 
 
-def boot(image: Path) -> None:
-    qemu = shutil.which("qemu-system-x86_64")
+def boot_in_qemu(image: Path) -> None:
+    qemu = shutil.which(QEMU)
     if qemu is None:
         step("Skipping the boot: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
         return
     step(f"Booting it with QEMU ({'KVM' if kvm_usable() else 'TCG'}), watching the serial console")
-    serial_log = Path("com1.log")
-    command = boot_command(str(image), str(serial_log), "qemu-system-x86_64")
-    echo(command, " &")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while MESSAGE not in (serial_log.read_text(errors="replace") if serial_log.exists() else ""):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise DemoFailed(f"no greeting on the serial console within {BOOT_TIMEOUT:.0f} s")
-            time.sleep(0.05)
-    finally:
-        process.kill()
-        process.wait()
+    echo(boot_command(image, qemu))
+    booted = boot(image, MESSAGE, BOOT_TIMEOUT, qemu)
+    if booted.seconds is None:
+        raise DemoFailed(f"no greeting on the serial console within {BOOT_TIMEOUT:.0f} s: {booted.failure()}")
     print(f"    COM1: {MESSAGE}")
     print("    (seen; QEMU stopped)")
 
@@ -149,7 +140,7 @@ def demo() -> None:
     with tarfuse_mount(archive, mountpoint) as mounted:
         image = mountpoint / "disk.raw"
         inspect_mount(image, Path("disk.raw"))
-        boot(image)
+        boot_in_qemu(image)
         overlay(image)
         unmount(mountpoint, mounted.process)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool
-from kit.sample import kvm_usable
+from kit.qemu import kvm_usable
 
 REPO = Path(__file__).resolve().parent.parent
 CASES = ("plain", "sparse-oldgnu")

@@ -1,13 +1,12 @@
 """QEMU boots the sample disk straight from a tarfuse mount and its boot sector speaks on COM1."""
 
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from conftest import require_tool
 from kit.mounts import MountFactory
-from kit.sample import SampleImage, boot_command
+from kit.qemu import boot
+from kit.sample import SampleImage
 
 pytestmark = pytest.mark.fuse
 
@@ -15,24 +14,10 @@ BOOT_TIMEOUT = 60.0
 
 
 def boot_and_read_serial(image: Path, expected: str, serial_log: Path) -> tuple[str, str]:
-    """Boot `image` in QEMU until `expected` shows on COM1 or time is up; return COM1's and QEMU's output."""
-    qemu = subprocess.Popen(
-        boot_command(str(image), str(serial_log), require_tool("qemu-system-x86_64")),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while time.monotonic() < deadline and qemu.poll() is None:
-            if serial_log.exists() and expected in serial_log.read_text(errors="replace"):
-                break
-            time.sleep(0.05)
-    finally:
-        qemu.kill()
-        output = qemu.communicate()[0].decode(errors="replace")
-    serial = serial_log.read_text(errors="replace") if serial_log.exists() else ""
-    return serial, output
+    """Boot `image` until `expected` is on COM1; keep COM1's output in `serial_log`; return it and QEMU's."""
+    booted = boot(image, expected, BOOT_TIMEOUT, require_tool("qemu-system-x86_64"))
+    serial_log.write_text(booted.serial)
+    return booted.serial, booted.output
 
 
 def test_qemu_boots_the_image_from_a_directory_mount(

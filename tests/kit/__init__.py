@@ -2,6 +2,7 @@
 
 mounts: run a FUSE daemon in the foreground, wait for its mount, probe it, unmount it, stop it.
 sample: the bootable sparse sample image (the demo's and the tests'), and archives of it by real tar programs.
+qemu: boot a raw image in QEMU and wait for its boot sector's line on COM1 (tests, demo, benches).
 tarbuilder, sparsegen: archives built byte by byte, and sparse layouts with their expected bytes.
 httpserver: a range-capable HTTP server on 127.0.0.1, with faults on demand.
 faultyfs, readers: programs the tests run: storage with bad sectors, and readers that check every byte.

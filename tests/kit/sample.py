@@ -119,30 +119,6 @@ def write_sparse_boot_image(path: str, size: int, message: str, seed: int = 0) -
     return runs
 
 
-def kvm_usable() -> bool:
-    """Return whether this process can open /dev/kvm for QEMU's `-accel kvm`."""
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
-    except OSError:
-        return False
-    return True
-
-
-def boot_command(image: str, serial_log: str, qemu: str = "qemu-system-x86_64") -> list[str]:
-    """Return the QEMU command line that boots the raw `image` read-only, serial port to a file.
-
-    `-nodefaults` leaves out the VGA card, the network card and the CD drive, so the BIOS boots
-    straight from the one disk; `-no-reboot` makes a triple fault end QEMU instead of looping.
-    """
-    accel = "kvm" if kvm_usable() else "tcg"
-    return [
-        qemu,
-        *("-accel", accel, "-m", "32", "-nodefaults", "-display", "none", "-no-reboot"),
-        *("-serial", f"file:{serial_log}", "-monitor", "none"),
-        *("-drive", f"file={image.replace(',', ',,')},format=raw,if=virtio,readonly=on"),
-    ]
-
-
 def make_archive(kind: str, source: Path, archive: Path) -> Path:
     """Archive the file `source`, under its basename, as `kind` (one of ARCHIVE_KINDS); return `archive`.
 

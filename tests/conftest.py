@@ -18,6 +18,8 @@ from kit import sample
 from kit.mounts import Mount, MountFactory, foreground_mount, fuse_unusable_reason, loop_device
 from kit.sample import SampleImage, write_sparse_boot_image
 
+pytest_plugins = ["kit.fixtures"]
+
 IMAGE_SIZE = 24 * 1024 * 1024
 BOOT_MESSAGE = "tarfuse sample booted"
 IMAGE_MTIME = 1_700_000_000  # whole seconds: every tar format can store it exactly

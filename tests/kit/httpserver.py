@@ -14,6 +14,7 @@ import email.utils
 import os
 import re
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -282,3 +283,15 @@ def serve(tls: tuple[Path, Path] | None = None, host: str = "127.0.0.1") -> Iter
         httpd.shutdown()
         httpd.server_close()
         thread.join()
+
+
+def write_tls_files(directory: Path, openssl: str = "openssl") -> tuple[Path, Path]:
+    """Write a self-signed certificate for 127.0.0.1 and its key into `directory`; return (cert, key),
+    as `serve(tls=...)` takes them (the certificate is also the CA file a client trusts)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key

@@ -17,7 +17,7 @@ from tarfuse.image.open import open_image
 from tarfuse.tar import sparse
 from tarfuse.tar.archive import ReadAt, scan_members
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parents[1] / "data"
 FIXTURES = {"gnu.tar": "oldgnu", "pax-0.0.tar": "pax0.0", "pax-0.1.tar": "pax0.1", "pax-1.0.tar": "pax1.0"}
 GIB = 1 << 30
 

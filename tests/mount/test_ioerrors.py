@@ -29,7 +29,7 @@ from kit.sample import SampleImage, data_runs
 pytestmark = pytest.mark.fuse
 
 PAGE = 4096
-FAULTYFS = Path(__file__).with_name("kit") / "faultyfs.py"
+FAULTYFS = Path(__file__).parents[1] / "kit" / "faultyfs.py"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from tarfuse.serve.daemon import find_mount
 
 pytestmark = pytest.mark.fuse
 
-READERS = Path(__file__).with_name("kit") / "readers.py"
+READERS = Path(__file__).parents[1] / "kit" / "readers.py"
 THREADS = PROCESSES = 3
 TIMEOUT = 15.0  # a reader or daemon that takes longer than this hangs
 

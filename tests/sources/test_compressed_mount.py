@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,6 @@ from conftest import make_archive, make_ext4_image, read_payload_through_loop, r
 from kit import tarbuilder as tb
 from kit.mounts import Mount, MountFactory, status_kib, tarfuse_command
 from kit.sample import SampleImage
-from test_qemu import boot_and_read_serial
 
 pytestmark = pytest.mark.fuse
 
@@ -127,12 +127,15 @@ def test_a_corrupt_region_reads_as_eio(mount: MountFactory, tmp_path: Path) -> N
 
 
 def test_qemu_boots_from_a_mounted_tar_gz(
-    sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+    sample_image: SampleImage,
+    mount: MountFactory,
+    tmp_path: Path,
+    boot_and_read_serial: Callable[[Path, str], tuple[str, str]],
 ) -> None:
     archive = gce_tarball(sample_image, tmp_path / "image.tar.gz")
     (served := tmp_path / "mnt").mkdir()
     mount(archive, served)
-    serial, qemu = boot_and_read_serial(served / "disk.raw", sample_image.message, tmp_path / "com1.log")
+    serial, qemu = boot_and_read_serial(served / "disk.raw", sample_image.message)
     assert serial.startswith(sample_image.message), f"COM1: {serial!r}; QEMU: {qemu}"
 
 

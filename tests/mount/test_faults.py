@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 from kit.mounts import Mount, MountFactory, is_mounted, tarfuse_command, unmount
+from kit.needs import require_root
 from kit.sample import SampleImage
-from test_security import as_user, require_root, temporary_user
+from kit.users import as_user, temporary_user
 
 pytestmark = pytest.mark.fuse
 

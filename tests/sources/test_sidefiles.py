@@ -26,8 +26,9 @@ import pytest
 import pyzstd
 from conftest import make_archive, require_tool
 from kit.mounts import MountFactory
+from kit.needs import require_root
 from kit.sample import SampleImage
-from test_security import User, require_root, temporary_user
+from kit.users import User, temporary_user
 
 from tarfuse.sources import index, sidefiles
 from tarfuse.sources.compressed import CompressedSource, decompressed

@@ -2,22 +2,21 @@
 space it leaves on its file system, and a file system that says no (ENOSPC). In each case there is no
 spill, nothing of it is left, one log line says why (never "a bug"), and every read is still right.
 
-The archives are single-frame .tar.zst of a 1.5 MiB random block repeated: zstd's window spans the
-block, so the archive is ~1.5 MiB, while the spill's 1 MiB frames cannot compress random bytes and would
-be as large as the tar. Small file systems are real tmpfs mounts (root).
+The archives are single-frame .tar.zst of a 1.5 MiB random block repeated (kit.archives): zstd's window
+spans the block, so the archive is ~1.5 MiB, while the spill's 1 MiB frames cannot compress random bytes
+and would be as large as the tar. Small file systems are real tmpfs mounts (root).
 """
 
 import os
-import random
 import re
 import subprocess
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import require_tool
+from kit.archives import repeated_block_tar_zst
 from kit.mounts import Mount, MountFactory, daemon_mount, tarfuse_command
 
 from tarfuse.sources import spill
@@ -25,37 +24,7 @@ from tarfuse.sources import spill
 pytestmark = pytest.mark.fuse
 
 MiB = 1 << 20
-BLOCK = 3 * MiB // 2
 PASS_TIMEOUT = 60.0
-
-
-def repeated_block_tar_zst(out: Path, repeats: int) -> bytes:
-    """Write a one-frame .tar.zst of disk.raw, a random 1.5 MiB block `repeats` times; return disk.raw."""
-    require_tool("zstd")
-    data = random.Random(repeats).randbytes(BLOCK) * repeats
-    with out.open("wb") as sink:
-        zstd = subprocess.Popen(["zstd", "-q", "--single-thread", "-c"], stdin=subprocess.PIPE, stdout=sink)
-        assert zstd.stdin is not None
-        with tarfile.open(fileobj=zstd.stdin, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-            info = tarfile.TarInfo("disk.raw")
-            info.size = len(data)
-            tar.addfile(info, _Reader(data))
-        zstd.stdin.close()
-        assert zstd.wait() == 0
-    return data
-
-
-class _Reader:
-    """A file-like view of bytes for tarfile.addfile, without a copy into a BytesIO."""
-
-    def __init__(self, data: bytes) -> None:
-        self._view, self._at = memoryview(data), 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._view) if size < 0 else self._at + size
-        chunk = self._view[self._at : end]
-        self._at += len(chunk)
-        return bytes(chunk)
 
 
 def wait_for_log(live: Mount, text: str) -> str:

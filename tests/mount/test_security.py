@@ -10,24 +10,19 @@ run tarfuse with runuser. Two host settings are changed for the length of a test
 
 The user must be able to run tarfuse's interpreter: if the venv's python lives where users cannot go (a
 pyenv under /root), the same python version from /usr/bin runs the same tarfuse sources and site-packages
-through PYTHONPATH; if there is none, the tests skip and say why.
+through PYTHONPATH (kit.users.python_for); if there is none, the tests skip and say why. The two users and
+the owner's directory are the `setup` fixture of tests/mount/conftest.py.
 """
 
 import contextlib
 import errno
 import hashlib
 import os
-import pwd
 import shutil
 import stat
 import subprocess
-import sys
-import sysconfig
 import tarfile
-import tempfile
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
@@ -43,43 +38,15 @@ from kit.mounts import (
     unmount,
 )
 from kit.sample import SampleImage
-
-import tarfuse
+from kit.users import Setup, as_user, sha256_as
 
 pytestmark = pytest.mark.fuse
 
 FUSE_CONF = Path("/etc/fuse.conf")
-DEV_FUSE = Path("/dev/fuse")
 TIMEOUT = 30.0
-PROJECT = Path(tarfuse.__file__).resolve().parents[1]
-
-
-def require_root() -> None:
-    if os.getuid() != 0:
-        pytest.skip("needs root: the test creates user accounts and edits /etc/fuse.conf")
 
 
 # --- host state, always restored -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    name: str
-    uid: int
-    gid: int
-
-
-@contextlib.contextmanager
-def temporary_user() -> Iterator[User]:
-    """A fresh unprivileged account with its own group and no home; removed afterwards."""
-    name = f"tfsec{uuid.uuid4().hex[:10]}"
-    subprocess.run(["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", name], check=True, capture_output=True)
-    try:
-        entry = pwd.getpwnam(name)
-        yield User(name, entry.pw_uid, entry.pw_gid)
-    finally:
-        subprocess.run(["userdel", name], check=False, capture_output=True)
-        subprocess.run(["groupdel", name], check=False, capture_output=True)  # if userdel left it
 
 
 @contextlib.contextmanager
@@ -99,91 +66,6 @@ def fuse_conf(user_allow_other: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def dev_fuse_open_to_users() -> Iterator[None]:
-    """Give /dev/fuse Debian's mode 0666 if users cannot open it (see the module docstring); restore it."""
-    mode = stat.S_IMODE(DEV_FUSE.stat().st_mode)
-    wanted = mode | 0o666
-    if wanted != mode:
-        DEV_FUSE.chmod(wanted)
-    try:
-        yield
-    finally:
-        if wanted != mode:
-            DEV_FUSE.chmod(mode)
-
-
-# --- running tarfuse as a user -------------------------------------------------------------------
-
-
-def as_user(user: User, *command: str | Path, env: dict[str, str] | None = None) -> list[str]:
-    """`command` run as `user` with a clean environment."""
-    variables = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **(env or {})}
-    return [
-        "runuser",
-        "-u",
-        user.name,
-        "--",
-        "env",
-        "-i",
-        *(f"{k}={v}" for k, v in variables.items()),
-        *command,
-    ]
-
-
-@dataclass(frozen=True, slots=True)
-class Python:
-    """An interpreter `user` can run, with what it needs to import tarfuse."""
-
-    executable: str
-    env: dict[str, str]
-
-    def tarfuse(self, user: User, *args: str | Path) -> list[str]:
-        return as_user(user, self.executable, "-m", "tarfuse", *args, env=self.env)
-
-
-def python_for(user: User) -> Python:
-    """The venv's interpreter if `user` can run it; else the same python version from /usr/bin."""
-    paths = os.pathsep.join([str(PROJECT), sysconfig.get_paths()["purelib"]])
-    system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
-    for candidate in (Python(sys.executable, {}), Python(system, {"PYTHONPATH": paths})):
-        check = as_user(user, candidate.executable, "-c", "import tarfuse, pyfuse3, trio", env=candidate.env)
-        if subprocess.run(check, capture_output=True, timeout=TIMEOUT, check=False).returncode == 0:
-            return candidate
-    pytest.skip(f"user {user.name} can run neither {sys.executable} nor {system} with tarfuse's packages")
-
-
-@dataclass(frozen=True, slots=True)
-class Setup:
-    """An owner and another user, a directory of the owner's holding a root-owned 0444 archive."""
-
-    owner: User
-    other: User
-    python: Python
-    archive: Path
-    mountpoint: Path
-
-
-@pytest.fixture
-def setup(sample_archive: Path) -> Iterator[Setup]:
-    require_root()
-    with contextlib.ExitStack() as stack:
-        owner, other = stack.enter_context(temporary_user()), stack.enter_context(temporary_user())
-        python = python_for(owner)
-        stack.enter_context(dev_fuse_open_to_users())
-        home = Path(tempfile.mkdtemp(prefix="tarfuse-security-"))  # not under pytest's 0700 tmp_path
-        stack.callback(shutil.rmtree, home, ignore_errors=True)
-        os.chown(home, owner.uid, owner.gid)
-        home.chmod(0o755)
-        archive = home / "vm.tar"
-        shutil.copyfile(sample_archive, archive)
-        archive.chmod(0o444)  # root's, read-only: the owner can read it, nobody can write it
-        (mountpoint := home / "mnt").mkdir()
-        os.chown(mountpoint, owner.uid, owner.gid)
-        stack.callback(unmount, mountpoint)
-        yield Setup(owner, other, python, archive, mountpoint)
-
-
-@contextlib.contextmanager
 def user_mount(setup: Setup, *options: str) -> Iterator[subprocess.Popen[bytes]]:
     """`tarfuse -f` run by the owner; unmounted (by root) and reaped at the end."""
     command = setup.python.tarfuse(setup.owner, "-f", *options, setup.archive, setup.mountpoint)
@@ -191,12 +73,6 @@ def user_mount(setup: Setup, *options: str) -> Iterator[subprocess.Popen[bytes]]
     # No probe: root may not look into the owner's mount (no allow_other).
     with daemon_mount(command, setup.mountpoint, log, timeout=TIMEOUT, probe=False) as served:
         yield served.process
-
-
-def sha256_as(user: User, path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        as_user(user, "sha256sum", path), capture_output=True, text=True, timeout=TIMEOUT, check=False
-    )
 
 
 def digest(data: bytes) -> str:

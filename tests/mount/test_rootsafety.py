@@ -22,8 +22,8 @@ import pytest
 from kit.httpserver import serve
 from kit.mounts import foreground_mount, is_mounted, mount_entry, tarfuse_command, unmount
 from kit.sample import SampleImage
+from kit.users import Setup, sha256_as
 from pyfuse3 import FUSEError
-from test_security import Setup, require_root, setup, sha256_as  # noqa: F401  # setup: a fixture
 
 from tarfuse.serve.fs import IMAGE_INODE, ImageFs, ServedFile
 
@@ -42,7 +42,7 @@ def run_tarfuse(*args: str | Path, timeout: float = TIMEOUT) -> subprocess.Compl
 # --- options built from data -----------------------------------------------------------------------
 
 
-def test_a_comma_in_the_archive_name_adds_no_mount_option(setup: Setup) -> None:  # noqa: F811
+def test_a_comma_in_the_archive_name_adds_no_mount_option(setup: Setup) -> None:
     """root mounting `vm.tar,allow_other` got allow_other: any user could read a 0600 archive's image."""
     archive = setup.archive.with_name("vm.tar,allow_other")
     shutil.copyfile(setup.archive, archive)
@@ -135,7 +135,7 @@ async def test_a_bug_in_a_read_answers_eio() -> None:
 
 
 def test_a_mount_point_swapped_for_a_symlink_during_the_scan_is_not_followed(
-    setup: Setup,  # noqa: F811
+    setup: Setup,
 ) -> None:
     """The mount point was resolved, then the archive read (for as long as its author likes), then mount(2)
     resolved the path again: a user who owns its parent swapped in a symlink, and root mounted over a

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit.archives import repeated_block_tar_zst
 from kit.mounts import Mount, MountFactory
-from test_spill_bounds import repeated_block_tar_zst
 
 from tarfuse.sources import cachedir
 

@@ -13,7 +13,7 @@ from conftest import require_tool
 
 pytestmark = pytest.mark.fuse
 
-STRESS = Path(__file__).parents[1] / "scripts" / "stress.py"
+STRESS = Path(__file__).parents[2] / "scripts" / "stress.py"
 DURATION = 5
 
 

@@ -17,7 +17,6 @@ import pytest
 from conftest import no_proxy_from_outside
 from kit.httpserver import RangeServer, serve
 from kit.mounts import run_tarfuse_measuring_peak_rss
-from test_remote import tls_files  # noqa: F401  # a fixture: a self-signed certificate for 127.0.0.1
 
 from tarfuse.errors import ArchiveError, RemoteError, UsageError
 from tarfuse.sources.blockcache import BLOCK_SIZE, BlockCache
@@ -216,7 +215,7 @@ def test_user_headers_stay_dropped_when_a_redirect_chain_comes_back(
 
 
 def test_redirect_from_https_to_http_is_refused(
-    tls_files: tuple[Path, Path],  # noqa: F811
+    tls_files: tuple[Path, Path],
     server: RangeServer,
     blob: bytes,
 ) -> None:
@@ -267,7 +266,7 @@ def test_dripping_headers_fail_after_the_deadline(server: RangeServer, blob: byt
 
 
 def test_dripping_https_fails_after_the_deadline(
-    tls_files: tuple[Path, Path],  # noqa: F811
+    tls_files: tuple[Path, Path],
     blob: bytes,
 ) -> None:
     with serve(tls=tls_files) as https:

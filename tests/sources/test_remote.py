@@ -12,15 +12,14 @@ import shutil
 import subprocess
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ArchiveFactory, no_proxy_from_outside, require_tool
+from conftest import ArchiveFactory, no_proxy_from_outside
 from kit.httpserver import RangeServer, serve
 from kit.mounts import MountFactory, mount_entry, tarfuse_command
 from kit.sample import DataRun, SampleImage, boot_sector, data_runs
-from test_qemu import boot_and_read_serial
 
 from tarfuse import mount
 from tarfuse.cli import split_mount_options
@@ -236,19 +235,6 @@ def test_no_proxy_bypasses_the_proxy(
     assert source.read_at(0, 100) == blob[:100]
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    openssl = require_tool("openssl")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 def test_https_with_a_ca_file(tls_files: tuple[Path, Path], blob: bytes) -> None:
     with serve(tls=tls_files) as https:
         source = remote(https.put("blob", blob), ca_file=str(tls_files[0]))
@@ -287,7 +273,7 @@ def test_bad_remote_options_are_usage_errors(word: str) -> None:
 
 def test_remote_options_go_through_the_command_line_parser() -> None:
     options = split_mount_options(["header=A:b,cache_size=1M,ro", "header=C:d"])
-    assert options.remote == ["header=A:b", "header=C:d"]
+    assert options.http.headers == (("A", "b"), ("C", "d"))
     assert options.cache_size == MiB  # not a remote option: one budget for every layer (mount.py)
 
 
@@ -418,12 +404,16 @@ def test_reading_the_first_sectors_of_a_remote_gib_image_fetches_little(
 
 @pytest.mark.fuse
 def test_qemu_boots_a_remote_gib_image_fetching_a_few_mib(
-    server: RangeServer, gib_archive: tuple[Path, str], mount: MountFactory, tmp_path: Path
+    server: RangeServer,
+    gib_archive: tuple[Path, str],
+    mount: MountFactory,
+    tmp_path: Path,
+    boot_and_read_serial: Callable[[Path, str], tuple[str, str]],
 ) -> None:
     archive, message = gib_archive
     (mnt := tmp_path / "mnt").mkdir()
     mount(server.put("gib.tar", archive), mnt)
-    serial, qemu = boot_and_read_serial(mnt / "disk.raw", message, tmp_path / "com1.log")
+    serial, qemu = boot_and_read_serial(mnt / "disk.raw", message)
     assert serial.startswith(message), f"COM1: {serial!r}; QEMU: {qemu}"
     assert server.bytes_served <= 4 * MiB
 

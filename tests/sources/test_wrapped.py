@@ -20,7 +20,6 @@ from conftest import make_ext4_image, read_payload_through_loop, require_tool
 from kit.httpserver import serve
 from kit.mounts import MountFactory, tarfuse_command, unmount
 from kit.sample import SampleImage
-from test_qemu import boot_and_read_serial
 
 from tarfuse import mount
 from tarfuse.cli import split_mount_options
@@ -437,7 +436,10 @@ def test_a_file_mount_point_needs_one_disk_and_lists_them(raw_image: Path, tmp_p
 
 @pytest.mark.fuse
 def test_qemu_boots_the_second_disk_of_a_two_disk_ova(
-    sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+    sample_image: SampleImage,
+    mount: MountFactory,
+    tmp_path: Path,
+    boot_and_read_serial: Callable[[Path, str], tuple[str, str]],
 ) -> None:
     archive = tmp_path / "vm.ova"
     with tarfile.open(archive, "w") as tar:
@@ -448,14 +450,18 @@ def test_qemu_boots_the_second_disk_of_a_two_disk_ova(
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     mount(archive, mountpoint)
-    serial, qemu = boot_and_read_serial(mountpoint / "disk2.img", sample_image.message, tmp_path / "com1.log")
+    serial, qemu = boot_and_read_serial(mountpoint / "disk2.img", sample_image.message)
     assert serial.startswith(sample_image.message), f"COM1: {serial!r}; QEMU: {qemu}"
 
 
 @pytest.mark.fuse
 @pytest.mark.parametrize("wrapping", ["bare .img.xz", "xz member of a tar"])
 def test_qemu_boots_the_sample_compressed(
-    wrapping: str, sample_image: SampleImage, mount: MountFactory, tmp_path: Path
+    wrapping: str,
+    sample_image: SampleImage,
+    mount: MountFactory,
+    tmp_path: Path,
+    boot_and_read_serial: Callable[[Path, str], tuple[str, str]],
 ) -> None:
     compressed = compress("xz-T2", sample_image.path, tmp_path)
     source = compressed
@@ -466,7 +472,7 @@ def test_qemu_boots_the_sample_compressed(
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     mount(source, mountpoint, "-o", "index=" + str(tmp_path / "index"))
-    serial, qemu = boot_and_read_serial(mountpoint / "disk.raw", sample_image.message, tmp_path / "com1.log")
+    serial, qemu = boot_and_read_serial(mountpoint / "disk.raw", sample_image.message)
     assert serial.startswith(sample_image.message), f"COM1: {serial!r}; QEMU: {qemu}"
 
 

@@ -1,0 +1,45 @@
+"""Compressed archives that tests in several files build: made by the real compressor, checked by none.
+
+`repeated_block_tar_zst`: a one-frame .tar.zst of one random 1.5 MiB block repeated. zstd's window spans
+the block, so the archive stays ~1.5 MiB, while a spill's 1 MiB frames cannot compress random bytes and
+would be as large as the tar.
+"""
+
+import random
+import subprocess
+import tarfile
+from pathlib import Path
+
+from kit.needs import require_tool
+
+MiB = 1 << 20
+BLOCK = 3 * MiB // 2
+
+
+def repeated_block_tar_zst(out: Path, repeats: int) -> bytes:
+    """Write a one-frame .tar.zst of disk.raw, a random 1.5 MiB block `repeats` times; return disk.raw."""
+    require_tool("zstd")
+    data = random.Random(repeats).randbytes(BLOCK) * repeats
+    with out.open("wb") as sink:
+        zstd = subprocess.Popen(["zstd", "-q", "--single-thread", "-c"], stdin=subprocess.PIPE, stdout=sink)
+        assert zstd.stdin is not None
+        with tarfile.open(fileobj=zstd.stdin, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+            info = tarfile.TarInfo("disk.raw")
+            info.size = len(data)
+            tar.addfile(info, _Reader(data))
+        zstd.stdin.close()
+        assert zstd.wait() == 0
+    return data
+
+
+class _Reader:
+    """A file-like view of bytes for tarfile.addfile, without a copy into a BytesIO."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view, self._at = memoryview(data), 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else self._at + size
+        chunk = self._view[self._at : end]
+        self._at += len(chunk)
+        return bytes(chunk)

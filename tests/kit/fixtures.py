@@ -1,0 +1,35 @@
+"""Fixtures that tests in several folders share, loaded by tests/conftest.py (`pytest_plugins`).
+
+The code behind them is the kit's; what is here is only what needs pytest.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kit.httpserver import write_tls_files
+from kit.needs import require_tool
+from kit.qemu import boot
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key: `serve(tls=tls_files)`, `ca_file=cert`."""
+    return write_tls_files(tmp_path_factory.mktemp("tls"), require_tool("openssl"))
+
+
+BOOT_TIMEOUT = 60.0
+
+
+@pytest.fixture
+def boot_and_read_serial(tmp_path: Path) -> Callable[[Path, str], tuple[str, str]]:
+    """Return `boot_and_read_serial(image, expected) -> (COM1, QEMU's output)`: boot `image` in QEMU until
+    `expected` shows on COM1 (kit.qemu.boot), keeping COM1's output in com1.log of the test's tmp_path."""
+
+    def run(image: Path, expected: str) -> tuple[str, str]:
+        booted = boot(image, expected, BOOT_TIMEOUT, require_tool("qemu-system-x86_64"))
+        (tmp_path / "com1.log").write_text(booted.serial)
+        return booted.serial, booted.output
+
+    return run

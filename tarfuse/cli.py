@@ -19,19 +19,18 @@ from typing import TYPE_CHECKING
 from tarfuse import __version__
 from tarfuse.errors import ArchiveError, TarfuseError, UsageError
 from tarfuse.image.open import Image
-from tarfuse.mount import (
+from tarfuse.mount import assemble, list_archive
+from tarfuse.options import (
     CPUS_PER_WORKER,
     DEFAULT_MAX_RATIO,
     DEFAULT_WORKERS_MAX,
-    MAX_WORKERS,
     MountOptions,
-    assemble,
-    list_archive,
+    split_mount_options,
 )
 from tarfuse.printable import PrintableFormatter, printable, terminal_safe
 from tarfuse.serve import daemon
 from tarfuse.serve.fs import ImageFs, seek_support
-from tarfuse.sources import remote
+from tarfuse.sources.locations import display_name, is_url
 
 if TYPE_CHECKING:
     from tarfuse.sources import cachedir
@@ -40,90 +39,6 @@ log = logging.getLogger("tarfuse")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 FUSE_CONF = "/etc/fuse.conf"  # fusermount3 reads user_allow_other from here
-
-# Words that fstab, mount(8) and mount.fuse3 pass along and that mean nothing here (as in s3ql/sshfs).
-# mount.fuse3 passes "rw,dev,suid" when nothing else is said: dev/suid/exec are moot on a lone 0444 file.
-# fmt: off
-_IGNORED = frozenset({
-    "ro", "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "nofail",
-    "_netdev", "nonempty", "async", "sync", "dev", "suid", "exec",
-})
-# Generic mount flags that libfuse's mount understands: passed through as they are.
-_PASSED = frozenset({
-    "allow_other", "auto_unmount", "nosuid", "nodev", "noexec", "noatime", "atime", "relatime",
-    "norelatime", "strictatime", "nodiratime", "diratime", "dirsync", "lazytime", "nolazytime",
-})
-# fmt: on
-# uid_t and gid_t are 32 bits, and (uid_t)-1 means "no change" to chown(2): never a file's owner.
-_OPTION_MAX = {"uid": 2**32 - 2, "gid": 2**32 - 2, "umask": 0o777, "workers": MAX_WORKERS}
-# fmt: off
-_OURS = (
-    "member", "uid", "gid", "umask", "fsname", "readahead_kb", "index", "cache_size", "workers",
-    "decoder_memory", "max_ratio",
-)
-# fmt: on
-_SIZE = re.compile(r"(\d+)\s*([kmgKMG]?)(?:i?[bB])?")  # cache_size=: bytes, K, M or G (binary: 64M is 64 MiB)
-_SIZES = ("cache_size", "decoder_memory", "spill_max", "cache_max")  # sizes, as _SIZE reads them
-
-
-def split_mount_options(words: list[str], rw_is_default: bool = False) -> MountOptions:
-    """Parse comma-separated -o words; raise UsageError naming any word that is wrong.
-
-    mount(8) hands every helper "rw" unless told "ro", so `rw_is_default` (set when mount(8) runs us)
-    accepts it: the mount is read-only either way, as `mount` of a write-protected device is.
-    """
-    options = MountOptions()
-    for word in (w for group in words for w in group.split(",") if w):
-        key, has_value, value = word.partition("=")
-        if (key in _OURS or key in _SIZES) and has_value:
-            _set_option(options, key, value)
-        elif key in remote.OPTION_KEYS and (has_value or word in remote.FLAG_KEYS):
-            options.remote.append(word)  # checked by remote.parse_options when a URL is opened
-        elif word == "noindex":
-            options.noindex = True
-        elif word == "all":
-            options.all_files = True
-        elif word == "nonempty":  # libfuse 3 has no such option: it is ours to check
-            options.nonempty = True
-        elif word == "rw":
-            if not rw_is_default:
-                raise UsageError(
-                    "option 'rw': tarfuse mounts are read-only; for writes put a qcow2 overlay on "
-                    "the image (qemu-img create -f qcow2 -b MNT/IMAGE -F raw overlay.qcow2)"
-                )
-        elif word in _IGNORED or key.startswith(("x-", "comment")):
-            continue
-        elif word in _PASSED:
-            options.fuse.add(word)
-        else:
-            raise UsageError(f"unknown mount option {word!r} (see tarfuse --help)")
-    return options
-
-
-def _set_option(options: MountOptions, key: str, value: str) -> None:
-    if key in ("member", "fsname", "index"):
-        if not value:
-            raise UsageError(f"option {key}= needs a value")
-        setattr(options, key, value)
-        return
-    if key in _SIZES:
-        if (match := _SIZE.fullmatch(value.strip())) is None:
-            raise UsageError(f"option {key}={value!r}: use bytes or a K, M or G suffix (e.g. {key}=64M)")
-        setattr(options, key, int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2].upper()])
-        return
-    base = 8 if key == "umask" else 10
-    try:
-        number = int(value, base)
-    except ValueError:
-        raise UsageError(f"option {key}={value!r} is not a number") from None
-    limit = _OPTION_MAX.get(key)
-    if number < 0 or (limit is not None and number > limit):
-        most = "" if limit is None else f"; at most {limit:o}" if base == 8 else f"; at most {limit}"
-        raise UsageError(f"option {key}={value!r} is out of range{most}")
-    if key == "workers" and number == 0:
-        raise UsageError("option workers=0: at least one process must serve the mount")
-    setattr(options, key, number)
-
 
 DESCRIPTION = (
     "Mount the disk image inside an archive as one read-only file, without unpacking it. ARCHIVE is a "
@@ -371,7 +286,7 @@ def _error(message: str) -> None:
 
 def _shown_path(path: str) -> str:
     """The archive as messages name it: no URL secrets, no raw control characters."""
-    return printable(remote.display_name(path))
+    return printable(display_name(path))
 
 
 _HEADER_VALUE = re.compile(r"(header=[^:,]*:)[^,]*")
@@ -396,7 +311,7 @@ def _log_debug(message: str | None) -> None:
 
 def _shown_command(words: list[str]) -> str:
     """The command line as ps may show it: no URL query string or user info, no -o header= value."""
-    shown = [remote.display_name(w) if remote.is_url(w) else _HEADER_VALUE.sub(r"\1***", w) for w in words]
+    shown = [display_name(w) if is_url(w) else _HEADER_VALUE.sub(r"\1***", w) for w in words]
     return " ".join(["tarfuse", *shown])
 
 
@@ -538,7 +453,7 @@ def _print_json(value: object) -> None:
 def _listing(path: str, compression: str | None, index: str | None, images: list[Image]) -> dict[str, object]:
     """What --list shows, for scripts: the same fields, with their types, and the format's QEMU name apart."""
     return {
-        "archive": remote.display_name(path),
+        "archive": display_name(path),
         "compression": compression,
         "index": index,
         "images": [
@@ -616,7 +531,7 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         "ro",
         "default_permissions",
         "subtype=tarfuse",
-        "fsname=" + fuse_option_value(options.fsname or remote.display_name(args.archive)),
+        "fsname=" + fuse_option_value(options.fsname or display_name(args.archive)),
     }
     if args.debug_fuse:
         fuse_options.add("debug")
@@ -651,7 +566,7 @@ def _refuse_to_hide(mountpoint: daemon.MountPoint, archive: str, options: MountO
     and a file with bytes of its own (`tarfuse vm.tar disk.img.gz`) only when -o nonempty says so."""
     info = os.fstat(mountpoint.fd)
     shown = printable(mountpoint.path)
-    if not remote.is_url(archive):
+    if not is_url(archive):
         with contextlib.suppress(OSError):  # a missing archive is said when it is opened
             served = os.stat(archive)
             if (served.st_dev, served.st_ino) == (info.st_dev, info.st_ino):

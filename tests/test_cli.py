@@ -12,7 +12,7 @@ import pytest
 from tarfuse import __version__
 from tarfuse.cli import EXIT_FAILED, EXIT_USAGE, main, split_mount_options
 from tarfuse.errors import UsageError
-from tarfuse.mount import default_workers
+from tarfuse.options import default_workers
 
 
 def test_our_options_are_parsed_and_libfuse_options_passed_on():

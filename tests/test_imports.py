@@ -39,7 +39,8 @@ NOT_FOR_A_PLAIN_MOUNT = (
 PROBE = """
 import sys
 import tarfuse.cli
-from tarfuse.mount import MountOptions, assemble
+from tarfuse.mount import assemble
+from tarfuse.options import MountOptions
 
 assembly = assemble(sys.argv[1], MountOptions(), several=True)
 assembly.close()

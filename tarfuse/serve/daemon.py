@@ -24,6 +24,7 @@ from tarfuse.errors import UsageError
 from tarfuse.printable import PrintableFormatter
 from tarfuse.serve import eventloop, mountinfo, workers
 from tarfuse.serve.fs import ImageFs
+from tarfuse.served import BackgroundJob
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +34,6 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 class MountFailed(Exception):
     """libfuse could not mount (its own message went to stderr)."""
-
-
-@dataclass(frozen=True, slots=True)
-class BackgroundJob:
-    """Work that runs in a thread while the mount serves (a compressed archive's indexing pass).
-
-    `run(stop)` must return soon after `stop` is set; `status()` is the progress line to show.
-    """
-
-    run: Callable[[threading.Event], None]
-    status: Callable[[], str]
-    done: Callable[[], bool]
 
 
 _PROGRESS_TTY = 1.0  # seconds between progress updates on a terminal

@@ -1,7 +1,7 @@
 """The pyfuse3 adapter: read-only files, the root itself (a file mount point) or in a directory tree.
 
 A protocol adapter only: inodes, attributes, extended attributes and errno mapping. It knows nothing about
-tar; it serves whatever `ServedFile.read` returns. Read-only at every entry point: anything that would
+tar; it serves whatever a `ServedFile` (served.py) reads. Read-only at every entry point: anything that would
 change the file system fails with EROFS, even though the kernel already refuses most writes on a `ro` mount.
 """
 
@@ -10,15 +10,16 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Concatenate, ParamSpec, Protocol, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileInfo, FUSEError, InodeT, RequestContext
 
 from tarfuse.errors import TarfuseError
+from tarfuse.served import ReadIntoFn, ServedFile
 
 log = logging.getLogger(__name__)
 
@@ -26,59 +27,10 @@ IMAGE_INODE = InodeT(pyfuse3.ROOT_INODE + 1)  # the first file's inode when the 
 _FOREVER = 24 * 3600.0  # attribute and entry timeouts: nothing under a tarfuse mount ever changes
 _BLOCK = 4096
 
-ReadFn = Callable[[int, int], bytes | memoryview]  # (offset, size) -> image bytes
-ReadIntoFn = Callable[[memoryview, int], int]  # (buffer, offset) -> bytes filled, short only at the end
-
-
-class Contents(Protocol):
-    """A served file's bytes, as one object: a mount may serve 250,000 files, and a callable stored per
-    file per operation (a bound method or a closure) costs 64 bytes or more each."""
-
-    def read_into(self, buffer: memoryview, offset: int) -> int:
-        """Fill `buffer` (lent by ImageFs, see _Buffers) from `offset`; short only at the end."""
-        ...
-
-    def next_data(self, offset: int) -> int | None:
-        """lseek SEEK_DATA: the next data byte at or after `offset`; None: a hole to the end."""
-        ...
-
-    def next_hole(self, offset: int) -> int:
-        """lseek SEEK_HOLE: the next hole at or after `offset` (the size if none before the end)."""
-        ...
-
-
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-BLOCKING_READERS = 8  # threads serving blocking reads at once; also how many FUSE workers then run
 REQUEST_BUFFER = 1 << 20  # FUSE reads are at most max_pages (256) pages; a larger one gets its own buffer
-
-
-@dataclass(frozen=True, slots=True)
-class ServedFile:
-    """What the file system shows: a name, a size, owner and mode, and how to read it."""
-
-    name: str
-    size: int
-    mtime_ns: int
-    stored_bytes: int  # real data behind the file, for st_blocks (so `du` shows sparseness)
-    read: ReadFn  # for callers outside the daemon; ImageFs reads `contents` where there is one
-    xattrs: Mapping[str, bytes]
-    uid: int
-    gid: int
-    umask: int = 0o222
-    # Reads may wait on a decompressor or the network: run them in worker threads so that the trio loop,
-    # and with it every other request, never waits. Plain files are read inline (measured faster).
-    blocking: bool = False
-    # For a blocking source: whether a read would not wait (its bytes are cached); those run inline.
-    ready: Callable[[int, int], bool] | None = None
-    # For a blocking source: how many reads may run in threads at once.
-    readers: int = BLOCKING_READERS
-    # lseek SEEK_DATA / SEEK_HOLE from the map: the next data byte (None: a hole to the end), the next hole.
-    next_data: Callable[[int], int | None] = lambda offset: offset
-    next_hole: Callable[[int], int] | None = None  # None: no hole but the implicit one at the end
-    # In place of `read`, `next_data` and `next_hole` for ImageFs: reads fill a buffer it lends.
-    contents: Contents | None = None
 
 
 def seek_support() -> str:

@@ -34,8 +34,7 @@ import stat
 from dataclasses import dataclass, field
 
 from tarfuse.sources import sidefiles
-from tarfuse.sources.compressed import CompressedSource
-from tarfuse.sources.file import ArchiveFile, Identity
+from tarfuse.sources.file import ByteSource, Identity, IndexHome
 
 USE_SUFFIX = ".tarfuse-use"
 _INDEX = "tarfuse-index"  # index.SUFFIX and SPILL_SUFFIX without the dot (index.py imports this module)
@@ -59,7 +58,7 @@ class Entry:
     record: dict[str, object] = field(default_factory=dict)  # its use file's
 
 
-def use(index_path: str, source: CompressedSource, cache_max: int) -> list[str]:
+def use(index_path: str, source: ByteSource, cache_max: int) -> list[str]:
     """At mount: if `index_path` is an entry of the cache directory, hold it and sweep the directory;
     return what to log (what was removed, and why; what failed).
 
@@ -69,8 +68,7 @@ def use(index_path: str, source: CompressedSource, cache_max: int) -> list[str]:
     if directory is None:
         return []
     key = os.path.basename(index_path).split(".", 1)[0]
-    archive = source.archive
-    local = os.path.abspath(archive.path) if isinstance(archive, ArchiveFile) else None
+    local = os.path.abspath(source.path) if source.index_home is IndexHome.BESIDE else None  # a local file
     said = []
     try:
         hold(directory, key, local, source.identity())

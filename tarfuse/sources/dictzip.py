@@ -22,7 +22,8 @@ a flipped bit in stored (incompressible) data, or one that turns a literal into 
 checks, and only the CRC32 of the whole file catches it. verify() inflates every chunk once against that
 CRC32 and keeps each chunk's own, so every later inflation is checked byte for byte.
 
-No FUSE or event loop, no logging: everything that is wrong with the file raises DictzipError.
+No FUSE or event loop, no logging: everything that is wrong with the file raises DictzipError, and
+DictzipSource, the reader as a source, says it as CorruptCompressed.
 """
 
 import struct
@@ -34,7 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 
-from tarfuse.sources.compression import DecodeError
+from tarfuse.errors import ArchiveError, CorruptCompressed
+from tarfuse.sources.compression import Compression, DecodeError
+from tarfuse.sources.file import Background, ByteSource, Identity, SourceDefaults
 
 ReadAt = Callable[[int, int], bytes]  # (offset, size) -> bytes of the compressed file, short only at its end
 
@@ -357,3 +360,79 @@ class DictzipReader:
         if len(data) != size:
             raise DictzipError(f"truncated: {len(data)} of {size} bytes read", offset)
         return data
+
+
+def has_random_access_table(archive: ByteSource) -> bool:
+    """Whether a gzip file is dictzip: its header's RA table (a broken one is CorruptCompressed)."""
+    try:
+        return parse_header(archive.read_at(0, min(HEADER_READ_SIZE, archive.size))) is not None
+    except DecodeError as exc:
+        raise CorruptCompressed(f"the dictzip table cannot be used: {exc}", 0) from None
+
+
+class DictzipSource(SourceDefaults):
+    """A dictzip file's decompressed bytes, at random from the first read: no pass, no index file.
+
+    Its reads are checked against the whole stream's CRC32 only once verify() has read it all (the chunks
+    carry no checksum), which the mount's background job does (VERIFY). Its reader inflates only the
+    chunks (~57 KiB) a read needs, from any thread, with a cache of its own: the 1 MiB chunks of a
+    CompressedSource would inflate 18 of them for a 4 KiB read (docs/compressed.md).
+    """
+
+    blocking = True
+    readers = 4  # its reader is thread-safe and inflates outside its lock
+    size_known = True
+    compression: "Compression | None" = "dictzip"
+    background = Background.VERIFY
+
+    def __init__(self, archive: ByteSource) -> None:
+        self.path = archive.path
+        self.archive = archive
+        self.index_home = archive.index_home
+        try:
+            self._reader = DictzipReader(archive.read_at, archive.size)
+        except DecodeError as exc:
+            raise CorruptCompressed(f"the dictzip stream cannot be opened: {exc}", 0) from None
+        self.size = self._reader.size
+        self._broken: ArchiveError | None = None
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        try:
+            return self._reader.read_at(offset, max(0, min(size, self.size - offset)))
+        except DecodeError as exc:
+            raise CorruptCompressed(f"the dictzip stream cannot be decompressed: {exc}", offset) from None
+
+    def pread_into(self, buffer: memoryview, offset: int) -> int:
+        data = self.read_at(offset, len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def verify(self, stopped: Callable[[], bool] = lambda: False) -> bool:
+        """Read the stream whole against its CRC32; raise CorruptCompressed if it fails; False if
+        `stopped()` came first."""
+        try:
+            return self._reader.verify(stopped)
+        except DecodeError as exc:
+            raise CorruptCompressed(f"the dictzip stream fails its check: {exc}", None) from None
+
+    def mark_broken(self, error: ArchiveError) -> None:
+        """Fail every later read with `error`: the stream failed its check."""
+        self._broken = error
+
+    def check_unchanged(self) -> None:
+        self.archive.check_unchanged()
+        if self._broken is not None:
+            raise self._broken
+
+    def identity(self) -> Identity:
+        return self.archive.identity()
+
+    def close(self) -> None:
+        self._reader.close()
+        self.archive.close()
+
+    def __enter__(self) -> "DictzipSource":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

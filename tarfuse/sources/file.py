@@ -5,12 +5,14 @@ Positional reads share no file position, so threads and concurrent FUSE requests
 """
 
 import contextlib
+import enum
 import fcntl
 import io
 import os
 import signal
 import stat
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from tarfuse.errors import ArchiveChanged
@@ -19,6 +21,8 @@ from tarfuse.sources.opening import open_archive
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
+    from tarfuse.sources.compression import Compression
+
 Identity = list[int | str | None]  # what names one version of an archive (the seek index's key)
 
 # fcntl(2) lease commands (Linux); Python's fcntl module has them from 3.12 on.
@@ -26,11 +30,30 @@ _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 _F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
 
 
+class IndexHome(enum.Enum):
+    """Where the seek index of a compressed stream read through a source may be kept (index.default_path)."""
+
+    BESIDE = "beside"  # a local file: beside it, if nobody but the caller or root can change its directory
+    CACHE = "cache"  # a URL: only the cache directory
+    INNER = "inner"  # a member of an archive: the cache, keyed by identity; -o index= names the archive's
+
+
+class Background(enum.Enum):
+    """What a mount does with a source in the background, once it is served."""
+
+    NONE = "none"  # nothing: every read is answered from what is there
+    VERIFY = "verify"  # read it whole once against its checksum, which its chunks lack (dictzip)
+    INDEX = "index"  # decompress it whole once: the seek index, its size, other images, a spill if needed
+
+
 class ByteSource(Protocol):
-    """What the layers above read through: ArchiveFile, remote.RemoteArchive, compressed.CompressedSource.
+    """What the layers above read through: ArchiveFile, http.archive.RemoteArchive, member.MemberSource,
+    compressed.CompressedSource, dictzip.DictzipSource.
 
     What the assembly (mount.py) needs to know of a source is said here, so that it never asks which
-    class it holds: whether a read may wait, how many may run at once, and whether `size` is final.
+    class it holds: whether a read may wait and how many may run at once, whether `size` is final, what
+    it does in the background, where an index of it may live, and what it must do before a fork.
+    `SourceDefaults` gives the answers of a source that has nothing of the kind.
     """
 
     path: str
@@ -38,28 +61,62 @@ class ByteSource(Protocol):
     readers: int  # how many reads may run at once (in threads) when `blocking`
 
     @property
+    def compression(self) -> "Compression | None": ...  # what it was decompressed from; None: as stored
+    @property
+    def background(self) -> Background: ...
+    @property
+    def index_home(self) -> IndexHome: ...
+    @property
+    def local_fd(self) -> int | None: ...  # a local file's descriptor: decoders reopen it (/proc/self/fd)
+    @property
+    def cache_capacity(self) -> int: ...  # bytes of the mount's cache budget this source keeps
+    @property
     def size(self) -> int: ...
     @property
     def size_known(self) -> bool: ...  # False while a compressed stream's end is not reached
 
     def read_at(self, offset: int, size: int) -> bytes: ...
     def pread_into(self, buffer: memoryview, offset: int) -> int: ...
+    def cached(self, offset: int, size: int) -> bool: ...  # a read of these bytes would not wait
     def check_unchanged(self) -> None: ...
     def identity(self) -> Identity: ...  # one version of the archive, for the seek index's key
+    def watch_for_writers(self) -> str | None: ...  # ArchiveFile's read lease; what came of it, to log
+    def before_fork(self) -> None: ...  # drop what does not survive fork(): a decoder's threads
     def close(self) -> None: ...
 
 
-class ArchiveFile:
+class SourceDefaults:
+    """The answers of a source with no decompression, no background work and nothing to do at a fork."""
+
+    compression: "Compression | None" = None
+    background = Background.NONE
+    index_home = IndexHome.CACHE
+    local_fd: int | None = None
+    cache_capacity = 0
+
+    def cached(self, offset: int, size: int) -> bool:
+        return False
+
+    def watch_for_writers(self) -> str | None:
+        return None
+
+    def before_fork(self) -> None:
+        pass
+
+
+class ArchiveFile(SourceDefaults):
     """An archive opened O_RDONLY, with the identity it had when opened, to notice later changes."""
 
     blocking = False  # a read of a local file is served inline, on the event loop (fs.py)
     readers = 1
     size_known = True
+    index_home = IndexHome.BESIDE
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, say: Callable[[str], None] = lambda line: None) -> None:
+        """`say` hears whose rights opened it, if not the caller's (opening.py)."""
         self.path = path
-        self.opened_as: str | None = None  # whose rights opened it, if not the caller's (opening.py)
-        self.fd = open_archive(path, say=self._opened_as)  # a regular file or block device
+        self.fd = open_archive(path, say=say)  # a regular file or block device
+        self.local_fd = self.fd
         try:
             info = os.fstat(self.fd)
             self.size = info.st_size if stat.S_ISREG(info.st_mode) else _device_size(self.fd)
@@ -71,9 +128,6 @@ class ArchiveFile:
         self._key: Identity = [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
         self._leased = False  # a read lease is held: nobody can have opened the file for writing
         self._lease_fd: int | None = None
-
-    def _opened_as(self, line: str) -> None:
-        self.opened_as = line
 
     def read_at(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)

@@ -9,15 +9,16 @@ checks. It owns nothing: the mount closes the archive under it.
 
 from collections.abc import Callable
 
-from tarfuse.sources.file import ByteSource, Identity
+from tarfuse.sources.file import ByteSource, Identity, IndexHome, SourceDefaults
 
 ReadInto = Callable[[memoryview, int], int]  # (buffer, offset) -> bytes filled, short only at the end
 
 
-class MemberSource:
+class MemberSource(SourceDefaults):
     """The `size` bytes that `read_into` gives of a member of `archive`, named `name` inside it."""
 
     size_known = True
+    index_home = IndexHome.INNER
 
     def __init__(self, archive: ByteSource, read_into: ReadInto, size: int, name: str, header: int) -> None:
         self.path = f"{archive.path}:{name}"  # for messages only: side files are keyed by identity()

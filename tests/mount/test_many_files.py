@@ -23,7 +23,8 @@ from kit import tarbuilder as tb
 from kit.mounts import Mount, foreground_mount, is_mounted, status_kib, tarfuse_command
 
 from tarfuse.mount import MAX_SERVED_FILES, MAX_SERVED_FILES_CACHED
-from tarfuse.serve.fs import ImageFs, ServedFile
+from tarfuse.serve.fs import ImageFs
+from tarfuse.served import ServedFile
 
 pytestmark = pytest.mark.fuse
 

@@ -25,7 +25,8 @@ from kit.sample import SampleImage
 from kit.users import Setup, sha256_as
 from pyfuse3 import FUSEError
 
-from tarfuse.serve.fs import IMAGE_INODE, ImageFs, ServedFile
+from tarfuse.serve.fs import IMAGE_INODE, ImageFs
+from tarfuse.served import ServedFile
 
 pytestmark = pytest.mark.fuse
 

@@ -10,7 +10,8 @@ import pytest
 from pyfuse3 import FUSEError, InodeT
 
 from tarfuse.errors import ArchiveChanged, TruncatedArchive
-from tarfuse.serve.fs import IMAGE_INODE, ImageFs, ServedFile
+from tarfuse.serve.fs import IMAGE_INODE, ImageFs
+from tarfuse.served import ServedFile
 
 ROOT = InodeT(pyfuse3.ROOT_INODE)
 IMAGE = bytes(range(256)) * 64  # 16 KiB

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kit.sample import SampleImage
 
+from tarfuse import passes
 from tarfuse.cli import split_mount_options
 from tarfuse.errors import ArchiveError, CompressedArchive, CorruptCompressed, TruncatedArchive
 from tarfuse.image.open import open_first_image
@@ -119,8 +120,8 @@ def open_compressed(path: Path, cache_size: int = 8 << 20) -> CompressedSource:
     return source
 
 
-def run_pass(source: CompressedSource, served: str, index_path: str | None) -> index.IndexingPass:
-    indexing = index.IndexingPass(source, served, index_path)
+def run_pass(source: CompressedSource, served: str, index_path: str | None) -> passes.IndexingPass:
+    indexing = passes.IndexingPass(source, served, index_path)
     indexing.run(threading.Event())
     return indexing
 
@@ -603,7 +604,7 @@ def test_a_second_open_serves_from_the_spill_without_a_pass(
     with open_compressed(archive, cache_size=2 * CHUNK_SIZE) as again:
         assert index.use_saved_index(where, again)
         assert again.spill == index.spill_path(where)
-        assert not again.needs_spill()  # so mount._open_compressed starts no pass
+        assert not again.needs_spill()  # so background.open_in_stream is not used
         assert again.size == dense_tar.stat().st_size
         _random_reads_match(again, dense_tar.read_bytes())
 

@@ -1,7 +1,7 @@
 """Archives served over HTTP(S) from a test server on 127.0.0.1 (tests/kit/httpserver.py), faults included.
 
-The first half drives tarfuse.remote.RemoteArchive in-process (no FUSE); the second mounts URLs for real
-and compares the served bytes with the sample image, boots it in QEMU, and counts the bytes fetched.
+The first half drives http.archive.RemoteArchive in-process (no FUSE); the second mounts URLs for real and
+compares the served bytes with the sample image, boots it in QEMU, and counts the bytes fetched.
 """
 
 import contextlib
@@ -27,7 +27,9 @@ from tarfuse.errors import ArchiveChanged, RemoteError, UsageError
 from tarfuse.sources import DEFAULT_CACHE_SIZE
 from tarfuse.sources.blockcache import BLOCK_SIZE
 from tarfuse.sources.compressed import CompressedSource
-from tarfuse.sources.remote import RemoteArchive, RemoteOptions, display_name, open_source, parse_options
+from tarfuse.sources.http.archive import RemoteArchive
+from tarfuse.sources.http.options import RemoteOptions, parse_options
+from tarfuse.sources.locations import display_name, open_location
 
 MiB = 1 << 20
 
@@ -279,7 +281,7 @@ def test_remote_options_go_through_the_command_line_parser() -> None:
 
 def test_remote_options_on_a_local_archive_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="header= applies only to http"):
-        open_source(str(tmp_path / "vm.tar"), ["header=A:b"])
+        open_location(str(tmp_path / "vm.tar"), parse_options(["header=A:b"]))
 
 
 def test_cache_size_is_the_chunk_cache_of_a_local_compressed_archive(tmp_path: Path) -> None:

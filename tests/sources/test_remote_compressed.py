@@ -1,4 +1,4 @@
-"""Compressed archives over HTTP: decoders reading through remote.RemoteArchive, the seek index in the cache.
+"""Compressed archives over HTTP: decoders reading through a RemoteArchive, the seek index in the cache.
 
 In-process first (CompressedSource over a RemoteArchive, no FUSE), then real mounts of URLs served by
 tests/kit/httpserver.py on 127.0.0.1.
@@ -21,9 +21,11 @@ from kit.httpserver import RangeServer, serve
 from kit.mounts import MountFactory, status_kib, tarfuse_command
 from kit.sample import SampleImage
 
+from tarfuse import passes
 from tarfuse.sources import index
-from tarfuse.sources.compressed import GZIP_REMOTE_CHUNK_SIZE, CompressedSource, decompressed
-from tarfuse.sources.remote import RemoteArchive
+from tarfuse.sources.compressed import CompressedSource, decompressed
+from tarfuse.sources.decoders import GZIP_REMOTE_CHUNK_SIZE
+from tarfuse.sources.http.archive import RemoteArchive
 
 MiB = 1 << 20
 
@@ -145,7 +147,7 @@ def test_a_remote_one_frame_tar_zst_is_served_from_its_spill_after_the_pass(serv
     url = server.put("a.tar.zst", zstd_layout(plain, "one-frame"))
     with RemoteArchive(url) as remote, CompressedSource(remote, "zstd") as source:
         where = index.default_path(url, source.identity(), beside=False)
-        index.IndexingPass(source, "disk.raw", where).run(threading.Event())
+        passes.IndexingPass(source, "disk.raw", where).run(threading.Event())
         assert source.spill == index.spill_path(where)
         server.reset_counters()
         rng = random.Random(5)

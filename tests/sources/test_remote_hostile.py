@@ -1,4 +1,4 @@
-"""A hostile web server (tests/kit/httpserver.py) against tarfuse.remote: what it sends is read only as far as
+"""A hostile web server (tests/kit/httpserver.py) against sources/http/: what it sends is read only as far as
 it agrees with what was asked, its redirects take no secret elsewhere, and no answer, however slow, keeps a
 read waiting without end.
 
@@ -20,7 +20,8 @@ from kit.mounts import run_tarfuse_measuring_peak_rss
 
 from tarfuse.errors import ArchiveError, RemoteError, UsageError
 from tarfuse.sources.blockcache import BLOCK_SIZE, BlockCache
-from tarfuse.sources.remote import RemoteArchive, RemoteOptions, parse_options
+from tarfuse.sources.http.archive import RemoteArchive
+from tarfuse.sources.http.options import RemoteOptions, parse_options
 
 MiB = 1 << 20
 SECRET_HEADERS = (("Authorization", "Bearer s3cretTOKEN"), ("X-Api-Key", "k3ySECRET"))

@@ -30,6 +30,7 @@ from kit.needs import require_root
 from kit.sample import SampleImage
 from kit.users import User, temporary_user
 
+from tarfuse import passes
 from tarfuse.sources import index, sidefiles
 from tarfuse.sources.compressed import CompressedSource, decompressed
 from tarfuse.sources.file import ArchiveFile
@@ -246,7 +247,7 @@ def index_and_spill(one_frame: Path, directory: Path) -> tuple[Path, Path, Path]
     archive = roots_archive(one_frame, directory)
     where = Path(f"{archive}{index.SUFFIX}")
     with open_zst(archive) as source:
-        index.IndexingPass(source, "disk.raw", str(where)).run(threading.Event())
+        passes.IndexingPass(source, "disk.raw", str(where)).run(threading.Event())
     return archive, where, Path(index.spill_path(str(where)))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from kit.mounts import MountFactory, is_mounted, tarfuse_command
 
-from tarfuse.sources import index
+from tarfuse import passes
 from tarfuse.sources.compressed import decompressed
 from tarfuse.sources.file import ArchiveFile
 
@@ -108,7 +108,7 @@ def test_the_progress_of_the_wait_says_how_much_of_the_input_was_read(tmp_path: 
     archive, _ = image_of_zeros(tmp_path, "gz")
     with decompressed(ArchiveFile(str(archive)), 16 * MiB) as source:
         assert not isinstance(source, ArchiveFile)
-        waited = index.IndexingPass(source, source.path, None, scan=False, max_ratio=100)
+        waited = passes.IndexingPass(source, source.path, None, scan=False, max_ratio=100)
         waited.quiet = True
         waited.run(threading.Event())
         shown = waited.status()

@@ -1,0 +1,318 @@
+"""An archive on a web server: positional reads as HTTP range requests, through a block cache.
+
+The ranged GET and its checks (206, a Content-Range and Content-Length that match the range asked, the
+ETag/Last-Modified recorded at open), redirects (never https to http, another host only when asked, and
+then without the user's headers), a deadline on every request, retries with backoff. Caching, coalescing
+and readahead are blockcache.py's; which part of a URL may be shown is locations.py's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from urllib.parse import urljoin, urlsplit
+
+from tarfuse.errors import ArchiveChanged, RemoteError, UsageError
+from tarfuse.sources import DEFAULT_CACHE_SIZE
+from tarfuse.sources.blockcache import BLOCK_SIZE, BlockCache
+from tarfuse.sources.compression import sniff
+from tarfuse.sources.file import Identity, SourceDefaults
+from tarfuse.sources.http import answers
+from tarfuse.sources.http.answers import REDIRECT_STATUSES, RETRIED_STATUSES, Transient, body, discard
+from tarfuse.sources.http.deadlines import CURRENT, WATCHDOG, Deadline
+from tarfuse.sources.http.options import NO_HTTP_OPTIONS, RemoteOptions
+from tarfuse.sources.http.pools import origin, pool_manager, secrets_of, without_user_info
+from tarfuse.sources.locations import display_name
+
+if TYPE_CHECKING:
+    import urllib3
+
+_MAX_REDIRECTS = 5
+_DEADLINE_TIMEOUTS = 2  # a whole request (connect, headers, body) gets this many times `timeout`
+_PROGRESS = BLOCK_SIZE  # a failed request that brought at least this much does not count as a failure
+# A compressed archive's share of the cache budget for its compressed blocks: the rest goes to the
+# decompressed chunks above them (compressed.CompressedSource). A plain one keeps the whole budget.
+COMPRESSED_BLOCKS_SHARE = 4
+
+
+class RemoteArchive(SourceDefaults):
+    """An archive read with HTTP range requests; same interface as file.ArchiveFile.
+
+    A server is trusted for the bytes it sends and nothing more: every response must be a 206 for the range
+    asked, no longer than asked (Content-Range and Content-Length), from the object that was there at open
+    (same size, ETag and Last-Modified), and no body is read past the range asked for. Anything else fails
+    the read, and a changed object fails every later `check_unchanged`, so a mount never serves bytes mixed
+    from two versions.
+    """
+
+    blocking = True  # reads wait on the network: the daemon serves them from threads (fs.ServedFile)
+    readers = 8  # requests in flight at once; more gained nothing against a local server
+    size_known = True  # from the first answer's Content-Range
+
+    def __init__(
+        self, url: str, options: RemoteOptions = NO_HTTP_OPTIONS, cache_size: int = DEFAULT_CACHE_SIZE
+    ) -> None:
+        self.path = display_name(url)  # never the URL itself: it may carry a token in its query string
+        try:
+            self._origin = origin(url)
+        except ValueError:
+            raise UsageError(f"{self.path}: not a usable http(s) URL") from None
+        self._options = options
+        self._url, user_headers = without_user_info(url, options.headers)
+        self._headers = {"Accept-Encoding": "identity", **dict(user_headers)}
+        self._user_headers = frozenset(name for name, _ in user_headers)
+        self._secrets = secrets_of(url, options)
+        self._pool = pool_manager(url, options)
+        import urllib3
+
+        self._timeout = urllib3.Timeout(connect=options.timeout, read=options.timeout)
+        self._deadline = options.timeout * _DEADLINE_TIMEOUTS
+        self._validators: dict[str, str] = {}
+        self.changed: str | None = None
+        self.size = -1
+        first = self._probe()
+        if sniff(first) is not None:  # the decompressed chunks above take the rest of the budget
+            cache_size //= COMPRESSED_BLOCKS_SHARE
+        self._blocks = BlockCache(self.fetch, self.size, cache_size)
+        self._blocks.prime(0, first)
+        self.cache_capacity = self._blocks.cache_bytes  # the budget, or its share under a compressed stream
+
+    @property
+    def fetched_bytes(self) -> int:
+        return self._blocks.fetched_bytes
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        return self._blocks.read_at(offset, size)
+
+    def pread_into(self, buffer: memoryview, offset: int) -> int:
+        return self._blocks.pread_into(buffer, offset)
+
+    def check_unchanged(self) -> None:
+        """Raise ArchiveChanged if any response since open came from another version of the object."""
+        if self.changed is not None:
+            raise ArchiveChanged(self.changed)
+
+    def identity(self) -> Identity:
+        """The URL without its secrets, the size and the validators: one version of the object."""
+        return [self.path, self.size, self._validators.get("ETag"), self._validators.get("Last-Modified")]
+
+    def close(self) -> None:
+        self._blocks.close()
+        self._pool.clear()
+
+    def __enter__(self) -> RemoteArchive:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _probe(self) -> bytes:
+        """GET the first block: its Content-Range gives the size, its headers the validators.
+
+        A ranged GET rather than HEAD: presigned object-store URLs are signed for GET only, and the tar
+        header that is read next comes with the same round trip. At most BLOCK_SIZE bytes: a Content-Range
+        that claims more is refused before its body is read.
+        """
+        return b"".join(self.fetch(0, BLOCK_SIZE, probe=True))
+
+    def fetch(self, offset: int, size: int, probe: bool = False) -> Iterator[bytes]:
+        """Yield the object's bytes at [offset, offset + size) in chunks, resuming after a failure.
+
+        Every request has a deadline, `timeout` twice over for connecting, the headers and the whole body:
+        a socket timeout bounds each wait for bytes, and a server that drips a byte just before each one
+        would hold the read forever. A request cut off by its deadline fails the read at once if it brought
+        less than a block, and is resumed if it brought more. Other failures are retried with exponential
+        backoff, `retries` times in a row at most; only a request that brought a block or more forgives the
+        failures before it (not any byte, which a drip would send), so no server, however slow or flaky,
+        keeps a read waiting without end: at most `retries` + 1 requests of at most twice `timeout` for each
+        block brought. Raises RemoteError (with the offset of the first byte missing), or ArchiveChanged if
+        the object changed.
+        """
+        from urllib3.exceptions import HTTPError
+
+        done, failures = 0, 0
+        while done < size:
+            brought = 0
+            deadline = WATCHDOG.start(self._deadline)
+            try:
+                response, length = self._get(offset + done, size - done, probe, deadline)
+                if probe:  # the first answer sets the size; a resumed probe is an ordinary request
+                    size, probe = length, False
+                for chunk in body(response, length):
+                    done, brought = done + len(chunk), brought + len(chunk)
+                    yield chunk
+            except (HTTPError, OSError, Transient) as exc:
+                WATCHDOG.end(deadline)
+                failures = self._after_failure(exc, deadline, brought, failures, offset + done)
+            finally:
+                WATCHDOG.end(deadline)
+
+    def _after_failure(self, exc: Exception, deadline: Deadline, brought: int, failures: int, at: int) -> int:
+        """Raise RemoteError for the byte at `at`, or wait out the backoff; return the failures in a row."""
+        if brought >= _PROGRESS:
+            failures = 0  # it moved: the failures before it are forgiven
+        if deadline.expired:
+            if brought < _PROGRESS:
+                what = f"no complete answer within {self._deadline:g} s (twice timeout=)"
+                raise self._error(what, at) from None
+            return failures  # cut off while moving: resume at once
+        failures += 1
+        if failures > self._options.retries:
+            raise self._error(answers.describe(exc), at) from None
+        time.sleep(answers.backoff(failures, exc))
+        return failures
+
+    def _get(
+        self, offset: int, size: int, probe: bool, deadline: Deadline
+    ) -> tuple[urllib3.BaseHTTPResponse, int]:
+        """Send one range request, following redirects; return the response, checked, and how many body
+        bytes to read from it."""
+        url, headers = self._url, {**self._headers, "Range": f"bytes={offset}-{offset + size - 1}"}
+        for _ in range(_MAX_REDIRECTS + 1):
+            response = self._send(url, headers, offset, deadline)
+            if deadline.expired:  # http.client takes an end of stream for the end of the headers
+                discard(response)
+                raise Transient("cut off by its deadline")
+            if response.status not in REDIRECT_STATUSES:
+                try:
+                    return response, self._check(response, offset, size, probe)
+                except BaseException:
+                    discard(response)
+                    raise
+            location = response.headers.get("Location", "")
+            discard(response)  # unread: urllib3 would drain a redirect's body, however long or slow
+            url, headers = self._redirect(url, location, headers, offset)
+        raise self._error(f"more than {_MAX_REDIRECTS} redirects", offset)
+
+    def _send(
+        self, url: str, headers: dict[str, str], offset: int, deadline: Deadline
+    ) -> urllib3.BaseHTTPResponse:
+        """One GET, redirects not followed; its connection hands its socket to `deadline` (_pool_classes)."""
+        import urllib3
+        from urllib3.exceptions import MaxRetryError, SSLError
+
+        CURRENT.deadline = deadline
+        try:
+            return self._pool.request(
+                "GET", url, headers=headers, preload_content=False, decode_content=False, redirect=False,
+                retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=False),
+                timeout=self._timeout,
+            )  # fmt: skip
+        except MaxRetryError as exc:  # urllib3 wraps the first failure
+            reason = exc.reason or Transient("the request failed")
+            if isinstance(reason, SSLError) and not deadline.expired:  # a certificate problem stays one
+                raise self._error(f"TLS: {reason}", offset) from None
+            raise reason from reason.__cause__  # the socket's error, which answers.describe names
+        finally:
+            CURRENT.deadline = None
+
+    def _redirect(
+        self, current: str, location: str, headers: dict[str, str], offset: int
+    ) -> tuple[str, dict[str, str]]:
+        """Where a 3xx answer leads, and the headers to send there; refuse what must not be followed.
+
+        Never from https to http: the bytes, and any header, would travel in clear. To another origin
+        (RFC 6454: scheme, host and port) only with -o follow_redirects, and then without any -o header=
+        value for the rest of the chain: they were given for the URL's own server (urllib3 would strip only
+        Authorization, Cookie and Proxy-Authorization, and send X-Api-Key along).
+        """
+        if not location:
+            raise self._error("a redirect without a Location", offset)
+        target = urljoin(current, location.strip())  # RFC 9110, 10.2.2: a Location may be relative
+        shown = display_name(target)
+        try:
+            there = origin(target)
+        except ValueError:
+            raise self._error(f"redirected to {shown}, which is no http(s) URL", offset) from None
+        if there[0] == "http" and urlsplit(current).scheme.lower() == "https":
+            raise self._error(f"redirected from https to plain http ({shown}): refused", offset)
+        if there != self._origin:
+            if not self._options.follow_redirects:
+                raise self._error(
+                    f"redirected to another host, {shown}; mount with -o follow_redirects to follow "
+                    "(-o header= values are not sent there)",
+                    offset,
+                )
+            headers = {name: value for name, value in headers.items() if name not in self._user_headers}
+        return target, headers
+
+    def _check(self, response: urllib3.BaseHTTPResponse, offset: int, size: int, probe: bool) -> int:
+        """Check an answer to `Range: bytes=offset-(offset+size-1)`; return how many body bytes to read."""
+        status = response.status
+        if status in RETRIED_STATUSES:
+            raise Transient(f"HTTP {status} {response.reason}", answers.retry_after(response))
+        if status == 200:
+            raise self._error(
+                "the server ignored the Range header and answered with the whole object; tarfuse reads "
+                "archives in place and needs HTTP range requests (download it and mount the local copy "
+                "instead)",
+                offset,
+            )
+        if status == 416:
+            return self._check_unsatisfiable(response, offset, probe)
+        if status != 206:
+            raise self._error(f"HTTP {status} {response.reason}", offset)
+        if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+            raise self._error("the server encoded a range (Content-Encoding), which is unusable", offset)
+        first, last, total = self._content_range(response, offset)
+        if probe:
+            self._record(total, response)
+        else:
+            self._check_version(total, response)
+        if first != offset or last < first or last >= min(offset + size, total):
+            raise self._error(
+                f"asked for bytes {offset}-{offset + size - 1}, the server answered with "
+                f"{first}-{last}/{total} (Content-Range)",
+                offset,
+            )
+        length = last - first + 1
+        declared = response.headers.get("Content-Length")
+        if declared is not None and answers.content_length(declared) != length:
+            raise self._error(
+                f"the server announced a {declared[:40]!r}-byte body for {length} bytes (Content-Length)",
+                offset,
+            )
+        return length
+
+    def _check_unsatisfiable(self, response: urllib3.BaseHTTPResponse, offset: int, probe: bool) -> int:
+        """A 416: an empty object at open (`bytes */0`), a shrunk one later."""
+        if not probe:
+            raise self._change("the object is shorter now (HTTP 416)")
+        first, last, total = self._content_range(response, offset)
+        if (first, last, total) != (0, -1, 0):
+            raise self._error(f"HTTP 416 for the first bytes of a {total}-byte object", offset)
+        self._record(0, response)
+        return 0
+
+    def _content_range(self, response: urllib3.BaseHTTPResponse, offset: int) -> tuple[int, int, int]:
+        """Parse `bytes FIRST-LAST/TOTAL` into (FIRST, LAST, TOTAL), `bytes */TOTAL` into (0, -1, TOTAL)."""
+        value = response.headers.get("Content-Range", "")
+        if (found := answers.content_range(value)) is None:
+            raise self._error(f"no usable Content-Range in the answer: {value[:80]!r}", offset)
+        return found
+
+    def _record(self, total: int, response: urllib3.BaseHTTPResponse) -> None:
+        """At open: the object's size and validators, which every later answer must repeat."""
+        self.size = total
+        self._validators = {k: v for k in ("ETag", "Last-Modified") if (v := response.headers.get(k))}
+
+    def _check_version(self, total: int, response: urllib3.BaseHTTPResponse) -> None:
+        if total != self.size:
+            raise self._change(f"its size went from {self.size} to {total} bytes")
+        for key, value in self._validators.items():
+            if response.headers.get(key) != value:
+                raise self._change(f"its {key} went from {value} to {response.headers.get(key)}")
+
+    def _change(self, what: str) -> ArchiveChanged:
+        self.changed = f"{self.path} changed on the server while mounted ({what}); unmount and mount it again"
+        return ArchiveChanged(self.changed)
+
+    def _error(self, what: str, offset: int) -> RemoteError:
+        """A failed read of the object at `offset`, with the URL's display name and no secret in it."""
+        return RemoteError(self._redact(f"GET {self.path}: {what}"), offset or None)  # 0: the URL says it
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text

@@ -1,0 +1,72 @@
+"""The -o options that apply to http(s) archives, parsed once from the command line's words."""
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from tarfuse.errors import UsageError
+
+OPTION_KEYS = ("header", "ca_file", "timeout", "retries", "follow_redirects")
+FLAG_KEYS = ("follow_redirects",)  # words without a value
+_RESERVED_HEADERS = frozenset({"range", "host", "accept-encoding", "content-length"})
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteOptions:
+    """The -o options that apply to http(s) archives; `given`: the words they came from, to name in an
+    error if the archive is no URL."""
+
+    headers: tuple[tuple[str, str], ...] = ()
+    ca_file: str | None = None
+    timeout: float = 20.0  # seconds to connect, between two reads; twice that for a whole request
+    retries: int = 5  # failed tries in a row, per request, before the read fails with EIO
+    follow_redirects: bool = False  # to another origin (scheme, host, port); same-origin ones always
+    given: tuple[str, ...] = ()
+
+
+NO_HTTP_OPTIONS = RemoteOptions()
+
+
+def parse_options(words: Sequence[str]) -> RemoteOptions:
+    """Parse `key=value` words (keys in OPTION_KEYS; `header` repeats; FLAG_KEYS alone); raise UsageError
+    if one is wrong."""
+    options = RemoteOptions(given=tuple(words))
+    for word in words:
+        key, has_value, value = word.partition("=")
+        if key in FLAG_KEYS:
+            if has_value:
+                raise UsageError(f"option {key} takes no value")
+            options = replace(options, follow_redirects=True)
+        elif key == "header":
+            options = replace(options, headers=(*options.headers, _parse_header(value)))
+        elif key == "ca_file":
+            if not os.path.isfile(value):
+                raise UsageError(f"option ca_file={value!r}: no such file")
+            options = replace(options, ca_file=value)
+        elif key == "timeout":
+            options = replace(options, timeout=_parse_number(key, value, float))
+        elif key == "retries":
+            options = replace(options, retries=int(_parse_number(key, value, int)))
+        else:
+            raise UsageError(f"unknown remote option {key!r}")
+    return options
+
+
+def _parse_header(value: str) -> tuple[str, str]:
+    name, colon, text = value.partition(":")
+    name = name.strip()
+    if not colon or not name or not all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in name):
+        raise UsageError("option header= takes NAME:VALUE, e.g. header=Authorization:Bearer TOKEN")
+    if name.lower() in _RESERVED_HEADERS:
+        raise UsageError(f"option header=: tarfuse sets {name} itself")
+    return name, text.strip()
+
+
+def _parse_number(key: str, value: str, kind: type[int] | type[float]) -> int | float:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise UsageError(f"option {key}={value!r} is not a number") from None
+    if number < 0 or (key == "timeout" and number == 0):
+        raise UsageError(f"option {key}={value!r} is out of range")
+    return number

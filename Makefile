@@ -58,11 +58,11 @@ dev: $(VENV_STAMP)
 $(VENV_STAMP): pyproject.toml $(BUILD_STAMP) $(PYFUSE3_STAMP)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@# compat: the checkout goes on sys.path through a .pth line; the default mode's import hook costs
-	@# ~12 ms (importlib.metadata, pathlib) at every start of tarfuse (docs/benchmarks.md, ready time).
+	@# compat: the checkout goes on sys.path through a .pth line; the default mode's import hook
+	@# (importlib.metadata, pathlib) runs at every start of tarfuse (its cost: docs/benchmarks.md, "Ready").
 	$(PY) -m pip install -q -e '.[test,dev]' --config-settings editable_mode=compat
-	@# Bytecode now: a start that compiles tarfuse's modules takes ~28 ms longer, and one by a user who
-	@# cannot write the checkout's __pycache__ (a root-owned checkout) would pay that every time.
+	@# Bytecode now: a start that compiles tarfuse's modules is slower (docs/benchmarks.md, "Ready"), and
+	@# one by a user who cannot write the checkout's __pycache__ (a root-owned checkout) would pay it every time.
 	$(PY) -m compileall -q tarfuse
 	@# tests/ on sys.path through a .pth line too, so that scripts and `python -c` import the test kit
 	@# (tests/kit) as pytest does: `import kit`.
@@ -104,22 +104,16 @@ type: dev
 
 check: lint type test
 
-# The C ceiling of scripts/bench.py: a minimal libfuse server (issue 15), built with cc and libfuse3-dev into
-# build/ (not committed). scripts/benchtools.py builds it the same way when it is missing or stale.
-CEILING := build/fuse_ceiling
-$(CEILING): scripts/fuse_ceiling.c $(BUILD_STAMP)
-	@mkdir -p $(@D)
-	cc -O2 -Wall -o $@ $< $$(pkg-config --cflags --libs fuse3)
+# The benches (scripts/bench/, one package): plain archives against the limit, the C ceiling (built on first
+# use into build/) and the peers (docs/benchmarks.md), then compressed (docs/compressed.md) and remote
+# archives (docs/remote.md). BENCH_ARGS=--quick for a smoke run.
+bench: dev deps
+	$(PY) -m scripts.bench --peers $(BENCH_ARGS)
+	$(PY) -m scripts.bench.compressed $(BENCH_ARGS)
+	$(PY) -m scripts.bench.remote $(BENCH_ARGS)
 
-# Plain, compressed and remote archives against the limit and the peers (docs/*.md); BENCH_ARGS=--quick.
-bench: dev deps $(CEILING)
-	$(PY) scripts/bench.py $(BENCH_ARGS)
-	$(PY) scripts/bench_compressed.py $(BENCH_ARGS)
-	$(PY) scripts/bench_remote.py $(BENCH_ARGS)
-
-# Compressed archives (docs/compressed.md); BENCH_ARGS=--quick for a 256 MiB image.
 bench-compressed: dev deps
-	$(PY) scripts/bench_compressed.py $(BENCH_ARGS)
+	$(PY) -m scripts.bench.compressed $(BENCH_ARGS)
 
 # The long forms of what `make test` runs briefly: >= 1,000,000 mutated archives; a 10-minute load.
 fuzz: dev deps

@@ -1,8 +1,8 @@
 """Benchmark compressed archives: the decompression libraries side by side, then tarfuse mounts.
 
-    python scripts/bench_compressed.py [--quick] [--size-mib N] [--work DIR]
+    python -m scripts.bench.compressed [--quick] [--size-mib N] [--work DIR]
 
-1. Libraries (A/B in one run, each in its own process, rounds interleaved; scripts/benchlibs.py): time of a
+1. Libraries (A/B in one run, each in its own process, rounds interleaved; libprobe.py): time of a
    full sequential pass (what building the index costs), median and p95 of random 4 KiB reads afterwards,
    peak RSS.
 2. tarfuse on a GCE-style image (`tar --format=oldgnu -Sc`, then gzip / zstd): time from the mount command to
@@ -10,8 +10,7 @@
    read throughput of the image and random 4 KiB read latency (page cache dropped first, when root), the
    daemon's peak RSS (first mount: until the index is saved; second: after those reads); next to
    `gzip -dc`/`zstd -dc` and `tar -xf` of the whole archive, and `ratarmount` when it is on PATH.
-Prints a Markdown table per part (docs/compressed.md keeps a run's output). The mounts, timing and reads are
-the harness's (kit.bench), shared with scripts/bench.py and bench_remote.py.
+Prints a Markdown table per part (docs/compressed.md keeps a run's output).
 """
 
 import argparse
@@ -26,13 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlibs import LIBRARIES
-from kit.bench import Served, latencies, quantile, run_main, serve_fuse, table, timed, timed_read
 from kit.mounts import tarfuse_command
 from kit.sample import make_archive
 
+from .harness import Served, drop_caches, latencies, quantile, run_main, serve_fuse, table, timed, timed_read
+from .libprobe import LIBRARIES
+
 CAP_S = 3600.0  # no step of a sound run comes near it; a daemon that hangs ends the run, not stalls it
-PROBE = Path(__file__).with_name("benchlibs.py")
+PROBE = Path(__file__).with_name("libprobe.py")  # run as a file: the package is not imported there
 
 
 def make_image(path: Path, size: int, data_fraction: float = 0.3) -> None:
@@ -75,12 +75,6 @@ def compare_libraries(archives: dict[str, Path], rounds: int) -> list[tuple[str,
     ]
 
 
-def _drop_caches() -> None:
-    if os.geteuid() == 0:
-        subprocess.run(["sync"], check=False)
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
 def mount_case(command: list[str], mnt: Path, image: str, index: Path | None = None) -> dict[str, float]:
     """Mount twice, page cache dropped before each: time to the first sector; on the first mount, the time
     until `index` is saved and the peak RSS until then; on the second, reads and the peak RSS after them."""
@@ -88,7 +82,7 @@ def mount_case(command: list[str], mnt: Path, image: str, index: Path | None = N
         index.unlink(missing_ok=True)
     result: dict[str, float] = {}
     for phase in ("first", "second"):
-        _drop_caches()
+        drop_caches()
         with serve_fuse(command, mnt, mnt / image, CAP_S, mnt.with_suffix(".log"), probe=512) as served:
             result[f"{phase}_mount_first_sector_s"] = served.ready_s
             if phase == "first" and index is not None:

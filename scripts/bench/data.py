@@ -1,22 +1,25 @@
-"""Benchmark data: deterministic disk images, the tar archives that hold them, and their expected bytes.
+"""The cases' data: deterministic disk images, the tar archives that hold them, and their expected bytes.
 
 An `ImageModel` is the oracle: it knows every byte of the image (data extents filled from a seeded pool,
 holes as zeros), so any tool's reads can be checked against it without keeping the extracted image.
-GNU tar writes the archives, except the 1,000,000-extent one: GNU tar would need hours to find that many
-holes in a real file, so `write_pax10_sparse` writes it directly, in the layout GNU tar 1.34 uses (GNU tar
-manual, "Sparse Formats", PAX 1.0), and `check_listing` has GNU tar read it back.
+GNU tar writes the archives, except the one with a huge sparse map: GNU tar would need hours to find that
+many holes in a real file, so the test kit's `tarbuilder.pax10_sparse` writes its header and map, in the
+layout GNU tar uses (GNU tar manual, "Sparse Formats", PAX 1.0), and `check_listing` has GNU tar read it back.
 """
 
 import bisect
+import functools
 import hashlib
 import os
 import random
 import subprocess
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
+
+from kit.tarbuilder import END, pax10_sparse
 
 BLOCK = 4096  # the model's unit of content: each 4 KiB block starts with its own index
 _POOL_SPAN = 1 << 20
@@ -82,14 +85,12 @@ class ImageModel:
             i += 1
         return bytes(out)
 
-    def chunks(self, chunk: int = _MIB) -> Iterator[bytes]:
-        for offset in range(0, self.size, chunk):
-            yield self.read(offset, chunk)
-
+    @functools.cached_property
     def sha256(self) -> str:
+        """The sha256 of the whole image (computed once: it takes a pass over the image)."""
         digest = hashlib.sha256()
-        for piece in self.chunks():
-            digest.update(piece)
+        for offset in range(0, self.size, _MIB):
+            digest.update(self.read(offset, _MIB))
         return digest.hexdigest()
 
     def write_file(self, path: Path) -> None:
@@ -263,50 +264,19 @@ def _extents_case(directory: Path, count: int) -> Dataset:
     extents = [Extent(i * _MAP_STRIDE, _MAP_EXTENT) for i in range(count)]
     model = ImageModel(count * _MAP_STRIDE, extents, seed=4)
     archive = directory / "extents.tar"
-    data_offset = write_pax10_sparse(archive, MEMBER, model)
+    runs = [(e.offset, e.length) for e in extents]
+    # GNU tar ends a map with (realsize, 0) when the image ends in a hole; without it, it cuts the file there
+    head = pax10_sparse(MEMBER, [*runs, (model.size, 0)], model.size, b"", stored_size=model.stored_bytes)
+    with archive.open("wb") as out:
+        out.write(head)
+        for at in range(0, count, 2048):
+            out.write(b"".join(model.data(e.offset, e.length) for e in extents[at : at + 2048]))
+        out.write(bytes(-model.stored_bytes % 512) + END)
     check_listing(archive, MEMBER, model.size)
-    segments = segments_from_runs([(e.offset, e.length) for e in extents], data_offset, model.size)
-    title = (
-        f"{_size(model.size)} image with a {count:,}-extent sparse map ({_MAP_EXTENT} B every 4 KiB), PAX 1.0"
-    )
+    segments = segments_from_runs(runs, len(head), model.size)
+    title = f"{_size(model.size)} image with a {count:,}-extent sparse map ({_MAP_EXTENT} B every 4 KiB)"
+    title += ", PAX 1.0"
     return Dataset("extents", title, archive, MEMBER, model, segments, 1, True, ("seq", "rand1"))
-
-
-def write_pax10_sparse(path: Path, name: str, model: ImageModel) -> int:
-    """Write a one-member PAX 1.0 sparse archive; return the archive offset of the member's data.
-
-    As GNU tar 1.34 does: an `x` header with GNU.sparse.{major,minor,name,realsize}, a ustar header
-    named GNUSparseFile.0/NAME whose size counts the map and the data, then the map in decimal ("count\\n"
-    and "offset\\nlength\\n" pairs, ending with a (realsize, 0) pair if the image ends in a hole) padded to
-    512 bytes, then the extents' bytes back to back.
-    """
-    runs = [(e.offset, e.length) for e in model.extents]
-    if not runs or sum(runs[-1]) < model.size:
-        runs.append((model.size, 0))  # as GNU tar does: without it, GNU tar cuts the file at the last run
-    lines = [f"{len(runs)}\n"] + [f"{offset}\n{length}\n" for offset, length in runs]
-    sparse_map = _pad("".join(lines).encode())
-    info = tarfile.TarInfo(f"GNUSparseFile.0/{name}")
-    info.size = len(sparse_map) + model.stored_bytes
-    info.mtime, info.mode = 1_700_000_000, 0o644
-    info.pax_headers = {
-        "GNU.sparse.major": "1",
-        "GNU.sparse.minor": "0",
-        "GNU.sparse.name": name,
-        "GNU.sparse.realsize": str(model.size),
-    }
-    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    with open(path, "wb") as out:
-        out.write(header + sparse_map)
-        pending: list[bytes] = []
-        for extent in model.extents:
-            pending.append(model.data(extent.offset, extent.length))
-            if len(pending) >= 2048:
-                out.write(b"".join(pending))
-                pending.clear()
-        out.write(b"".join(pending))
-        out.write(bytes(-model.stored_bytes % 512) + bytes(1024))
-        out.write(bytes(-out.tell() % 10240))  # GNU tar's default record size
-    return len(header) + len(sparse_map)
 
 
 def check_listing(archive: Path, name: str, size: int) -> None:
@@ -315,10 +285,6 @@ def check_listing(archive: Path, name: str, size: int) -> None:
     fields = listing.split()
     if name not in fields or str(size) not in fields:
         raise RuntimeError(f"GNU tar does not read {archive} as written: {listing.strip()!r}")
-
-
-def _pad(data: bytes) -> bytes:
-    return data + bytes(-len(data) % 512)
 
 
 def _size(n: int) -> str:

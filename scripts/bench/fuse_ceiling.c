@@ -1,4 +1,4 @@
-/* fuse_ceiling: the "C ceiling" of scripts/bench.py (issue 15), what a FUSE server can reach here.
+/* fuse_ceiling: the "C ceiling" of the bench (scripts/bench/), what a FUSE server can reach here.
  *
  * A minimal libfuse server (fuse3, low-level API) that does what tarfuse does for a local archive and
  * nothing more: it shows one read-only file, NAME, in the mount point's directory; the file's bytes are
@@ -17,7 +17,7 @@
  * one segment per line, "image_offset length tar_offset" (tar_offset -1: a hole), tiling the image in
  * order. It stays in the foreground; SIGTERM, SIGINT or an unmount end it.
  *
- * Built by `make bench` (or scripts/benchtools.py) with: cc -O2 $(pkg-config --cflags --libs fuse3)
+ * Built by the bench (tools.py, on first use, into build/) with: cc -O2 $(pkg-config --cflags --libs fuse3)
  */
 #define FUSE_USE_VERSION 312
 #define _GNU_SOURCE

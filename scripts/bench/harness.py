@@ -1,11 +1,10 @@
-"""The benchmark harness that scripts/bench.py, bench_compressed.py and bench_remote.py share.
+"""Serving and timing, for every bench of this package.
 
 Serving: a FUSE daemon run in the foreground, in a session of its own (its children go with it), timed from
 its command's start until the image it shows reads, and stopped at the end, also when a read hangs (a
 watchdog kills the daemon, so blocked reads fail); its process tree's PSS, sampled during a step; its
 threads pinned to a CPU. Reading: timed passes in 1 MiB requests and per-read latencies. Running: a scratch
 directory where nothing stays mounted, and SIGTERM handled as Ctrl-C; both unmount on the way out.
-Output: Markdown tables. The data, the tools and the figures are each benchmark's.
 """
 
 import contextlib
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from kit.mounts import MountError, finish, kill_group, start_daemon, status_kib, unmount
+
 from tarfuse.serve import mountinfo
 
 CHUNK = 1 << 20  # the request size of sequential reads
@@ -70,13 +70,6 @@ class Served:
     def pids(self) -> list[int]:
         """The daemon and all its descendants (workers, helpers such as nbdkit); empty without a daemon."""
         return [] if self.process is None else _with_descendants(self.process.pid)
-
-    def pss(self) -> int | None:
-        """The proportional set size of the daemon's whole process tree now, in bytes: the sum of `Pss`
-        of /proc/PID/smaps_rollup, so pages the processes share (a forked worker's) count once."""
-        if self.process is None:
-            return None
-        return sum(_pss_kib(pid) for pid in self.pids()) * 1024
 
     def pin(self, cpu: int) -> None:
         """Pin every thread of the daemon and of all its descendants to `cpu` (`taskset -a -p -c`).
@@ -176,11 +169,12 @@ def _pss_kib(pid: int) -> int:
 
 
 class PssSampler:
-    """Sample a served daemon's PSS (as `Served.pss`) every `interval` seconds in a thread; `peak` is the
-    largest sample, the last one taken when the block ends included.
+    """Sample the PSS of a served daemon's process tree every `interval` seconds in a thread; `peak` is the
+    largest sample, the last one taken when the block ends included. PSS is the sum of `Pss` of
+    /proc/PID/smaps_rollup, so pages the processes share (a forked worker's) count once.
 
-    Finding the process tree walks all of /proc (~3 ms): it is done once a second, not at every sample
-    (~0.2 ms a process), so that the sampler takes little CPU from the step it watches.
+    Finding the process tree walks all of /proc, many times the cost of a sample: it is done once a second,
+    not at every sample, so that the sampler takes little CPU from the step it watches.
     """
 
     TREE_EVERY_S = 1.0
@@ -301,6 +295,15 @@ def quantile(ordered: Sequence[float], q: float) -> float:
     return ordered[int(len(ordered) * q)]
 
 
+def drop_caches() -> bool:
+    """As root: write back, then drop the page cache (the tar's and any mount's); say whether it was."""
+    if os.geteuid() != 0:
+        return False
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    return True
+
+
 def timed(command: Sequence[str], **kwargs: object) -> float:
     """Run `command` (it must succeed); return the seconds it took."""
     start = time.perf_counter()
@@ -308,7 +311,7 @@ def timed(command: Sequence[str], **kwargs: object) -> float:
     return time.perf_counter() - start
 
 
-# ---- Running and output -------------------------------------------------------------------------------
+# ---- Running ------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager

@@ -1,12 +1,11 @@
-"""The library side of scripts/bench_compressed.py: one decompression library measured in this process.
+"""The library side of compressed.py: one decompression library measured in this process.
 
-    python scripts/benchlibs.py KIND ARCHIVE
+    python scripts/bench/libprobe.py KIND ARCHIVE
 
 opens ARCHIVE with the library KIND (one of LIBRARIES' values), reads it all, then 300 random 4 KiB reads,
-and prints the figures as JSON. bench_compressed.py runs one process per measurement, so the peak RSS is
-the library's (and a bare interpreter's): this module imports the standard library and the library
-measured, nothing else (not the benchmark harness, which loads pyfuse3 and trio), and reads its own
-VmHWM.
+and prints the figures as JSON. compressed.py runs one process per measurement, so the peak RSS is the
+library's (and a bare interpreter's): run as a file, this module imports the standard library and the
+library measured, nothing else (not the harness, which loads pyfuse3 and trio), and reads its own VmHWM.
 """
 
 import json

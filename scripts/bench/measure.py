@@ -1,47 +1,26 @@
-"""Benchmark tarfuse against the physical limit, the C ceiling and its peers (`make bench`; issues 4 and 15).
+"""Measuring: one case's bytes checked and its metrics timed for every tool, and the boot step.
 
-Builds the data (benchdata), serves it with every tool (benchtools), measures, and writes a markdown table,
-JSON and a chart (benchreport) to --out, plus docs/benchmarks.md and docs/benchmarks.svg after a full run.
-Besides the cases, "boot" times QEMU booting the sample image from the raw file and through a mount.
-Everything it mounts, attaches or creates is undone before it exits, also on Ctrl-C or SIGTERM (the
-harness, kit.bench).
-
-    .venv/bin/python scripts/bench.py --quick            # smoke run, about two minutes
-    .venv/bin/python scripts/bench.py --only plain --tools tarfuse,ratarmount --reps 5
+Everything runs on a fresh mount per repetition, with the archive read once before each step (tar warm in
+the page cache); one repetition of every tool follows the other, so noise spreads over all tools alike.
+What is measured and how is told in docs/benchmarks.md, "How it is measured".
 """
 
-import argparse
 import hashlib
 import json
 import os
 import random
-import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchdata import CASES, Dataset, Sizes, build
-from benchreport import (
-    BOOT_MOUNT,
-    BOOT_RAW,
-    METRICS,
-    CaseInfo,
-    Results,
-    ToolInfo,
-    from_json,
-    load_average,
-    machine,
-    markdown,
-    to_json,
-    write_chart,
-    write_docs,
-)
-from benchtools import Tarfuse, Tool, all_tools, ensure_commands, reclaim_paused
-from kit.bench import (
+from kit.qemu import boot, kvm_usable
+from kit.sample import make_archive, write_sparse_boot_image
+
+from .data import Dataset, Sizes, build
+from .harness import (
     CHUNK,
     GRACE_S,
     PssSampler,
@@ -49,18 +28,14 @@ from kit.bench import (
     TimedOut,
     ToolFailed,
     read_some,
-    run_main,
-    scratch,
     serve_fuse,
     timed_read,
     watchdog,
 )
-from kit.qemu import boot, kvm_usable
-from kit.sample import make_archive, write_sparse_boot_image
+from .results import BOOT_MOUNT, BOOT_RAW, METRICS, CaseInfo, Results
+from .tools import Tarfuse, Tool
 
-REPO = Path(__file__).resolve().parent.parent
 BOOT = "boot"  # not a data case: QEMU boots the sample image (kit.sample), from the raw file and a mount
-SELECTABLE = (*CASES, BOOT)
 # fio's random reads: (readers, placement); placement None is unpinned, else (server CPU, fio CPU)
 RANDOM = {"rand1": (1, None), "rand1-same": (1, (0, 0)), "rand1-apart": (1, (0, 1)), "rand4": (4, None)}
 PINNED = tuple(m for m, (_, placement) in RANDOM.items() if placement is not None)
@@ -77,115 +52,6 @@ class Options:
     scratch: Path
 
 
-def main() -> int:
-    args = _parser().parse_args()
-    if args.render is not None:
-        results, meta = from_json(json.loads(args.render.read_text()))
-        _write_outputs(results, meta, args)
-        return 0
-    tools = _select_tools(args.tools)
-    cases = _select_cases(args.only)
-    started, load_start = time.monotonic(), load_average()
-    print(f"tools: {', '.join(t.name for t in tools)}; cases: {', '.join(cases)}", flush=True)
-    try:
-        ensure_commands({"fio": ("fio",), "qemu-img": ("qemu-utils",), "fusermount3": ("fuse3",)})
-    except ToolFailed as exc:
-        print(f"bench: cannot run: {exc}", file=sys.stderr)
-        return 1
-    for tool in tools:
-        tool.setup()
-        if tool.problem():
-            print(f"  {tool.name}: {tool.problem()}", flush=True)
-    results = Results([ToolInfo(t.name, t.role, "" if t.problem() else t.version()) for t in tools])
-    with scratch("tarfuse-bench-", args.workdir, keep=args.keep) as workdir:
-        options = Options(
-            sizes=Sizes.quick() if args.quick else Sizes.full(),
-            reps=args.reps,
-            fio_runtime=args.runtime if args.runtime is not None else (0.5 if args.quick else 5.0),
-            cap=args.cap if args.cap is not None else (5.0 if args.quick else 30.0),
-            scratch=workdir,
-        )
-        with reclaim_paused(keep=not args.pause_reclaim) as reclaim:
-            for case in cases:
-                if case == BOOT:
-                    run_boot(tools, options, results)
-                else:
-                    run_case(case, tools, options, results)
-    meta = machine() | {
-        "reclaim": reclaim,
-        "command": _command_shown(),
-        "tarfuse_commit": _tarfuse_commit(),
-        "load_start": load_start,
-        "load_end": load_average(),
-        "reps": options.reps,
-        "fio_runtime": options.fio_runtime,
-        "cap": options.cap,
-        "quick": args.quick,
-        "elapsed": f"{(time.monotonic() - started) / 60:.1f} min",
-    }
-    _write_outputs(results, meta, args)
-    return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small data and short runs (smoke test)")
-    parser.add_argument("--only", metavar="CASE[,CASE]", help=f"cases to run, of: {', '.join(SELECTABLE)}")
-    parser.add_argument("--tools", metavar="TOOL[,TOOL]", help="tools to run (the limits always run)")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
-    parser.add_argument("--runtime", type=float, help="seconds per fio run (default 5, --quick 0.5)")
-    parser.add_argument("--cap", type=float, help="seconds before a step is cut off (default 30, --quick 5)")
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "build" / "bench", help="where results.{md,json} go"
-    )
-    parser.add_argument(
-        "--workdir", default=None, help="parent of the temporary data directory (default /tmp)"
-    )
-    parser.add_argument(
-        "--docs",
-        type=Path,
-        help="also write this markdown page (default after a full run: docs/benchmarks.md)",
-    )
-    parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
-    parser.add_argument("--keep", action="store_true", help="keep the data directory (for debugging)")
-    parser.add_argument(
-        "--pause-reclaim",
-        action="store_true",
-        help="pause DAMON proactive reclaim for the run, as root, and restore it after (a machine-wide "
-        "setting: off by default; the report says whether it was used)",
-    )
-    parser.add_argument(
-        "--render",
-        type=Path,
-        metavar="JSON",
-        help="measure nothing: write the tables of an earlier results.json",
-    )
-    return parser
-
-
-def _select_tools(names: str | None) -> list[Tool]:
-    tools = all_tools()
-    if names is None:
-        return tools
-    wanted = set(names.split(","))
-    unknown = wanted - {t.name for t in tools}
-    if unknown:
-        raise SystemExit(
-            f"unknown tool(s): {', '.join(sorted(unknown))}; known: {', '.join(t.name for t in tools)}"
-        )
-    return [t for t in tools if t.role == "limit" or t.name in wanted]
-
-
-def _select_cases(names: str | None) -> list[str]:
-    if names is None:
-        return list(SELECTABLE)
-    wanted = names.split(",")
-    unknown = set(wanted) - set(SELECTABLE)
-    if unknown:
-        raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}; known: {', '.join(SELECTABLE)}")
-    return [c for c in SELECTABLE if c in wanted]
-
-
 # ---- One case -----------------------------------------------------------------------------------------
 
 
@@ -196,11 +62,8 @@ def run_case(case: str, tools: list[Tool], options: Options, results: Results) -
     print(f"\n== {case}: building the data", flush=True)
     began = time.monotonic()
     dataset = build(case, directory, options.sizes)
-    print(
-        f"   {dataset.title} ({_mib(dataset.archive.stat().st_size)} archive, "
-        f"{time.monotonic() - began:.1f} s)",
-        flush=True,
-    )
+    size = f"{dataset.archive.stat().st_size / (1 << 20):,.0f} MiB"
+    print(f"   {dataset.title} ({size} archive, {time.monotonic() - began:.1f} s)", flush=True)
     results.cases.append(
         CaseInfo(case, dataset.title, dataset.members, dataset.extent_count, dataset.metrics)
     )
@@ -343,7 +206,7 @@ def run_boot(tools: list[Tool], options: Options, results: Results) -> None:
 
 
 def _boot_unavailable(tarfuse: Tool | None) -> str | None:
-    if not os.path.exists("/dev/kvm") or not kvm_usable():
+    if not kvm_usable():
         return "no usable /dev/kvm (QEMU without KVM would time the emulator, not the disk)"
     if shutil.which("qemu-system-x86_64") is None:
         return "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
@@ -411,7 +274,7 @@ def verify(tool: Tool, dataset: Dataset, options: Options) -> tuple[str | None, 
             digest = _hash_all(served, model.size, options.cap)
         except TimedOut as exc:
             return None, f"{len(ranges)} sampled ranges; the full read {exc}"
-        if digest != _expected_sha256(dataset):
+        if digest != dataset.model.sha256:
             return "WRONG BYTES: the sha256 of the full read differs (the sampled ranges matched)", ""
     return None, "sampled ranges and the sha256 of a full read"
 
@@ -427,16 +290,6 @@ def _hash_all(served: Served, size: int, cap: float) -> str:
     digest = hashlib.sha256()
     timed_read(served, size, cap, digest.update)
     return digest.hexdigest()
-
-
-_sha256_cache: dict[str, str] = {}
-
-
-def _expected_sha256(dataset: Dataset) -> str:
-    key = f"{dataset.name}:{dataset.archive}"
-    if key not in _sha256_cache:
-        _sha256_cache[key] = dataset.model.sha256()
-    return _sha256_cache[key]
 
 
 def warm(path: Path) -> None:
@@ -506,7 +359,7 @@ def run_qemu_convert(served: Served, options: Options) -> float:
         target.unlink(missing_ok=True)
 
 
-# ---- Cleanup and output -------------------------------------------------------------------------------
+# ---- Cleanup ------------------------------------------------------------------------------------------
 
 
 def _detach_loops(archive: Path) -> None:
@@ -514,61 +367,3 @@ def _detach_loops(archive: Path) -> None:
     listing = subprocess.run(["losetup", "-j", str(archive)], capture_output=True, text=True, check=False)
     for line in listing.stdout.splitlines():
         subprocess.run(["losetup", "-d", line.split(":", 1)[0]], check=False)
-
-
-def _write_outputs(results: Results, meta: dict[str, object], args: argparse.Namespace) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    chart = args.out / "results.svg"
-    chart_note = write_chart(results, chart)
-    if chart_note is not None:
-        print(f"no chart: {chart_note}")
-    text = markdown(results, meta, None if chart_note else chart.name, chart_note or "")
-    (args.out / "results.md").write_text(text)
-    (args.out / "results.json").write_text(json.dumps(to_json(results, meta), indent=1) + "\n")
-    print("\n" + text)
-    print(
-        f"written: {args.out / 'results.md'}, {args.out / 'results.json'}"
-        + ("" if chart_note else f", {chart}")
-    )
-    docs = args.docs
-    if docs is None and not (args.quick or args.only or args.tools or args.no_docs or args.render):
-        docs = REPO / "docs" / "benchmarks.md"
-    if docs is not None and not args.no_docs:
-        docs_chart = docs.with_suffix(".svg")  # beside the page, linked relatively: docs/benchmarks.svg
-        if chart_note is None:
-            docs_chart.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(chart, docs_chart)
-        write_docs(docs, markdown(results, meta, None if chart_note else docs_chart.name, chart_note or ""))
-        print(f"written: {docs}" + ("" if chart_note else f", {docs_chart}"))
-
-
-def _command_shown() -> str:
-    """The command line, less the options that only say where output goes."""
-    shown, skip = [], False
-    for word in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif word in ("--out", "--docs", "--workdir"):
-            skip = True
-        elif not word.startswith(("--out=", "--docs=", "--workdir=")):
-            shown.append(word)
-    return shlex.join(["python", "scripts/bench.py", *shown]) if shown else "make bench"
-
-
-def _tarfuse_commit() -> str:
-    """The commit of the tarfuse code measured, and whether tarfuse/ had uncommitted changes."""
-
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + (" with uncommitted changes" if git("status", "--porcelain", "--", "tarfuse") else "")
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):,.0f} MiB"
-
-
-if __name__ == "__main__":
-    run_main(main)

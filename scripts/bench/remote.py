@@ -1,10 +1,9 @@
 """Benchmark a remote mount over loopback: time to first byte, sequential throughput next to curl, random
 4 KiB read latency, and bytes fetched per byte read (and to boot a 1 GiB image in QEMU).
 
-Standalone: `python scripts/bench_remote.py [--quick]`, as root or any user who can mount FUSE. The server is
-the tests' range-capable one (kit.httpserver), serving the archive from memory on 127.0.0.1; the mounts,
-timing and reads are the harness's (kit.bench), shared with scripts/bench.py and bench_compressed.py.
-Prints a Markdown table (docs/remote.md keeps the figures).
+`python -m scripts.bench.remote [--quick]`, as root or any user who can mount FUSE. The server is the tests'
+range-capable one (kit.httpserver), serving the archive from memory on 127.0.0.1. Prints a Markdown table
+(docs/remote.md keeps the figures).
 """
 
 import argparse
@@ -12,27 +11,20 @@ import os
 import random
 import shutil
 import statistics
-import tarfile
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from kit.bench import Served, latencies, quantile, run_main, scratch, serve_fuse, table, timed, timed_read
 from kit.httpserver import RangeServer, serve
 from kit.mounts import tarfuse_command
 from kit.qemu import boot
 from kit.sample import DataRun, boot_sector, data_runs
+from kit.tarbuilder import END, archive, file_member, header
+
+from .harness import Served, latencies, quantile, run_main, scratch, serve_fuse, table, timed, timed_read
 
 MiB = 1 << 20
 CAP_S = 300.0  # no step of a sound run comes near it; a daemon that hangs ends the run instead of stalling it
-
-
-def plain_tar(image: bytes) -> bytes:
-    """A tar of one member, disk.raw, stored whole."""
-    info = tarfile.TarInfo("disk.raw")
-    info.size, info.mtime = len(image), 1_700_000_000
-    padding = -len(image) % 512
-    return info.tobuf(format=tarfile.GNU_FORMAT) + image + bytes(padding + 1024)
 
 
 def mounted(url: str, mnt: Path, probe: int = 1) -> AbstractContextManager[Served]:
@@ -77,15 +69,13 @@ def boot_fetch(server: RangeServer, work: Path, mnt: Path) -> tuple[int, float] 
     if qemu is None:
         return None
     size, message = 1 << 30, "bench booted"
-    archive = work / "gib.tar"
-    info = tarfile.TarInfo("disk.raw")
-    info.size = size
-    with archive.open("wb") as file:
-        file.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+    path = work / "gib.tar"
+    with path.open("wb") as file:
+        file.write(header("disk.raw", size=size))
         for run in [DataRun(0, boot_sector(message + "\r\n")), *data_runs(size)]:
             os.pwrite(file.fileno(), run.data, 512 + run.offset)
-        file.truncate(512 + size + 1024)
-    url = server.put("gib.tar", archive)
+        file.truncate(512 + size + len(END))
+    url = server.put("gib.tar", path)
     server.reset_counters()
     started = time.monotonic()
     with mounted(url, mnt):
@@ -101,7 +91,7 @@ def main() -> None:
     size = (64 if args.quick else 512) * MiB
     with scratch("tarfuse-bench-") as work, serve() as server:
         mnt = work / "mnt"
-        url = server.put("vm.tar", plain_tar(os.urandom(size)))
+        url = server.put("vm.tar", archive(file_member("disk.raw", os.urandom(size))))
         ttfb, ttfb_bytes = time_to_first_byte(server, url, mnt)
         seq, seq_bytes = sequential(server, url, mnt, size)
         curl_rate = curl(url, size)

@@ -1,231 +1,34 @@
-"""Benchmark results: samples per (case, metric, tool), their medians and ratios, as markdown and JSON.
+"""The report of a run: markdown tables, JSON, the chart, and the generated part of docs/benchmarks.md.
 
-A figure counts only if the tool's bytes were verified; otherwise its row carries the reason instead
-("WRONG BYTES ...", "timed out after N s", "failed: ...", "n/a: ..."). Ratios divide a tool's median by
-the best limit's median, by the C ceiling's and by the best peer's, so they hold even when the machine is
-noisy. The chart (matplotlib, imported only to draw it) shows the same ratios to the C ceiling.
+The method is prose in docs/benchmarks.md; this module writes only figures, and in that page only the part
+between its BEGIN and END comments. The chart (matplotlib, imported only to draw it) shows every tool's
+median as a multiple of the C ceiling.
 """
 
-import datetime
-import os
-import platform
+import json
+import shutil
 import statistics
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-X, DASH = "\u00d7", "\u2013"  # the multiplication sign and the en dash, for the tables
-NOTES_HEADING = "## Notes"  # docs/benchmarks.md keeps everything from this heading on across runs
-C_CEILING, C_CEILING_MT = "C ceiling", "C ceiling mt"  # scripts/fuse_ceiling.c, role "limit"
-CEILINGS = (C_CEILING, C_CEILING_MT)
-BOOT_RAW, BOOT_MOUNT = "raw file", "tarfuse mount"  # the two ways the boot step boots the sample image
+from .results import (
+    BOOT_MOUNT,
+    BOOT_RAW,
+    C_CEILING,
+    C_CEILING_MT,
+    CEILINGS,
+    METRICS,
+    CaseInfo,
+    Metric,
+    Results,
+    ToolInfo,
+    X,
+    targets,
+)
 
-
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    label: str
-    unit: str
-    higher_is_better: bool
-    many_readers: bool = False  # "x C ceiling" divides by the better C loop, not the single-threaded one
-
-    def format(self, value: float) -> str:
-        if self.unit == "s":
-            return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
-        if self.unit == "GB/s":
-            return f"{value:.2f} GB/s"
-        if self.unit == "reads/s":
-            return f"{value:,.0f}/s" if value >= 10 else f"{value:.2g}/s"
-        return f"{value:.1f} {self.unit}"
-
-
-METRICS = {
-    m.key: m
-    for m in (
-        Metric("ready", "ready (command start to first byte read)", "s", False),
-        Metric("seq", "sequential 1 MiB reads of the whole image, fresh mount", "GB/s", True),
-        Metric("rand1", "random 4 KiB reads, 1 reader, unpinned (fio)", "reads/s", True),
-        Metric("rand1-same", "random 4 KiB reads, 1 reader, server and fio on the same CPU", "reads/s", True),
-        Metric("rand1-apart", "random 4 KiB reads, 1 reader, server on CPU 0, fio on CPU 1", "reads/s", True),
-        Metric("rand4", "random 4 KiB reads, 4 readers, unpinned (fio)", "reads/s", True, True),
-        Metric("qemu", "qemu-img convert -O raw to a file", "s", False, True),
-        Metric("rss", "peak PSS of the daemon and all its descendants", "MiB", False),
-    )
-}
-
-
-@dataclass
-class Outcome:
-    """What one tool did on one metric of one case: samples, or why there are none."""
-
-    samples: list[float] = field(default_factory=list)
-    status: str | None = None  # None: the samples count
-
-    @property
-    def ok(self) -> bool:
-        return self.status is None and bool(self.samples)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-
-@dataclass(frozen=True)
-class ToolInfo:
-    name: str
-    role: str  # "limit", "tarfuse" or "peer"
-    version: str
-
-
-@dataclass(frozen=True)
-class CaseInfo:
-    name: str
-    title: str
-    members: int
-    extents: int
-    metrics: tuple[str, ...]
-
-
-@dataclass
-class Results:
-    """Everything one run measured, in the order it ran."""
-
-    tools: list[ToolInfo]
-    cases: list[CaseInfo] = field(default_factory=list)
-    outcomes: dict[tuple[str, str, str], Outcome] = field(default_factory=dict)
-    verified: dict[tuple[str, str], str] = field(default_factory=dict)  # (case, tool) -> how
-    excluded: dict[tuple[str, str], str] = field(default_factory=dict)  # (case, tool) -> why not measured
-    boot: dict[str, list[float]] = field(default_factory=dict)  # BOOT_RAW / BOOT_MOUNT -> seconds
-    boot_status: str | None = None  # why the boot step has no (or not all) figures
-
-    def outcome(self, case: str, metric: str, tool: str) -> Outcome:
-        return self.outcomes.setdefault((case, metric, tool), Outcome())
-
-    def add(self, case: str, metric: str, tool: str, value: float) -> None:
-        self.outcome(case, metric, tool).samples.append(value)
-
-    def stop(self, case: str, metric: str, tool: str, status: str) -> None:
-        """Record why `tool` has no (more) figures for this metric; the first reason stays."""
-        outcome = self.outcome(case, metric, tool)
-        if outcome.status is None:
-            outcome.status = status
-
-    def exclude(self, case: str, metrics: tuple[str, ...], tool: str, status: str) -> None:
-        """The tool takes no part in this case (not installed, not applicable, wrong bytes)."""
-        self.excluded[(case, tool)] = status
-        for metric in metrics:
-            self.stop(case, metric, tool, status)
-
-    def stopped(self, case: str, metric: str, tool: str) -> bool:
-        return self.outcome(case, metric, tool).status is not None
-
-    def best(self, case: str, metric: str, role: str) -> tuple[str, float] | None:
-        """The best median among tools of `role` whose figures count, with the tool's name.
-
-        The limit is the best of pread and losetup: the C ceilings have a column of their own (`ceiling`).
-        """
-        names = [t.name for t in self.tools if t.role == role and t.name not in CEILINGS]
-        return self._best_of(case, metric, names)
-
-    def ceiling(self, case: str, metric: str) -> tuple[str, float] | None:
-        """What "x C ceiling" divides by: the single-threaded C loop for one reader, the better loop for
-        several (4 fio readers, qemu-img's requests in flight)."""
-        names = list(CEILINGS) if METRICS[metric].many_readers else [C_CEILING]
-        return self._best_of(case, metric, names)
-
-    def _best_of(self, case: str, metric: str, names: list[str]) -> tuple[str, float] | None:
-        found = [(name, value) for name in names if (value := self.median(case, metric, name)) is not None]
-        if not found:
-            return None
-        found.sort(key=lambda item: item[1], reverse=METRICS[metric].higher_is_better)
-        return found[0]
-
-    def median(self, case: str, metric: str, tool: str) -> float | None:
-        outcome = self.outcomes.get((case, metric, tool))
-        return outcome.median if outcome is not None and outcome.ok else None
-
-
-# ---- Targets (issues 4 and 15), checked on tarfuse's figures -------------------------------------------
-
-Check = Callable[["Results", float], bool | None]  # None: nothing to compare with
-
-
-@dataclass(frozen=True)
-class Target:
-    issue: int
-    case: str
-    metric: str
-    text: str
-    met: Check
-    tool: str = "tarfuse"  # whose figure is checked
-
-
-def _all(*checks: Check) -> Check:
-    """Met if every part is; not met if one is not; unknown (None) if a part has nothing to compare with."""
-
-    def check(results: Results, value: float) -> bool | None:
-        parts = [c(results, value) for c in checks]
-        return False if False in parts else None if None in parts else True
-
-    return check
-
-
-def _times(case: str, metric: str, factor: float, reference: str) -> Check:
-    """`value` >= factor times the reference's median: "best peer", "ceiling" or a tool's name."""
-
-    def check(results: Results, value: float) -> bool | None:
-        if reference == "best peer":
-            found = results.best(case, metric, "peer")
-        elif reference == "ceiling":
-            found = results.ceiling(case, metric)
-        else:
-            median = results.median(case, metric, reference)
-            found = None if median is None else (reference, median)
-        return None if found is None else value >= factor * found[1]
-
-    return check
-
-
-def _at_most(limit: float) -> Check:
-    return lambda results, value: value <= limit
-
-
-def _targets(results: Results) -> list[Target]:
-    best, ratarmount, ceiling = "best peer", "ratarmount", "ceiling"
-    targets = [
-        Target(4, "plain", "seq", f"≥ 1.2{X} best peer", _times("plain", "seq", 1.2, best)),
-        Target(4, "plain", "rand1", f"≥ 2{X} ratarmount", _times("plain", "rand1", 2, ratarmount)),
-        Target(4, "plain", "rand4", "≥ best peer", _times("plain", "rand4", 1.0, best)),
-        Target(4, "sparse-oldgnu", "seq", f"≥ 1.2{X} best peer", _times("sparse-oldgnu", "seq", 1.2, best)),
-        Target(4, "sparse-pax", "seq", f"≥ 1.2{X} best peer", _times("sparse-pax", "seq", 1.2, best)),
-        Target(4, "plain", "ready", "≤ 100 ms", _at_most(0.1)),
-        Target(4, "many", "ready", "≤ 0.3 s", _at_most(0.3)),
-        Target(4, "extents", "ready", "≤ 1 s", _at_most(1.0)),
-    ]
-    for case in results.cases:
-        budget = 40 + 40 * case.extents / (1 << 20)
-        text = f"≤ {budget:.0f} MiB (40 MiB + 40 B/extent)"
-        targets.append(Target(4, case.name, "rss", text, _at_most(budget)))
-    rand4 = _all(_times("plain", "rand4", 1.5, ratarmount), _times("plain", "rand4", 0.6, ceiling))
-    same = _all(_times("plain", "rand1-same", 0.6, ceiling), _times("plain", "rand1-same", 1.2, ratarmount))
-    seq = _all(_times("plain", "seq", 1.3, ratarmount), _times("plain", "seq", 0.9, ceiling))
-    return [
-        *targets,
-        Target(15, "plain", "rand4", f"≥ 1.5{X} ratarmount and ≥ 0.6{X} the better C loop", rand4),
-        Target(
-            15, "plain", "rand1-same", f"≥ 0.6{X} C ceiling (single-threaded) and ≥ 1.2{X} ratarmount", same
-        ),
-        Target(
-            15, "plain", "rand1-apart", f"≥ 0.9{X} C ceiling", _times("plain", "rand1-apart", 0.9, ceiling)
-        ),
-        Target(15, "plain", "seq", f"≥ 1.3{X} ratarmount and ≥ 0.9{X} C ceiling (same readahead)", seq),
-        Target(15, "plain", "ready", "≤ 120 ms", _at_most(0.12)),
-        Target(15, "plain", "rss", "≤ 50 MiB PSS", _at_most(50), tool="tarfuse workers=2"),
-    ]
-
-
-# ---- Markdown and JSON --------------------------------------------------------------------------------
+DASH = "\u2013"  # the en dash, for an empty cell
+BEGIN = "<!-- BEGIN: written by `python -m scripts.bench` (make bench); edit the text outside this part -->"
+END = "<!-- END of the part written by the bench -->"
 
 
 def _ratio(value: float | None, reference: tuple[str, float] | None) -> str:
@@ -235,42 +38,6 @@ def _ratio(value: float | None, reference: tuple[str, float] | None) -> str:
     if ratio >= 100:
         return f"{ratio:,.0f}{X}"
     return f"{ratio:.1f}{X}" if ratio >= 10 else f"{ratio:.2f}{X}"
-
-
-def summary_table(results: Results) -> list[str]:
-    """tarfuse against the limit, the C ceiling, the best peer and the targets of issues 4 and 15."""
-    lines = [
-        f"| issue | case | metric | tarfuse | limit | {X} limit | C ceiling | {X} C ceiling | best peer "
-        f"| {X} best peer | target | met |",
-        "| --- " * 12 + "|",
-    ]
-    cases = {c.name for c in results.cases}
-    for target in _targets(results):
-        if target.case not in cases:
-            continue
-        case, key = target.case, target.metric
-        metric = METRICS[key]
-        outcome = results.outcomes.get((case, key, target.tool))
-        value = results.median(case, key, target.tool)
-        limit, ceiling, peer = (
-            results.best(case, key, "limit"),
-            results.ceiling(case, key),
-            results.best(case, key, "peer"),
-        )
-        shown = (
-            metric.format(value)
-            if value is not None
-            else _cell((outcome.status if outcome else None) or DASH)
-        )
-        if target.tool != "tarfuse":
-            shown += f" ({target.tool.removeprefix('tarfuse ')})"
-        met = None if value is None else target.met(results, value)
-        lines.append(
-            f"| {target.issue} | {case} | {key} | {shown} | {_named(metric, limit)} | {_ratio(value, limit)} "
-            f"| {_named(metric, ceiling)} | {_ratio(value, ceiling)} | {_named(metric, peer)} "
-            f"| {_ratio(value, peer)} | {target.text} | {_met(met)} |"
-        )
-    return lines
 
 
 def _met(met: bool | None) -> str:
@@ -286,6 +53,41 @@ def _named(metric: Metric, best: tuple[str, float] | None) -> str:
     return DASH if best is None else f"{metric.format(best[1])} ({best[0]})"
 
 
+def _bold(tool: ToolInfo) -> str:
+    return f"**{tool.name}**" if tool.role == "tarfuse" else tool.name
+
+
+# ---- Tables -------------------------------------------------------------------------------------------
+
+
+def summary_table(results: Results) -> list[str]:
+    """tarfuse against the limit, the C ceiling, the best peer and the targets."""
+    lines = [
+        f"| set | case | metric | tarfuse | limit | {X} limit | C ceiling | {X} C ceiling | best peer "
+        f"| {X} best peer | target | met |",
+        "| --- " * 12 + "|",
+    ]
+    cases = {c.name for c in results.cases}
+    for target in (t for t in targets(results) if t.case in cases):
+        case, key = target.case, target.metric
+        metric = METRICS[key]
+        outcome = results.outcomes.get((case, key, target.tool))
+        value = results.median(case, key, target.tool)
+        limit, ceiling = results.best(case, key, "limit"), results.ceiling(case, key)
+        peer = results.best(case, key, "peer")
+        status = (outcome.status if outcome else None) or DASH
+        shown = metric.format(value) if value is not None else _cell(status)
+        if target.tool != "tarfuse":
+            shown += f" ({target.tool.removeprefix('tarfuse ')})"
+        met = None if value is None else target.met(results, case, key, value)
+        lines.append(
+            f"| {target.group} | {case} | {key} | {shown} | {_named(metric, limit)} | {_ratio(value, limit)} "
+            f"| {_named(metric, ceiling)} | {_ratio(value, ceiling)} | {_named(metric, peer)} "
+            f"| {_ratio(value, peer)} | {target.text} | {_met(met)} |"
+        )
+    return lines
+
+
 def case_table(results: Results, case: CaseInfo) -> list[str]:
     lines = [
         f"| metric | tool | median | min{DASH}max | {X} limit | {X} C ceiling | {X} best peer | notes |",
@@ -299,20 +101,17 @@ def case_table(results: Results, case: CaseInfo) -> list[str]:
             outcome = results.outcomes.get((case.name, key, tool.name))
             if outcome is None or (case.name, tool.name) in results.excluded:
                 continue
-            name = f"**{tool.name}**" if tool.role == "tarfuse" else tool.name
-            if outcome.ok:
-                value = outcome.median
-                spread = f"{metric.format(min(outcome.samples))} {DASH} {metric.format(max(outcome.samples))}"
-                note = f"n={len(outcome.samples)}"
-                lines.append(
-                    f"| {metric.key} | {name} | {metric.format(value)} | {spread} | {_ratio(value, limit)} "
-                    f"| {_ratio(value, ceiling)} | {_ratio(value, peer)} | {note} |"
-                )
-            else:
+            name = _bold(tool)
+            if not outcome.ok:
                 status = _cell(outcome.status or "no figures")
-                lines.append(
-                    f"| {metric.key} | {name} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | {status} |"
-                )
+                lines.append(f"| {key} | {name} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | {status} |")
+                continue
+            value = outcome.median
+            spread = f"{metric.format(min(outcome.samples))} {DASH} {metric.format(max(outcome.samples))}"
+            lines.append(
+                f"| {key} | {name} | {metric.format(value)} | {spread} | {_ratio(value, limit)} "
+                f"| {_ratio(value, ceiling)} | {_ratio(value, peer)} | n={len(outcome.samples)} |"
+            )
     return lines
 
 
@@ -333,8 +132,7 @@ def placement_table(results: Results) -> list[str]:
         cells = [DASH if (v := values[k]) is None else METRICS[k].format(v) for k in keys]
         same = values["rand1-same"]
         per_read = DASH if not same else f"{1e6 / same:.1f} µs"
-        name = f"**{tool.name}**" if tool.role == "tarfuse" else tool.name
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {per_read} | {cells[2]} | {cells[3]} |")
+        lines.append(f"| {_bold(tool)} | {cells[0]} | {cells[1]} | {per_read} | {cells[2]} | {cells[3]} |")
     return lines
 
 
@@ -357,10 +155,9 @@ def workers_table(results: Results) -> list[str]:
             cells.append(DASH if value is None else METRICS[key].format(value))
         shown = DASH if rand4 is None else METRICS["rand4"].format(rand4)
         scale = _ratio(rand4, None if one is None else ("workers=1", one))
-        name = f"**{tool.name}**" if tool.role == "tarfuse" else tool.name
         lines.append(
-            f"| {name} | {shown} | {scale} | {_ratio(rand4, results.ceiling('plain', 'rand4'))} "
-            f"| {' | '.join(cells)} |"
+            f"| {_bold(tool)} | {shown} | {scale} "
+            f"| {_ratio(rand4, results.ceiling('plain', 'rand4'))} | {' | '.join(cells)} |"
         )
     return lines
 
@@ -371,8 +168,7 @@ def boot_table(results: Results) -> list[str]:
     lines = [f"| booted from | median | min{DASH}max | n |", "| --- | --- | --- | --- |"]
     fmt = METRICS["ready"].format
     for name in (BOOT_RAW, BOOT_MOUNT):
-        samples = results.boot.get(name)
-        if samples:
+        if samples := results.boot.get(name):
             spread = f"{fmt(min(samples))} {DASH} {fmt(max(samples))}"
             lines.append(f"| {name} | {fmt(statistics.median(samples))} | {spread} | {len(samples)} |")
     if results.boot.get(BOOT_RAW) and results.boot.get(BOOT_MOUNT):
@@ -392,12 +188,12 @@ def verification_lines(results: Results, case: str) -> list[str]:
     return lines
 
 
-def markdown(results: Results, meta: dict[str, Any], chart: str | None = None, chart_note: str = "") -> str:
-    """The page: `chart` is the image's path relative to the page, `chart_note` why there is none."""
+def markdown(results: Results, meta: dict[str, Any], chart: str | None, chart_note: str) -> str:
+    """The figures of a run; `chart` is the chart's path from the page, or `chart_note` why there is none."""
     lines = [
-        "# tarfuse benchmarks",
+        "## The run",
         "",
-        f"Generated by `scripts/bench.py` (`make bench`) on {meta['date']}.",
+        f"Generated by `python -m scripts.bench` (`make bench`) on {meta['date']}.",
         "",
         f"- Command: `{meta['command']}`; tarfuse at commit {meta['tarfuse_commit']}",
         f"- Machine: Linux {meta['kernel']}, {meta['cpu']}, {meta['cores']} cores, {meta['memory']} RAM; "
@@ -408,14 +204,12 @@ def markdown(results: Results, meta: dict[str, Any], chart: str | None = None, c
         f"time cap {meta['cap']:g} s per step; took {meta['elapsed']}",
         "- Versions: " + "; ".join(f"{t.name}: {t.version}" for t in results.tools if t.version),
         "",
-        "## How it is measured",
-        "",
-        *_method(),
-        "",
-        "## tarfuse against the limit, the C ceiling, the peers and the targets of issues 4 and 15",
+        "## tarfuse against the limit, the C ceiling, the peers and the targets",
         "",
         f"`{X} limit`, `{X} C ceiling` and `{X} best peer` divide tarfuse's median by theirs: above 1 is "
-        "better for throughput (GB/s, reads/s), below 1 is better for times and memory.",
+        "better for throughput (GB/s, reads/s), below 1 is better for times and memory. The targets of the "
+        "set `peers` were stated against the peers, with start-up and memory budgets; those of `ceiling` "
+        "against the C ceiling.",
         "",
         *summary_table(results),
     ]
@@ -423,17 +217,13 @@ def markdown(results: Results, meta: dict[str, Any], chart: str | None = None, c
         lines += ["", f"![tarfuse, its peers and the limits, as a multiple of the C ceiling]({chart})"]
     elif chart_note:
         lines += ["", f"No chart: {chart_note}."]
-    if placements := placement_table(results):
-        lines += ["", "## One reader: where the server and the reader run (plain case)", "", *placements]
-    if workers := workers_table(results):
-        lines += ["", "## Workers: processes serving one mount (plain case)", "", *workers]
-    if boot := boot_table(results):
-        lines += [
-            "",
-            "## Time to boot: QEMU (KVM) from power-on to the sample image's serial line",
-            "",
-            *boot,
-        ]
+    sections = [
+        ("One reader: where the server and the reader run (plain case)", placement_table(results)),
+        ("Workers: processes serving one mount (plain case)", workers_table(results)),
+        ("Time to boot: QEMU (KVM) from power-on to the sample image's serial line", boot_table(results)),
+    ]
+    for heading, table in sections:
+        lines += ["", f"## {heading}", "", *table] if table else []
     lines += ["", "## All figures"]
     for case in results.cases:
         lines += ["", f"### {case.name}: {case.title}", "", *case_table(results, case)]
@@ -441,97 +231,31 @@ def markdown(results: Results, meta: dict[str, Any], chart: str | None = None, c
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _method() -> list[str]:
-    return [
-        "- Everything in one run, on the same data, one repetition of every tool after the other, so noise "
-        "from other work on the host spreads over all tools alike. The archive is read once before each "
-        "step (tar warm in the page cache); each repetition mounts afresh (FUSE cache cold).",
-        "- The limit: `pread` reads the member's bytes straight out of the tar in the bench's own Python "
-        "(holes of sparse members filled from a zero buffer; its ready time is `dd` reading the first "
-        "byte; fio reads the tar's byte range buffered, qemu-img a `json:` raw driver with offset and "
-        "size); `losetup` maps the member's byte range with `losetup -r --offset --sizelimit` "
-        "(non-sparse members only). No FUSE server can reach it.",
-        "- The C ceiling (`scripts/fuse_ceiling.c`, built by the bench with cc and libfuse3-dev): what a "
-        "FUSE server can reach here. A minimal libfuse low-level server with tarfuse's read path: the "
-        "member's segment map (holes included, so sparse members have a ceiling too), each read answered "
-        "with `fuse_reply_data` from the tar's fd, holes from a buffer of zeros. `C ceiling` runs "
-        "libfuse's single-threaded `fuse_session_loop`, `C ceiling mt` its `fuse_session_loop_mt`. "
-        f"`{X} C ceiling` divides by the single-threaded loop for one reader (ready, seq, rand1 in every "
-        "placement, rss) and by the better of the two loops where several requests are in flight (rand4, "
-        f"qemu): 1.00{X} is as fast as FUSE gets, whatever the language.",
-        "- Readahead and request size: tarfuse and the C ceiling both set the mount's "
-        "`/sys/class/bdi/<major:minor>/read_ahead_kb` to 4096 right after the FUSE INIT reply (a per-mount "
-        "setting, not a machine-wide one) and keep libfuse's 1 MiB requests (`max_pages` 256), so the "
-        "sequential ceiling is the same game. The peers keep their own settings.",
-        "- ready: from the command's start (the daemon in the foreground) until the image's first byte "
-        "reads, polled every millisecond.",
-        "- seq: 1 MiB `preadv` calls from offset 0 to the end on a fresh mount; for the sparse cases this "
-        "is the full read of the sparse image.",
-        "- Random reads: `fio --rw=randread --bs=4k --direct=1 --ioengine=psync --randrepeat=1 "
-        "--time_based`, a fresh mount per run (the pread limit reads buffered). Placements: rand1 and "
-        "rand4 (1 and 4 jobs) are unpinned, where the scheduler puts them; rand1-same pins the server and "
-        "fio on CPU 0, rand1-apart the server on CPU 0 and fio on CPU 1. Pinning the server is "
-        "`taskset -a -p -c 0 PID` for the daemon and each of its descendants (every thread of every "
-        "process: tarfuse's workers, nbdfuse's nbdkit; threads started later inherit it), fio runs under "
-        "`taskset -c`. On one CPU the pinned placements are skipped. Same CPU shows the CPU cost of a "
-        "request (µs per read = 1 / rate: server, kernel and fio together); different CPUs the cost of "
-        "waking a task on another CPU twice per request; unpinned mixes the two and swings from run to run.",
-        "- Workers: `tarfuse` runs with its default (`-o workers=`: one process per 4 CPUs, 1 to 8), "
-        "`tarfuse workers=N` with N = 1, 2 and on bigger machines up to the CPU count, on the plain "
-        "case's ready, seq, rand1-same, rand1-apart, rand4 and rss. All the workers of a pinned server are "
-        "pinned to the same CPU, so the pinned one-reader figures show what idle workers cost.",
-        "- qemu: `qemu-img convert -f raw -O raw` of the mounted image to a file in the bench's temporary "
-        "directory, deleted afterwards.",
-        "- rss: the peak PSS (proportional set size) of the daemon's whole process tree: the sum of `Pss` "
-        "in `/proc/PID/smaps_rollup` over the daemon and all its descendants (tarfuse's workers, "
-        "nbdfuse's nbdkit), so pages they share count once, sampled every 50 ms during the full read (or "
-        "the first byte, where a case has no read metric) and once more at its end.",
-        "- Boot: QEMU with KVM boots the tests' 24 MiB sample image (kit.sample: a boot sector that "
-        "prints one line on COM1), read-only, from the raw file and through a fresh tarfuse mount of an "
-        "old GNU sparse tar of it, in turns; the time is from QEMU's start until the line is in its "
-        "serial log (polled every millisecond).",
-        "- Bytes: every tool's image is checked against the model of the image before its figures count: "
-        "its size, 70-odd sampled ranges (ends, extent edges, random places), then the sha256 of a full "
-        "read (within the time cap).",
-        "- Peers run as their authors document: ratarmount `-f --index-file :memory:` (index built at "
-        "every mount, like tarfuse, which has no index), `nbdfuse -r MNT/FILE [ nbdkit --exit-with-parent "
-        "-r file TAR --filter=tar tar-entry=MEMBER ]`, `archivemount -f -o readonly`. tarfuse runs with "
-        "`-f -o member=MEMBER`.",
-        "- The chart: for each test (case and metric), every tool's median as a multiple of the C ceiling "
-        f"(as `{X} C ceiling`; where the C ceiling has no figure, of the limit), turned so that right is "
-        "better: for times and memory it is the ceiling's figure divided by the tool's. Log scale.",
-    ]
+# ---- JSON and files -----------------------------------------------------------------------------------
 
 
 def to_json(results: Results, meta: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for (case, key, tool), outcome in results.outcomes.items():
         metric = METRICS[key]
-        role = next(t.role for t in results.tools if t.name == tool)
         value = outcome.median if outcome.ok else None
-        limit, peer = results.best(case, key, "limit"), results.best(case, key, "peer")
-        ceiling = results.ceiling(case, key)
-        rows.append(
-            {
-                "case": case,
-                "metric": key,
-                "unit": metric.unit,
-                "higher_is_better": metric.higher_is_better,
-                "tool": tool,
-                "role": role,
-                "samples": outcome.samples,
-                "median": value,
-                "min": min(outcome.samples) if outcome.ok else None,
-                "max": max(outcome.samples) if outcome.ok else None,
-                "status": outcome.status,
-                "limit": limit[0] if limit else None,
-                "ratio_to_limit": value / limit[1] if value is not None and limit else None,
-                "c_ceiling": ceiling[0] if ceiling else None,
-                "ratio_to_c_ceiling": value / ceiling[1] if value is not None and ceiling else None,
-                "best_peer": peer[0] if peer else None,
-                "ratio_to_best_peer": value / peer[1] if value is not None and peer else None,
-            }
-        )
+        row = {
+            "case": case, "metric": key, "unit": metric.unit, "higher_is_better": metric.higher_is_better,
+            "tool": tool, "role": next(t.role for t in results.tools if t.name == tool),
+            "samples": outcome.samples, "median": value,
+            "min": min(outcome.samples) if outcome.ok else None,
+            "max": max(outcome.samples) if outcome.ok else None,
+            "status": outcome.status,
+        }  # fmt: skip
+        references = {
+            ("limit", "ratio_to_limit"): results.best(case, key, "limit"),
+            ("c_ceiling", "ratio_to_c_ceiling"): results.ceiling(case, key),
+            ("best_peer", "ratio_to_best_peer"): results.best(case, key, "peer"),
+        }
+        for (name, ratio), reference in references.items():
+            row[name] = reference[0] if reference else None
+            row[ratio] = value / reference[1] if value is not None and reference else None
+        rows.append(row)
     return {
         "meta": meta,
         "cases": [c.__dict__ | {"metrics": list(c.metrics)} for c in results.cases],
@@ -557,13 +281,47 @@ def from_json(data: dict[str, Any]) -> tuple[Results, dict[str, Any]]:
         results.verified[(item["case"], item["tool"])] = item["how"]
     for item in data["not_measured"]:
         results.excluded[(item["case"], item["tool"])] = item["why"]
-    boot = data.get("boot", {})  # absent in runs from before issue 15
+    boot = data.get("boot", {})  # absent in results.json of runs from before the boot step
     results.boot = {name: list(seconds) for name, seconds in boot.get("seconds", {}).items()}
     results.boot_status = boot.get("status")
     return results, data["meta"]
 
 
-# ---- The chart -----------------------------------------------------------------------------------------
+def write_outputs(results: Results, meta: dict[str, Any], out: Path, docs: Path | None) -> None:
+    """Write results.{md,json} and the chart to `out`; put the figures into the page `docs` if given."""
+    out.mkdir(parents=True, exist_ok=True)
+    chart = out / "results.svg"
+    chart_note = write_chart(results, chart)
+    if chart_note is not None:
+        print(f"no chart: {chart_note}")
+    text = markdown(results, meta, None if chart_note else chart.name, chart_note or "")
+    method = "How it is measured: docs/benchmarks.md, the section of that name."
+    (out / "results.md").write_text(f"# tarfuse benchmarks\n\n{method}\n\n{text}")
+    (out / "results.json").write_text(json.dumps(to_json(results, meta), indent=1) + "\n")
+    print("\n" + text)
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}" + ("" if chart_note else f", {chart}"))
+    if docs is None:
+        return
+    docs_chart = docs.with_suffix(".svg")  # beside the page, linked relatively: docs/benchmarks.svg
+    if chart_note is None:
+        docs_chart.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(chart, docs_chart)
+    write_docs(docs, markdown(results, meta, None if chart_note else docs_chart.name, chart_note or ""))
+    print(f"written: {docs}" + ("" if chart_note else f", {docs_chart}"))
+
+
+def write_docs(page: Path, figures: str) -> None:
+    """Put `figures` between the page's BEGIN and END comments; the text around them stays as it is."""
+    text = page.read_text() if page.exists() else f"# tarfuse benchmarks\n\n{BEGIN}\n{END}\n"
+    head, begin, rest = text.partition(BEGIN)
+    _, end, tail = rest.partition(END)
+    if not (begin and end):
+        raise SystemExit(f"{page}: the generated part must sit between the lines {BEGIN!r} and {END!r}")
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(f"{head}{BEGIN}\n\n{figures}\n{END}{tail}")
+
+
+# ---- The chart ----------------------------------------------------------------------------------------
 
 # Tools not named here are peers: grey-green shades, small marks.
 _STYLE = {
@@ -632,20 +390,12 @@ def write_chart(results: Results, path: Path) -> str | None:
     axes.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)])
     axes.set_xlabel(f"{X} C ceiling (right is better; times and memory turned: ceiling ÷ tool)")
     axes.set_title("tarfuse (red) against its peers, pread/losetup and the C ceiling (dotted line)")
+    shown = [(name, style) for name, style in styles.items() if any(name in ratios for _, ratios in rows)]
     handles = [
-        Line2D(
-            [],
-            [],
-            color=c,
-            marker=m,
-            markersize=min(s, 10),
-            markeredgewidth=2.5 if m == "|" else 1.0,
-            linestyle="",
-            label=name,
-        )
-        for name, (c, m, s) in styles.items()
-        if any(name in ratios for _, ratios in rows)
-    ]
+        Line2D([], [], color=c, marker=m, markersize=min(s, 10), markeredgewidth=2.5 if m == "|" else 1.0,
+               linestyle="", label=name)
+        for name, (c, m, s) in shown
+    ]  # fmt: skip
     axes.legend(
         handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False
     )
@@ -662,43 +412,6 @@ def _tool_styles(results: Results) -> dict[str, tuple[str, str, int]]:
     for tool in results.tools:
         if tool.name in _STYLE:
             styles[tool.name] = _STYLE[tool.name]
-        elif tool.role == "tarfuse":
-            styles[tool.name] = next(workers)
         else:
-            styles[tool.name] = next(peers)
+            styles[tool.name] = next(workers) if tool.role == "tarfuse" else next(peers)
     return styles
-
-
-def machine() -> dict[str, str]:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "kernel": platform.release(),
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "memory": f"{memory / (1 << 30):.0f} GiB",
-    }
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def write_docs(path: Path, text: str) -> None:
-    """Write the generated page, keeping any hand-written section from NOTES_HEADING on."""
-    notes = ""
-    if path.exists():
-        old = path.read_text()
-        at = old.find("\n" + NOTES_HEADING)
-        if at >= 0:
-            notes = "\n" + old[at + 1 :].rstrip() + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + notes)

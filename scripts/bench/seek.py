@@ -1,18 +1,18 @@
-"""Time hole-aware tools on the 4 GiB sparse bench image, before and after SEEK_DATA/SEEK_HOLE (issue 16).
+"""Time hole-aware tools on the 4 GiB sparse bench image, with and without SEEK_DATA/SEEK_HOLE answered.
 
-    .venv/bin/python scripts/bench_seek.py [--quick] [--case sparse-pax] [--plain-venv DIR]
+    .venv/bin/python -m scripts.bench.seek [--quick] [--case sparse-pax] [--plain-venv DIR]
 
 Servers: tarfuse on this venv's pyfuse3 (3.5.0+lseek, `make dev`: holes answered from the archive's map);
 the same checkout on plain pyfuse3 3.5.0 from PyPI, which has no lseek handler, so the kernel calls the whole
 file data ("before"; a venv of its own, made on first use, with the checkout put first on PYTHONPATH); and
-ratarmount (scripts/benchtools.py, its venv). The data is scripts/benchdata.py's sparse case.
+ratarmount (peers.py, its venv). The data is data.py's sparse case.
 
 Steps, each on a fresh mount and, as root, with the page cache dropped first (so every byte is read through
 FUSE, and the tar from disk): `qemu-img map --output=json -f raw` (and its data extents),
 `cp --sparse=auto` (and the copy's allocated size, as du shows it), `qemu-img convert -f raw -O qcow2` (and
 the qcow2's allocated size). The copy's sha256 must equal the image's and the qcow2 must compare equal to
 the copy. One run of each step, so run it twice to see the noise (up to 30 % between runs here). Prints a
-Markdown table (docs/benchmarks.md, "SEEK_DATA/SEEK_HOLE (issue 16)", keeps a run's output).
+Markdown table (docs/benchmarks.md, "SEEK_DATA/SEEK_HOLE", keeps a run's output).
 """
 
 import argparse
@@ -25,12 +25,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchdata import Dataset, Sizes, build
-from benchreport import DASH, load_average, machine
-from benchtools import CACHE, Ratarmount, Tarfuse, Tool
-from kit.bench import GRACE_S, TimedOut, ToolFailed, run_main, scratch, table, watchdog
+from .data import Dataset, Sizes, build
+from .harness import GRACE_S, TimedOut, ToolFailed, drop_caches, run_main, scratch, table, watchdog
+from .host import CACHE, venv_install
+from .peers import Ratarmount
+from .report import DASH
+from .results import load_average, machine
+from .tools import REPO, Tarfuse, Tool
 
-REPO = Path(__file__).resolve().parent.parent
 CAP_S = 600.0  # per step; a daemon that hangs ends the step instead of stalling the run
 MiB = 1 << 20
 NO_HANDLER = "no lseek handler"  # what tarfuse --version says on a pyfuse3 without one
@@ -48,11 +50,7 @@ class PlainTarfuse(Tarfuse):
         self.venv = venv
 
     def _setup(self) -> None:
-        if not (self.venv / "bin" / "python").exists():
-            print(f"installing tarfuse with plain pyfuse3 into {self.venv}", flush=True)
-            subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True)
-            pip = [str(self.venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
-            subprocess.run([*pip, str(REPO)], check=True)  # its dependencies, plain pyfuse3 among them
+        venv_install(self.venv, "tarfuse", str(REPO))  # its dependencies, plain pyfuse3 among them
         if NO_HANDLER not in self.version():
             raise ToolFailed(f"{self.venv} has a pyfuse3 with an lseek handler: {self.version()}")
 
@@ -79,7 +77,7 @@ def copy_sparse(image: str, work: Path, dataset: Dataset) -> list[str]:
     copy = work / "copy.raw"
     seconds, _ = _run(["cp", "--sparse=auto", image, str(copy)])
     with copy.open("rb") as file:
-        if hashlib.file_digest(file, "sha256").hexdigest() != _expected_sha256(dataset):
+        if hashlib.file_digest(file, "sha256").hexdigest() != dataset.model.sha256:
             raise ToolFailed("the copy's sha256 differs from the image's")
     return [_seconds(seconds), _mib(copy)]  # the copy stays: convert's output is compared with it
 
@@ -118,15 +116,6 @@ def measure(tool: Tool, dataset: Dataset, work: Path) -> list[str]:
     return cells
 
 
-def drop_caches() -> bool:
-    """As root: write back, then drop the page cache (the tar's and any mount's); say whether it was."""
-    if os.geteuid() != 0:
-        return False
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    return True
-
-
 def _run(command: list[str]) -> tuple[float, str]:
     """Run `command` (it must succeed within the cap); return the seconds it took and its output."""
     start = time.perf_counter()
@@ -135,15 +124,6 @@ def _run(command: list[str]) -> tuple[float, str]:
     if done.returncode != 0:
         raise ToolFailed(f"{command[0]} {command[1]} exited with {done.returncode}: {done.stderr.strip()}")
     return seconds, done.stdout
-
-
-_sha256: dict[str, str] = {}
-
-
-def _expected_sha256(dataset: Dataset) -> str:
-    if dataset.name not in _sha256:
-        _sha256[dataset.name] = dataset.model.sha256()
-    return _sha256[dataset.name]
 
 
 def _output(command: list[str]) -> str:

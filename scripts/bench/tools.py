@@ -1,11 +1,11 @@
-"""The programs scripts/bench.py measures: how to install, start, read and stop each one.
+"""The servers every run measures: the limits, the C ceiling and tarfuse; how to start, read and stop each.
 
-Every tool turns a `Dataset` into a `Served` image (kit.bench): something to read at an offset, what to give
-fio and qemu-img, the daemon (for peak RSS), and the time from its command's start to the first byte read.
-The FUSE daemons run through the harness's `serve_fuse`. The limit "tools" serve the member's bytes with no
-FUSE in between: `pread` on the archive itself in this Python, and the kernel's loop device over the
-member's byte range; or with the least a FUSE server can do: the C ceiling (scripts/fuse_ceiling.c, built
-here with cc and libfuse3-dev), single-threaded and multi-threaded.
+Every tool turns a `Dataset` into a `Served` image (harness): something to read at an offset, what to give
+fio and qemu-img, the daemon (for its memory), and the time from its command's start to the first byte read.
+The limits serve the member's bytes with no FUSE in between: `pread` on the archive in this Python, and the
+kernel's loop device over the member's byte range. The C ceiling (fuse_ceiling.c beside this module, built
+with cc and libfuse3-dev) is the least a FUSE server can do, single-threaded and multi-threaded. The peers
+are in peers.py.
 """
 
 import bisect
@@ -17,22 +17,20 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Literal
 
-from benchdata import Dataset, Segment
-from benchreport import C_CEILING, C_CEILING_MT
-from kit.bench import ReadInto, Served, ToolFailed, serve_fuse, wait_readable
+from .data import Dataset, Segment
+from .harness import ReadInto, Served, ToolFailed, serve_fuse, wait_readable
+from .host import apt_install
+from .results import C_CEILING, C_CEILING_MT
 
 Role = Literal["limit", "tarfuse", "peer"]
 
-CACHE = Path(os.environ.get("TARFUSE_BENCH_CACHE", Path.home() / ".cache" / "tarfuse-bench"))
-REPO = Path(__file__).resolve().parent.parent
-CEILING_SOURCE = REPO / "scripts" / "fuse_ceiling.c"
-CEILING_PROGRAM = (
-    REPO / "build" / "fuse_ceiling"
-)  # `make bench` builds it there too; build/ is ignored by git
+REPO = Path(__file__).resolve().parents[2]
+CEILING_SOURCE = Path(__file__).with_name("fuse_ceiling.c")
+CEILING_PROGRAM = REPO / "build" / "fuse_ceiling"  # `make bench` builds it there too; git ignores build/
 
 
 class Tool(ABC):
@@ -73,7 +71,18 @@ class Tool(ABC):
         """Serve the image of `dataset`; the timer starts when the tool's command starts."""
 
 
-# ---- The limit ---------------------------------------------------------------------------------------
+def first_line(command: list[str]) -> str:
+    """The line of `command`'s output that names the program (archivemount prints libfuse's first)."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = [line.strip() for line in (result.stderr + "\n" + result.stdout).splitlines() if line.strip()]
+    name = os.path.basename(command[0])
+    return next((line for line in lines if name in line), lines[0] if lines else "?")
+
+
+# ---- The limits ---------------------------------------------------------------------------------------
 
 
 class PreadLimit(Tool):
@@ -87,23 +96,26 @@ class PreadLimit(Tool):
     @contextmanager
     def serve(self, dataset: Dataset, scratch: Path, cap: float) -> Iterator[Served]:
         start = time.perf_counter()
-        subprocess.run(
-            ["dd", f"if={dataset.archive}", "of=/dev/null", "bs=1", "count=1", f"skip={dataset.first_data}"],
-            check=True,
-            stderr=subprocess.DEVNULL,
-        )
+        first = f"if={dataset.archive} of=/dev/null bs=1 count=1 skip={dataset.first_data}"
+        subprocess.run(["dd", *first.split()], check=True, stderr=subprocess.DEVNULL)
         ready = time.perf_counter() - start
         fd = os.open(dataset.archive, os.O_RDONLY)
+        plain, last = None if dataset.sparse else dataset.segments[0], dataset.segments[-1]
         try:
-            plain = None if dataset.sparse else dataset.segments[0]
-            last = dataset.segments[-1]
             yield Served(
                 ready_s=ready,
                 size=last.logical + last.length,
                 read_into=_segment_reader(fd, dataset.segments),
-                fio_target=None if plain is None else _fio_region(dataset, plain),
-                qemu_source=None if plain is None else _qemu_region(dataset, plain),
-            )
+                # buffered reads of the tar's byte range: the page cache is the point of this limit
+                fio_target=None if plain is None else [
+                    f"--filename={dataset.archive}", f"--offset={plain.physical}", f"--size={plain.length}",
+                    "--direct=0",
+                ],
+                qemu_source=None if plain is None else "json:" + json.dumps({
+                    "driver": "raw", "offset": plain.physical, "size": plain.length,
+                    "file": {"driver": "file", "filename": str(dataset.archive)},
+                }),
+            )  # fmt: skip
         finally:
             os.close(fd)
 
@@ -129,26 +141,6 @@ def _segment_reader(fd: int, segments: tuple[Segment, ...]) -> ReadInto:
         return done
 
     return read_into
-
-
-def _fio_region(dataset: Dataset, segment: Segment) -> list[str]:
-    # Buffered reads of the tar region: the page cache is the point of this limit.
-    return [
-        f"--filename={dataset.archive}",
-        f"--offset={segment.physical}",
-        f"--size={segment.length}",
-        "--direct=0",
-    ]
-
-
-def _qemu_region(dataset: Dataset, segment: Segment) -> str:
-    spec = {
-        "driver": "raw",
-        "offset": segment.physical,
-        "size": segment.length,
-        "file": {"driver": "file", "filename": str(dataset.archive)},
-    }
-    return "json:" + json.dumps(spec)
 
 
 class LoopLimit(Tool):
@@ -213,9 +205,6 @@ class FuseTool(Tool):
         argv, image = self.argv(dataset, mountpoint)
         return serve_fuse(argv, mountpoint, image, cap, scratch / f"{self.name}.log")
 
-    def _versions(self, *commands: list[str]) -> str:
-        return "; ".join(_first_line(c) for c in commands)
-
 
 class Tarfuse(FuseTool):
     name, role = "tarfuse", "tarfuse"
@@ -229,7 +218,7 @@ class Tarfuse(FuseTool):
             raise ToolFailed(f"{self.program} is missing (run make dev)")
 
     def version(self) -> str:
-        return _first_line([self.program, "--version"])
+        return first_line([self.program, "--version"])
 
     def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
         command = [
@@ -265,13 +254,12 @@ def worker_counts(cpus: int | None = None) -> list[int]:
     """1, 2, and on bigger machines powers of two and the CPU count itself, up to tarfuse's default cap."""
     cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
     top = min(cpus, 8)  # tarfuse's default is one worker per CPU, at most 8 (tarfuse.mount)
-    counts = {1, 2, top} | {n for n in (4, 8) if n <= top}
-    return sorted(counts)
+    return sorted({1, 2, top} | {n for n in (4, 8) if n <= top})
 
 
 class CCeiling(FuseTool):
-    """scripts/fuse_ceiling.c: the same read path as tarfuse (segment map, reads from the tar's fd) in C
-    on libfuse's low-level API, with tarfuse's readahead and request size: what FUSE allows here."""
+    """fuse_ceiling.c: the same read path as tarfuse (segment map, reads from the tar's fd) in C on
+    libfuse's low-level API, with tarfuse's readahead and request size: what FUSE allows here."""
 
     role = "limit"
 
@@ -285,7 +273,7 @@ class CCeiling(FuseTool):
 
     def version(self) -> str:
         loop = "fuse_session_loop_mt" if self.multithreaded else "fuse_session_loop"
-        return f"scripts/fuse_ceiling.c, {loop}, libfuse {_pkg_config('--modversion')}"
+        return f"scripts/bench/fuse_ceiling.c, {loop}, libfuse {_pkg_config('--modversion')}"
 
     def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
         segment_map = mountpoint.parent / f"{dataset.name}.segments"
@@ -297,18 +285,12 @@ class CCeiling(FuseTool):
             segment_map.write_text("".join(lines))
         name = os.path.basename(dataset.member)
         flags = ["-m"] if self.multithreaded else []
-        return [
-            str(CEILING_PROGRAM),
-            *flags,
-            str(dataset.archive),
-            str(segment_map),
-            name,
-            str(mountpoint),
-        ], (mountpoint / name)
+        files = [str(dataset.archive), str(segment_map), name, str(mountpoint)]
+        return [str(CEILING_PROGRAM), *flags, *files], mountpoint / name
 
 
 def build_ceiling() -> Path:
-    """Compile scripts/fuse_ceiling.c into build/ if it is missing or older than its source."""
+    """Compile fuse_ceiling.c into build/ if it is missing or older than its source."""
     if CEILING_PROGRAM.exists() and CEILING_PROGRAM.stat().st_mtime >= CEILING_SOURCE.stat().st_mtime:
         return CEILING_PROGRAM
     if shutil.which("cc") is None:
@@ -332,176 +314,7 @@ def _pkg_config(*args: str) -> str:
     return result.stdout.strip()
 
 
-class Ratarmount(FuseTool):
-    """ratarmount from PyPI, in its own venv; `--index-file :memory:` so every mount indexes afresh."""
-
-    name, role = "ratarmount", "peer"
-    venv = CACHE / "venv-ratarmount"
-
-    def _setup(self) -> None:
-        program = self.venv / "bin" / "ratarmount"
-        if program.exists():
-            return
-        print(f"installing ratarmount into {self.venv}", flush=True)
-        subprocess.run([_base_python(), "-m", "venv", str(self.venv)], check=True)
-        pip = [str(self.venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, "ratarmount"], check=True)
-
-    def version(self) -> str:
-        return _first_line([str(self.venv / "bin" / "ratarmount"), "--version"])
-
-    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
-        program = str(self.venv / "bin" / "ratarmount")
-        command = [program, "-f", "--index-file", ":memory:", str(dataset.archive), str(mountpoint)]
-        return command, mountpoint / dataset.member
-
-
-class NbdkitTar(FuseTool):
-    """nbdkit's tar filter (it asks GNU tar for the member's offset) behind nbdfuse."""
-
-    name, role = "nbdkit+nbdfuse", "peer"
-    commands = ("nbdkit", "nbdfuse")
-    apt_packages = (("nbdkit",), ("nbdfuse", "libnbd-bin"))  # Debian 12 ships nbdfuse in libnbd-bin
-
-    def version(self) -> str:
-        return self._versions(["nbdkit", "--version"], ["nbdfuse", "--version"])
-
-    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
-        image = mountpoint / os.path.basename(dataset.member)
-        server = ["nbdkit", "--exit-with-parent", "-r", "file", str(dataset.archive), "--filter=tar"]
-        return ["nbdfuse", "-r", str(image), "[", *server, f"tar-entry={dataset.member}", "]"], image
-
-
-class Archivemount(FuseTool):
-    name, role = "archivemount", "peer"
-    commands = ("archivemount",)
-    apt_packages = (("archivemount",),)
-
-    def version(self) -> str:
-        return _first_line(["archivemount", "--version"])
-
-    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
-        command = ["archivemount", "-f", "-o", "readonly", str(dataset.archive), str(mountpoint)]
-        return command, mountpoint / dataset.member
-
-
-class FuseArchive(FuseTool):
-    """Google's fuse-archive (C++, libarchive), where Debian packages it (not in Debian 12)."""
-
-    name, role = "fuse-archive", "peer"
-    commands = ("fuse-archive",)
-    apt_packages = (("fuse-archive",),)
-
-    def version(self) -> str:
-        return _first_line(["fuse-archive", "--version"])
-
-    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
-        return ["fuse-archive", "-f", str(dataset.archive), str(mountpoint)], mountpoint / dataset.member
-
-
-def all_tools() -> list[Tool]:
-    workers: list[Tool] = [TarfuseWorkers(n) for n in worker_counts()]
-    return [
-        PreadLimit(),
-        LoopLimit(),
-        CCeiling(multithreaded=False),
-        CCeiling(multithreaded=True),
-        Tarfuse(),
-        *workers,
-        Ratarmount(),
-        NbdkitTar(),
-        Archivemount(),
-        FuseArchive(),
-    ]
-
-
-# ---- Versions and installing -------------------------------------------------------------------------
-
-
-def _first_line(command: list[str]) -> str:
-    """The line of `command`'s output that names the program (archivemount prints libfuse's first)."""
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    lines = [line.strip() for line in (result.stderr + "\n" + result.stdout).splitlines() if line.strip()]
-    name = os.path.basename(command[0])
-    return next((line for line in lines if name in line), lines[0] if lines else "?")
-
-
-_apt_updated = False
-
-
-def apt_install(command: str, packages: tuple[str, ...]) -> None:
-    """Install the first of `packages` that Debian has, so that `command` exists; raise ToolFailed if none."""
-    global _apt_updated
-    if os.geteuid() != 0:
-        raise ToolFailed(f"{command} is missing; as root: apt-get install {packages[0]}")
-    if not _apt_updated:
-        subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL)
-        _apt_updated = True
-    for package in packages:
-        policy = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True, check=False)
-        if "Candidate:" not in policy.stdout or "Candidate: (none)" in policy.stdout:
-            continue
-        print(f"installing Debian package {package} (for {command})", flush=True)
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", package], check=True, env=env, stdout=subprocess.DEVNULL
-        )
-        if shutil.which(command) is not None:
-            return
-    raise ToolFailed(f"no Debian package provides {command} here (tried {', '.join(packages)})")
-
-
-def ensure_commands(needed: dict[str, tuple[str, ...]]) -> None:
-    """Install the helper programs the metrics need (fio, qemu-img) when missing."""
-    for command, packages in needed.items():
-        if shutil.which(command) is None:
-            apt_install(command, packages)
-
-
-def _base_python() -> str:
-    """The interpreter this venv was made from (a venv inside a venv would share nothing useful)."""
-    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
-    return str(base) if base.exists() else sys.executable
-
-
-_KDAMONDS = Path("/sys/kernel/mm/damon/admin/kdamonds")
-
-
-@contextmanager
-def reclaim_paused(keep: bool) -> Iterator[str]:
-    """Pause DAMON's proactive reclaim for the run; yield what the report should say about it.
-
-    Some VMs run a DAMON "pageout" scheme that evicts page-cache pages idle for a few seconds, regions
-    being coarse: a "warm" archive was half on disk again within seconds here, and every tool then read
-    it from disk. Restored afterwards.
-    """
-    running = [d for d in sorted(_KDAMONDS.glob("[0-9]*")) if _read(d / "state") == "on"]
-    if not running:
-        yield "no proactive reclaim (DAMON) running"
-        return
-    if keep:
-        yield "DAMON proactive reclaim left running: the archive may be evicted from the page cache"
-        return
-    try:
-        for kdamond in running:
-            (kdamond / "state").write_text("off\n")
-    except OSError as exc:
-        yield f"DAMON proactive reclaim running (could not pause it: {exc.strerror})"
-        return
-    print(f"paused DAMON proactive reclaim ({len(running)} kdamond) for the run", flush=True)
-    try:
-        yield "DAMON proactive reclaim paused for the run (it evicts a warm archive within seconds here)"
-    finally:
-        for kdamond in running:
-            with suppress(OSError):
-                (kdamond / "state").write_text("on\n")
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
+def measured_tools() -> list[Tool]:
+    """The tools of every run: the limits, the C ceilings, tarfuse and its workers variants."""
+    limits = [PreadLimit(), LoopLimit(), CCeiling(multithreaded=False), CCeiling(multithreaded=True)]
+    return [*limits, Tarfuse(), *(TarfuseWorkers(n) for n in worker_counts())]

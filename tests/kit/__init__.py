@@ -7,7 +7,6 @@ tarbuilder, sparsegen: archives built byte by byte, and sparse layouts with thei
 httpserver: a range-capable HTTP server on 127.0.0.1, with faults on demand.
 faultyfs, readers: programs the tests run: storage with bad sectors, and readers that check every byte.
 fuzz: the fuzz engine of `make fuzz` and tests/test_fuzz.py.
-bench: the benchmark harness of scripts/bench*.py.
 
 pytest finds the kit because tests/ holds the rootdir conftest; everything else (scripts, `python -c`) through
 the .pth file that `make dev` writes into the venv. Nothing here imports pytest: what a test needs to skip

@@ -41,6 +41,7 @@ RANDOM = {"rand1": (1, None), "rand1-same": (1, (0, 0)), "rand1-apart": (1, (0, 
 PINNED = tuple(m for m, (_, placement) in RANDOM.items() if placement is not None)
 BOOT_MESSAGE = "tarfuse bench: booted"
 BOOT_IMAGE_SIZE = 24 << 20  # as the tests' sample image
+_SHORT_READ = " (read returned 0 bytes: end of file inside the image)"
 
 
 @dataclass(frozen=True)
@@ -263,33 +264,18 @@ def verify(tool: Tool, dataset: Dataset, options: Options) -> tuple[str | None, 
             for offset, size in ranges:
                 expected, got = model.read(offset, size), _read_exact(served, offset, size, options.cap)
                 if got != expected:
-                    at = offset + _first_difference(got, expected)
-                    eof = (
-                        " (read returned 0 bytes: end of file inside the image)"
-                        if len(got) < len(expected)
-                        else ""
-                    )
-                    return f"WRONG BYTES at image offset {at:,}{eof}", ""
+                    pairs = enumerate(zip(got, expected, strict=False))
+                    at = offset + next((i for i, (a, b) in pairs if a != b), min(len(got), len(expected)))
+                    eof = len(got) < len(expected)
+                    return f"WRONG BYTES at image offset {at:,}{_SHORT_READ if eof else ''}", ""
+        digest = hashlib.sha256()
         try:
-            digest = _hash_all(served, model.size, options.cap)
+            timed_read(served, model.size, options.cap, digest.update)
         except TimedOut as exc:
             return None, f"{len(ranges)} sampled ranges; the full read {exc}"
-        if digest != dataset.model.sha256:
+        if digest.hexdigest() != model.sha256:
             return "WRONG BYTES: the sha256 of the full read differs (the sampled ranges matched)", ""
     return None, "sampled ranges and the sha256 of a full read"
-
-
-def _first_difference(got: bytes, expected: bytes) -> int:
-    for i, (a, b) in enumerate(zip(got, expected, strict=False)):
-        if a != b:
-            return i
-    return min(len(got), len(expected))
-
-
-def _hash_all(served: Served, size: int, cap: float) -> str:
-    digest = hashlib.sha256()
-    timed_read(served, size, cap, digest.update)
-    return digest.hexdigest()
 
 
 def warm(path: Path) -> None:
@@ -335,8 +321,7 @@ def run_fio(served: Served, readers: int, options: Options, cpu: int | None = No
         *served.fio_target,
     ]  # fmt: skip
     output = _run_capped(command, options.fio_runtime + options.cap, served)
-    report = json.loads(output[output.index("{") :])
-    job = report["jobs"][0]
+    job = json.loads(output[output.index("{") :])["jobs"][0]
     if job.get("error"):
         raise ToolFailed(f"fio: error {job['error']}")
     return float(job["read"]["iops"])
@@ -347,13 +332,10 @@ def run_qemu_convert(served: Served, options: Options) -> float:
     assert served.qemu_source is not None
     target = options.scratch / "converted.raw"
     source_format = [] if served.qemu_source.startswith("json:") else ["-f", "raw"]
+    command = ["qemu-img", "convert", *source_format, "-O", "raw", served.qemu_source, str(target)]
     start = time.perf_counter()
     try:
-        _run_capped(
-            ["qemu-img", "convert", *source_format, "-O", "raw", served.qemu_source, str(target)],
-            options.cap,
-            served,
-        )
+        _run_capped(command, options.cap, served)
         return time.perf_counter() - start
     finally:
         target.unlink(missing_ok=True)

@@ -53,6 +53,14 @@ def _named(metric: Metric, best: tuple[str, float] | None) -> str:
     return DASH if best is None else f"{metric.format(best[1])} ({best[0]})"
 
 
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def _head(*cells: str) -> list[str]:
+    return [_row(*cells), _row(*["---"] * len(cells))]
+
+
 def _bold(tool: ToolInfo) -> str:
     return f"**{tool.name}**" if tool.role == "tarfuse" else tool.name
 
@@ -62,11 +70,8 @@ def _bold(tool: ToolInfo) -> str:
 
 def summary_table(results: Results) -> list[str]:
     """tarfuse against the limit, the C ceiling, the best peer and the targets."""
-    lines = [
-        f"| set | case | metric | tarfuse | limit | {X} limit | C ceiling | {X} C ceiling | best peer "
-        f"| {X} best peer | target | met |",
-        "| --- " * 12 + "|",
-    ]
+    lines = _head("set", "case", "metric", "tarfuse", "limit", f"{X} limit", "C ceiling", f"{X} C ceiling",
+                  "best peer", f"{X} best peer", "target", "met")  # fmt: skip
     cases = {c.name for c in results.cases}
     for target in (t for t in targets(results) if t.case in cases):
         case, key = target.case, target.metric
@@ -80,19 +85,15 @@ def summary_table(results: Results) -> list[str]:
         if target.tool != "tarfuse":
             shown += f" ({target.tool.removeprefix('tarfuse ')})"
         met = None if value is None else target.met(results, case, key, value)
-        lines.append(
-            f"| {target.group} | {case} | {key} | {shown} | {_named(metric, limit)} | {_ratio(value, limit)} "
-            f"| {_named(metric, ceiling)} | {_ratio(value, ceiling)} | {_named(metric, peer)} "
-            f"| {_ratio(value, peer)} | {target.text} | {_met(met)} |"
-        )
+        lines.append(_row(target.group, case, key, shown, _named(metric, limit), _ratio(value, limit),
+                          _named(metric, ceiling), _ratio(value, ceiling), _named(metric, peer),
+                          _ratio(value, peer), target.text, _met(met)))  # fmt: skip
     return lines
 
 
 def case_table(results: Results, case: CaseInfo) -> list[str]:
-    lines = [
-        f"| metric | tool | median | min{DASH}max | {X} limit | {X} C ceiling | {X} best peer | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    ratios = (f"{X} limit", f"{X} C ceiling", f"{X} best peer")
+    lines = _head("metric", "tool", "median", f"min{DASH}max", *ratios, "notes")
     for key in ("ready", *case.metrics, "rss"):
         metric = METRICS[key]
         limit, peer = results.best(case.name, key, "limit"), results.best(case.name, key, "peer")
@@ -104,14 +105,12 @@ def case_table(results: Results, case: CaseInfo) -> list[str]:
             name = _bold(tool)
             if not outcome.ok:
                 status = _cell(outcome.status or "no figures")
-                lines.append(f"| {key} | {name} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | {status} |")
+                lines.append(_row(key, name, *[DASH] * 5, status))
                 continue
             value = outcome.median
             spread = f"{metric.format(min(outcome.samples))} {DASH} {metric.format(max(outcome.samples))}"
-            lines.append(
-                f"| {key} | {name} | {metric.format(value)} | {spread} | {_ratio(value, limit)} "
-                f"| {_ratio(value, ceiling)} | {_ratio(value, peer)} | n={len(outcome.samples)} |"
-            )
+            shown = [_ratio(value, limit), _ratio(value, ceiling), _ratio(value, peer)]
+            lines.append(_row(key, name, metric.format(value), spread, *shown, f"n={len(outcome.samples)}"))
     return lines
 
 
@@ -120,11 +119,8 @@ def placement_table(results: Results) -> list[str]:
     keys = ("rand1", "rand1-same", "rand1-apart", "rand4")
     if "plain" not in {c.name for c in results.cases}:
         return []
-    lines = [
-        "| tool | 1 reader, unpinned | 1 reader, same CPU | µs per read, same CPU | 1 reader, different CPUs "
-        "| 4 readers, unpinned |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    lines = _head("tool", "1 reader, unpinned", "1 reader, same CPU", "µs per read, same CPU",
+                  "1 reader, different CPUs", "4 readers, unpinned")  # fmt: skip
     for tool in results.tools:
         values = {key: results.median("plain", key, tool.name) for key in keys}
         if all(v is None for v in values.values()):
@@ -132,7 +128,7 @@ def placement_table(results: Results) -> list[str]:
         cells = [DASH if (v := values[k]) is None else METRICS[k].format(v) for k in keys]
         same = values["rand1-same"]
         per_read = DASH if not same else f"{1e6 / same:.1f} µs"
-        lines.append(f"| {_bold(tool)} | {cells[0]} | {cells[1]} | {per_read} | {cells[2]} | {cells[3]} |")
+        lines.append(_row(_bold(tool), cells[0], cells[1], per_read, cells[2], cells[3]))
     return lines
 
 
@@ -142,35 +138,28 @@ def workers_table(results: Results) -> list[str]:
     one = results.median("plain", "rand4", "tarfuse workers=1")
     if not workers or "plain" not in {c.name for c in results.cases}:
         return []
-    lines = [
-        f"| tool | 4 readers, unpinned | {X} workers=1 | {X} C ceiling | sequential | ready | peak PSS |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    lines = _head("tool", "4 readers, unpinned", f"{X} workers=1", f"{X} C ceiling", "sequential", "ready",
+                  "peak PSS")  # fmt: skip
     for tool in [*(t for t in results.tools if t.name in CEILINGS), *workers,
                  *(t for t in results.tools if t.name == "tarfuse")]:  # fmt: skip
         rand4 = results.median("plain", "rand4", tool.name)
-        cells = []
-        for key in ("seq", "ready", "rss"):
-            value = results.median("plain", key, tool.name)
-            cells.append(DASH if value is None else METRICS[key].format(value))
-        shown = DASH if rand4 is None else METRICS["rand4"].format(rand4)
+        cells = [DASH if (v := results.median("plain", k, tool.name)) is None else METRICS[k].format(v)
+                 for k in ("rand4", "seq", "ready", "rss")]  # fmt: skip
         scale = _ratio(rand4, None if one is None else ("workers=1", one))
-        lines.append(
-            f"| {_bold(tool)} | {shown} | {scale} "
-            f"| {_ratio(rand4, results.ceiling('plain', 'rand4'))} | {' | '.join(cells)} |"
-        )
+        ceiling = _ratio(rand4, results.ceiling("plain", "rand4"))
+        lines.append(_row(_bold(tool), cells[0], scale, ceiling, *cells[1:]))
     return lines
 
 
 def boot_table(results: Results) -> list[str]:
     if not results.boot:
         return [f"Not measured: {results.boot_status}."] if results.boot_status else []
-    lines = [f"| booted from | median | min{DASH}max | n |", "| --- | --- | --- | --- |"]
+    lines = _head("booted from", "median", f"min{DASH}max", "n")
     fmt = METRICS["ready"].format
     for name in (BOOT_RAW, BOOT_MOUNT):
         if samples := results.boot.get(name):
             spread = f"{fmt(min(samples))} {DASH} {fmt(max(samples))}"
-            lines.append(f"| {name} | {fmt(statistics.median(samples))} | {spread} | {len(samples)} |")
+            lines.append(_row(name, fmt(statistics.median(samples)), spread, len(samples)))
     if results.boot.get(BOOT_RAW) and results.boot.get(BOOT_MOUNT):
         raw, mount = statistics.median(results.boot[BOOT_RAW]), statistics.median(results.boot[BOOT_MOUNT])
         lines.append(f"| {X} raw file | {_ratio(mount, ('raw', raw))} | | |")

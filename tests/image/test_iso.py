@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from kit import tarbuilder as tb
 from kit.mounts import MountFactory, tarfuse_command
+from kit.needs import require_tool
 
 
 @pytest.fixture

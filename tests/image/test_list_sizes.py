@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
+from kit.needs import require_tool
 
 from tarfuse.cli import main
 from tarfuse.image import detect

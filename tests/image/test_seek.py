@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
-from conftest import make_archive, no_proxy_from_outside, require_tool
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kit.httpserver import serve
+from kit.httpserver import RangeServer
 from kit.mounts import MountFactory
+from kit.needs import make_archive, require_tool
 
 from tarfuse.image.mapper import ImageMapper
 from tarfuse.tar.sparse import SparseMap, _int64s
@@ -235,11 +235,9 @@ def test_seek_on_a_sparse_member_of_a_compressed_tar(
 @needs_handler
 @pytest.mark.parametrize("compress", [None, ["gzip", "-c"]], ids=["tar", "tar.gz"])
 def test_seek_on_a_sparse_member_over_http(
-    compress: list[str] | None, mount: MountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    compress: list[str] | None, mount: MountFactory, tmp_path: Path, server: RangeServer, private_cache: Path
 ) -> None:
     """The map answers for an archive on a web server too: no byte of a hole is fetched to find it."""
-    no_proxy_from_outside(monkeypatch)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     source = tmp_path / "src" / "disk.img"
     source.parent.mkdir()
     runs = sparse_original(source, seed=9)
@@ -248,6 +246,5 @@ def test_seek_on_a_sparse_member_over_http(
         archive = subprocess.run(compress, input=archive, capture_output=True, check=True).stdout
     served = tmp_path / "served"
     served.write_bytes(b"")
-    with serve() as server:
-        mount(server.put("disk.tar" + (".gz" if compress else ""), archive), served, "-o", "noindex")
-        assert_seeks_agree(served, source, runs)
+    mount(server.put("disk.tar" + (".gz" if compress else ""), archive), served, "-o", "noindex")
+    assert_seeks_agree(served, source, runs)

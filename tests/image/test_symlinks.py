@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kit.mounts import MountFactory
+from kit.needs import require_tool
 
 from tarfuse.image.links import LOOP, MAX_HOPS, NOWHERE, OUTSIDE, notes_on, symlinks_inside
 

@@ -1,5 +1,6 @@
-"""Compressed archives that tests in several files build: made by the real compressor, checked by none.
+"""Compressed archives that tests in several files build, made by the real tar and compressors.
 
+`gce_tarball`: the sample image as GCE image tarballs are made (`tar --format=oldgnu -Sczf`).
 `repeated_block_tar_zst`: a one-frame .tar.zst of one random 1.5 MiB block repeated. zstd's window spans
 the block, so the archive stays ~1.5 MiB, while a spill's 1 MiB frames cannot compress random bytes and
 would be as large as the tar.
@@ -11,9 +12,19 @@ import tarfile
 from pathlib import Path
 
 from kit.needs import require_tool
+from kit.sample import SampleImage
 
 MiB = 1 << 20
 BLOCK = 3 * MiB // 2
+
+
+def gce_tarball(sample_image: SampleImage, out: Path) -> Path:
+    """`tar --format=oldgnu -Sczf image.tar.gz disk.raw`, the way GCE images are made; return `out`."""
+    subprocess.run(
+        ["tar", "--format=oldgnu", "-Sczf", str(out), "-C", str(sample_image.path.parent), "disk.raw"],
+        check=True,
+    )
+    return out
 
 
 def repeated_block_tar_zst(out: Path, repeats: int) -> bytes:

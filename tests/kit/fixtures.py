@@ -3,12 +3,12 @@
 The code behind them is the kit's; what is here is only what needs pytest.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from kit.httpserver import write_tls_files
+from kit.httpserver import RangeServer, serve, write_tls_files
 from kit.needs import require_tool
 from kit.qemu import boot
 
@@ -33,3 +33,26 @@ def boot_and_read_serial(tmp_path: Path) -> Callable[[Path, str], tuple[str, str
         return booted.serial, booted.output
 
     return run
+
+
+@pytest.fixture
+def no_proxy_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests talk to loopback addresses only: a proxy set on the machine must not come between."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+@pytest.fixture
+def private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Point $XDG_CACHE_HOME, where tarfuse keeps the indexes of URLs, into the test's own directory."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
+@pytest.fixture
+def server(no_proxy_from_outside: None) -> Iterator[RangeServer]:
+    """A range-capable HTTP server on 127.0.0.1 (kit.httpserver) for the length of the test."""
+    with serve() as running:
+        yield running

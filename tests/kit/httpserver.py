@@ -1,7 +1,8 @@
 """A range-capable HTTP/1.1 server on 127.0.0.1 for the remote-archive tests, with faults on demand.
 
 Serves named objects (bytes, or a file read with pread, so a sparse 1 GiB file costs nothing) with ETag
-and Last-Modified, answers `Range: bytes=A-B` with 206, and counts requests and body bytes sent. Faults
+and Last-Modified, answers `Range: bytes=A-B` with 206, and counts requests and body bytes sent. Part of
+an object can be held back until the test releases it (`put(..., held_from=)`, `release`). Faults
 apply to the next N requests (or all, with -1): dropped connections, delays, error statuses, truncated
 bodies, and ignoring Range. Hostile behaviours apply to every request while set: a Content-Range that
 claims more than was asked, a body longer than its Content-Range, a drip of one byte at a time (headers
@@ -27,18 +28,29 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 _WRITE = 64 * 1024
 
 
+HOLD_TIMEOUT = 60.0  # seconds a held read waits at most, so that a test that never releases it ends
+
+
 @dataclass
 class Served:
-    """One object: its bytes (or a file holding them) and its version, which makes the ETag."""
+    """One object: its bytes (or a file holding them) and its version, which makes the ETag.
+
+    With `held_from`, a read that reaches that offset waits until `released` is set: a test holds part of
+    an archive back (a background pass, say) while a reader gets the rest.
+    """
 
     data: bytes | Path
     version: int
+    held_from: int | None = None
+    released: threading.Event = field(default_factory=threading.Event)
 
     @property
     def size(self) -> int:
         return len(self.data) if isinstance(self.data, bytes) else self.data.stat().st_size
 
     def read(self, offset: int, size: int) -> bytes:
+        if self.held_from is not None and offset + size > self.held_from:
+            self.released.wait(HOLD_TIMEOUT)
         if isinstance(self.data, bytes):
             return self.data[offset : offset + size]
         with self.data.open("rb") as file:
@@ -99,12 +111,19 @@ class RangeServer:
     def url(self, name: str, query: str = "") -> str:
         return f"{self.base}/{name}" + (f"?{query}" if query else "")
 
-    def put(self, name: str, data: bytes | Path) -> str:
-        """Serve `data` at /name (again: a new version, with a new ETag and Last-Modified); return the URL."""
+    def put(self, name: str, data: bytes | Path, held_from: int | None = None) -> str:
+        """Serve `data` at /name (again: a new version, with a new ETag and Last-Modified); return the URL.
+
+        With `held_from`, a read that reaches that offset is answered only after `release(name)`."""
         with self.state.lock:
             old = self.state.objects.get(f"/{name}")
-            self.state.objects[f"/{name}"] = Served(data, old.version + 1 if old else 1)
+            self.state.objects[f"/{name}"] = Served(data, old.version + 1 if old else 1, held_from)
         return self.url(name)
+
+    def release(self, name: str) -> None:
+        """Let the held reads of /name go (see `put`), and every later one."""
+        with self.state.lock:
+            self.state.objects[f"/{name}"].released.set()
 
     def redirect(self, name: str, location: str, status: int = 302) -> str:
         """Answer every request for /name with `status` and `location`; return the URL of /name."""

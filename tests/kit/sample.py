@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,13 @@ TAR_COMMANDS: dict[str, list[str]] = {
     "busybox": ["busybox", "tar", "-cf"],
 }
 ARCHIVE_KINDS = [*TAR_COMMANDS, "tarfile"]
+ArchiveFactory = Callable[[str], Path]  # the tests' `archive_of(kind)`: the sample image archived as `kind`
+
+# The tests' sample image (the `sample_image` fixture): its size, its boot line and its mtime, in whole
+# seconds so that every tar format can store it exactly.
+SAMPLE_SIZE = 24 * 1024 * 1024
+SAMPLE_MESSAGE = "tarfuse sample booted"
+SAMPLE_MTIME = 1_700_000_000
 
 
 @dataclass(frozen=True, slots=True)

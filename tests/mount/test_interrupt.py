@@ -7,28 +7,20 @@ moment a user at the terminal gives up and presses Ctrl-C.
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import no_proxy_from_outside
-from kit.httpserver import RangeServer, serve
+from kit.httpserver import RangeServer
 from kit.mounts import is_mounted, tarfuse_command, unmount
 
 WAIT_S = 60.0  # generous: the machine may be busy
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
-    no_proxy_from_outside(monkeypatch)
-
-
 @pytest.fixture
-def held_server() -> Iterator[RangeServer]:
+def held_server(server: RangeServer) -> RangeServer:
     """A server that takes each request and answers only long after the test is over."""
-    with serve() as running:
-        running.faults.slow, running.faults.delay = -1, 3600.0
-        yield running
+    server.faults.slow, server.faults.delay = -1, 3600.0
+    return server
 
 
 def _wait_for_a_request(server: RangeServer, process: subprocess.Popen[bytes]) -> None:

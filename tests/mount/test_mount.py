@@ -17,16 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
-    IMAGE_MTIME,
-    ArchiveFactory,
-    make_archive,
-    make_ext4_image,
-    read_payload_through_loop,
-    require_tool,
-)
+from kit.ext4 import make_ext4_image, read_payload_through_loop
 from kit.mounts import MountFactory, is_mounted, mount_entry, tarfuse_command, unmount
-from kit.sample import ARCHIVE_KINDS, SampleImage, data_runs
+from kit.needs import make_archive, require_tool
+from kit.sample import ARCHIVE_KINDS, SAMPLE_MTIME, ArchiveFactory, SampleImage, data_runs
 
 pytestmark = pytest.mark.fuse
 
@@ -174,7 +168,7 @@ def test_image_size_is_the_real_size(mounted_image: Path, sample_image: SampleIm
 
 
 def test_image_mtime_is_the_members(mounted_image: Path) -> None:
-    assert mounted_image.stat().st_mtime == IMAGE_MTIME
+    assert mounted_image.stat().st_mtime == SAMPLE_MTIME
 
 
 def test_allocated_blocks_count_only_stored_data(

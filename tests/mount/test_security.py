@@ -27,7 +27,6 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from conftest import ArchiveFactory
 from kit.mounts import (
     MountFactory,
     daemon_mount,
@@ -37,7 +36,7 @@ from kit.mounts import (
     tarfuse_command,
     unmount,
 )
-from kit.sample import SampleImage
+from kit.sample import ArchiveFactory, SampleImage
 from kit.users import Setup, as_user, sha256_as
 
 pytestmark = pytest.mark.fuse

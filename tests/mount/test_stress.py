@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
+from kit.needs import require_tool
 
 pytestmark = pytest.mark.fuse
 

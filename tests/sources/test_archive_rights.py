@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from kit.mounts import MountFactory, is_mounted, loop_device, tarfuse_command, unmount
+from kit.needs import require_tool
 from kit.sample import SampleImage
 from kit.users import User, run_as, temporary_user
 

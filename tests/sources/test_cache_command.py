@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from kit.mounts import Mount, MountFactory
+from kit.needs import require_tool
 
 BLOCK = 3 << 19  # 1.5 MiB of random bytes: a spill of its own, a few megabytes in all
 TIMEOUT = 60.0

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import pyzstd
-from conftest import make_archive, require_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit.archives import gce_tarball
+from kit.needs import make_archive, require_tool
 from kit.sample import SampleImage
 
 from tarfuse import passes
@@ -137,11 +138,7 @@ def test_image_read_through_the_decompressed_view_equals_the_original(
 
 
 def test_gnu_tar_czf_archive_is_served(sample_image: SampleImage, tmp_path: Path) -> None:
-    archive = tmp_path / "image.tar.gz"
-    subprocess.run(
-        ["tar", "--format=oldgnu", "-Sczf", str(archive), "-C", str(sample_image.path.parent), "disk.raw"],
-        check=True,
-    )
+    archive = gce_tarball(sample_image, tmp_path / "image.tar.gz")
     with open_compressed(archive) as source:
         image = open_first_image(source.read_at, source.size, None, source.pread_into)
         assert image.mapper.read(0, image.mapper.size) == sample_image.data

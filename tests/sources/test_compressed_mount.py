@@ -10,21 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import make_archive, make_ext4_image, read_payload_through_loop, require_tool
 from kit import tarbuilder as tb
+from kit.archives import gce_tarball
+from kit.ext4 import make_ext4_image, read_payload_through_loop
 from kit.mounts import Mount, MountFactory, status_kib, tarfuse_command
+from kit.needs import make_archive, require_tool
 from kit.sample import SampleImage
 
 pytestmark = pytest.mark.fuse
-
-
-def gce_tarball(sample_image: SampleImage, out: Path) -> Path:
-    """`tar --format=oldgnu -Sczf image.tar.gz disk.raw`, the way GCE images are made."""
-    subprocess.run(
-        ["tar", "--format=oldgnu", "-Sczf", str(out), "-C", str(sample_image.path.parent), "disk.raw"],
-        check=True,
-    )
-    return out
 
 
 def test_a_tar_gz_mounts_and_serves_the_original_bytes(

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kit.needs import require_tool
 
 from tarfuse.sources.dictzip import (
     HEADER_READ_SIZE,

@@ -11,35 +11,18 @@ import errno
 import os
 import random
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import no_proxy_from_outside
-from kit.httpserver import RangeServer, Served, serve
+from kit.httpserver import RangeServer
 from kit.mounts import Mount, MountFactory
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("no_proxy_from_outside", "private_cache")]
 
 MiB = 1 << 20
 COPY_SIZE = MiB
 WAIT = 30.0  # seconds: a deadline for what the daemon logs, never a pause
-
-
-@pytest.fixture(autouse=True)
-def _local_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No proxy between the tests and 127.0.0.1; the index cache in the test's own directory."""
-    no_proxy_from_outside(monkeypatch)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def server() -> Iterator[RangeServer]:
-    with serve() as running:
-        yield running
 
 
 def appended(tmp_path: Path, name: str, copies: list[bytes], between: bytes = b"") -> Path:
@@ -97,19 +80,6 @@ def test_a_later_copy_of_another_size_still_fails_reads(mount: MountFactory, tmp
     assert failed.value.errno == errno.EIO
 
 
-@dataclass
-class HeldBack(Served):
-    """An object whose bytes from `gate` on are sent only once `opened` is set."""
-
-    gate: int = 0
-    opened: threading.Event = field(default_factory=threading.Event)
-
-    def read(self, offset: int, size: int) -> bytes:
-        if offset + size > self.gate:
-            self.opened.wait(2 * WAIT)
-        return super().read(offset, size)
-
-
 def test_a_later_copy_found_after_a_read_fails_reads_with_eio(
     mount: MountFactory, server: RangeServer, tmp_path: Path
 ) -> None:
@@ -118,17 +88,14 @@ def test_a_later_copy_found_after_a_read_fails_reads_with_eio(
     archive = appended(tmp_path, "disk.img", copies, between=pad)
     # The pass reads ahead at most 16 MiB in one request: held from 20 MiB on, no request it makes can
     # cover the first copy (the first MiB), which a read therefore gets while the pass waits.
-    held = HeldBack(archive.read_bytes(), 1, gate=20 * MiB)
-    url = server.put("twice.tar.gz", b"")
-    with server.state.lock:
-        server.state.objects["/twice.tar.gz"] = held
+    url = server.put("twice.tar.gz", archive.read_bytes(), held_from=20 * MiB)
     (served := tmp_path / "mnt").mkdir()
     try:
         mounted = mount(url, served, "-o", "noindex,timeout=60")
         with (served / "disk.img").open("rb", buffering=0) as image:
             assert image.read(COPY_SIZE) == copies[0]  # answered before the pass can know of a later copy
             assert "replaces" not in mounted.stderr_text()
-            held.opened.set()
+            server.release("twice.tar.gz")
             log = wait_for_log(mounted, "replaces the one this mount served")
             assert "replaces the first" not in log
             os.posix_fadvise(image.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # read again, not the cache
@@ -136,4 +103,4 @@ def test_a_later_copy_found_after_a_read_fails_reads_with_eio(
                 os.pread(image.fileno(), 4096, 0)
             assert failed.value.errno == errno.EIO
     finally:
-        held.opened.set()
+        server.release("twice.tar.gz")

@@ -12,14 +12,13 @@ import shutil
 import subprocess
 import tarfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ArchiveFactory, no_proxy_from_outside
 from kit.httpserver import RangeServer, serve
 from kit.mounts import MountFactory, mount_entry, tarfuse_command
-from kit.sample import DataRun, SampleImage, boot_sector, data_runs
+from kit.sample import ArchiveFactory, DataRun, SampleImage, boot_sector, data_runs
 
 from tarfuse import mount
 from tarfuse.cli import split_mount_options
@@ -31,18 +30,10 @@ from tarfuse.sources.http.archive import RemoteArchive
 from tarfuse.sources.http.options import RemoteOptions, parse_options
 from tarfuse.sources.locations import display_name, open_location
 
+pytestmark = pytest.mark.usefixtures("no_proxy_from_outside")
+
+
 MiB = 1 << 20
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
-    no_proxy_from_outside(monkeypatch)
-
-
-@pytest.fixture
-def server() -> Iterator[RangeServer]:
-    with serve() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pyzstd
-from conftest import no_proxy_from_outside
-from kit.httpserver import RangeServer, serve
+from kit.archives import gce_tarball
+from kit.httpserver import RangeServer
 from kit.mounts import MountFactory, status_kib, tarfuse_command
 from kit.sample import SampleImage
 
@@ -27,20 +26,10 @@ from tarfuse.sources.compressed import CompressedSource, decompressed
 from tarfuse.sources.decoders import GZIP_REMOTE_CHUNK_SIZE
 from tarfuse.sources.http.archive import RemoteArchive
 
+pytestmark = pytest.mark.usefixtures("no_proxy_from_outside", "private_cache")
+
+
 MiB = 1 << 20
-
-
-@pytest.fixture(autouse=True)
-def _local_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No proxy between the tests and 127.0.0.1; the index cache in the test's own directory."""
-    no_proxy_from_outside(monkeypatch)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def server() -> Iterator[RangeServer]:
-    with serve() as running:
-        yield running
 
 
 def random_tar(size: int) -> bytes:
@@ -71,15 +60,6 @@ def zstd_layout(plain: bytes, layout: str) -> bytes:
 
 
 ZSTD_LAYOUTS = ["one-frame", "pzstd", "seekable"]
-
-
-def gce_tarball(sample_image: SampleImage, out: Path) -> Path:
-    """`tar --format=oldgnu -Sczf image.tar.gz disk.raw`, the way GCE images are made."""
-    subprocess.run(
-        ["tar", "--format=oldgnu", "-Sczf", str(out), "-C", str(sample_image.path.parent), "disk.raw"],
-        check=True,
-    )
-    return out
 
 
 def saved_indexes(tmp_path: Path) -> list[Path]:

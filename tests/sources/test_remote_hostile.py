@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import no_proxy_from_outside
 from kit.httpserver import RangeServer, serve
 from kit.mounts import run_tarfuse_measuring_peak_rss
 
@@ -23,20 +22,11 @@ from tarfuse.sources.blockcache import BLOCK_SIZE, BlockCache
 from tarfuse.sources.http.archive import RemoteArchive
 from tarfuse.sources.http.options import RemoteOptions, parse_options
 
+pytestmark = pytest.mark.usefixtures("no_proxy_from_outside")
+
 MiB = 1 << 20
 SECRET_HEADERS = (("Authorization", "Bearer s3cretTOKEN"), ("X-Api-Key", "k3ySECRET"))
-RSS_CEILING = 256 * MiB  # issue 11: peak RSS under 256 MiB at any point of a mount's life
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
-    no_proxy_from_outside(monkeypatch)
-
-
-@pytest.fixture
-def server() -> Iterator[RangeServer]:
-    with serve() as running:
-        yield running
+RSS_CEILING = 256 * MiB  # the memory ceiling: peak RSS under 256 MiB at any point of a mount's life
 
 
 @pytest.fixture

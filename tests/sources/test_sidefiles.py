@@ -24,9 +24,8 @@ from pathlib import Path
 
 import pytest
 import pyzstd
-from conftest import make_archive, require_tool
 from kit.mounts import MountFactory
-from kit.needs import require_root
+from kit.needs import make_archive, require_root, require_tool
 from kit.sample import SampleImage
 from kit.users import User, temporary_user
 

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from kit.archives import repeated_block_tar_zst
 from kit.mounts import Mount, MountFactory, daemon_mount, tarfuse_command
+from kit.needs import require_tool
 
 from tarfuse.sources import spill
 

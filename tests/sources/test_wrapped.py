@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import make_ext4_image, read_payload_through_loop, require_tool
+from kit.ext4 import make_ext4_image, read_payload_through_loop
 from kit.httpserver import serve
 from kit.mounts import MountFactory, tarfuse_command, unmount
+from kit.needs import require_tool
 from kit.sample import SampleImage
 
 from tarfuse import mount

@@ -12,9 +12,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from kit import tarbuilder as tb
 from kit.mounts import MountFactory, tarfuse_command
+from kit.needs import require_tool
 
 from tarfuse.errors import BadHeader, NoImage
 from tarfuse.tar import archive

@@ -96,13 +96,12 @@ def inspect_mount(image: Path, original: Path) -> None:
 
 
 def boot_in_qemu(image: Path) -> None:
-    qemu = shutil.which(QEMU)
-    if qemu is None:
+    if shutil.which(QEMU) is None:
         step("Skipping the boot: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
         return
     step(f"Booting it with QEMU ({'KVM' if kvm_usable() else 'TCG'}), watching the serial console")
-    echo(boot_command(image, qemu))
-    booted = boot(image, MESSAGE, BOOT_TIMEOUT, qemu)
+    echo(boot_command(image))
+    booted = boot(image, MESSAGE, BOOT_TIMEOUT)
     if booted.seconds is None:
         raise DemoFailed(f"no greeting on the serial console within {BOOT_TIMEOUT:.0f} s: {booted.failure()}")
     print(f"    COM1: {MESSAGE}")

@@ -13,7 +13,7 @@ APT_STAMP := $(VENV)/.apt-done
 BUILD_STAMP := $(VENV)/.build-deps-done
 VENV_STAMP := $(VENV)/.installed
 
-# pyfuse3 3.5 has no lseek handler, so SEEK_DATA/SEEK_HOLE on a mount say "all data" (issue 16). Both venvs
+# pyfuse3 3.5 has no lseek handler, so SEEK_DATA/SEEK_HOLE on a mount say "all data". Both venvs
 # (dev and `make install`) get the pinned sdist, fetched through pip and checked by its sha256, with
 # PYFUSE3_PATCH applied, built with the Cython of scripts/pyfuse3/build-constraints.txt into a wheel
 # versioned 3.5.0+lseek (scripts/pyfuse3/install.sh). Once pyfuse3 has the handler upstream, PYFUSE3_PATCH=

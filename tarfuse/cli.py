@@ -13,12 +13,10 @@ import re
 import signal
 import sys
 import textwrap
-import time
 from typing import TYPE_CHECKING
 
-from tarfuse import __version__
+from tarfuse import __version__, report
 from tarfuse.errors import ArchiveError, TarfuseError, UsageError
-from tarfuse.image.open import Image
 from tarfuse.mount import assemble, list_archive
 from tarfuse.options import (
     CPUS_PER_WORKER,
@@ -33,7 +31,7 @@ from tarfuse.serve.fs import ImageFs, seek_support
 from tarfuse.sources.locations import display_name, is_url
 
 if TYPE_CHECKING:
-    from tarfuse.sources import cachedir
+    pass
 
 log = logging.getLogger("tarfuse")
 
@@ -59,7 +57,7 @@ EXIT_STATUS = (
     "Exit status: 0 success, 1 the archive or the mount failed, 2 usage error, "
     "128+N a signal N (Ctrl-C: 130) before the mount was live: nothing mounted."
 )
-# The -o options, for people: --help, the man page (scripts/manpage.py) and the README's table are all
+# The -o options, for people: --help, the man page (tarfuse/manpage.py) and the README's table are all
 # made from this one list (tests/test_docs.py checks the README against it).
 MOUNT_OPTION_HELP = (
     (
@@ -334,9 +332,7 @@ def _list(path: str, options: MountOptions, as_json: bool = False) -> int:
     listing = list_archive(path, options, say=log.info)
     compression, found, images = listing.compression, listing.index, listing.images
     if as_json:
-        import json  # only --list --json needs it: a mount does not pay its import
-
-        print(json.dumps(_listing(path, compression, found, images), indent=2))
+        report.print_json(report.listing_json(path, compression, found, images))
     elif compression is not None:
         print(f"{_shown_path(path)}: {compression}-compressed, index: {printable(found or 'none')}")
     if not images:
@@ -345,7 +341,7 @@ def _list(path: str, options: MountOptions, as_json: bool = False) -> int:
     for warning in (warning for image in images for warning in image.member.warnings):
         _error(f"{_shown_path(path)}: warning: {warning}")
     if not as_json:
-        _print_table(images)
+        report.print_table(images)
     return EXIT_OK
 
 
@@ -364,149 +360,19 @@ def _cache(args: argparse.Namespace) -> int:
     directory, why = cachedir.existing_cache_dir()
     if directory is None:
         if args.json:
-            _print_json({"directory": None, "why": why, "entries": [], "size": 0})
+            report.print_json({"directory": None, "why": why, "entries": [], "size": 0})
         else:
             print(printable(why))
         return EXIT_OK
     try:
         if args.prune:
-            _show_pruned(directory, cachedir.prune(directory), args.json)
+            report.show_pruned(directory, cachedir.prune(directory), args.json)
         else:
-            _show_cache(directory, cachedir.kept(directory), args.json)
+            report.show_cache(directory, cachedir.kept(directory), args.json)
     except OSError as exc:
         _error(f"cache directory {printable(directory)}: {exc.strerror or exc}")
         return EXIT_FAILED
     return EXIT_OK
-
-
-def _show_cache(directory: str, entries: "list[cachedir.Kept]", as_json: bool) -> None:
-    size = sum(e.size for e in entries)
-    if as_json:
-        _print_json({"directory": directory, "entries": [_cache_entry(e) for e in entries], "size": size})
-        return
-    rows = [("KIND", "SIZE", "LAST USE", "STATE", "ARCHIVE")]
-    rows += [_cache_row(e) for e in entries]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
-    print(f"total: {count}, {_bytes_and_human(size)}, in {printable(directory)}")
-
-
-def _show_pruned(directory: str, pruned: "cachedir.Pruned", as_json: bool) -> None:
-    if as_json:
-        _print_json(
-            {
-                "directory": directory,
-                "removed": [_cache_entry(e) for e in pruned.removed],
-                "stale": [{"name": name, "size": size} for name, size in pruned.stale],
-                "kept": [_cache_entry(e) for e in pruned.kept],
-                "freed": pruned.freed,
-            }
-        )
-        return
-    for entry in pruned.removed:
-        what = "+".join(entry.kinds) or "use file"
-        print(f"removed {_archive_shown(entry)} ({what}, {_bytes_and_human(entry.size)})")
-    for name, size in pruned.stale:
-        print(f"removed {printable(name)} ({_bytes_and_human(size)}), left by a tarfuse that did not finish")
-    for entry in pruned.kept:
-        why = "in use by a mount" if entry.in_use else "being written" if entry.writing else "not removable"
-        print(f"kept {_archive_shown(entry)} ({_bytes_and_human(entry.size)}): {why}")
-    print(f"freed {_bytes_and_human(pruned.freed)} in {printable(directory)}")
-
-
-def _cache_row(entry: "cachedir.Kept") -> tuple[str, str, str, str, str]:
-    state = "in use" if entry.in_use else "writing" if entry.writing else "-"
-    used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.used))
-    return ("+".join(entry.kinds) or "-", _bytes_and_human(entry.size), used, state, _archive_shown(entry))
-
-
-def _archive_shown(entry: "cachedir.Kept") -> str:
-    if entry.archive is None:
-        return f"(not recorded{': a compressed member' if entry.member else ''}; key {entry.key})"
-    return printable(entry.archive) + (" (a compressed member in it)" if entry.member else "")
-
-
-def _cache_entry(entry: "cachedir.Kept") -> dict[str, object]:
-    """An entry for scripts: sizes in bytes, the last use in UTC (ISO 8601) and as a Unix time."""
-    used = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.used))
-    return {
-        "key": entry.key,
-        "archive": entry.archive,
-        "member": entry.member,
-        "kinds": list(entry.kinds),
-        "size": entry.size,
-        "last_used": used,
-        "last_used_unix": entry.used,
-        "in_use": entry.in_use,
-        "writing": entry.writing,
-    }
-
-
-def _print_json(value: object) -> None:
-    import json  # only --json needs it
-
-    print(json.dumps(value, indent=2))
-
-
-def _listing(path: str, compression: str | None, index: str | None, images: list[Image]) -> dict[str, object]:
-    """What --list shows, for scripts: the same fields, with their types, and the format's QEMU name apart."""
-    return {
-        "archive": display_name(path),
-        "compression": compression,
-        "index": index,
-        "images": [
-            {
-                "path": i.name,
-                "format": i.format.driver,
-                "format_detail": i.format.detail,
-                "size": i.mapper.size,
-                "allocated": i.stored_bytes,
-                "virtual_size": i.format.virtual_size,
-                "extents": i.extent_count,
-                "offset": i.member.data_offset,
-            }
-            for i in images
-        ],
-    }
-
-
-def _print_table(images: list[Image]) -> None:
-    """The table --list prints: columns two spaces apart or more, sizes in bytes with a human figure."""
-    rows = [("PATH", "FORMAT", "SIZE", "ALLOCATED", "VIRTUAL", "EXTENTS", "OFFSET")]
-    rows += [
-        (
-            printable(i.name),  # a newline in a name would forge a row
-            printable(str(i.format)),
-            _bytes_and_human(i.mapper.size),
-            _bytes_and_human(i.stored_bytes),
-            "-" if i.format.virtual_size is None else _human_size(i.format.virtual_size),
-            str(i.extent_count),
-            str(i.member.data_offset),
-        )
-        for i in images
-    ]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _bytes_and_human(size: int) -> str:
-    """`1073741824 (1.0 GiB)`: the exact figure to paste, and one to read; below 1 KiB only the bytes."""
-    return str(size) if size < 1024 else f"{size} ({_human_size(size)})"
-
-
-def _human_size(size: int) -> str:
-    """Binary units with one decimal, as `qemu-img info` and `ls -lh` show them: `512 B`, `1.5 GiB`."""
-    if size < 1024:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        value /= 1024
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-    return f"{value / 1024:.1f} EiB"
 
 
 def _mount(args: argparse.Namespace, options: MountOptions) -> int:
@@ -546,17 +412,18 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         assembly.close()
         raise ArchiveError(f"could not mount on {args.mountpoint} ({_mount_failure_hint(options)})") from None
     try:
-        return daemon.serve(
-            args.foreground,
+        plan = daemon.Plan(
             mountpoint.path,
+            foreground=args.foreground,
             tasks=assembly.tasks,
             processes=processes,
-            init_replied=ops.init_replied,
-            title=_shown_command(sys.argv[1:]),
             background=assembly.background,
             before_wait=ops.after_init_replied,
+            init_replied=ops.init_replied,
             before_serving=lambda: _log_debug(assembly.before_serving()),
+            title=_shown_command(sys.argv[1:]),
         )
+        return daemon.serve(plan)
     finally:
         assembly.close()
 

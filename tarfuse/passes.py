@@ -390,6 +390,3 @@ class IndexingPass:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
-
-
-Job = Callable[[threading.Event], None]

@@ -78,7 +78,7 @@ class _Walk:
 
 
 def served_path(name: str) -> str:
-    """A member's name as a path under the mount point: no empty, "." or ".." component (as mount.py)."""
+    """A member's name as a path under the mount point: no empty, "." or ".." component (as contents.py)."""
     return "/".join(_parts(name))
 
 

@@ -30,8 +30,7 @@ class ImageMapper:
         self._physical = sparse_map.physical
         self._count = len(sparse_map.logical)
         # A plain member (one extent from 0 to the end) is one archive offset away from the image: its
-        # reads skip plan() and _fill(). fio 4 KiB random reads, one reader on the daemon's CPU: -1.2 us of
-        # ~15 us a request.
+        # reads skip plan() and _fill() (docs/benchmarks.md, "Figures behind the code").
         whole = self._count == 1 and self._logical[0] == 0 and self._lengths[0] == self.size
         self._base: int | None = self._physical[0] if whole else None
 

@@ -6,6 +6,7 @@ Never fork while trio runs.
 """
 
 import errno
+import functools
 import logging
 import logging.handlers
 import os
@@ -158,26 +159,28 @@ def tune_readahead(mountpoint: str, kib: int) -> None:
         log.debug("could not set read_ahead_kb of %s: %s (sequential reads will be slower)", device, exc)
 
 
-def serve(
-    foreground: bool,
-    mountpoint: str,
-    tasks: int = 1,
-    background: BackgroundJob | None = None,
-    before_wait: Callable[[], None] = lambda: None,
-    processes: int = 1,
-    init_replied: Callable[[], bool] = lambda: True,
-    title: str = "tarfuse",
-    before_serving: Callable[[], None] = lambda: None,
-) -> int:
-    """Run the mounted file system until it is unmounted or a stop signal comes; return the exit status.
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a mount is, for the daemon: where it is, how many requests and processes serve it, and what
+    runs beside and before the serving (all of it the assembly's and ImageFs's)."""
 
-    `mountpoint` is the resolved path (MountPoint.path); `tasks` the most requests pyfuse3 serves at once
-    in one process; `before_wait` runs before each wait for a request (ImageFs.after_init_replied).
-    `processes` > 1: the INIT is answered first, then that many workers are forked to serve while this
-    process watches them (workers.py); `init_replied` tells when (ImageFs.init_replied), `title` is the
-    command for ps. The status is 1 if the last worker died rather than ended (the mount is taken away).
-    `before_serving` runs in each process that serves requests, before its loop (Assembly.before_serving).
-    """
+    mountpoint: str  # the resolved path (MountPoint.path)
+    foreground: bool = False  # stay attached to the terminal (-f)
+    tasks: int = 1  # the most requests pyfuse3 serves at once in one process
+    processes: int = 1  # > 1: the INIT is answered first, then that many workers are forked (workers.py)
+    background: BackgroundJob | None = None  # a compressed archive's pass, in a thread of the main process
+    before_wait: Callable[[], None] = lambda: (
+        None
+    )  # before each wait for a request (ImageFs.after_init_replied)
+    init_replied: Callable[[], bool] = lambda: True  # whether the INIT is answered (ImageFs.init_replied)
+    before_serving: Callable[[], None] = lambda: None  # in each serving process (Assembly.before_serving)
+    title: str = "tarfuse"  # the command, for ps
+
+
+def serve(plan: Plan) -> int:
+    """Run the mounted file system until it is unmounted or a stop signal comes; return the exit status:
+    1 if the last worker died rather than ended (the mount is taken away), else 0."""
+    foreground, mountpoint, processes, title = plan.foreground, plan.mountpoint, plan.processes, plan.title
     ready_fd = None
     if not foreground:
         try:
@@ -189,15 +192,15 @@ def serve(
     clean = aborted = False
     group = None
     try:
-        if processes > 1 and trio.run(_answer_init, before_wait, init_replied):
+        if processes > 1 and trio.run(_answer_init, plan.before_wait, plan.init_replied):
             workers.set_title("main", title)
             keep = () if ready_fd is None else (ready_fd,)
             group = workers.start(
-                processes, lambda n: _serve_as_worker(n, processes, title, before_serving), keep
+                processes, lambda n: _serve_as_worker(n, processes, title, plan.before_serving), keep
             )
         else:
-            before_serving()
-        aborted = trio.run(_run_until_unmounted, ready_fd, tasks, background, before_wait, group)
+            plan.before_serving()
+        aborted = trio.run(_run_until_unmounted, ready_fd, plan, group)
         clean = True
     finally:
         if group is not None:
@@ -240,19 +243,13 @@ def _serve_as_worker(number: int, size: int, title: str, before_serving: Callabl
     stopping = workers.stop_flag(_STOP_SIGNALS)
     before_serving()
     log.debug("worker %d (pid %d) serving", number, os.getpid())
-    trio.run(_serve_requests, 1, True, lambda: None, stopping, True)
+    trio.run(functools.partial(_serve_requests, 1, direct=True, until=stopping, shared=True))
     if stopping():
         log.debug("worker %d stopping", number)
     return 0
 
 
-async def _run_until_unmounted(
-    ready_fd: int | None,
-    tasks: int,
-    background: BackgroundJob | None,
-    before_wait: Callable[[], None],
-    group: workers.Group | None,
-) -> bool:
+async def _run_until_unmounted(ready_fd: int | None, plan: Plan, group: workers.Group | None) -> bool:
     """Serve until the session ends; return whether the kernel aborted the connection.
 
     With a group, the workers serve and this process watches them until none is left.
@@ -260,8 +257,8 @@ async def _run_until_unmounted(
     done = trio.Event()  # with a group: a stop signal came, or no worker is left
     async with trio.open_nursery() as nursery:
         await nursery.start(_terminate_on_signal, "unmounting", done)
-        if background is not None:
-            nursery.start_soon(_run_in_background, background)
+        if plan.background is not None:
+            nursery.start_soon(_run_in_background, plan.background)
         if group is not None:
             await nursery.start(_watch_workers, group, done)
         if ready_fd is not None:
@@ -272,7 +269,8 @@ async def _run_until_unmounted(
             # One task when every handler runs to completion without awaiting (fs.py): more tasks only
             # add churn: fio's 4 KiB random reads were slower with pyfuse3's default of up to 99 than
             # with one (docs/benchmarks.md). Blocking sources need one task per reader thread.
-            aborted = await _serve_requests(tasks, tasks == 1 and background is None, before_wait)
+            direct = plan.tasks == 1 and plan.background is None
+            aborted = await _serve_requests(plan.tasks, direct, plan.before_wait)
         else:
             log.info("serving, %d worker processes", group.size)
             await done.wait()  # serve() then ends the workers that are left

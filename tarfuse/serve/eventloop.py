@@ -32,11 +32,10 @@ import trio
 IDLE_WAIT_MS = 5  # how long to wait for the next request outside trio (signals wait at most this)
 YIELD_EVERY = 256  # requests in a row served without a trip through trio's scheduler
 # How long the direct wait asks the kernel again and again (poll with no timeout) before it sleeps. A
-# reader on another CPU sends its next request some 20-30 us after our reply; sleeping in between costs a
-# wake-up across CPUs each time. fio 4 KiB random reads, daemon and reader on different CPUs: 11.9k -> 28k
-# reads/s (10 us: 16k, 20-50 us: 24-28k); same CPU and 4 readers unchanged. The price is at most this
-# much CPU per request (measured: 12% -> 20% of a CPU at 2,000 reads/s), none when idle: after it the
-# wait sleeps in poll, then in trio.
+# reader on another CPU sends its next request soon after our reply; sleeping in between costs a wake-up
+# across CPUs each time, and spinning a little longer than that gap more than doubled random reads across
+# CPUs. The price is at most this much CPU per request, none when idle: after it the wait sleeps in poll,
+# then in trio. Figures: docs/benchmarks.md, "Figures behind the code".
 SPIN_NS = 30_000
 
 
@@ -44,8 +43,9 @@ class _FreeLock:
     """trio.Lock, without the scheduling point on an uncontended acquire, and without its bookkeeping.
 
     The direct loop runs one task, so the lock is always free: trio.Lock's acquire_nowait and release
-    (current_task, the parking lot) measured 0.7 us of ~15 us a request. A flag does it; a task that finds the
-    lock held parks until it is released, as with trio.Lock.
+    (current_task, the parking lot) were a measurable part of a request (docs/benchmarks.md, "Figures
+    behind the code"). A flag does it; a task that finds the lock held parks until it is released, as
+    with trio.Lock.
     """
 
     def __init__(self) -> None:

@@ -78,7 +78,7 @@ class CompressedSource(SourceDefaults):
 
     blocking = True  # a read may decompress: the daemon serves cache misses from threads (fs.ServedFile)
     # ... from one thread: a miss waits for the one decoder anyway, and each thread that handled 1 MiB
-    # chunks kept its own glibc malloc arena (docs/compressed.md: peak RSS by threads).
+    # chunks kept its own glibc malloc arena (docs/benchmarks.md, "Figures behind the code").
     readers = 1
     background = Background.INDEX
 
@@ -292,14 +292,15 @@ def decompressed(
     (a gzip stream with dictzip's table of chunks is read at random at once). `cache_size`: what the
     decompressed view may keep of the mount's cache budget. On failure the archive is closed.
     """
-    from tarfuse.sources.dictzip import DictzipSource, has_random_access_table
-
     try:
         compression = sniff(archive.read_at(0, 8))
         if compression is None:
             return archive
-        if compression == "gzip" and has_random_access_table(archive):
-            return DictzipSource(archive)
+        if compression == "gzip":
+            from tarfuse.sources import dictzip  # only a gzip stream may be dictzip
+
+            if dictzip.has_random_access_table(archive):
+                return dictzip.DictzipSource(archive)
         return CompressedSource(archive, compression, cache_size, decoder_memory)
     except BaseException:
         archive.close()

@@ -26,9 +26,9 @@ from tarfuse.sources.compression import (
 from tarfuse.sources.file import PreadFile
 
 # rapidgzip's chunk, and so its checkpoint spacing, in compressed bytes (its default is 4 MiB). It caches up
-# to 16 decompressed chunks and decompresses a whole chunk to serve one byte of it: 2 MiB cut the daemon's
-# peak RSS and the p95 of random reads, indexing as fast. Over http(s) a read fetches whole chunks, so 1 MiB
-# there; locally 1 MiB made indexing 20 % slower (docs/compressed.md).
+# to 16 decompressed chunks and decompresses a whole chunk to serve one byte of it: a smaller chunk cut the
+# daemon's peak RSS and the p95 of random reads, indexing as fast. Over http(s) a read fetches whole
+# chunks, so smaller still there; locally that made indexing slower (docs/compressed.md).
 GZIP_CHUNK_SIZE = 2 << 20
 GZIP_REMOTE_CHUNK_SIZE = 1 << 20
 # rapidgzip's chunk for a stream that compresses very well (GzipRatioWatch): what it holds stays small.
@@ -117,10 +117,10 @@ class GzipRatioWatch:
     """Whether the gzip stream of one source compresses so well that rapidgzip must use small chunks.
 
     rapidgzip cuts a chunk at 16 chunk sizes of output, and holds up to ~19 of them (its cache and its
-    prefetch): on a stream of ratio 4 or more that outgrows a decoder's share at its default chunk
-    (measured on zeros, one decoder: 2 MiB and 1 MiB chunks 255 MiB, 256 KiB 136, 192 KiB 70 after
-    random reads; rapidgzip 0.16 fails a cut stream with "block offset index is out of sync" at 96 and
-    128 KiB, where it ends short at 192 KiB as at 2 MiB, so 192 KiB it is). The watch sees the start of
+    prefetch): on a stream of ratio 4 or more that outgrows a decoder's share at its default chunk. The
+    smallest chunk is the smallest that held (rapidgzip 0.16 fails a cut stream with "block offset index
+    is out of sync" below it, where it ends short at it as at 2 MiB; the peaks by chunk size are in
+    docs/benchmarks.md, "Figures behind the code"). The watch sees the start of
     the stream (probe) and every forward read of the source's decoders (compressed bytes consumed, bytes
     produced); once a span of _RATIO_SAMPLE output came from less than a quarter of it, `chunk_size`
     becomes GZIP_SMALLEST_CHUNK_SIZE for good, and every decoder of the source changes to it at its next

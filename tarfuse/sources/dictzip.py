@@ -264,8 +264,8 @@ class DictzipReader:
         Returns False, unchecked, if `stopped()` turns true on the way (an unmount must not wait for a
         whole remote file).
 
-        Reads the whole compressed file (about 1 s for 256 MiB of data here): for the caller to run once,
-        in the background or before serving, as it decides. Until it has run, reads are checked for
+        Reads the whole compressed file (docs/benchmarks.md has the time it takes): for the caller to run
+        once, in the background or before serving, as it decides. Until it has run, reads are checked for
         structure only, which misses a flipped bit in stored data or in a literal (module docstring).
 
         Raises:
@@ -376,7 +376,7 @@ class DictzipSource(SourceDefaults):
     Its reads are checked against the whole stream's CRC32 only once verify() has read it all (the chunks
     carry no checksum), which the mount's background job does (VERIFY). Its reader inflates only the
     chunks (~57 KiB) a read needs, from any thread, with a cache of its own: the 1 MiB chunks of a
-    CompressedSource would inflate 18 of them for a 4 KiB read (docs/compressed.md).
+    CompressedSource would inflate 18 of them for a 4 KiB read (docs/benchmarks.md, "Figures behind the code").
     """
 
     blocking = True

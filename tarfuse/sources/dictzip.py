@@ -376,7 +376,8 @@ class DictzipSource(SourceDefaults):
     Its reads are checked against the whole stream's CRC32 only once verify() has read it all (the chunks
     carry no checksum), which the mount's background job does (VERIFY). Its reader inflates only the
     chunks (~57 KiB) a read needs, from any thread, with a cache of its own: the 1 MiB chunks of a
-    CompressedSource would inflate 18 of them for a 4 KiB read (docs/benchmarks.md, "Figures behind the code").
+    CompressedSource would inflate 18 of them for a 4 KiB read (docs/benchmarks.md, "Figures behind the
+    code").
     """
 
     blocking = True

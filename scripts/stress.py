@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kit import mounts, sample
+from kit.readers import Job, Readers, Tally, total
 
 MIB = 1 << 20
-MIN_READ, MAX_READ = 512, 4 * MIB
 MOUNT_TIMEOUT = 30.0
 EXIT_TIMEOUT = 30.0
 TAR_FORMATS = ("gnu", "pax0.0", "pax0.1", "pax1.0")  # GNU tar -S, as kit.sample.make_archive runs it
@@ -41,41 +41,6 @@ TAR_FORMATS = ("gnu", "pax0.0", "pax0.1", "pax1.0")  # GNU tar -S, as kit.sample
 
 class StressFailed(Exception):
     """Setting up or tearing down the run failed; the message says what."""
-
-
-@dataclass
-class Tally:
-    """What one reader did. `errors` counts failed reads and reads that returned wrong bytes."""
-
-    reads: int = 0
-    bytes: int = 0
-    opens: int = 0
-    errors: int = 0
-    messages: list[str] = field(default_factory=list)  # the first few errors, for the report
-
-    def add(self, other: "Tally") -> None:
-        self.reads += other.reads
-        self.bytes += other.bytes
-        self.opens += other.opens
-        self.errors += other.errors
-        self.messages += other.messages[: max(0, 5 - len(self.messages))]
-
-    def fail(self, message: str) -> None:
-        self.errors += 1
-        if len(self.messages) < 5:
-            self.messages.append(message)
-
-
-@dataclass(frozen=True)
-class Job:
-    """What a reader reads, against what, until when. Sent to reader processes as JSON."""
-
-    path: str
-    oracle: str
-    size: int
-    edges: list[int]
-    deadline: float  # time.time() based, so that processes agree on it
-    seed: int
 
 
 # --- the image ---------------------------------------------------------------------------------
@@ -97,115 +62,28 @@ def write_sparse_image(path: Path, size: int, runs: int, rng: random.Random) -> 
     return sorted(extents)
 
 
-# --- readers -----------------------------------------------------------------------------------
+# --- readers (kit.readers) --------------------------------------------------------------------
 
 
-def read_size(rng: random.Random) -> int:
-    return int(2 ** rng.uniform(9, 22))  # 512 B .. 4 MiB, as many small reads as large ones
+def reader_job(path: str, image: Path, edges: list[int], deadline: float, seed: int) -> Job:
+    """Random reads of `path` until `deadline` (time.time()), half of them across a data/hole edge, each
+    checked against `image`; now and then the reader drops its cached pages or reopens the file, so that
+    reads keep reaching the daemon, and after a failed read it opens the file again and goes on."""
+    return Job(
+        path,
+        str(image),
+        seed,
+        deadline=deadline,
+        edges=tuple(edges),
+        log_sizes=True,
+        churn=True,
+        keep_going=True,
+    )
 
 
-def read_offset(rng: random.Random, job: Job, size: int) -> int:
-    if job.edges and rng.random() < 0.5:  # across a data/hole edge
-        return max(0, min(job.size - 1, rng.choice(job.edges) - rng.randrange(size)))
-    return rng.randrange(job.size)
-
-
-def read_loop(job: Job) -> Tally:
-    """Read random ranges of `job.path` until the deadline, each checked against the oracle file."""
-    rng, tally = random.Random(job.seed), Tally()
-    oracle = os.open(job.oracle, os.O_RDONLY)
-    fd = -1
-    try:
-        while time.time() < job.deadline:
-            if fd < 0:
-                try:
-                    fd = os.open(job.path, os.O_RDONLY)
-                except OSError as exc:
-                    tally.fail(f"open of {job.path}: {exc}")
-                    time.sleep(0.1)
-                    continue
-                tally.opens += 1
-            size = read_size(rng)
-            offset = read_offset(rng, job, size)
-            try:
-                got = os.pread(fd, size, offset)
-            except OSError as exc:
-                tally.fail(f"pread({size}, {offset}) of {job.path}: {exc}")
-                os.close(fd)
-                fd = -1
-                continue
-            tally.reads += 1
-            tally.bytes += len(got)
-            if got != os.pread(oracle, size, offset):
-                tally.fail(f"pread({size}, {offset}) of {job.path}: {len(got)} bytes, not the image's")
-            fd = churn(rng, fd)
-    finally:
-        os.close(oracle)
-        if fd >= 0:
-            os.close(fd)
-    return tally
-
-
-def churn(rng: random.Random, fd: int) -> int:
-    """Sometimes drop the file's cached pages, sometimes close it (the caller reopens); return the fd."""
-    draw = rng.random()
-    if draw < 0.05:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    elif draw < 0.10:
-        os.close(fd)
-        return -1
-    return fd
-
-
-def run_worker(job_json: str) -> None:
-    """The body of a reader process: print its tally as JSON."""
-    print(json.dumps(asdict(read_loop(Job(**json.loads(job_json))))), flush=True)
-
-
-class Readers:
-    """Reader threads and processes, started together, joined together."""
-
-    def __init__(self) -> None:
-        self._threads: list[tuple[threading.Thread, list[Tally]]] = []
-        self._processes: list[subprocess.Popen[str]] = []
-
-    def start_thread(self, job: Job) -> None:
-        result: list[Tally] = []
-        thread = threading.Thread(target=lambda: result.append(read_loop(job)), daemon=True)
-        thread.start()
-        self._threads.append((thread, result))
-
-    def start_process(self, job: Job) -> None:
-        command = [sys.executable, __file__, "--worker", json.dumps(asdict(job))]
-        self._processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
-
-    def join(self, timeout: float) -> tuple[Tally, int]:
-        """Wait for every reader; return the sum of their tallies and how many hung or crashed."""
-        total, lost = Tally(), 0
-        for thread, result in self._threads:
-            thread.join(timeout)
-            lost += thread.is_alive()
-            for tally in result:
-                total.add(tally)
-        for process in self._processes:
-            try:
-                out, _ = process.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.communicate()
-                lost += 1
-                continue
-            if process.returncode != 0:
-                lost += 1
-                continue
-            total.add(Tally(**json.loads(out)))
-        return total, lost
-
-    def kill(self) -> None:
-        for process in self._processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+def failed(tally: Tally) -> bool:
+    """Whether a read failed or returned other bytes than the image's (a short read included)."""
+    return bool(tally.errors) or tally.wrong > 0 or tally.short > 0
 
 
 # --- the mount, the loop device, the daemon's memory -------------------------------------------
@@ -275,7 +153,7 @@ class Report:
         return not self.failures
 
     def judge(self) -> None:
-        if self.reader.errors or (self.loop is not None and self.loop.errors):
+        if any(failed(tally) for tally in (self.reader, self.loop) if tally is not None):
             self.failures.append("reads failed or returned wrong bytes")
         if self.reader.reads == 0:
             self.failures.append("no reads were done")
@@ -331,11 +209,11 @@ def load(
     size = args.image_mib * MIB
     try:
         for n in range(args.readers):
-            job = Job(str(served), str(image), size, edges, deadline, args.seed * 1000 + n)
+            job = reader_job(str(served), image, edges, deadline, args.seed * 1000 + n)
             (readers.start_thread if n % 2 else readers.start_process)(job)
         loop_readers = Readers()
         if device is not None:
-            loop_readers.start_thread(Job(device, str(image), size, edges, deadline, args.seed * 1000 - 1))
+            loop_readers.start_thread(reader_job(device, image, edges, deadline, args.seed * 1000 - 1))
         samples: list[int] = []
         stop = threading.Event()
         sampler = threading.Thread(target=sample_rss, args=(daemon.pid, stop, samples), daemon=True)
@@ -343,8 +221,8 @@ def load(
         print(
             f"{args.readers} readers{' and the loop device ' + device if device else ''}: {args.duration} s"
         )
-        total, lost = readers.join(args.duration + EXIT_TIMEOUT)
-        loop_total, loop_lost = loop_readers.join(EXIT_TIMEOUT) if device else (None, 0)
+        tallies, lost = readers.join(args.duration + EXIT_TIMEOUT)
+        loop_tallies, loop_lost = loop_readers.join(EXIT_TIMEOUT)
         stop.set()
         sampler.join()
     finally:
@@ -359,9 +237,9 @@ def load(
         data_bytes=sum(length for _, length in runs),
         archive_bytes=0,
         tar_format=args.format,
-        reader=total,
-        loop=loop_total,
-        lost_readers=lost + loop_lost,
+        reader=total(tallies),
+        loop=total(loop_tallies) if device else None,
+        lost_readers=len(lost) + len(loop_lost),
         rss_start_kib=rss_start,
         rss_end_kib=rss_end,
         rss_max_kib=max([rss_start, rss_end, *samples]),
@@ -375,7 +253,7 @@ def print_report(report: Report) -> None:
     def amount(tally: Tally) -> str:
         return (
             f"{tally.reads:,} reads, {tally.bytes / MIB:,.0f} MiB, {tally.opens:,} opens, "
-            f"{tally.errors} errors"
+            f"{len(tally.errors)} errors, {tally.wrong} wrong, {tally.short} short"
         )
 
     print(f"image: {report.image_bytes / MIB:.0f} MiB sparse, {report.data_bytes / MIB:.1f} MiB of data")
@@ -386,7 +264,7 @@ def print_report(report: Report) -> None:
     print(
         f"daemon: read {report.daemon_read_bytes / MIB:,.0f} MiB (archive and /dev/fuse; the rest was cached)"
     )
-    for message in report.reader.messages + (report.loop.messages if report.loop else []):
+    for message in report.reader.notes + (report.loop.notes if report.loop else []):
         print(f"  error: {message}")
     growth = report.rss_end_kib - report.rss_start_kib
     print(
@@ -410,15 +288,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-loop", action="store_true", help="do not read through a loop device")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        run_worker(args.worker)
-        return 0
     workdir = Path(tempfile.mkdtemp(prefix="tarfuse-stress-"))
     try:
         report = run(args, workdir)

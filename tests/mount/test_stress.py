@@ -1,6 +1,6 @@
 """The short form of `make stress`: scripts/stress.py for a few seconds, which must pass.
 
-The long form (`make stress`, 10 minutes) is run by hand; its figures go in the issue's note.
+The long form (`make stress`, 10 minutes) is run by hand; its figures are not asserted here.
 """
 
 import json
@@ -40,10 +40,12 @@ def test_short_stress_run_reads_right_bytes_without_errors_or_memory_growth(tmp_
     report = json.loads(figures.read_text())
     assert report["passed"]
     assert report["reader"]["reads"] > 0
-    assert report["reader"]["errors"] == 0
+    assert report["reader"]["errors"] == []
+    assert report["reader"]["wrong"] == report["reader"]["short"] == 0
     assert report["daemon_read_bytes"] > 0, "every read was served from the page cache"
     if report["loop"] is not None:
         assert report["loop"]["reads"] > 0
-        assert report["loop"]["errors"] == 0
+        assert report["loop"]["errors"] == []
+        assert report["loop"]["wrong"] == report["loop"]["short"] == 0
     assert report["rss_end_kib"] - report["rss_start_kib"] <= report["rss_growth_bound_kib"]
     assert report["daemon_exit_status"] == 0

@@ -1,49 +1,48 @@
 """Unmounting while readers are in flight: nothing hangs, the daemon exits 0, nothing stays mounted.
 
-Readers are threads of this process and separate processes (tests/readers.py), each doing random reads of
-the image and checking every byte against the sample image. README: "Exit status: 0 success".
+Readers are threads of this process and separate processes (kit.readers), each doing random reads of the
+image and checking every byte against the sample image. README: "Exit status: 0 success".
 """
 
 import contextlib
 import errno
 import gzip
-import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from kit.mounts import Mount, MountFactory, is_mounted
-from kit.readers import Tally, read_until
+from kit.readers import Job, Readers, Tally
 from kit.sample import SampleImage
 
 from tarfuse.serve.daemon import find_mount
 
 pytestmark = pytest.mark.fuse
 
-READERS = Path(__file__).parents[1] / "kit" / "readers.py"
 THREADS = PROCESSES = 3
 TIMEOUT = 15.0  # a reader or daemon that takes longer than this hangs
 
 
-@dataclass
-class Readers:
-    """Reader threads and processes over one image; `stop` ends them and returns what each saw.
-
-    `asked[n]` counts how often thread reader n asked whether to stop, which it does before each read.
+class BusyReaders:
+    """Reader threads and processes over one image (kit.readers); `stop` ends them and returns what each
+    saw. `asked[n]` counts how often thread reader n asked whether to stop, which it does before each read.
     """
 
-    threads: list[tuple[threading.Thread, list[Tally]]]
-    processes: list[subprocess.Popen[str]]
-    stopping: threading.Event
-    stop_file: Path
-    asked: list[int]
+    def __init__(self, readers: Readers, stopping: threading.Event, stop_file: Path) -> None:
+        self.readers, self.stopping, self.stop_file = readers, stopping, stop_file
+        self.asked = [0] * THREADS
+
+    def stop_asked_by(self, number: int) -> Callable[[], bool]:
+        def ask() -> bool:
+            self.asked[number] += 1
+            return self.stopping.is_set()
+
+        return ask
 
     def wait_until_each_thread_read_again(self) -> None:
         """Wait until every reader thread has ended, or finished a read that it began after this call.
@@ -52,91 +51,48 @@ class Readers:
         """
         before = list(self.asked)
         deadline = time.monotonic() + TIMEOUT
-        for (thread, _), number in zip(self.threads, range(THREADS), strict=True):
-            while self.asked[number] < before[number] + 2 and thread.is_alive():
+        for number in range(THREADS):
+            while self.asked[number] < before[number] + 2 and self.readers.thread_alive(number):
                 assert time.monotonic() < deadline, f"reader thread {number} made no progress"
                 time.sleep(0.01)
 
     def wait_until_each_ended_by_itself(self) -> list[Tally]:
         """Wait until every reader has stopped at an error of its own, never told to; return the tallies."""
-        for thread, _ in self.threads:
-            thread.join(TIMEOUT)
-            assert not thread.is_alive(), "a reader thread goes on reading"
-        for process in self.processes:
-            try:
-                process.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pytest.fail("a reader process goes on reading")
-        return self.stop()
+        tallies, lost = self.readers.join(TIMEOUT)
+        assert not lost, f"readers go on reading: {lost}"
+        return tallies
 
     def stop(self) -> list[Tally]:
         self.stopping.set()
         self.stop_file.touch()
-        tallies = []
-        for thread, result in self.threads:
-            thread.join(TIMEOUT)
-            assert not thread.is_alive(), "a reader thread hangs"
-            tallies += result
-        for process in self.processes:
-            try:
-                out, err = process.communicate(timeout=TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pytest.fail("a reader process hangs")
-            assert process.returncode == 0, err
-            tallies.append(Tally(**json.loads(out)))
+        tallies, lost = self.readers.join(TIMEOUT)
+        assert not lost, lost
         return tallies
 
 
 @contextlib.contextmanager
-def busy_readers(image: Path, sample: SampleImage, workdir: Path, reopen: bool) -> Iterator[Readers]:
+def busy_readers(image: Path, sample: SampleImage, workdir: Path, reopen: bool) -> Iterator[BusyReaders]:
     """Start THREADS + PROCESSES readers of `image`, wait until each has read once; stop them at the end."""
     stop_file = workdir / "stop-readers"
     ready = [workdir / f"reader-{n}.ready" for n in range(THREADS + PROCESSES)]
-    stopping = threading.Event()
-    asked = [0] * THREADS
-
-    def stop_asked_by(number: int) -> Callable[[], bool]:
-        def ask() -> bool:
-            asked[number] += 1
-            return stopping.is_set()
-
-        return ask
-
-    threads = []
-    for seed in range(THREADS):
-        result: list[Tally] = []
-        thread = threading.Thread(
-            target=lambda s=seed, r=result: r.append(
-                read_until(str(image), sample.data, stop_asked_by(s), str(ready[s]), s, reopen)
-            ),
-            daemon=True,  # if one hangs in the kernel, pytest can still exit
-        )
-        thread.start()
-        threads.append((thread, result))
-    command = [sys.executable, str(READERS), str(image), str(sample.path), str(stop_file)]
-    processes = [
-        subprocess.Popen(
-            [*command, str(ready[seed]), str(seed), *(["--reopen"] if reopen else [])],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for seed in range(THREADS, THREADS + PROCESSES)
-    ]
-    readers = Readers(threads, processes, stopping, stop_file, asked)
+    readers = Readers()
+    busy = BusyReaders(readers, threading.Event(), stop_file)
+    for seed in range(THREADS + PROCESSES):
+        job = Job(str(image), str(sample.path), seed, str(stop_file), ready=str(ready[seed]), reopen=reopen)
+        if seed < THREADS:
+            readers.start_thread(job, busy.stop_asked_by(seed))
+        else:
+            readers.start_process(job)
     try:
         deadline = time.monotonic() + TIMEOUT
         while not all(path.exists() for path in ready):
             assert time.monotonic() < deadline, "the readers did not start reading"
             time.sleep(0.01)
-        yield readers
+        yield busy
     finally:
-        stopping.set()
+        busy.stopping.set()
         stop_file.touch()
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.communicate()
+        readers.kill()
 
 
 def assert_all_bytes_right(tallies: list[Tally], allowed_errors: set[str], short_ok: bool = False) -> None:

@@ -10,7 +10,6 @@ import gzip
 import random
 import struct
 import subprocess
-import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kit.needs import require_tool
+from kit.readers import in_threads, read_at_random
 
 from tarfuse.sources.dictzip import (
     HEADER_READ_SIZE,
@@ -193,21 +193,8 @@ def test_a_100_mib_sparse_image_reads_right(tmp_path: Path) -> None:
 def test_threads_sharing_a_reader_get_the_right_bytes(text_dz: tuple[bytes, bytes]) -> None:
     data, blob = text_dz
     reader = reader_of(blob, cache_size=2 * CHUNK)  # two chunks: threads evict each other's
-    failures: list[str] = []
-
-    def work(seed: int) -> None:
-        rng = random.Random(seed)
-        for _ in range(300):
-            offset, length = rng.randrange(len(data)), rng.randrange(1, 2 * CHUNK)
-            if reader.read_at(offset, length) != data[offset : offset + length]:
-                failures.append(f"{offset}+{length}")
-
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == []
+    tally = in_threads(8, lambda seed: read_at_random(reader.read_at, data, seed, 300, 2 * CHUNK))
+    assert tally.wrong == tally.short == 0, tally.notes
 
 
 def test_the_cache_keeps_recent_chunks_within_its_size(text_dz: tuple[bytes, bytes]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from kit.httpserver import RangeServer, serve
 from kit.mounts import MountFactory, mount_entry, tarfuse_command
+from kit.readers import in_threads, read_at_random
 from kit.sample import ArchiveFactory, DataRun, SampleImage, boot_sector, data_runs
 
 from tarfuse import mount
@@ -59,23 +60,13 @@ def test_reads_at_any_offset_match_the_object(server: RangeServer, blob: bytes) 
 
 def test_concurrent_readers_get_their_own_bytes(server: RangeServer, blob: bytes) -> None:
     source = remote(server.put("blob", blob), cache_size=4 * BLOCK_SIZE)
-    failures: list[str] = []
 
-    def read(seed: int) -> None:
-        rng = random.Random(seed)
-        for _ in range(60):
-            offset, size = rng.randrange(len(blob)), rng.randrange(1, 300_000)
-            buffer = bytearray(size)
-            filled = source.pread_into(memoryview(buffer), offset)
-            if buffer[:filled] != blob[offset : offset + size]:
-                failures.append(f"{size} at {offset}")
+    def read(offset: int, size: int) -> bytes:
+        buffer = bytearray(size)
+        return bytes(buffer[: source.pread_into(memoryview(buffer), offset)])
 
-    threads = [threading.Thread(target=read, args=(seed,)) for seed in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not failures
+    tally = in_threads(8, lambda seed: read_at_random(read, blob, seed, 60, 300_000))
+    assert tally.wrong == tally.short == 0, tally.notes
 
 
 def test_one_read_over_missing_blocks_is_one_request(server: RangeServer, blob: bytes) -> None:

@@ -79,7 +79,7 @@ def test_a_case_is_made_again_from_its_number(corpus: engine.Corpus) -> None:
 def test_every_seed_compressed_is_served_as_gnu_tar_extracts_it(
     corpus: engine.Corpus, tmp_path: Path
 ) -> None:
-    """The mount of each seed, gzip-compressed, before and after the background pass (issue 12)."""
+    """The mount of each seed, gzip-compressed, before and after the background pass."""
     for seed in corpus.seeds:
         case = Case(0, seed.name, (), seed.data, Packing("gzip"))
         assert engine.check_archive(case, random.Random(0)).startswith("gzip served"), seed.name

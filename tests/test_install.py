@@ -99,7 +99,7 @@ def test_pip_install_into_a_fresh_venv_works_with_pyfuse3_from_the_index(
     sample_archive: Path, sample_image: SampleImage, tmp_path: Path
 ) -> None:
     """`pip install .` as a user would run it: pyfuse3 from the package index, without the lseek patch.
-    tarfuse says so, serves the same bytes, and holes read as data, as before the patch (issue 16)."""
+    tarfuse says so, serves the same bytes, and holes read as data, as they do without the patch."""
     if shutil.which("python3") is None:
         pytest.skip("no python3 to make a venv with")
     venv = tmp_path / "venv"

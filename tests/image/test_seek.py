@@ -1,4 +1,4 @@
-"""SEEK_DATA / SEEK_HOLE on the served file (issue 16): answered from the archive's map, as lseek(2) says.
+"""SEEK_DATA / SEEK_HOLE on the served file: answered from the archive's map, as lseek(2) says.
 
 The map decides, not the bytes: a run of zeros stored as data is data. The oracle is the original file on
 this machine's file system, whose holes GNU tar and bsdtar found with the same calls when they archived it
@@ -150,7 +150,7 @@ def test_qemu_img_map_and_cp_sparse_see_the_holes(mount: MountFactory, tmp_path:
     require_tool("qemu-img")
     source = tmp_path / "src" / "disk.img"
     source.parent.mkdir()
-    with source.open("wb") as file:  # 9 GiB with 64 MiB of data, as the issue's case
+    with source.open("wb") as file:  # 9 GiB with 64 MiB of data: a large sparse disk
         file.truncate(9 << 30)
         for gib in (0, 4, 8):
             file.seek(gib << 30)

@@ -1,9 +1,10 @@
 """Storage with bad sectors, for tests: a FUSE file system holding one file that fails chosen ranges with EIO.
 
-It stands in for device-mapper's `error` target where the kernel has no device-mapper (tests/test_ioerrors.py
-says when). The file is passed through read-only from SOURCE; a read that overlaps a failing range fails
-with EIO, every other read returns the file's bytes. Reads bypass the page cache (direct_io), so each read
-of the file reaches this process and a failing range fails every time, as a bad sector does.
+It stands in for device-mapper's `error` target where the kernel has no device-mapper
+(tests/mount/test_ioerrors.py says when). The file is passed through read-only from SOURCE; a read that
+overlaps a failing range fails with EIO, every other read returns the file's bytes. Reads bypass the page
+cache (direct_io), so each read of the file reaches this process and a failing range fails every time, as
+a bad sector does.
 
     python faultyfs.py SOURCE MOUNTPOINT RANGES
 

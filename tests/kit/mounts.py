@@ -21,7 +21,10 @@ from tarfuse.serve import mountinfo
 from tarfuse.serve.daemon import find_mount
 
 MOUNT_TIMEOUT = 10.0
+LOG_TIMEOUT = 60.0  # seconds a daemon may take to log what a test waits for (a background pass's end)
+EXIT_TIMEOUT = 10.0  # seconds a daemon may take to exit once its mount is gone
 _POLL_S = 0.01
+_LOG_POLL_S = 0.05
 
 Command = Sequence[str | Path]
 
@@ -65,6 +68,23 @@ class Mount:
 
     def stderr_text(self) -> str:
         return self.stderr.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = LOG_TIMEOUT, fails_on: Sequence[str] = ()) -> str:
+        """Return the daemon's log once it holds `text`. Fail with the log as soon as the daemon has ended
+        or the log holds one of `fails_on` without `text`, or after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.stderr_text()):
+            assert self.process.poll() is None, log
+            assert not [fail for fail in fails_on if fail in log], log
+            assert time.monotonic() < deadline, f"no {text!r} in the log:\n{log}"
+            time.sleep(_LOG_POLL_S)
+        return log
+
+    def unmount(self, timeout: float = EXIT_TIMEOUT) -> int:
+        """Unmount with `fusermount3 -u` (not lazily: it fails while the mount is busy), then wait for the
+        daemon to exit; return its exit status."""
+        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=True)
+        return self.process.wait(timeout)
 
 
 MountFactory = Callable[..., Mount]
@@ -213,6 +233,18 @@ def loop_device(image: Path) -> Iterator[str]:
         yield device
     finally:
         subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def read_only_bind(directory: Path, view: Path) -> Iterator[Path]:
+    """Bind-mount `directory` read-only on `view` (root only): a place where nothing can be written, with
+    a writable way in beside it; unmounted (lazily) at the end."""
+    subprocess.run(["mount", "--bind", directory, view], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", view], check=True)
+        yield view
+    finally:
+        subprocess.run(["umount", "-l", view], check=False)
 
 
 def status_kib(pid: int | str, key: str) -> int:

@@ -1,7 +1,7 @@
 """The storage under the archive fails some reads (bad sectors): those image reads fail, all others work.
 
-The archive sits on tests/faultyfs.py, a FUSE file system that returns EIO for chosen byte ranges of the
-file and bypasses the page cache. The issue suggested device-mapper's `error` target over a loop device;
+The archive sits on tests/kit/faultyfs.py, a FUSE file system that returns EIO for chosen byte ranges of
+the file and bypasses the page cache. device-mapper's `error` target over a loop device would do too, but
 this machine's kernel has no device-mapper (no /dev/mapper/control, no dm_mod), and a FUSE file system
 needs nothing but what the other mount tests need. The oracle is the sample image's own bytes.
 """

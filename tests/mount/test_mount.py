@@ -438,7 +438,7 @@ def test_bad_archive_fails_with_one_line_and_mounts_nothing(mode: list[str], tmp
 def test_unsupported_compression_is_refused_with_how_to_decompress(
     sample_archive: Path, tmp_path: Path
 ) -> None:
-    archive = tmp_path / "img.tar.lz4"  # gzip, zstd, xz and bzip2 mount: test_compressed_mount.py
+    archive = tmp_path / "img.tar.lz4"  # gzip, zstd, xz and bzip2 mount: sources/test_compressed_mount.py
     archive.write_bytes(b"\x04\x22\x4d\x18" + sample_archive.read_bytes())
     (mountpoint := tmp_path / "mnt").mkdir()
     try:

@@ -53,7 +53,7 @@ def fuse_conf(user_allow_other: bool) -> Iterator[None]:
     """Make /etc/fuse.conf allow `-o allow_other` for users, or not; put the original back afterwards."""
     original = FUSE_CONF.read_bytes() if FUSE_CONF.exists() else None
     FUSE_CONF.write_text(
-        "# written by tarfuse's tests/test_security.py\n" + "user_allow_other\n" * user_allow_other
+        "# written by tarfuse's tests/mount/test_security.py\n" + "user_allow_other\n" * user_allow_other
     )
     try:
         yield

@@ -1,4 +1,4 @@
-"""tarfuse.eventloop: the request wait and the lock it gives pyfuse3, and that pyfuse3 still takes them.
+"""serve/eventloop.py: the request wait and the lock it gives pyfuse3, and that pyfuse3 still takes them.
 
 eventloop replaces pyfuse3's module attribute `trio`, an internal hook (pyfuse3.asyncio uses it); if a pyfuse3
 release stopped reading it, tarfuse would silently lose its readahead hook and its fast loop. The last test
@@ -144,7 +144,7 @@ def test_pyfuse3_still_waits_for_requests_through_the_installed_facade(tmp_path:
     )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) > 0, (
-        "pyfuse3 no longer reads its module attribute `trio`: tarfuse.eventloop has no effect "
+        "pyfuse3 no longer reads its module attribute `trio`: tarfuse.serve.eventloop has no effect "
         "(no readahead hook, no direct loop); see the pin in pyproject.toml"
     )
 

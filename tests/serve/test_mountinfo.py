@@ -1,4 +1,4 @@
-"""tarfuse.mountinfo, the one reader of /proc/self/mountinfo, on names that need its escapes."""
+"""serve/mountinfo.py, the one reader of /proc/self/mountinfo, on names that need its escapes."""
 
 import subprocess
 from pathlib import Path

@@ -11,38 +11,19 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kit.mounts import MountFactory, is_mounted, loop_device, tarfuse_command, unmount
 from kit.needs import require_tool
 from kit.sample import SampleImage
-from kit.users import User, run_as, temporary_user
+from kit.users import User, run_as
 
 from tarfuse.sources import opening, sidefiles
 
 DEADLINE = 20.0  # seconds a refusal may take, far above what it needs; a FIFO used to block for ever
 SECRET = b"root's secret, not the user's. " * 64
 OPENED_AS = "opened with the rights of"
-
-
-@pytest.fixture(scope="module")
-def user() -> Iterator[User]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: root opening another user's path is what is tested")
-    with temporary_user() as made:
-        yield made
-
-
-@pytest.fixture
-def top() -> Iterator[Path]:
-    """A root-owned 0755 directory outside pytest's 0700 tmp_path, so that the user can reach into it."""
-    path = Path(tempfile.mkdtemp(prefix="tarfuse-rights-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

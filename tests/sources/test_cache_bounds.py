@@ -9,19 +9,15 @@ the cache directory.
 import fcntl
 import json
 import os
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kit.archives import repeated_block_tar_zst
-from kit.mounts import Mount, MountFactory
+from kit.mounts import MountFactory
 
 from tarfuse.sources import cachedir
 
 MiB = 1 << 20
-TIMEOUT = 60.0
 
 
 @pytest.fixture
@@ -133,43 +129,6 @@ def test_the_sweep_touches_nothing_but_its_own_names(tmp_path: Path, cache: Path
 # --- real mounts -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def read_only(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """(rw, ro): a directory and a read-only bind mount of it; an archive in ro keeps its index in the
-    cache directory. Unmounted after the test's tarfuse mounts."""
-    if os.getuid() != 0:
-        pytest.skip("a bind mount needs root")
-    (rw := tmp_path / "rw").mkdir()
-    (ro := tmp_path / "ro").mkdir()
-    subprocess.run(["mount", "--bind", rw, ro], check=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", ro], check=True)
-        yield rw, ro
-    finally:
-        subprocess.run(["umount", "-l", ro], check=False)
-
-
-@pytest.fixture
-def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The cache directory of this test's daemons ($XDG_CACHE_HOME/tarfuse)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    return tmp_path / "xdg" / "tarfuse"
-
-
-def wait_for_log(live: Mount, text: str) -> str:
-    deadline = time.monotonic() + TIMEOUT
-    while text not in (log := live.stderr_text()):
-        assert live.process.poll() is None, log
-        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{log}"
-        time.sleep(0.05)
-    return log
-
-
-def unmount(live: Mount) -> None:
-    subprocess.run(["fusermount3", "-u", live.mountpoint], check=True)
-    live.process.wait(10)
-
-
 def spills(cache: Path) -> list[str]:
     return sorted(p.name for p in cache.glob("*.tarfuse-spill.zst"))
 
@@ -182,12 +141,12 @@ def test_a_touched_archive_leaves_no_second_spill_in_the_cache(
     data = repeated_block_tar_zst(rw / "vm.tar.zst", 2)
     (served := tmp_path / "mnt").mkdir()
     first = mount(ro / "vm.tar.zst", served)
-    wait_for_log(first, "index saved")
-    unmount(first)
+    first.wait_for_log("index saved")
+    first.unmount()
     (old,) = spills(user_cache)
     os.utime(rw / "vm.tar.zst")  # touch: another version of the archive for the next mount
     second = mount(ro / "vm.tar.zst", served)
-    log = wait_for_log(second, "index saved")
+    log = second.wait_for_log("index saved")
     assert f"removed {old.split('.')[0]}" in log
     assert "changed since" in log
     assert len(spills(user_cache)) == 1
@@ -205,15 +164,15 @@ def test_a_running_mount_keeps_its_entry_whatever_the_sweep_of_another(
     (a := tmp_path / "a").mkdir()
     (b := tmp_path / "b").mkdir()
     running = mount(ro / "a.tar.zst", a)
-    wait_for_log(running, "index saved")
+    running.wait_for_log("index saved")
     (held,) = user_cache.glob("*.tarfuse-index")
     (rw / "a.tar.zst").unlink()  # gone, while its mount reads it through its descriptor
     other = mount(ro / "b.tar.zst", b, "-o", "cache_max=1")
-    wait_for_log(other, "index saved")
+    other.wait_for_log("index saved")
     assert held.exists(), other.stderr_text()  # neither gone nor least recently used: in use
     assert (a / "disk.raw").read_bytes() == data
-    unmount(running)
-    unmount(other)
+    running.unmount()
+    other.unmount()
     third = mount(ro / "b.tar.zst", b)
-    assert f"removed {held.name.split('.')[0]}" in wait_for_log(third, "is gone")
+    assert f"removed {held.name.split('.')[0]}" in third.wait_for_log("is gone")
     assert not held.exists()

@@ -6,13 +6,11 @@ user runs it.
 """
 
 import json
-import os
 import random
 import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,41 +43,6 @@ def write_tar_zst(out: Path) -> None:
     subprocess.run(["zstd", "-q", "--single-thread", "--rm", "-o", out, raw], check=True)
 
 
-@pytest.fixture
-def read_only(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """(rw, ro): a directory and a read-only bind mount of it, unmounted after the test's tarfuse mounts."""
-    if os.getuid() != 0:
-        pytest.skip("a bind mount needs root")
-    (rw := tmp_path / "rw").mkdir()
-    (ro := tmp_path / "ro").mkdir()
-    subprocess.run(["mount", "--bind", rw, ro], check=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", ro], check=True)
-        yield rw, ro
-    finally:
-        subprocess.run(["umount", "-l", ro], check=False)
-
-
-@pytest.fixture
-def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The cache directory of this test's processes ($XDG_CACHE_HOME/tarfuse)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    return tmp_path / "xdg" / "tarfuse"
-
-
-def wait_for_log(live: Mount, text: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while text not in (log := live.stderr_text()):
-        assert live.process.poll() is None, log
-        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{log}"
-        time.sleep(0.05)
-
-
-def unmount(live: Mount) -> None:
-    subprocess.run(["fusermount3", "-u", live.mountpoint], check=True)
-    live.process.wait(10)
-
-
 def mounted_with_cache_entry(
     read_only: tuple[Path, Path], mount: MountFactory, tmp_path: Path
 ) -> tuple[Path, Mount]:
@@ -88,7 +51,7 @@ def mounted_with_cache_entry(
     write_tar_zst(rw / "vm.tar.zst")
     (served := tmp_path / "mnt").mkdir()
     live = mount(ro / "vm.tar.zst", served)
-    wait_for_log(live, "index saved")
+    live.wait_for_log("index saved")
     return ro / "vm.tar.zst", live
 
 
@@ -137,7 +100,7 @@ def test_prune_keeps_an_entry_in_use_and_removes_it_after_unmount(
     assert "in use by a mount" in kept.stdout
     assert kept.stdout.splitlines()[-1] == f"freed 0 in {user_cache}"
     assert {"rw": tree(rw), "xdg": tree(user_cache.parent)} == before
-    unmount(live)
+    live.unmount()
     size = json.loads(tarfuse("--cache", "--json").stdout)["size"]
     pruned = tarfuse("--cache", "--prune")
     assert pruned.returncode == 0, pruned.stderr

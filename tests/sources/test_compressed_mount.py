@@ -13,7 +13,7 @@ import pytest
 from kit import tarbuilder as tb
 from kit.archives import gce_tarball
 from kit.ext4 import make_ext4_image, read_payload_through_loop
-from kit.mounts import Mount, MountFactory, status_kib, tarfuse_command
+from kit.mounts import MountFactory, status_kib, tarfuse_command
 from kit.needs import make_archive, require_tool
 from kit.sample import SampleImage
 
@@ -40,8 +40,7 @@ def test_the_second_mount_uses_the_saved_index(
     while not index.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert index.exists(), first.stderr_text()
-    subprocess.run(["fusermount3", "-u", str(served)], check=True)
-    first.process.wait(10)
+    first.unmount()
     second = mount(archive, served)
     assert (served / "disk.raw").read_bytes() == sample_image.data
     assert "loaded index" in second.stderr_text()
@@ -65,8 +64,7 @@ def test_the_second_mount_of_a_one_frame_archive_serves_from_the_spill(
     assert spill.exists(), first.stderr_text()
     assert "reads are served from it" in first.stderr_text()
     assert (served / "disk.raw").read_bytes() == sample_image.data
-    subprocess.run(["fusermount3", "-u", str(served)], check=True)
-    first.process.wait(10)
+    first.unmount()
     second = mount(archive, served)
     assert (served / "disk.raw").read_bytes() == sample_image.data
     assert f"reads are served from the spill {spill}" in second.stderr_text()
@@ -150,10 +148,10 @@ COPY_SIZE = 1 << 20
 
 
 def appended_copies(tmp_path: Path, name: str) -> tuple[Path, list[bytes]]:
-    """`tar -r` the same path three times with other content, then gzip: as issue 12 found archives.
+    """`tar -r` the same path three times with other content, then gzip: archives as tar -r leaves them.
 
     Each copy is 512 bytes longer than the one before: a mount that has read nothing serves a later copy
-    of the same size instead (tests/test_duplicate_member.py); one of another size, whose first size a
+    of the same size instead (test_duplicate_member.py); one of another size, whose first size a
     stat may have shown, fails reads as below."""
     tree = tmp_path / "tree"
     (tree / "foo" / "fighter").mkdir(parents=True)
@@ -168,14 +166,6 @@ def appended_copies(tmp_path: Path, name: str) -> tuple[Path, list[bytes]]:
     return plain.with_name("ufo.tar.gz"), contents
 
 
-def wait_for_log(mounted: Mount, text: str) -> str:
-    deadline = time.monotonic() + 20
-    while text not in (log := mounted.stderr_text()):
-        assert time.monotonic() < deadline, log
-        time.sleep(0.05)
-    return log
-
-
 @pytest.mark.parametrize(("name", "options"), [("ufo.img", ()), ("ufo", ("-o", "member=foo/fighter/ufo"))])
 def test_a_compressed_archive_whose_image_is_replaced_later_never_serves_the_first_copy_unsaid(
     mount: MountFactory, tmp_path: Path, name: str, options: tuple[str, ...]
@@ -183,15 +173,14 @@ def test_a_compressed_archive_whose_image_is_replaced_later_never_serves_the_fir
     archive, contents = appended_copies(tmp_path, name)
     (served := tmp_path / "mnt").mkdir()
     first = mount(archive, served, *options)
-    log = wait_for_log(first, "index saved")
+    log = first.wait_for_log("index saved")
     assert f"a later member named 'foo/fighter/{name}' replaces the one this mount served" in log
     assert "unmount and mount again" in log
     with pytest.raises(OSError, match="Input/output error") as failed:
         (served / name).read_bytes()
     assert failed.value.errno == errno.EIO
 
-    subprocess.run(["fusermount3", "-u", str(served)], check=True)
-    first.process.wait(10)
+    first.unmount()
     second = mount(archive, served, *options)
     assert (served / name).read_bytes() == contents[-1]  # what tar -x leaves
     assert "replaces" not in second.stderr_text()
@@ -203,7 +192,7 @@ def test_without_an_index_the_message_says_a_new_mount_would_not_help(
     archive, _ = appended_copies(tmp_path, "ufo.img")
     (served := tmp_path / "mnt").mkdir()
     mounted = mount(archive, served, "-o", "noindex")
-    log = wait_for_log(mounted, "replaces the one this mount served")
+    log = mounted.wait_for_log("replaces the one this mount served")
     assert "a new mount would serve the first copy again: mount it with an index kept" in log
     with pytest.raises(OSError, match="Input/output error") as failed:
         (served / "ufo.img").read_bytes()
@@ -221,7 +210,7 @@ def test_damage_after_the_served_member_of_a_compressed_archive_fails_reads(
     archive.write_bytes(gzip.compress(tar))
     (served := tmp_path / "mnt").mkdir()
     mounted = mount(archive, served, "-o", "noindex")
-    log = wait_for_log(mounted, "reads fail from now on")
+    log = mounted.wait_for_log("reads fail from now on")
     assert "the archive is damaged after the member this mount serves (bad header checksum" in log
     with pytest.raises(OSError, match="Input/output error"):
         (served / "disk.img").read_bytes()
@@ -236,7 +225,7 @@ def test_a_plain_archive_with_the_image_three_times_serves_the_last(
     assert (served / "ufo.img").read_bytes() == contents[-1]
 
 
-MEMORY_CEILING_KIB = 256 * 1024  # issue 11: any archive, at any point of a mount's life
+MEMORY_CEILING_KIB = 256 * 1024  # the ceiling: any archive, at any point of a mount's life
 
 
 @pytest.mark.parametrize(("suffix", "command"), [("gz", ["gzip", "-1"]), ("zst", ["zstd", "-q", "-1"])])

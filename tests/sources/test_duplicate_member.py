@@ -11,18 +11,16 @@ import errno
 import os
 import random
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from kit.httpserver import RangeServer
-from kit.mounts import Mount, MountFactory
+from kit.mounts import MountFactory
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("no_proxy_from_outside", "private_cache")]
 
 MiB = 1 << 20
 COPY_SIZE = MiB
-WAIT = 30.0  # seconds: a deadline for what the daemon logs, never a pause
 
 
 def appended(tmp_path: Path, name: str, copies: list[bytes], between: bytes = b"") -> Path:
@@ -47,14 +45,6 @@ def extracted(archive: Path, name: str, where: Path) -> bytes:
     return (where / name).read_bytes()
 
 
-def wait_for_log(mounted: Mount, text: str) -> str:
-    deadline = time.monotonic() + WAIT
-    while text not in (log := mounted.stderr_text()):
-        assert time.monotonic() < deadline, log
-        time.sleep(0.05)
-    return log
-
-
 def test_a_later_copy_found_before_any_read_is_served_as_tar_x_leaves_it(
     mount: MountFactory, tmp_path: Path
 ) -> None:
@@ -62,7 +52,7 @@ def test_a_later_copy_found_before_any_read_is_served_as_tar_x_leaves_it(
     archive = appended(tmp_path, "disk.img", copies)
     (served := tmp_path / "mnt").mkdir()
     mounted = mount(archive, served, "-o", "noindex")
-    log = wait_for_log(mounted, "index complete")  # the pass has ended; nothing was read
+    log = mounted.wait_for_log("index complete")  # the pass has ended; nothing was read
     assert "replaces the first, as tar -x would" in log
     assert (served / "disk.img").read_bytes() == extracted(archive, "disk.img", tmp_path / "x") == copies[1]
     assert "reads fail" not in mounted.stderr_text()
@@ -74,7 +64,7 @@ def test_a_later_copy_of_another_size_still_fails_reads(mount: MountFactory, tmp
     archive = appended(tmp_path, "disk.img", copies)
     (served := tmp_path / "mnt").mkdir()
     mounted = mount(archive, served, "-o", "noindex")
-    wait_for_log(mounted, "replaces the one this mount served")
+    mounted.wait_for_log("replaces the one this mount served")
     with pytest.raises(OSError, match="Input/output error") as failed:
         (served / "disk.img").read_bytes()
     assert failed.value.errno == errno.EIO
@@ -96,7 +86,7 @@ def test_a_later_copy_found_after_a_read_fails_reads_with_eio(
             assert image.read(COPY_SIZE) == copies[0]  # answered before the pass can know of a later copy
             assert "replaces" not in mounted.stderr_text()
             server.release("twice.tar.gz")
-            log = wait_for_log(mounted, "replaces the one this mount served")
+            log = mounted.wait_for_log("replaces the one this mount served")
             assert "replaces the first" not in log
             os.posix_fadvise(image.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # read again, not the cache
             with pytest.raises(OSError, match="Input/output error") as failed:

@@ -6,7 +6,6 @@ The archives are made from one compressed piece repeated (gzip members, zstd fra
 may follow one another), so a 512 MiB image costs a few MB and well under a second to make.
 """
 
-import bz2
 import concurrent.futures
 import functools
 import gc
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import pyzstd
-from kit.fuzz import engine, pool
+from kit.fuzz import engine, pool, ratio
 from kit.fuzz.engine import Case
 from kit.fuzz.ratio import make_ratio_seeds
 from kit.fuzz.seeds import Seed
@@ -38,24 +37,13 @@ PIECE = 32 << 20  # zeros compressed once, repeated
 IMAGE_SIZE = 16 * PIECE  # 512 MiB of zeros: more than rapidgzip's 2 MiB chunks held, before the budget
 
 
-def _gzip(data: bytes) -> bytes:
-    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
-    return compressor.compress(data) + compressor.flush()
-
-
-def _zstd(data: bytes) -> bytes:
-    return pyzstd.compress(data, 3)
-
-
-def _xz(data: bytes) -> bytes:
-    return lzma.compress(data, format=lzma.FORMAT_XZ, preset=9)  # a 64 MiB dictionary: xz -9
-
-
-def _bzip2(data: bytes) -> bytes:
-    return bz2.compress(data, 9)
-
-
-COMPRESSORS: dict[str, Callable[[bytes], bytes]] = {"gz": _gzip, "zst": _zstd, "xz": _xz, "bz2": _bzip2}
+# xz -9 here, not the fuzzer's -6: a 64 MiB dictionary for the decoder to hold under the ceiling
+COMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
+    "gz": ratio.COMPRESS["gzip"],
+    "zst": ratio.COMPRESS["zstd"],
+    "xz": functools.partial(ratio.xz, preset=9),
+    "bz2": ratio.COMPRESS["bzip2"],
+}
 
 
 @functools.cache
@@ -63,17 +51,11 @@ def _zeros(suffix: str) -> bytes:
     return COMPRESSORS[suffix](bytes(PIECE))
 
 
-def _header(size: int) -> bytes:
-    info = tarfile.TarInfo("disk.img")
-    info.size, info.mtime = size, 1_700_000_000
-    return info.tobuf(tarfile.GNU_FORMAT)
-
-
 def zeros_tar(path: Path, suffix: str) -> Path:
     """A tar of one zero-filled image, IMAGE_SIZE bytes, compressed in pieces: header, zeros, end blocks."""
     compress = COMPRESSORS[suffix]
     with path.open("wb") as out:
-        out.write(compress(_header(IMAGE_SIZE)))
+        out.write(compress(ratio.header(IMAGE_SIZE, "disk.img")))
         for _ in range(IMAGE_SIZE // PIECE):
             out.write(_zeros(suffix))
         out.write(compress(bytes(1024)))
@@ -123,17 +105,8 @@ def _refusal(archive: Path, mountpoint: Path, *options: str) -> str:
     return lines[0]
 
 
-def long_window_zstd(path: Path) -> Path:
-    """`zstd --long=27` of a small tar: streamed, so its frame declares the full 128 MiB window."""
-    options = {pyzstd.CParameter.windowLog: 27, pyzstd.CParameter.enableLongDistanceMatching: 1}
-    compressor = pyzstd.ZstdCompressor(options)
-    data = _header(1 << 20) + bytes(range(256)) * 4096 + bytes(1024)
-    path.write_bytes(compressor.compress(data) + compressor.flush())
-    return path
-
-
 def test_a_zstd_window_past_the_budget_is_refused_with_one_line(mount: MountFactory, tmp_path: Path) -> None:
-    archive = long_window_zstd(tmp_path / "long.tar.zst")
+    (archive := tmp_path / "long.tar.zst").write_bytes(ratio.long_window_zstd("disk.img"))
     line = _refusal(archive, tmp_path / "mnt")
     assert "128 MiB" in line, line
     assert "-o decoder_memory=SIZE" in line, line
@@ -142,24 +115,8 @@ def test_a_zstd_window_past_the_budget_is_refused_with_one_line(mount: MountFact
     assert (served / "disk.img").read_bytes() == bytes(range(256)) * 4096
 
 
-def patched_dictionary_xz(path: Path) -> Path:
-    """An xz of a small tar whose block header declares a 4 GiB dictionary (LZMA2 property byte 40), its
-    header CRC32 made right again: liblzma would allocate what it says."""
-    data = _header(1 << 20) + random.Random(5).randbytes(1 << 20) + bytes(1024)
-    stream = bytearray(lzma.compress(data, format=lzma.FORMAT_XZ, filters=[{"id": lzma.FILTER_LZMA2}]))
-    start = 12  # the stream header; then the block header: its size, flags, one filter (LZMA2, 1 property)
-    size = (stream[start] + 1) * 4
-    assert stream[start + 1] & 0x03 == 0, bytes(stream[:32])
-    assert stream[start + 2 : start + 4] == b"\x21\x01", bytes(stream[:32])
-    stream[start + 4] = 40  # dictionary 4 GiB - 1
-    crc = zlib.crc32(stream[start : start + size - 4]).to_bytes(4, "little")
-    stream[start + size - 4 : start + size] = crc
-    path.write_bytes(bytes(stream))
-    return path
-
-
 def test_an_xz_dictionary_past_the_budget_is_refused_with_one_line(tmp_path: Path) -> None:
-    archive = patched_dictionary_xz(tmp_path / "huge-dictionary.tar.xz")
+    (archive := tmp_path / "huge-dictionary.tar.xz").write_bytes(ratio.patched_dictionary_xz("disk.img"))
     line = _refusal(archive, tmp_path / "mnt")
     assert "xz block" in line, line
     assert "-o decoder_memory=SIZE" in line, line
@@ -189,7 +146,7 @@ def test_the_fuzzers_high_ratio_seeds_are_served_or_refused_under_the_ceiling() 
     """Every high-ratio seed of the fuzzer (kit/fuzz/ratio.py), mounted in fuzz workers: served, or
     refused where it asks for more decoder memory than the budget, the peak RSS under 256 MiB."""
     seeds = make_ratio_seeds()
-    corpus = _RatioSeedsOnly([Seed("tiny", _header(0) + bytes(1024))], high_ratio=seeds)
+    corpus = _RatioSeedsOnly([Seed("tiny", ratio.header(0, "disk.img") + bytes(1024))], high_ratio=seeds)
     summary = pool.run(corpus, pool.Config(cases=len(seeds), jobs=2, compare_every=0, batch=1))
     assert not summary.findings, "\n\n".join(f"{f.headline()}\n{f.detail}" for f in summary.findings)
     outcomes = summary.outcomes
@@ -282,7 +239,9 @@ def test_closed_xz_sources_leave_no_dictionary_behind(tmp_path: Path) -> None:
     objects refer to one another, so each closed one kept its dictionary until the cyclic collector ran.
     Twenty sources opened, read and closed must not hold twenty dictionaries (8 MiB each, at xz -6)."""
     archive = tmp_path / "zeros.tar.xz"
-    archive.write_bytes(lzma.compress(_header(32 << 20) + bytes(32 << 20) + bytes(1024), preset=6))
+    archive.write_bytes(
+        lzma.compress(ratio.header(32 << 20, "disk.img") + bytes(32 << 20) + bytes(1024), preset=6)
+    )
     resident_mib = [0] * 20
     gc.disable()  # the collector must not run by chance: what is freed, close() freed
     try:

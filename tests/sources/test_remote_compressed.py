@@ -77,8 +77,7 @@ def index_on_first_mount(mount: MountFactory, url: str, served: Path, tmp_path: 
     """Mount `url` until its background pass has saved the index, then unmount."""
     first = mount(url, served)
     assert len(wait_for_index(tmp_path)) == 1, first.stderr_text()
-    subprocess.run(["fusermount3", "-u", str(served)], check=True)
-    first.process.wait(10)
+    first.unmount()
 
 
 # --- in-process --------------------------------------------------------------------------------------
@@ -250,7 +249,7 @@ def test_the_first_mount_of_a_remote_seekable_tar_zst_fetches_only_what_is_read(
 def test_a_live_mount_of_a_remote_tar_gz_stays_under_the_memory_ceiling(
     server: RangeServer, mount: MountFactory, tmp_path: Path
 ) -> None:
-    """Issue 11's ceiling (256 MiB at any point of a mount's life) over http(s), where the block cache
+    """The memory ceiling (256 MiB at any point of a mount's life) over http(s), where the block cache
     and the chunk cache share one budget: read whole while the pass runs, at random, then whole again."""
     plain = random_tar(96 * MiB)
     url = server.put("big.tar.gz", compress(plain, ["gzip", "-1", "-c"]))

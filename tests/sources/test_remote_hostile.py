@@ -122,7 +122,7 @@ def test_content_range_that_is_not_plain_digits_is_refused(
 def test_list_of_a_server_claiming_600_mib_stays_under_the_memory_ceiling(
     server: RangeServer, gib_file: Path, tmp_path: Path
 ) -> None:
-    # The case: "bytes 0-629145599/..." with 600 MiB of body made --list peak at 1.2 GiB.
+    # "bytes 0-629145599/..." with 600 MiB of body made --list peak at 1.2 GiB: the body has a bound.
     url = server.put("vm.tar", gib_file)
     server.faults.claim = 600 * MiB
     result, peak = run_tarfuse_measuring_peak_rss("--list", url, scratch=tmp_path)

@@ -1,7 +1,7 @@
 """Side files (seek index, spill) as root, next to archives in directories other users can change.
 
-Each attack of issue 11 ("Files tarfuse writes") with a real throwaway user: symbolic links planted at the
-names root writes, an index and a spill planted beside root's archive, world-readable side files of a
+Each attack on the files tarfuse writes, with a real throwaway user: symbolic links planted at the names
+root writes, an index and a spill planted beside root's archive, world-readable side files of a
 private archive, a killed daemon's temporary spill, a cache directory in another user's tree. The
 archives are single-frame zstd, which gets both an index file and a spill; mounts are real, run as root.
 """
@@ -16,10 +16,9 @@ import stat
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ import pyzstd
 from kit.mounts import MountFactory
 from kit.needs import make_archive, require_root, require_tool
 from kit.sample import SampleImage
-from kit.users import User, temporary_user
+from kit.users import User
 
 from tarfuse import passes
 from tarfuse.sources import index, sidefiles
@@ -48,22 +47,6 @@ def one_frame(sample_image: SampleImage, tmp_path_factory: pytest.TempPathFactor
     plain = make_archive("oldgnu", sample_image.path, tmp_path_factory.mktemp("zst") / "vm.tar")
     subprocess.run(["zstd", "-q", "--rm", str(plain)], check=True)
     return plain.with_name("vm.tar.zst")
-
-
-@pytest.fixture(scope="module")
-def user() -> Iterator[User]:
-    require_root()
-    with temporary_user() as made:
-        yield made
-
-
-@pytest.fixture
-def top() -> Iterator[Path]:
-    """A root-owned 0755 directory outside pytest's 0700 tmp_path, so that a user can reach into it."""
-    path = Path(tempfile.mkdtemp(prefix="tarfuse-sidefiles-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def users_directory(top: Path, user: User, name: str = "shared") -> Path:

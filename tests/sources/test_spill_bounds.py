@@ -10,13 +10,12 @@ and would be as large as the tar. Small file systems are real tmpfs mounts (root
 import os
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kit.archives import repeated_block_tar_zst
-from kit.mounts import Mount, MountFactory, daemon_mount, tarfuse_command
+from kit.mounts import MountFactory, daemon_mount, tarfuse_command
 from kit.needs import require_tool
 
 from tarfuse.sources import spill
@@ -24,19 +23,7 @@ from tarfuse.sources import spill
 pytestmark = pytest.mark.fuse
 
 MiB = 1 << 20
-PASS_TIMEOUT = 60.0
-
-
-def wait_for_log(live: Mount, text: str) -> str:
-    """The daemon's log once it holds `text` (the pass logs its end); fail with the log as soon as the
-    pass failed the mount, or after a while."""
-    deadline = time.monotonic() + PASS_TIMEOUT
-    while text not in (log := live.stderr_text()):
-        assert live.process.poll() is None, log
-        assert "reads fail from now on" not in log, log
-        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{log}"
-        time.sleep(0.05)
-    return log
+PASS_FAILED = ["reads fail from now on"]  # the pass failed the mount
 
 
 def assert_no_spill_left(directory: Path) -> None:
@@ -78,7 +65,7 @@ def test_a_spill_past_spill_max_stops_there_and_is_removed(mount: MountFactory, 
     data = repeated_block_tar_zst(archive, 24)  # 36 MiB of tar
     (served := tmp_path / "mnt").mkdir()
     live = mount(archive, served, "-o", "spill_max=8M")
-    log = wait_for_log(live, "index complete")
+    log = live.wait_for_log("index complete", fails_on=PASS_FAILED)
     stopped = re.search(r"no spill: the spill stopped at (\d+) MiB, at its bound of 8 MiB", log)
     assert stopped is not None, log
     assert int(stopped[1]) <= 8
@@ -95,7 +82,7 @@ def test_the_noindex_spill_has_the_same_bound(
     data = repeated_block_tar_zst(archive, 24)
     (served := tmp_path / "mnt").mkdir()
     live = mount(archive, served, "-o", "noindex,spill_max=8M")
-    log = wait_for_log(live, "index complete")
+    log = live.wait_for_log("index complete", fails_on=PASS_FAILED)
     assert "no spill: the spill stopped at" in log
     assert "spill complete" not in log
     assert (served / "disk.raw").read_bytes() == data
@@ -109,7 +96,7 @@ def test_a_spill_leaves_its_file_system_a_reserve(
     data = repeated_block_tar_zst(archive, 16)  # 24 MiB of tar, on a 16 MiB file system
     (served := tmp_path / "mnt").mkdir()
     live = mount(archive, served)
-    log = wait_for_log(live, "index complete")
+    log = live.wait_for_log("index complete", fails_on=PASS_FAILED)
     assert "no spill: the spill stopped at" in log
     assert "its file system keeps 2 MiB free" in log  # a tenth of 16 MiB, rounded
     assert_no_spill_left(small_fs)
@@ -129,7 +116,7 @@ def test_a_full_file_system_means_no_spill_and_right_reads(
     (small_fs / "filler").write_bytes(bytes(fs.f_bavail * fs.f_frsize - room))
     (served := tmp_path / "mnt").mkdir()
     live = mount(archive, served)
-    log = wait_for_log(live, "index complete")
+    log = live.wait_for_log("index complete", fails_on=PASS_FAILED)
     assert "no spill: its file system is full" in log
     assert_no_spill_left(small_fs)
     assert (served / "disk.raw").read_bytes() == data
@@ -143,7 +130,7 @@ def test_a_file_size_limit_means_no_spill_and_right_reads(tmp_path: Path) -> Non
     (served := tmp_path / "mnt").mkdir()
     limited = ["prlimit", f"--fsize={4 * MiB}", *tarfuse_command("-f", archive, served)]  # ulimit -f
     with daemon_mount(limited, served) as live:
-        log = wait_for_log(live, "index complete")
+        log = live.wait_for_log("index complete", fails_on=PASS_FAILED)
         assert "no spill: the file size limit is reached (ulimit -f)" in log
         assert_no_spill_left(tmp_path)
         assert (served / "disk.raw").read_bytes() == data

@@ -1,4 +1,4 @@
-"""Whatever the image comes wrapped in (issue 14): bare compressed images, dictzip, a compressed member of a
+"""Whatever the image comes wrapped in: bare compressed images, dictzip, a compressed member of a
 tar, an image given as it is; each made by the real tool and served through a real mount, byte for byte.
 """
 

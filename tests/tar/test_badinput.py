@@ -369,7 +369,7 @@ def _zst_with_long_name(path: Path, claimed: int) -> None:
 
 
 def test_list_of_a_small_zst_claiming_a_huge_long_name(tmp_path: Path) -> None:
-    # Issue 11: an 84 KB .tar.zst with a 512 MiB 'L' header made `tarfuse --list` peak at 1.5 GiB.
+    # An 84 KB .tar.zst with a 512 MiB 'L' header made `tarfuse --list` peak at 1.5 GiB: names have a bound.
     archive_path = tmp_path / "long.tar.zst"
     _zst_with_long_name(archive_path, 256 << 20)
     assert archive_path.stat().st_size < 100_000

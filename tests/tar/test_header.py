@@ -1,4 +1,4 @@
-"""tarheader: number fields, checksums, header fields and PAX records, one block at a time."""
+"""tar/header.py: number fields, checksums, header fields and PAX records, one block at a time."""
 
 import contextlib
 

@@ -1,8 +1,8 @@
 """Archives that tar programs forgive: each served as GNU tar -x leaves it, or refused with the reason.
 
-Issue 12. Every case is built here, with GNU tar, tarfile or header bytes, and the served bytes are compared
-with the file that `tar -x` (GNU tar 1.34) extracts; a few cases go through a real mount as well. Beside
-each case: what GNU tar, bsdtar 3.6 (libarchive) and tarfile (Python 3.11) do with it, as run by hand.
+Every case is built here, with GNU tar, tarfile or header bytes, and the served bytes are compared with
+the file that `tar -x` (GNU tar 1.34) extracts; a few cases go through a real mount as well. Beside each
+case: what GNU tar, bsdtar 3.6 (libarchive) and tarfile (Python 3.11) do with it, as run by hand.
 """
 
 import io
@@ -68,7 +68,7 @@ def mounted_file(mount: MountFactory, data: bytes, tmp_path: Path, *options: str
 # ---- headers whose size field is not data ----------------------------------------------------------
 # Some old tars write a size for hard links; GNU tar lists the link with size 0 and extracts fine.
 # GNU tar -x, bsdtar and tarfile: no data for 1-6, the next header follows at once (GNU tar -t does skip
-# the size of 2, 3, 4 and 6, and says "Skipping to next header"). '5' was already right before issue 12.
+# the size of 2, 3, 4 and 6, and says "Skipping to next header"). '5' was right before the others were.
 
 
 @pytest.mark.parametrize("typeflag", NO_DATA, ids=[name for name, _ in NO_DATA.values()])
@@ -309,7 +309,8 @@ def test_unusable_mtime_is_a_warning_of_list(tmp_path: Path) -> None:
 
 def test_name_appended_three_times_serves_the_last_copy(tmp_path: Path) -> None:
     # tar -r appends; tar -x (GNU tar, bsdtar, tarfile) leaves the last copy. The walk and resolve_files
-    # keep the last; which copy a compressed archive serves early is image.py's (issue 12, first part).
+    # keep the last; which copy a compressed archive serves before its pass has seen the later ones is
+    # tests/sources/test_duplicate_member.py's.
     require_tool("tar")
     source = tmp_path / "src" / "foo" / "fighter"
     source.mkdir(parents=True)

@@ -44,15 +44,16 @@ def _zstd(data: bytes) -> bytes:
     return pyzstd.compress(data, 3)
 
 
-def _xz(data: bytes) -> bytes:
-    return lzma.compress(data, format=lzma.FORMAT_XZ, preset=6)
+def xz(data: bytes, preset: int = 6) -> bytes:
+    """`data` as one xz stream; preset 9 (`xz -9`) asks the decoder for a 64 MiB dictionary."""
+    return lzma.compress(data, format=lzma.FORMAT_XZ, preset=preset)
 
 
 def _bzip2(data: bytes) -> bytes:
     return bz2.compress(data, 9)
 
 
-COMPRESS: dict[str, Callable[[bytes], bytes]] = {"gzip": _gzip, "zstd": _zstd, "xz": _xz, "bzip2": _bzip2}
+COMPRESS: dict[str, Callable[[bytes], bytes]] = {"gzip": _gzip, "zstd": _zstd, "xz": xz, "bzip2": _bzip2}
 
 
 def header(size: int, name: str = "vm/disk.img") -> bytes:
@@ -69,18 +70,18 @@ def repeated(compression: str, piece: bytes, times: int) -> bytes:
     return compress(header(len(piece) * times)) + packed * times + compress(bytes(1024))
 
 
-def long_window_zstd() -> bytes:
-    """`zstd --long=27` of a small tar, streamed: its frame declares a 128 MiB window."""
+def long_window_zstd(name: str = "vm/disk.img") -> bytes:
+    """`zstd --long=27` of a small tar (one member, `name`), streamed: its frame declares a 128 MiB window."""
     options = {pyzstd.CParameter.windowLog: 27, pyzstd.CParameter.enableLongDistanceMatching: 1}
     compressor = pyzstd.ZstdCompressor(options)
-    data = header(MIB) + bytes(range(256)) * 4096 + bytes(1024)
+    data = header(MIB, name) + bytes(range(256)) * 4096 + bytes(1024)
     return bytes(compressor.compress(data) + compressor.flush())
 
 
-def patched_dictionary_xz() -> bytes:
-    """An xz of a small tar whose block header declares a 4 GiB dictionary (LZMA2 property byte 40), the
-    header's CRC32 made right again: liblzma would allocate what it says."""
-    data = header(MIB) + random.Random(5).randbytes(MIB) + bytes(1024)
+def patched_dictionary_xz(name: str = "vm/disk.img") -> bytes:
+    """An xz of a small tar (one member, `name`) whose block header declares a 4 GiB dictionary (LZMA2
+    property byte 40), the header's CRC32 made right again: liblzma would allocate what it says."""
+    data = header(MIB, name) + random.Random(5).randbytes(MIB) + bytes(1024)
     stream = bytearray(lzma.compress(data, format=lzma.FORMAT_XZ, filters=[{"id": lzma.FILTER_LZMA2}]))
     start = 12  # after the stream header: the block header's size, its flags, one filter with 1 property
     size = (stream[start] + 1) * 4

@@ -20,10 +20,11 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 BOOT_TIMEOUT = 60.0
+BootSerial = Callable[[Path, str], tuple[str, str]]  # the fixture boot_and_read_serial
 
 
 @pytest.fixture
-def boot_and_read_serial(tmp_path: Path) -> Callable[[Path, str], tuple[str, str]]:
+def boot_and_read_serial(tmp_path: Path) -> BootSerial:
     """Return `boot_and_read_serial(image, expected) -> (COM1, QEMU's output)`: boot `image` in QEMU until
     `expected` shows on COM1 (kit.qemu.boot), keeping COM1's output in com1.log of the test's tmp_path."""
 

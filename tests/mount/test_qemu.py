@@ -1,9 +1,9 @@
 """QEMU boots the sample disk straight from a tarfuse mount and its boot sector speaks on COM1."""
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from kit.fixtures import BootSerial
 from kit.mounts import MountFactory
 from kit.sample import SampleImage
 
@@ -15,7 +15,7 @@ def test_qemu_boots_the_image_from_a_directory_mount(
     sample_image: SampleImage,
     mount: MountFactory,
     tmp_path: Path,
-    boot_and_read_serial: Callable[[Path, str], tuple[str, str]],
+    boot_and_read_serial: BootSerial,
 ) -> None:
     (served := tmp_path / "mnt").mkdir()
     mount(sample_archive, served)
@@ -28,7 +28,7 @@ def test_qemu_boots_the_image_from_a_file_mountpoint(
     sample_image: SampleImage,
     mount: MountFactory,
     tmp_path: Path,
-    boot_and_read_serial: Callable[[Path, str], tuple[str, str]],
+    boot_and_read_serial: BootSerial,
 ) -> None:
     served = tmp_path / "disk.raw"
     served.touch()

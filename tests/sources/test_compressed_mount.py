@@ -6,13 +6,13 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from kit import tarbuilder as tb
 from kit.archives import gce_tarball
 from kit.ext4 import make_ext4_image, read_payload_through_loop
+from kit.fixtures import BootSerial
 from kit.mounts import MountFactory, status_kib, tarfuse_command
 from kit.needs import make_archive, require_tool
 from kit.sample import SampleImage
@@ -118,10 +118,7 @@ def test_a_corrupt_region_reads_as_eio(mount: MountFactory, tmp_path: Path) -> N
 
 
 def test_qemu_boots_from_a_mounted_tar_gz(
-    sample_image: SampleImage,
-    mount: MountFactory,
-    tmp_path: Path,
-    boot_and_read_serial: Callable[[Path, str], tuple[str, str]],
+    sample_image: SampleImage, mount: MountFactory, tmp_path: Path, boot_and_read_serial: BootSerial
 ) -> None:
     archive = gce_tarball(sample_image, tmp_path / "image.tar.gz")
     (served := tmp_path / "mnt").mkdir()

@@ -12,10 +12,10 @@ import shutil
 import subprocess
 import tarfile
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from kit.fixtures import BootSerial
 from kit.httpserver import RangeServer, serve
 from kit.mounts import MountFactory, mount_entry, tarfuse_command
 from kit.readers import in_threads, read_at_random
@@ -392,7 +392,7 @@ def test_qemu_boots_a_remote_gib_image_fetching_a_few_mib(
     gib_archive: tuple[Path, str],
     mount: MountFactory,
     tmp_path: Path,
-    boot_and_read_serial: Callable[[Path, str], tuple[str, str]],
+    boot_and_read_serial: BootSerial,
 ) -> None:
     archive, message = gib_archive
     (mnt := tmp_path / "mnt").mkdir()

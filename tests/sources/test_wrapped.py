@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from kit.ext4 import make_ext4_image, read_payload_through_loop
+from kit.fixtures import BootSerial
 from kit.httpserver import serve
 from kit.mounts import MountFactory, tarfuse_command, unmount
 from kit.needs import require_tool
@@ -437,10 +438,7 @@ def test_a_file_mount_point_needs_one_disk_and_lists_them(raw_image: Path, tmp_p
 
 @pytest.mark.fuse
 def test_qemu_boots_the_second_disk_of_a_two_disk_ova(
-    sample_image: SampleImage,
-    mount: MountFactory,
-    tmp_path: Path,
-    boot_and_read_serial: Callable[[Path, str], tuple[str, str]],
+    sample_image: SampleImage, mount: MountFactory, tmp_path: Path, boot_and_read_serial: BootSerial
 ) -> None:
     archive = tmp_path / "vm.ova"
     with tarfile.open(archive, "w") as tar:
@@ -462,7 +460,7 @@ def test_qemu_boots_the_sample_compressed(
     sample_image: SampleImage,
     mount: MountFactory,
     tmp_path: Path,
-    boot_and_read_serial: Callable[[Path, str], tuple[str, str]],
+    boot_and_read_serial: BootSerial,
 ) -> None:
     compressed = compress("xz-T2", sample_image.path, tmp_path)
     source = compressed

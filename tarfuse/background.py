@@ -15,13 +15,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from tarfuse.errors import CorruptCompressed
-from tarfuse.image.open import Image, open_first_image, open_image
+from tarfuse.image.open import Image, open_first_image
 from tarfuse.options import MountOptions
 from tarfuse.served import BackgroundJob
 from tarfuse.sources.file import Background, ByteSource, IndexHome
 from tarfuse.tar.files import Candidate
 
 if TYPE_CHECKING:
+    from tarfuse.passes import IndexingPass, VerifyPass
     from tarfuse.sources.compressed import CompressedSource
     from tarfuse.sources.dictzip import DictzipSource
 
@@ -78,31 +79,32 @@ def headers_at_hand(source: ByteSource) -> bool:
 def open_in_stream(
     source: ByteSource, options: MountOptions, where: str | None, replace: Replace | None = None
 ) -> tuple[Image, BackgroundJob | None]:
-    """Open the image of a tar whose headers are not at hand (headers_at_hand): as soon as its headers are
-    decompressed, with the pass in the background. `where`: the index's place (with_saved_index);
-    `replace`: what lets the pass serve a later member of the image's name instead, while nothing of the
-    first was read.
+    """Open the image of a tar whose headers are not at hand (headers_at_hand): as soon as the headers
+    before it are decompressed, with one pass in the background for everything else. `where`: the
+    index's place (with_saved_index); `replace`: what lets the pass serve a later member of the image's
+    name instead, while nothing of the first was read.
 
-    With a complete index (a saved one, or xz's and seekable zstd's own) every header is cheap to reach,
-    but a stream with no restart point but its start gets the pass too, for its spill. Otherwise the first
-    candidate is served, and the pass looks for others.
+    The pass reads every header on its way (other candidates are logged, a later member of the served
+    name is found) and, for a stream with no restart point but its start (one zstd frame, one xz block),
+    copies it into the spill as it goes: one pass for both, never a scan before the mount and a second
+    decompression after it. With a complete index (a saved one, or a seekable zstd's) and random
+    access, headers_at_hand is true and nothing of this is needed.
     """
     from tarfuse.passes import IndexingPass
 
     indexed = _indexed(source)
-    complete = indexed.size_known
-    opener = open_image if complete else open_first_image
-    image = opener(source.read_at, source.size, options.member, source.pread_into)
+    image = open_first_image(source.read_at, source.size, options.member, source.pread_into)
     indexing = IndexingPass(
         indexed,
         image.name,
         where,
-        scan=not complete,
-        served_header=None if complete else image.member.header_offset,
+        scan=True,
+        served_header=image.member.header_offset,
         replace=replace,
         spill_max=options.spill_max,
     )
-    return image, BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
+    indexing.announce()
+    return image, _job(indexing)
 
 
 def whole_stream_ready(source: ByteSource, options: MountOptions, say: Say) -> BackgroundJob | None:
@@ -130,8 +132,9 @@ def whole_stream_ready(source: ByteSource, options: MountOptions, say: Say) -> B
         spill_max=options.spill_max,
         max_ratio=options.max_ratio if waits else 0,
     )
+    indexing.announce()
     if not waits:  # only its spill or index to make: in the background, as for a tar
-        return BackgroundJob(indexing.run, indexing.status, lambda: indexing.progress.done)
+        return _job(indexing)
     say(f"{source.path}: the {source.compression} stream does not say its size: decompressing it once")
     indexing.quiet = True
     waiting = threading.Thread(
@@ -157,7 +160,11 @@ def check(source: ByteSource) -> BackgroundJob | None:
     from tarfuse.passes import VerifyPass
 
     checking = VerifyPass(cast("DictzipSource", source))
-    return BackgroundJob(checking.run, checking.status, lambda: checking.progress.done)
+    return _job(checking)
+
+
+def _job(work: IndexingPass | VerifyPass) -> BackgroundJob:
+    return BackgroundJob(work.run, work.status, lambda: work.progress.done, lambda: [work.report()])
 
 
 def _indexed(source: ByteSource) -> CompressedSource:
@@ -175,4 +182,5 @@ def one_after_another(first: BackgroundJob | None, then: BackgroundJob | None) -
         if not stop.is_set():
             then.run(stop)
 
-    return BackgroundJob(run, lambda: first.status() if not first.done() else then.status(), then.done)
+    status = lambda: first.status() if not first.done() else then.status()  # noqa: E731
+    return BackgroundJob(run, status, then.done, lambda: [*first.report(), *then.report()])

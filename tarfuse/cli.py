@@ -7,6 +7,7 @@ the shape of the command line, as for sshfs. Exit codes: 0 success, 1 the archiv
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tarfuse import __version__, report
 from tarfuse.errors import ArchiveError, TarfuseError, UsageError
-from tarfuse.mount import assemble, list_archive
+from tarfuse.mount import Assembly, assemble, list_archive
 from tarfuse.options import (
     CPUS_PER_WORKER,
     DEFAULT_MAX_RATIO,
@@ -27,7 +28,7 @@ from tarfuse.options import (
 )
 from tarfuse.printable import PrintableFormatter, printable, terminal_safe
 from tarfuse.serve import daemon
-from tarfuse.serve.fs import ImageFs, seek_support
+from tarfuse.serve.fs import STATUS_XATTR, ImageFs, seek_support
 from tarfuse.sources.locations import display_name, is_url
 
 if TYPE_CHECKING:
@@ -195,7 +196,14 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--debug-fuse", action="store_true", help="also log libfuse's requests")
     command.add_argument("-l", "--list", action="store_true", help="list the disk images in ARCHIVE and exit")
     command.add_argument(
-        "--json", action="store_true", help="with --list or --cache: one JSON object, for scripts"
+        "--json", action="store_true", help="with --list, --status or --cache: one JSON object, for scripts"
+    )
+    command.add_argument(
+        "--status",
+        action="store_true",
+        help="tarfuse --status MOUNTPOINT: what the mount serves, how far its background pass is "
+        "(percent, rate, time left), where its index and spill are and their size, and for a URL the "
+        "bytes fetched so far; for the user who mounted it, and root; then exit",
     )
     command.add_argument(
         "--cache",
@@ -219,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     command = parser()
     args = command.parse_intermixed_args(argv)  # options anywhere, as mount helpers take them
     if args.archive is None and not (args.cache or args.prune):
-        command.error("the following arguments are required: ARCHIVE")
+        command.error(f"the following arguments are required: {'MOUNTPOINT' if args.status else 'ARCHIVE'}")
     if argv is None:
         _hide_secrets(sys.argv[1:])
     console = logging.StreamHandler()
@@ -231,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, _interrupt)
     try:
         options = split_mount_options(args.options, rw_is_default=_run_by_mount())
-        if args.json and not (args.list or args.cache):
-            raise UsageError("--json goes with --list or --cache")
+        if args.json and not (args.list or args.cache or args.status):
+            raise UsageError("--json goes with --list, --status or --cache")
         if args.cache or args.prune:
             return _cache(args)
+        if args.status:
+            return _status(args)
         if args.list and args.mountpoint is not None:
             shown = printable(args.mountpoint)
             raise UsageError(f"--list takes no MOUNTPOINT ({shown}): it only lists ARCHIVE")
@@ -345,6 +355,43 @@ def _list(path: str, options: MountOptions, as_json: bool = False) -> int:
     return EXIT_OK
 
 
+def _status(args: argparse.Namespace) -> int:
+    """`tarfuse --status MOUNTPOINT [--json]`: asked of the daemon through its root's STATUS_XATTR."""
+    import json  # only --status needs it: a mount does not pay its import
+
+    if args.mountpoint is not None or args.list:
+        extra = printable(args.mountpoint) if args.mountpoint is not None else "--list"
+        raise UsageError(f"--status takes one MOUNTPOINT and nothing else ({extra})")
+    mountpoint = args.archive  # the one word given
+    shown = printable(mountpoint)
+    try:
+        raw = os.getxattr(mountpoint, os.fsdecode(STATUS_XATTR))
+    except OSError as exc:
+        _error(f"{shown}: {_status_failure(exc)}")
+        return EXIT_FAILED
+    try:
+        status = json.loads(raw)
+    except ValueError:
+        _error(f"{shown}: its status is not what tarfuse --status reads (another tarfuse version?)")
+        return EXIT_FAILED
+    if args.json:
+        report.print_json(status)
+    else:
+        report.print_status(mountpoint, status)
+    return EXIT_OK
+
+
+def _status_failure(exc: OSError) -> str:
+    """Why a mount's status could not be read, with what to do."""
+    if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+        return "not a tarfuse mount point (or one mounted by a tarfuse without --status)"
+    if exc.errno == errno.EACCES:
+        return "only the user who mounted it, and root, may ask for its status"
+    if exc.errno == errno.ENOTCONN:
+        return "its daemon is gone (unmount it: fusermount3 -u MOUNTPOINT)"
+    return exc.strerror or str(exc)
+
+
 def _cache(args: argparse.Namespace) -> int:
     """`tarfuse --cache [--prune] [--json]`: what the cache directory keeps, and removing what is unused."""
     from tarfuse.sources import cachedir  # only --cache needs it: a mount does not pay its import
@@ -392,6 +439,7 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         mountpoint.is_file,
         after_init=lambda: daemon.tune_readahead(mountpoint.path, options.readahead_kb),
         symlinks=assembly.symlinks,
+        status=lambda: _status_bytes(assembly, args.archive),
     )
     fuse_options = set(options.fuse) | {
         "ro",
@@ -426,6 +474,12 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         return daemon.serve(plan)
     finally:
         assembly.close()
+
+
+def _status_bytes(assembly: Assembly, archive: str) -> bytes:
+    import json
+
+    return json.dumps(assembly.status(display_name(archive))).encode()
 
 
 def _refuse_to_hide(mountpoint: daemon.MountPoint, archive: str, options: MountOptions) -> None:

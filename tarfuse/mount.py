@@ -36,6 +36,7 @@ from tarfuse.sources.member import MemberSource
 # the bound, the mount is refused before the files are opened.
 MAX_SERVED_FILES = 100_000
 MAX_SERVED_FILES_CACHED = 25_000
+STATUS_FILES = 100  # files named in tarfuse --status: its answer is one extended attribute (at most 64 KiB)
 
 Say = Callable[[str], None]
 
@@ -85,6 +86,18 @@ class Assembly:
         if not self.shareable:
             return 1
         return default_workers(len(os.sched_getaffinity(0))) if asked is None else asked
+
+    def status(self, archive: str) -> dict[str, object]:
+        """What tarfuse --status shows of the mount of `archive` (its display name): the files served (the
+        first STATUS_FILES of them), the background passes, and the bytes fetched over the network."""
+        return {
+            "archive": archive,
+            "compression": self.archive.compression,
+            "fetched_bytes": self.archive.fetched(),
+            "file_count": len(self.served),
+            "files": [{"name": f.name, "size": f.size} for f in self.served[:STATUS_FILES]],
+            "passes": [] if self.background is None else self.background.report(),
+        }
 
     def before_serving(self) -> str | None:
         """In each process that serves, once it serves (after any fork): a local archive's read lease,

@@ -19,7 +19,7 @@ from tarfuse.image.detect import has_image_suffix
 from tarfuse.sources import sidefiles
 from tarfuse.sources.compressed import UNKNOWN_SIZE, CompressedSource
 from tarfuse.sources.compression import DecodeError
-from tarfuse.sources.decoders import Decoder
+from tarfuse.sources.decoders import GZIP_CHUNK_SIZE, Decoder
 from tarfuse.sources.index import save, spill_path
 from tarfuse.sources.spill import SpillWriter, default_limit, why_no_spill
 from tarfuse.tar.archive import normalize_name, scan_members
@@ -54,6 +54,7 @@ class Progress:
     decompressed: int = 0
     compressed: int | None = None
     compressed_total: int = 0
+    decompressed_total: int | None = None  # known at the start for xz and seekable zstd
     done: bool = False
 
 
@@ -108,16 +109,20 @@ class VerifyPass:
     def __init__(self, source: "DictzipSource") -> None:
         self._source = source
         self.progress = Progress(time.monotonic(), compressed_total=source.archive.size)
+        self.state = "running"
 
     def run(self, stop: threading.Event) -> None:
         try:
             checked = self._source.verify(stop.is_set)
         except CorruptCompressed as exc:
             self._source.mark_broken(exc)
+            self.state = f"failed: {exc}"
             log.error("%s: %s; reads fail from now on", self._source.path, exc)
         except ArchiveError as exc:  # the archive could not be read (a web server): nothing is known
+            self.state = f"failed: {exc}"
             log.error("%s: could not check the dictzip stream: %s", self._source.path, exc)
         else:
+            self.state = "done" if checked else "stopped"
             if checked:
                 log.info(
                     "dictzip stream checked against its CRC32 in %.1f s",
@@ -127,6 +132,10 @@ class VerifyPass:
 
     def status(self) -> str:
         return f"checking the dictzip stream ({_mib(self.progress.compressed_total)})"
+
+    def report(self) -> dict[str, object]:
+        """For tarfuse --status: what the job is and how far (the check reads the whole file once)."""
+        return {"job": "dictzip check", "state": self.state, "source": self._source.path}
 
 
 class IndexingPass:
@@ -157,8 +166,12 @@ class IndexingPass:
         self._replace = replace
         self._max_ratio = max_ratio
         self.progress = Progress(time.monotonic(), compressed_total=source.archive.size)
+        if source.size_known:
+            self.progress.decompressed_total = source.size
         self.others: list[str] = []
         self.quiet = False  # a caller that waits for the pass reports a corrupt stream itself
+        self.state = "running"  # then "done", "stopped", or "failed: why" (tarfuse --status)
+        self.index_saved: int | None = None  # the index file's length, once written
         self._spill: SpillWriter | None = None
 
     def run(self, stop: threading.Event) -> None:
@@ -169,16 +182,26 @@ class IndexingPass:
         try:
             self._walk(decoder, stop)
         except Stopped:
+            self.state = "stopped"
             log.debug("indexing pass stopped at decompressed offset %d", self.progress.decompressed)
         except _PastBound:
+            self.state = "failed: past -o max_ratio"
             self._refuse_past_bound()
         except CorruptCompressed as exc:
+            self.state = f"failed: {exc}"
             self._source.mark_broken(exc)
             if not self.quiet:
                 log.error("%s: %s; reads fail from now on", self._source.path, exc)
         except RemoteError as exc:  # the web server failed: nothing is known of the archive, or wrong
+            self.state = f"failed: {exc}"
             log.error("%s: indexing pass: %s", self._source.path, exc)
+        except OSError as exc:  # the storage failed (EIO): as for a web server, not a bug of ours
+            self.state = f"failed: cannot read the archive ({exc.strerror or exc})"
+            log.error(
+                "%s: indexing pass: cannot read the archive (%s)", self._source.path, exc.strerror or exc
+            )
         except ArchiveError as exc:
+            self.state = f"failed: {exc}"
             if self._served_header is not None:  # served early: the damage may hide a later copy of it
                 exc = ArchiveError(
                     f"the archive is damaged after the member this mount serves ({exc}); tar -x would stop "
@@ -191,9 +214,11 @@ class IndexingPass:
             log.debug("indexing pass failed", exc_info=True)
             error = ArchiveError(f"the indexing pass failed ({exc!r}), a bug in tarfuse; please report it")
             self._source.mark_broken(error)
+            self.state = f"failed: {error}"
             log.error("%s: %s; reads fail from now on", self._source.path, error)
         else:
             self.progress.done = True
+            self.state = "done"
             return self._finish(decoder)
         finally:
             self._drop_spill()  # unless _finish took it
@@ -307,8 +332,8 @@ class IndexingPass:
         log.info("index complete: %d bytes decompressed in %.1f s", size, elapsed)
         if self._index_path is not None and (blob is not None or spilled is not None):
             try:
-                save(self._index_path, self._source, size, blob or b"", spilled)
-                log.info("index saved to %s (%d bytes)", self._index_path, len(blob or b""))
+                self.index_saved = save(self._index_path, self._source, size, blob or b"", spilled)
+                log.info("index saved to %s (%d bytes)", self._index_path, self.index_saved)
             except OSError as exc:
                 log.warning("could not save the index to %s: %s", self._index_path, exc.strerror)
 
@@ -374,18 +399,88 @@ class IndexingPass:
             self._spill = None
 
     def status(self) -> str:
-        """One line: bytes done, rate and time left, in compressed bytes when the library says them."""
+        """One line: bytes done, percent, rate and time left: in compressed bytes when the library says
+        how far it has read, else in decompressed bytes when the stream's size is known (xz)."""
+        done, total, unit = self._how_far()
+        rate = done / max(time.monotonic() - self.progress.started, 1e-3)
+        if total is None:
+            return f"indexing: {_mib(done)} decompressed, {rate / 2**20:.0f} MiB/s"
+        extra = f", {_mib(self.progress.decompressed)} out" if unit == "compressed" else ""
+        left = (total - done) / rate if rate else 0.0
+        return (
+            f"indexing: {_mib(done)} of {_mib(total)} {unit} ({100 * done / max(total, 1):.0f}%){extra}, "
+            f"{rate / 2**20:.0f} MiB/s, ETA {left:.0f} s"
+        )
+
+    def _how_far(self) -> tuple[int, int | None, str]:
+        """(bytes done, of how many if known, and which bytes: "compressed" or "decompressed")."""
         p = self.progress
-        elapsed = max(time.monotonic() - p.started, 1e-3)
         if p.compressed is not None and p.compressed_total:
-            rate = p.compressed / elapsed
-            left = (p.compressed_total - p.compressed) / rate if rate else 0.0
-            return (
-                f"indexing: {_mib(p.compressed)} of {_mib(p.compressed_total)} compressed "
-                f"({100 * p.compressed / p.compressed_total:.0f}%), {_mib(p.decompressed)} out, "
-                f"{rate / 2**20:.0f} MiB/s, ETA {left:.0f} s"
-            )
-        return f"indexing: {_mib(p.decompressed)} decompressed, {p.decompressed / elapsed / 2**20:.0f} MiB/s"
+            return p.compressed, p.compressed_total, "compressed"
+        return p.decompressed, p.decompressed_total, "decompressed"
+
+    def report(self) -> dict[str, object]:
+        """For tarfuse --status: how far the pass is, and where its index and spill are, with their sizes."""
+        done, total, unit = self._how_far()
+        rate = None if self.progress.done else done / max(time.monotonic() - self.progress.started, 1e-3)
+        report: dict[str, object] = {
+            "job": "indexing",
+            "state": self.state,
+            "source": self._source.path,
+            "unit": unit,
+            "done_bytes": done,
+            "total_bytes": total,
+            "percent": round(100 * done / total, 1) if total else None,
+            "rate_bytes_per_s": None if rate is None else round(rate),
+            "eta_s": round((total - done) / rate) if rate and total else None,
+            "index": self._index_path,
+            "index_size": self.index_saved,
+            "spill": None,
+            "spill_size": None,
+        }
+        if (writing := self._spill) is not None:
+            report["spill"], report["spill_size"] = writing.shown, _file_size(writing.file.fileno())
+        elif (served := self._source.spill) is not None:
+            report["spill"], report["spill_size"] = served, self._source.spill_size()
+        return report
+
+    def announce(self) -> None:
+        """Say once, at mount, which side files the pass will write and how large they may grow."""
+        source, where = self._source, self._index_path
+        if where is None:
+            log.info("%s: no seek index will be kept (-o noindex, or no safe place)", source.path)
+        else:
+            log.info("%s: the seek index will be kept in %s (%s)", source.path, where, self._index_bound())
+        if not source.needs_spill():
+            return
+        length = (
+            f"the {_mib(source.size)} it decompresses to" if source.size_known else "what it decompresses to"
+        )
+        bound = self._spill_limit
+        limit = "no bound" if bound is None else f"at most {_mib(bound)} on disk: -o spill_max"
+        place = f"in {spill_path(where)}" if where is not None else "to an unnamed file (no index file)"
+        log.info(
+            "%s: the stream can only be read forward: a spill of %s, zstd-compressed (%s), will be "
+            "written %s, for reads backwards",
+            source.path,
+            length,
+            limit,
+            place,
+        )
+
+    def _index_bound(self) -> str:
+        """How large the index file may grow: gzip's checkpoints keep a 32 KiB window each."""
+        if self._source.compression == "gzip":
+            most = self._source.archive.size // GZIP_CHUNK_SIZE * (32 << 10) + (64 << 10)
+            return f"at most about {_mib(most)}"
+        return "a few KiB"
+
+
+def _file_size(fd: int) -> int | None:
+    try:
+        return os.fstat(fd).st_size
+    except OSError:
+        return None
 
 
 def _mib(n: int) -> str:

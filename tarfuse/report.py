@@ -6,7 +6,7 @@ name must not forge a row, an escape sequence must not reach the terminal.
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tarfuse.image.open import Image
 from tarfuse.printable import printable
@@ -149,3 +149,42 @@ def _print_columns(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def print_status(mountpoint: str, status: dict[str, Any]) -> None:
+    """tarfuse --status, for people: the archive, the files served, each background pass, the bytes
+    fetched. `status` is what the daemon answered (mount.Assembly.status): its strings are escaped here."""
+    compression = status.get("compression")
+    print(f"{printable(mountpoint)}: {printable(str(status.get('archive')))}", end="")
+    print(f", {printable(str(compression))}-compressed" if compression else "")
+    rows = [(printable(str(f.get("name"))), bytes_and_human(int(f.get("size", 0)))) for f in status["files"]]
+    _print_columns([("  FILE", "SIZE"), *((f"  {name}", size) for name, size in rows)])
+    if (more := int(status.get("file_count", 0)) - len(rows)) > 0:
+        print(f"  ... and {more} more")
+    for job in status.get("passes", []):
+        print(_pass_line(job))
+        for key in ("index", "spill"):
+            if job.get(key) is not None:
+                size = job.get(f"{key}_size")
+                told = "not written yet" if size is None else bytes_and_human(int(size))
+                print(f"  {key}: {printable(str(job[key]))}, {told}")
+    if (fetched := status.get("fetched_bytes")) is not None:
+        print(f"fetched: {bytes_and_human(int(fetched))} over http(s)")
+
+
+def _pass_line(job: dict[str, Any]) -> str:
+    """One background pass: its state, and while it runs how far it is, its rate and the time left."""
+    what, state = printable(str(job.get("job"))), printable(str(job.get("state")))
+    if state != "running" or job.get("done_bytes") is None:
+        return f"{what}: {state}"
+    done, total, unit = int(job["done_bytes"]), job.get("total_bytes"), printable(str(job.get("unit")))
+    line = f"{what}: {human_size(done)}"
+    if total:
+        line += f" of {human_size(int(total))} {unit} ({job.get('percent')}%)"
+    else:
+        line += f" {unit}"
+    if job.get("rate_bytes_per_s"):
+        line += f", {human_size(int(job['rate_bytes_per_s']))}/s"
+    if job.get("eta_s") is not None:
+        line += f", about {job['eta_s']} s left"
+    return line

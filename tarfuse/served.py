@@ -70,3 +70,4 @@ class BackgroundJob:
     run: Callable[[threading.Event], None]
     status: Callable[[], str]
     done: Callable[[], bool]
+    report: Callable[[], list[dict[str, object]]] = list  # for tarfuse --status: a dict per pass

@@ -30,6 +30,9 @@ _BLOCK = 4096
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
+# The mount's status (tarfuse --status), on the root: JSON, asked for by the mount's owner or root. Not
+# listed by listxattr: `getfattr -d` by anyone else would meet EACCES.
+STATUS_XATTR = b"user.tarfuse.status"
 REQUEST_BUFFER = 1 << 20  # FUSE reads are at most max_pages (256) pages; a larger one gets its own buffer
 
 
@@ -162,8 +165,11 @@ class ImageFs(pyfuse3.Operations):
         root_is_file: bool,
         after_init: Callable[[], None] | None = None,
         symlinks: Sequence[tuple[str, str]] = (),
+        status: Callable[[], bytes] | None = None,
     ) -> None:
+        """`status`: the mount's status, for `tarfuse --status` (STATUS_XATTR on the root)."""
         super().__init__()
+        self._status = status
         self._after_init = after_init  # run once, after the FUSE INIT reply (after_init_replied)
         files = [served] if isinstance(served, ServedFile) else list(served)
         self._nodes = _tree(files, root_is_file, symlinks)
@@ -388,6 +394,10 @@ class ImageFs(pyfuse3.Operations):
 
     @_eio_on_bug
     async def getxattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> bytes:
+        if name == STATUS_XATTR and inode == pyfuse3.ROOT_INODE and self._status is not None:
+            if ctx.uid not in (0, os.getuid()):  # where the index and spill are is the mount owner's business
+                raise FUSEError(errno.EACCES)
+            return self._status()
         served = self._node(inode).served  # looked up in the file's own map: no copy kept per file
         value = None if served is None else served.xattrs.get(os.fsdecode(name))
         if value is None:

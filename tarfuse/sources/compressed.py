@@ -10,6 +10,7 @@ whole chunks from a bounded cache of decompressed chunks. dictzip, random access
 a source of its own (dictzip.DictzipSource); `decompressed` chooses.
 """
 
+import os
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
@@ -130,6 +131,19 @@ class CompressedSource(SourceDefaults):
     def spill(self) -> str | None:
         """The spill that reads are served from, if any (its path, or /proc/self/fd/N if unnamed)."""
         return self._spill
+
+    def fetched(self) -> int | None:
+        return self.archive.fetched()
+
+    def spill_size(self) -> int | None:
+        """The length of the spill served from, if any (tarfuse --status)."""
+        file = self._spill_file
+        if file is None:
+            return None
+        try:
+            return os.fstat(file.fileno()).st_size
+        except (OSError, ValueError):  # closed under us by close()
+            return None
 
     def new_decoder(self, serving: bool = False) -> Decoder:
         """Open another decoder over the same file (the background pass has its own); `serving`: the one

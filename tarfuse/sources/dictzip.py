@@ -428,6 +428,9 @@ class DictzipSource(SourceDefaults):
     def identity(self) -> Identity:
         return self.archive.identity()
 
+    def fetched(self) -> int | None:
+        return self.archive.fetched()
+
     def close(self) -> None:
         self._reader.close()
         self.archive.close()

@@ -81,6 +81,7 @@ class ByteSource(Protocol):
     def check_unchanged(self) -> None: ...
     def identity(self) -> Identity: ...  # one version of the archive, for the seek index's key
     def watch_for_writers(self) -> str | None: ...  # ArchiveFile's read lease; what came of it, to log
+    def fetched(self) -> int | None: ...  # bytes fetched over the network so far; None: not a network source
     def before_fork(self) -> None: ...  # drop what does not survive fork(): a decoder's threads
     def close(self) -> None: ...
 
@@ -98,6 +99,9 @@ class SourceDefaults:
         return False
 
     def watch_for_writers(self) -> str | None:
+        return None
+
+    def fetched(self) -> int | None:
         return None
 
     def before_fork(self) -> None:

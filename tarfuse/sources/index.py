@@ -124,8 +124,9 @@ def load(path: str, source: CompressedSource) -> Loaded | None:
     return Loaded(size, blob, spill)
 
 
-def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int | None = None) -> None:
+def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int | None = None) -> int:
     """Write the index atomically and privately (sidefiles.write_file); `spill`: the spill's length.
+    Return the index file's length.
 
     Raises:
         OSError: sidefiles.Untrusted if someone else could change the directory; what writing said.
@@ -138,7 +139,9 @@ def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int
         "sha256": hashlib.sha256(blob).hexdigest(),
         **({} if spill is None else {"spill": spill}),
     }
-    sidefiles.write_file(path, MAGIC + json.dumps(header).encode() + b"\n" + blob)
+    data = MAGIC + json.dumps(header).encode() + b"\n" + blob
+    sidefiles.write_file(path, data)
+    return len(data)
 
 
 def use_saved_index(path: str, source: CompressedSource) -> bool:

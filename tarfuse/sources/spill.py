@@ -92,6 +92,11 @@ class SpillWriter:
             self.file, "w", level_or_option=options, max_frame_content_size=FRAME_SIZE
         )
 
+    @property
+    def shown(self) -> str:
+        """Where it is, for tarfuse --status: the name it gets once finished, if it has one."""
+        return "(an unnamed file)" if self._rename is None else self._rename[1]
+
     @classmethod
     def named(cls, path: str, limit: int | None = None) -> "SpillWriter":
         """A spill to keep at `path`: written under a temporary name of ours, 0600, renamed by finish()."""

@@ -82,6 +82,9 @@ class RemoteArchive(SourceDefaults):
     def fetched_bytes(self) -> int:
         return self._blocks.fetched_bytes
 
+    def fetched(self) -> int | None:
+        return self._blocks.fetched_bytes
+
     def read_at(self, offset: int, size: int) -> bytes:
         return self._blocks.read_at(offset, size)
 

@@ -99,36 +99,29 @@ def test_fstype_is_fuse_tarfuse_with_the_archive_as_source(sample_archive: Path,
     assert (entry.fstype, entry.source) == ("fuse.tarfuse", str(sample_archive.resolve()))
 
 
-@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
-def test_whole_image_reads_back_identical(
-    kind: str,
-    archive_of: ArchiveFactory,
-    sample_image: SampleImage,
-    mount: MountFactory,
-    tmp_path: Path,
-) -> None:
+@pytest.fixture
+def image_of_kind(kind: str, archive_of: ArchiveFactory, mount: MountFactory, tmp_path: Path) -> Path:
+    """The served image of the sample archived as `kind` (the test's parameter), mounted on tmp_path."""
     mount(archive_of(kind), tmp_path)
+    return tmp_path / "disk.raw"
+
+
+@pytest.mark.parametrize("kind", ARCHIVE_KINDS)
+def test_whole_image_reads_back_identical(image_of_kind: Path, sample_image: SampleImage) -> None:
     offset = 0
-    for chunk in read_in_chunks(tmp_path / "disk.raw"):
+    for chunk in read_in_chunks(image_of_kind):
         assert chunk == sample_image.data[offset : offset + len(chunk)], f"differs in {offset:#x}+"
         offset += len(chunk)
     assert offset == len(sample_image.data)
 
 
 @pytest.mark.parametrize("kind", ARCHIVE_KINDS)
-def test_random_preads_match_the_image(
-    kind: str,
-    archive_of: ArchiveFactory,
-    sample_image: SampleImage,
-    mount: MountFactory,
-    tmp_path: Path,
-) -> None:
-    mount(archive_of(kind), tmp_path)
+def test_random_preads_match_the_image(kind: str, image_of_kind: Path, sample_image: SampleImage) -> None:
     data = sample_image.data
     rng = random.Random(kind)
     edges = [e for run in data_runs(len(data)) for e in (run.offset, run.offset + len(run.data))]
     offsets = [*(e + rng.randrange(-700, 700) for e in edges), *rng.sample(range(len(data)), 40)]
-    fd = os.open(tmp_path / "disk.raw", os.O_RDONLY)
+    fd = os.open(image_of_kind, os.O_RDONLY)
     try:
         for offset in [*offsets, len(data) - 100]:
             size = rng.randrange(1, 300_000)

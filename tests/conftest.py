@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kit.mounts import Mount, MountFactory, foreground_mount, fuse_unusable_reason
+from kit.mounts import MOUNT_TIMEOUT, Mount, MountFactory, foreground_mount, fuse_unusable_reason
 from kit.needs import make_archive
 from kit.needs import require_tool as require_tool  # for tests/test_bench.py, until it imports kit.needs
 from kit.sample import (
@@ -39,11 +39,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def mount() -> Iterator[MountFactory]:
-    """Return `mount(archive, mountpoint, *options) -> Mount`; every mount ends with the test."""
+    """Return `mount(archive, mountpoint, *options, timeout=MOUNT_TIMEOUT) -> Mount`; every mount ends with
+    the test. `timeout`: longer for a mount that decompresses much before it is live."""
     with contextlib.ExitStack() as stack:
 
-        def start(archive: Path, mountpoint: Path, *options: str) -> Mount:
-            return stack.enter_context(foreground_mount(archive, mountpoint, *options))
+        def start(archive: Path, mountpoint: Path, *options: str, timeout: float = MOUNT_TIMEOUT) -> Mount:
+            return stack.enter_context(foreground_mount(archive, mountpoint, *options, timeout=timeout))
 
         yield start
 

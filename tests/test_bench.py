@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
+from kit.needs import require_tool
 from kit.qemu import kvm_usable
 
 REPO = Path(__file__).resolve().parent.parent

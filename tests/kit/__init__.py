@@ -6,9 +6,13 @@ qemu: boot a raw image in QEMU and wait for its boot sector's line on COM1 (test
 tarbuilder, sparsegen: archives built byte by byte, and sparse layouts with their expected bytes.
 httpserver: a range-capable HTTP server on 127.0.0.1, with faults on demand.
 faultyfs, readers: programs the tests run: storage with bad sectors, and readers that check every byte.
+users: real throwaway accounts, and commands run as them.
+archives, ext4: archives and images several test folders build (a GCE tarball, an ext4 image).
 fuzz: the fuzz engine of `make fuzz` and tests/test_fuzz.py.
+needs, fixtures: for the tests only, they import pytest: skips for what a test needs (a tool, root, loop
+devices), and the fixtures several folders share (the HTTP server, TLS files, a QEMU boot).
 
-pytest finds the kit because tests/ holds the rootdir conftest; everything else (scripts, `python -c`) through
-the .pth file that `make dev` writes into the venv. Nothing here imports pytest: what a test needs to skip
-or fail stays in tests/conftest.py.
+pytest finds the kit through `pythonpath = ["tests"]` (pyproject.toml); everything else (scripts,
+`python -c`) through the .pth file that `make dev` writes into the venv. The other modules import no
+pytest: the scripts use them too.
 """

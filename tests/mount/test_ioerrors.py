@@ -10,7 +10,6 @@ import contextlib
 import errno
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,42 +17,17 @@ from pathlib import Path
 import pytest
 from kit.mounts import (
     Mount,
-    daemon_mount,
     foreground_mount,
     is_mounted,
     tarfuse_command,
     unmount,
 )
 from kit.sample import SampleImage, data_runs
+from kit.storage import Storage, faulty_storage
 
 pytestmark = pytest.mark.fuse
 
 PAGE = 4096
-FAULTYFS = Path(__file__).parents[1] / "kit" / "faultyfs.py"
-
-
-@dataclass(frozen=True, slots=True)
-class Storage:
-    """The archive as seen through the faulty file system, and the file that lists its bad ranges."""
-
-    archive: Path
-    ranges: Path
-
-    def fail(self, *ranges: tuple[int, int]) -> None:
-        """Make reads of these (archive offset, length) ranges fail from now on; none heals them all."""
-        self.ranges.write_text("".join(f"{offset} {length}\n" for offset, length in ranges))
-
-
-@contextlib.contextmanager
-def faulty_storage(archive: Path, directory: Path, *bad: tuple[int, int]) -> Iterator[Storage]:
-    """Serve `archive` from a faultyfs mount in `directory` whose reads of the `bad` ranges fail."""
-    ranges = directory / "bad-ranges"
-    (mountpoint := directory / "storage").mkdir()
-    storage = Storage(mountpoint / archive.name, ranges)
-    storage.fail(*bad)
-    command = [sys.executable, FAULTYFS, archive, mountpoint, ranges]
-    with daemon_mount(command, mountpoint, directory / "faultyfs.stderr"):
-        yield storage
 
 
 @dataclass(frozen=True, slots=True)

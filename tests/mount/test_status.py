@@ -3,8 +3,12 @@ index and spill are, and for a URL what it fetched; asked of the daemon itself, 
 user.tarfuse.status attribute, by the user who mounted it or root only.
 """
 
+import gzip
+import io
 import json
 import os
+import random
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -157,3 +161,34 @@ def test_another_user_reads_the_image_but_not_the_status(setup: Setup, mount: Mo
     assert asked.returncode == 1
     assert "only the user who mounted it, and root, may ask for its status" in asked.stderr
     assert json.loads(os.getxattr(setup.mountpoint, "user.tarfuse.status"))["file_count"] == 1  # root may
+
+
+def test_a_mount_mid_pass_tells_how_far_its_pass_is(
+    sample_image: SampleImage, server: RangeServer, mount: MountFactory, tmp_path: Path
+) -> None:
+    # The web server holds every read past 8 MiB back: the pass stops there until the test lets it go,
+    # and the status is asked while it waits, mid-pass, then again once it has ended.
+    filler = random.Random(7).randbytes(16 << 20)  # stored by gzip as it is: the hold falls inside it
+    archive = tmp_path / "vm.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.add(sample_image.path, "disk.raw")
+        info = tarfile.TarInfo("filler.bin")
+        info.size = len(filler)
+        tar.addfile(info, io.BytesIO(filler))
+    url = server.put("vm.tar.gz", gzip.compress(archive.read_bytes(), 1), held_from=8 << 20)
+    (served := tmp_path / "mnt").mkdir()
+    try:
+        mount(url, served, "-o", "noindex")
+        (job,) = status_json(served)["passes"]
+        assert job["state"] == "running"
+        assert job["unit"] == "compressed"
+        assert 0 <= job["done_bytes"] < job["total_bytes"]
+        assert 0 <= job["percent"] < 100
+        shown = status_of(served).stdout
+        assert re.search(r"indexing: .* of .* compressed \([0-9.]+%\)", shown), shown
+        assert "index:" not in shown  # -o noindex: none is kept
+    finally:
+        server.release("vm.tar.gz")
+    (job,) = status_once_passes_end(served)["passes"]
+    assert job["state"] == "done"
+    assert job["done_bytes"] == job["total_bytes"]

@@ -45,7 +45,7 @@ REMOTE = 0.03  # share of the cases that are read over HTTP (compressed or not)
 HIGH_RATIO = 0.005  # share of the cases made from a high-ratio seed (ratio.py), drawn apart from the rest
 # Every DIFFERENTIAL_STRIDE-th case is one of these plans in turn: (the one mutation, or None for the usual
 # chain; "plain", "compressed" or "either"): duplicate image names plain and compressed, sized link,
-# device, directory, FIFO, contiguous and dumpdir headers, and ordinary mutations (issue 12). With
+# device, directory, FIFO, contiguous and dumpdir headers, and ordinary mutations. With
 # compare_every a multiple of the stride but not of five strides (200 by default), the cases compared with
 # GNU tar go through all five plans in turn.
 DIFFERENTIAL_STRIDE = 100

@@ -295,7 +295,7 @@ def rewrite_anywhere(buf: bytearray, layout: Layout, rng: random.Random) -> str 
     return f"{len(raw)} random bytes at {start}"
 
 
-# ---- members that readers disagree on (issue 12) --------------------------------------------------------
+# ---- members that readers disagree on -------------------------------------------------------------------
 
 
 def duplicate_image(buf: bytearray, layout: Layout, rng: random.Random) -> str | None:

@@ -4,7 +4,7 @@ Workers are forked from a fork server (a fresh interpreter with tarfuse imported
 copy of whatever process runs the fuzzer); each runs batches of case numbers under RLIMIT_AS, publishes the
 case it is on and its deadline in shared memory, and sends results back. A case past its deadline is a
 hang: the parent sends SIGABRT and faulthandler prints where the worker was. A worker that dies is a crash.
-A case after which the worker's peak RSS is over the memory ceiling (issue 11: 256 MiB for any archive, at
+A case after which the worker's peak RSS is over the memory ceiling (256 MiB for any archive, at
 any point of a mount's life) is a finding too, and the worker makes way for a fresh one. Either way the
 batch goes on in a new worker, and the finding names the case, which engine.Corpus can make again.
 """

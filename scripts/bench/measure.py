@@ -82,7 +82,7 @@ def run_case(case: str, tools: list[Tool], options: Options, results: Results) -
             for rep in range(options.reps):
                 shown = []
                 for tool in usable:
-                    if results.stopped(case, metric, tool.name) or not tool.measures(case, metric):
+                    if results.outcome(case, metric, tool.name).status or not tool.measures(case, metric):
                         continue
                     warm(dataset.archive)
                     record_rss = rss_metric == metric and tool.measures(case, "rss")

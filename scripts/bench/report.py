@@ -1,13 +1,13 @@
 """The report of a run: markdown tables, JSON, the chart, and the generated part of docs/benchmarks.md.
 
 The method is prose in docs/benchmarks.md; this module writes only figures, and in that page only the part
-between its BEGIN and END comments. The chart (matplotlib, imported only to draw it) shows every tool's
-median as a multiple of the C ceiling.
+between its BEGIN and END comments.
 """
 
 import json
 import shutil
 import statistics
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,9 @@ from .results import (
     C_CEILING_MT,
     CEILINGS,
     METRICS,
+    Best,
     CaseInfo,
-    Metric,
+    Outcome,
     Results,
     ToolInfo,
     X,
@@ -31,34 +32,33 @@ BEGIN = "<!-- BEGIN: written by `python -m scripts.bench` (make bench); edit the
 END = "<!-- END of the part written by the bench -->"
 
 
-def _ratio(value: float | None, reference: tuple[str, float] | None) -> str:
+def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """A markdown table, one line per row; every bench prints its figures as one."""
+    return ["| " + " | ".join(map(str, row)) + " |" for row in (header, ["---"] * len(header), *rows)]
+
+
+def _ratio(value: float | None, reference: Best) -> str:
     if value is None or reference is None or reference[1] == 0:
         return DASH
     ratio = value / reference[1]
-    if ratio >= 100:
-        return f"{ratio:,.0f}{X}"
-    return f"{ratio:.1f}{X}" if ratio >= 10 else f"{ratio:.2f}{X}"
+    return f"{ratio:,.0f}{X}" if ratio >= 100 else f"{ratio:.1f}{X}" if ratio >= 10 else f"{ratio:.2f}{X}"
 
 
-def _met(met: bool | None) -> str:
-    return DASH if met is None else "yes" if met else "**no**"
+def _fmt(key: str, value: float | None) -> str:
+    return DASH if value is None else METRICS[key].format(value)
+
+
+def _named(key: str, best: Best) -> str:
+    return DASH if best is None else f"{METRICS[key].format(best[1])} ({best[0]})"
+
+
+def _spread(key: str, samples: list[float]) -> str:
+    return f"{_fmt(key, min(samples))} {DASH} {_fmt(key, max(samples))}"
 
 
 def _cell(text: str) -> str:
     """Make text safe inside a markdown table cell."""
     return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _named(metric: Metric, best: tuple[str, float] | None) -> str:
-    return DASH if best is None else f"{metric.format(best[1])} ({best[0]})"
-
-
-def _row(*cells: object) -> str:
-    return "| " + " | ".join(map(str, cells)) + " |"
-
-
-def _head(*cells: str) -> list[str]:
-    return [_row(*cells), _row(*["---"] * len(cells))]
 
 
 def _bold(tool: ToolInfo) -> str:
@@ -70,98 +70,78 @@ def _bold(tool: ToolInfo) -> str:
 
 def summary_table(results: Results) -> list[str]:
     """tarfuse against the limit, the C ceiling, the best peer and the targets."""
-    lines = _head("set", "case", "metric", "tarfuse", "limit", f"{X} limit", "C ceiling", f"{X} C ceiling",
-                  "best peer", f"{X} best peer", "target", "met")  # fmt: skip
-    cases = {c.name for c in results.cases}
+    rows, cases = [], {c.name for c in results.cases}
     for target in (t for t in targets(results) if t.case in cases):
-        case, key = target.case, target.metric
-        metric = METRICS[key]
-        outcome = results.outcomes.get((case, key, target.tool))
-        value = results.median(case, key, target.tool)
-        limit, ceiling = results.best(case, key, "limit"), results.ceiling(case, key)
-        peer = results.best(case, key, "peer")
-        status = (outcome.status if outcome else None) or DASH
-        shown = metric.format(value) if value is not None else _cell(status)
-        if target.tool != "tarfuse":
-            shown += f" ({target.tool.removeprefix('tarfuse ')})"
-        met = None if value is None else target.met(results, case, key, value)
-        lines.append(_row(target.group, case, key, shown, _named(metric, limit), _ratio(value, limit),
-                          _named(metric, ceiling), _ratio(value, ceiling), _named(metric, peer),
-                          _ratio(value, peer), target.text, _met(met)))  # fmt: skip
-    return lines
+        case, key, tool = target.case, target.metric, target.tool
+        value, outcome = results.median(case, key, tool), results.outcomes.get((case, key, tool))
+        shown = _fmt(key, value) if value is not None else _cell((outcome and outcome.status) or DASH)
+        shown += "" if tool == "tarfuse" else f" ({tool.removeprefix('tarfuse ')})"
+        met = None if value is None else target.met(results, value)
+        references = results.references(case, key)
+        against = [cell for ref in references for cell in (_named(key, ref), _ratio(value, ref))]
+        rows.append([target.group, case, key, shown, *against, target.text,
+                     DASH if met is None else "yes" if met else "**no**"])  # fmt: skip
+    return table(("set", "case", "metric", "tarfuse", "limit", f"{X} limit", "C ceiling", f"{X} C ceiling",
+                  "best peer", f"{X} best peer", "target", "met"), rows)  # fmt: skip
 
 
 def case_table(results: Results, case: CaseInfo) -> list[str]:
-    ratios = (f"{X} limit", f"{X} C ceiling", f"{X} best peer")
-    lines = _head("metric", "tool", "median", f"min{DASH}max", *ratios, "notes")
+    rows: list[list[object]] = []
     for key in ("ready", *case.metrics, "rss"):
-        metric = METRICS[key]
-        limit, peer = results.best(case.name, key, "limit"), results.best(case.name, key, "peer")
-        ceiling = results.ceiling(case.name, key)
+        references = results.references(case.name, key)
         for tool in results.tools:
             outcome = results.outcomes.get((case.name, key, tool.name))
             if outcome is None or (case.name, tool.name) in results.excluded:
                 continue
-            name = _bold(tool)
             if not outcome.ok:
-                status = _cell(outcome.status or "no figures")
-                lines.append(_row(key, name, *[DASH] * 5, status))
+                rows.append([key, _bold(tool), *[DASH] * 5, _cell(outcome.status or "no figures")])
                 continue
-            value = outcome.median
-            spread = f"{metric.format(min(outcome.samples))} {DASH} {metric.format(max(outcome.samples))}"
-            shown = [_ratio(value, limit), _ratio(value, ceiling), _ratio(value, peer)]
-            lines.append(_row(key, name, metric.format(value), spread, *shown, f"n={len(outcome.samples)}"))
-    return lines
+            value, samples = outcome.median, outcome.samples
+            shown = [_fmt(key, value), _spread(key, samples), *(_ratio(value, ref) for ref in references)]
+            rows.append([key, _bold(tool), *shown, f"n={len(samples)}"])
+    ratios = (f"{X} limit", f"{X} C ceiling", f"{X} best peer")
+    return table(("metric", "tool", "median", f"min{DASH}max", *ratios, "notes"), rows)
 
 
 def placement_table(results: Results) -> list[str]:
     """Random 4 KiB reads of the plain case, one row per tool: where the server and fio ran."""
-    keys = ("rand1", "rand1-same", "rand1-apart", "rand4")
     if "plain" not in {c.name for c in results.cases}:
         return []
-    lines = _head("tool", "1 reader, unpinned", "1 reader, same CPU", "µs per read, same CPU",
-                  "1 reader, different CPUs", "4 readers, unpinned")  # fmt: skip
+    keys, rows = ("rand1", "rand1-same", "rand1-apart", "rand4"), []
     for tool in results.tools:
-        values = {key: results.median("plain", key, tool.name) for key in keys}
-        if all(v is None for v in values.values()):
-            continue
-        cells = [DASH if (v := values[k]) is None else METRICS[k].format(v) for k in keys]
-        same = values["rand1-same"]
-        per_read = DASH if not same else f"{1e6 / same:.1f} µs"
-        lines.append(_row(_bold(tool), cells[0], cells[1], per_read, cells[2], cells[3]))
-    return lines
+        values = [results.median("plain", key, tool.name) for key in keys]
+        if any(v is not None for v in values):
+            unpinned, same, apart, four = (_fmt(k, v) for k, v in zip(keys, values, strict=True))
+            per_read = DASH if not values[1] else f"{1e6 / values[1]:.1f} µs"
+            rows.append([_bold(tool), unpinned, same, per_read, apart, four])
+    return table(("tool", "1 reader, unpinned", "1 reader, same CPU", "µs per read, same CPU",
+                  "1 reader, different CPUs", "4 readers, unpinned"), rows)  # fmt: skip
 
 
 def workers_table(results: Results) -> list[str]:
     """tarfuse's figures by number of worker processes (plain case), with the C ceilings for scale."""
     workers = [t for t in results.tools if t.role == "tarfuse" and t.name != "tarfuse"]
-    one = results.median("plain", "rand4", "tarfuse workers=1")
     if not workers or "plain" not in {c.name for c in results.cases}:
         return []
-    lines = _head("tool", "4 readers, unpinned", f"{X} workers=1", f"{X} C ceiling", "sequential", "ready",
-                  "peak PSS")  # fmt: skip
+    one, rows = results.median("plain", "rand4", "tarfuse workers=1"), []
     for tool in [*(t for t in results.tools if t.name in CEILINGS), *workers,
                  *(t for t in results.tools if t.name == "tarfuse")]:  # fmt: skip
-        rand4 = results.median("plain", "rand4", tool.name)
-        cells = [DASH if (v := results.median("plain", k, tool.name)) is None else METRICS[k].format(v)
-                 for k in ("rand4", "seq", "ready", "rss")]  # fmt: skip
-        scale = _ratio(rand4, None if one is None else ("workers=1", one))
-        ceiling = _ratio(rand4, results.ceiling("plain", "rand4"))
-        lines.append(_row(_bold(tool), cells[0], scale, ceiling, *cells[1:]))
-    return lines
+        cells = [_fmt(k, results.median("plain", k, tool.name)) for k in ("rand4", "seq", "ready", "rss")]
+        value, ceiling = results.median("plain", "rand4", tool.name), results.ceiling("plain", "rand4")
+        scale = _ratio(value, None if one is None else ("workers=1", one))
+        rows.append([_bold(tool), cells[0], scale, _ratio(value, ceiling), *cells[1:]])
+    return table(("tool", "4 readers, unpinned", f"{X} workers=1", f"{X} C ceiling", "sequential", "ready",
+                  "peak PSS"), rows)  # fmt: skip
 
 
 def boot_table(results: Results) -> list[str]:
     if not results.boot:
         return [f"Not measured: {results.boot_status}."] if results.boot_status else []
-    lines = _head("booted from", "median", f"min{DASH}max", "n")
-    fmt = METRICS["ready"].format
-    for name in (BOOT_RAW, BOOT_MOUNT):
-        if samples := results.boot.get(name):
-            spread = f"{fmt(min(samples))} {DASH} {fmt(max(samples))}"
-            lines.append(_row(name, fmt(statistics.median(samples)), spread, len(samples)))
-    if results.boot.get(BOOT_RAW) and results.boot.get(BOOT_MOUNT):
-        raw, mount = statistics.median(results.boot[BOOT_RAW]), statistics.median(results.boot[BOOT_MOUNT])
+    runs = [(name, results.boot[name]) for name in (BOOT_RAW, BOOT_MOUNT) if results.boot.get(name)]
+    rows = [(name, _fmt("ready", statistics.median(s)), _spread("ready", s), len(s)) for name, s in runs]
+    lines = table(("booted from", "median", f"min{DASH}max", "n"), rows)
+    if len(runs) == 2:
+        raw, mount = (statistics.median(samples) for _, samples in runs)
         lines.append(f"| {X} raw file | {_ratio(mount, ('raw', raw))} | | |")
     if results.boot_status:
         lines += ["", f"Not all figures: {results.boot_status}."]
@@ -172,9 +152,7 @@ def verification_lines(results: Results, case: str) -> list[str]:
     checked = [f"{tool}: {how}" for (c, tool), how in results.verified.items() if c == case]
     left_out = [f"{tool}: {why}" for (c, tool), why in results.excluded.items() if c == case]
     lines = [f"Bytes checked: {'; '.join(checked)}."] if checked else []
-    if left_out:
-        lines += ["", f"Not measured: {'; '.join(left_out)}."]
-    return lines
+    return lines + (["", f"Not measured: {'; '.join(left_out)}."] if left_out else [])
 
 
 def markdown(results: Results, meta: dict[str, Any], chart: str | None, chart_note: str) -> str:
@@ -211,8 +189,8 @@ def markdown(results: Results, meta: dict[str, Any], chart: str | None, chart_no
         ("Workers: processes serving one mount (plain case)", workers_table(results)),
         ("Time to boot: QEMU (KVM) from power-on to the sample image's serial line", boot_table(results)),
     ]
-    for heading, table in sections:
-        lines += ["", f"## {heading}", "", *table] if table else []
+    for heading, section in sections:
+        lines += ["", f"## {heading}", "", *section] if section else []
     lines += ["", "## All figures"]
     for case in results.cases:
         lines += ["", f"### {case.name}: {case.title}", "", *case_table(results, case)]
@@ -224,31 +202,24 @@ def markdown(results: Results, meta: dict[str, Any], chart: str | None, chart_no
 
 
 def to_json(results: Results, meta: dict[str, Any]) -> dict[str, Any]:
-    rows = []
+    roles, rows = {t.name: t.role for t in results.tools}, []
     for (case, key, tool), outcome in results.outcomes.items():
-        metric = METRICS[key]
-        value = outcome.median if outcome.ok else None
+        metric, ok, samples = METRICS[key], outcome.ok, outcome.samples
+        value = outcome.median if ok else None
         row = {
             "case": case, "metric": key, "unit": metric.unit, "higher_is_better": metric.higher_is_better,
-            "tool": tool, "role": next(t.role for t in results.tools if t.name == tool),
-            "samples": outcome.samples, "median": value,
-            "min": min(outcome.samples) if outcome.ok else None,
-            "max": max(outcome.samples) if outcome.ok else None,
+            "tool": tool, "role": roles[tool], "samples": samples, "median": value,
+            "min": min(samples) if ok else None, "max": max(samples) if ok else None,
             "status": outcome.status,
         }  # fmt: skip
-        references = {
-            ("limit", "ratio_to_limit"): results.best(case, key, "limit"),
-            ("c_ceiling", "ratio_to_c_ceiling"): results.ceiling(case, key),
-            ("best_peer", "ratio_to_best_peer"): results.best(case, key, "peer"),
-        }
-        for (name, ratio), reference in references.items():
-            row[name] = reference[0] if reference else None
-            row[ratio] = value / reference[1] if value is not None and reference else None
+        for name, ref in zip(("limit", "c_ceiling", "best_peer"), results.references(case, key), strict=True):
+            row[name] = ref[0] if ref else None
+            row[f"ratio_to_{name}"] = value / ref[1] if value is not None and ref else None
         rows.append(row)
     return {
         "meta": meta,
-        "cases": [c.__dict__ | {"metrics": list(c.metrics)} for c in results.cases],
-        "tools": [t.__dict__ for t in results.tools],
+        "cases": [c._asdict() | {"metrics": list(c.metrics)} for c in results.cases],
+        "tools": [t._asdict() for t in results.tools],
         "verified": [{"case": c, "tool": t, "how": how} for (c, t), how in results.verified.items()],
         "not_measured": [{"case": c, "tool": t, "why": why} for (c, t), why in results.excluded.items()],
         "results": rows,
@@ -258,18 +229,14 @@ def to_json(results: Results, meta: dict[str, Any]) -> dict[str, Any]:
 
 def from_json(data: dict[str, Any]) -> tuple[Results, dict[str, Any]]:
     """Rebuild the results of a run from its results.json, to render them again."""
-    results = Results([ToolInfo(t["name"], t["role"], t["version"]) for t in data["tools"]])
-    for case in data["cases"]:
-        results.cases.append(
-            CaseInfo(case["name"], case["title"], case["members"], case["extents"], tuple(case["metrics"]))
-        )
+    results = Results([ToolInfo(**t) for t in data["tools"]])
+    results.cases = [CaseInfo(**c | {"metrics": tuple(c["metrics"])}) for c in data["cases"]]
     for row in data["results"]:
-        outcome = results.outcome(row["case"], row["metric"], row["tool"])
-        outcome.samples, outcome.status = list(row["samples"]), row["status"]
-    for item in data["verified"]:
-        results.verified[(item["case"], item["tool"])] = item["how"]
-    for item in data["not_measured"]:
-        results.excluded[(item["case"], item["tool"])] = item["why"]
+        results.outcomes[(row["case"], row["metric"], row["tool"])] = Outcome(
+            list(row["samples"]), row["status"]
+        )
+    results.verified = {(item["case"], item["tool"]): item["how"] for item in data["verified"]}
+    results.excluded = {(item["case"], item["tool"]): item["why"] for item in data["not_measured"]}
     boot = data.get("boot", {})  # absent in results.json of runs from before the boot step
     results.boot = {name: list(seconds) for name, seconds in boot.get("seconds", {}).items()}
     results.boot_status = boot.get("status")
@@ -310,9 +277,9 @@ def write_docs(page: Path, figures: str) -> None:
     page.write_text(f"{head}{BEGIN}\n\n{figures}\n{END}{tail}")
 
 
-# ---- The chart ----------------------------------------------------------------------------------------
+# ---- The chart: every tool's median as a multiple of the C ceiling ------------------------------------
 
-# Tools not named here are peers: grey-green shades, small marks.
+# Tools not named here are peers (grey-green shades, small marks) or tarfuse's workers variants.
 _STYLE = {
     "tarfuse": ("#d62728", "o", 11),
     C_CEILING: ("#000000", "|", 16),
@@ -329,21 +296,29 @@ def chart_rows(results: Results) -> list[tuple[str, dict[str, float]]]:
     rows = []
     for case in results.cases:
         for key in ("ready", *case.metrics, "rss"):
-            metric = METRICS[key]
             reference = results.ceiling(case.name, key) or results.best(case.name, key, "limit")
             if reference is None or reference[1] <= 0:
                 continue
             ratios = {}
             for tool in results.tools:
-                value = results.median(case.name, key, tool.name)
-                if value is not None and value > 0:
-                    ratios[tool.name] = (
-                        value / reference[1] if metric.higher_is_better else reference[1] / value
-                    )
-            if ratios.get("tarfuse") is not None or len(ratios) > 1:
+                if (value := results.median(case.name, key, tool.name) or 0) > 0:
+                    higher = METRICS[key].higher_is_better
+                    ratios[tool.name] = value / reference[1] if higher else reference[1] / value
+            if "tarfuse" in ratios or len(ratios) > 1:
                 label = f"{case.name} · {key}" + ("" if reference[0] in CEILINGS else f" (÷ {reference[0]})")
                 rows.append((label, ratios))
     return rows
+
+
+def _marks(style: tuple[str, str, int], largest: int = 99) -> dict[str, Any]:
+    color, marker, size = style
+    bold = marker == "|"  # the C ceilings: a bold tick
+    return {
+        "color": color,
+        "marker": marker,
+        "markersize": min(size, largest),
+        "markeredgewidth": 2.5 if bold else 1.0,
+    }
 
 
 def write_chart(results: Results, path: Path) -> str | None:
@@ -360,31 +335,23 @@ def write_chart(results: Results, path: Path) -> str | None:
         from matplotlib.lines import Line2D
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib, or make dev: it is in the dev extra)"
-    styles = _tool_styles(results)
+    peers, workers = iter(_PEER_STYLES * 3), iter(_WORKER_STYLES * 3)
+    styles = {
+        t.name: _STYLE.get(t.name) or next(workers if t.role == "tarfuse" else peers) for t in results.tools
+    }
+    drawn = [*(t.name for t in results.tools if t.name != "tarfuse"), "tarfuse"]  # tarfuse over the others
     figure, axes = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.6))
     for y, (_, ratios) in enumerate(reversed(rows)):
         axes.axhline(y, color="#eeeeee", linewidth=0.8, zorder=0)
-        for tool in results.tools:  # limits first, tarfuse drawn over the others
-            if tool.name in ratios and tool.name != "tarfuse":
-                color, marker, size = styles[tool.name]
-                width = 2.5 if marker == "|" else 1.0  # the C ceilings: a bold tick
-                axes.plot(
-                    ratios[tool.name], y, marker=marker, color=color, markersize=size, markeredgewidth=width
-                )
-        if "tarfuse" in ratios:
-            color, marker, size = styles["tarfuse"]
-            axes.plot(ratios["tarfuse"], y, marker=marker, color=color, markersize=size, zorder=5)
+        for name in (n for n in drawn if n in ratios):
+            axes.plot(ratios[name], y, **_marks(styles[name]), zorder=5 if name == "tarfuse" else 2)
     axes.axvline(1.0, color="#000000", linewidth=0.8, linestyle=":")
     axes.set_xscale("log")
     axes.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)])
     axes.set_xlabel(f"{X} C ceiling (right is better; times and memory turned: ceiling ÷ tool)")
     axes.set_title("tarfuse (red) against its peers, pread/losetup and the C ceiling (dotted line)")
     shown = [(name, style) for name, style in styles.items() if any(name in ratios for _, ratios in rows)]
-    handles = [
-        Line2D([], [], color=c, marker=m, markersize=min(s, 10), markeredgewidth=2.5 if m == "|" else 1.0,
-               linestyle="", label=name)
-        for name, (c, m, s) in shown
-    ]  # fmt: skip
+    handles = [Line2D([], [], **_marks(style, 10), linestyle="", label=name) for name, style in shown]
     axes.legend(
         handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False
     )
@@ -393,14 +360,3 @@ def write_chart(results: Results, path: Path) -> str | None:
     figure.savefig(path, format="svg", metadata={"Date": None})  # no date: reruns differ only in figures
     plt.close(figure)
     return None
-
-
-def _tool_styles(results: Results) -> dict[str, tuple[str, str, int]]:
-    styles: dict[str, tuple[str, str, int]] = {}
-    peers, workers = iter(_PEER_STYLES * 3), iter(_WORKER_STYLES * 3)
-    for tool in results.tools:
-        if tool.name in _STYLE:
-            styles[tool.name] = _STYLE[tool.name]
-        else:
-            styles[tool.name] = next(workers) if tool.role == "tarfuse" else next(peers)
-    return styles

@@ -36,7 +36,9 @@ from tarfuse.sources.member import MemberSource
 # the bound, the mount is refused before the files are opened.
 MAX_SERVED_FILES = 100_000
 MAX_SERVED_FILES_CACHED = 25_000
-STATUS_FILES = 100  # files named in tarfuse --status: its answer is one extended attribute (at most 64 KiB)
+# Bytes of file names in tarfuse --status: its answer is one extended attribute, at most 64 KiB with the
+# rest (a member's name may be 4 KiB long; the JSON escapes what is not ASCII, up to six bytes a byte).
+STATUS_NAMES = 8 << 10
 
 Say = Callable[[str], None]
 
@@ -89,13 +91,20 @@ class Assembly:
 
     def status(self, archive: str) -> dict[str, object]:
         """What tarfuse --status shows of the mount of `archive` (its display name): the files served (the
-        first STATUS_FILES of them), the background passes, and the bytes fetched over the network."""
+        first of them, up to STATUS_NAMES bytes of names), the background passes, and the bytes fetched
+        over the network."""
+        files, names = [], 0
+        for served in self.served:
+            names += len(served.name)
+            if names > STATUS_NAMES:
+                break
+            files.append({"name": served.name, "size": served.size})
         return {
             "archive": archive,
             "compression": self.archive.compression,
             "fetched_bytes": self.archive.fetched(),
             "file_count": len(self.served),
-            "files": [{"name": f.name, "size": f.size} for f in self.served[:STATUS_FILES]],
+            "files": files,
             "passes": [] if self.background is None else self.background.report(),
         }
 

@@ -192,3 +192,22 @@ def test_a_mount_mid_pass_tells_how_far_its_pass_is(
     (job,) = status_once_passes_end(served)["passes"]
     assert job["state"] == "done"
     assert job["done_bytes"] == job["total_bytes"]
+
+
+def test_the_status_of_many_files_names_the_first_and_counts_them_all(
+    mount: MountFactory, tmp_path: Path
+) -> None:
+    # The answer is one extended attribute (64 KiB at most): 300 names of 100 bytes do not all fit.
+    archive = tmp_path / "many.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for number in range(300):
+            info = tarfile.TarInfo(f"{number:03d}-" + "n" * 96)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    (served := tmp_path / "mnt").mkdir()
+    mount(archive, served, "-o", "all")
+    answer = status_json(served)
+    assert answer["file_count"] == 300
+    assert 0 < len(answer["files"]) < 300
+    assert answer["files"][0]["name"] == "000-" + "n" * 96
+    assert f"and {300 - len(answer['files'])} more" in status_of(served).stdout

@@ -98,7 +98,7 @@ LOG_CALL = re.compile(r"^\s*log(ging)?\.(debug|info|warning|error|exception|crit
 
 
 def test_only_the_boundaries_and_the_background_pass_log() -> None:
-    # errors.py's rule: everything else raises, and its caller decides (remote.py only quiets urllib3).
+    # errors.py's rule: everything else raises, and its caller decides (http/pools.py only quiets urllib3).
     logging_modules = {
         str(path.relative_to(PROJECT))
         for path in (PROJECT / "tarfuse").rglob("*.py")

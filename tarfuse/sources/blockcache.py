@@ -130,7 +130,7 @@ class BlockCache:
             elif (future := self._pending.get(block)) is not None:
                 found.append(future)
             else:
-                # Imported here, where an HTTP fetch follows: every mount imports this module (via remote.py)
+                # Imported here, where an HTTP fetch follows: a mount imports concurrent.futures only then
                 from concurrent.futures import Future
 
                 self._pending[block] = future = Future()

@@ -1,6 +1,6 @@
 """FUSE daemons for the tests and the scripts: start one in the foreground, wait for its mount, probe it,
 unmount it, stop it. tests/conftest.py, scripts/demo.py, scripts/stress.py and the benchmark harness
-(kit.bench) all go through here.
+(scripts/bench) all go through here.
 
 Mounts are looked up in /proc/self/mountinfo (tarfuse.serve.daemon.find_mount), never by stat()ing the mount
 point: that would hang, in the kernel where no timeout reaches, on a daemon that does not answer.

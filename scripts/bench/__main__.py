@@ -1,8 +1,7 @@
 """`make bench`: tarfuse against the physical limit, the C ceiling and (with --peers) its peers.
 
-Builds the data (data.py), serves it with every tool (tools.py, peers.py), measures (measure.py), and writes
-results.{md,json,svg} to --out (report.py), and the figures into docs/benchmarks.md after a full run.
-Everything it mounts, attaches or creates is undone before it exits, also on Ctrl-C or SIGTERM.
+Writes results.{md,json,svg} to --out, and the figures into docs/benchmarks.md after a full run; what it
+mounts, attaches or creates is undone before it exits, also on Ctrl-C or SIGTERM.
 
     .venv/bin/python -m scripts.bench --quick            # smoke run, a few minutes
     .venv/bin/python -m scripts.bench --peers --only plain --tools tarfuse,ratarmount --reps 5
@@ -14,16 +13,17 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Container, Sequence
 from pathlib import Path
 
-from .data import CASES, Sizes
+from .data import CASES, FULL, QUICK
 from .harness import ToolFailed, run_main, scratch
 from .host import ensure_commands, reclaim_paused
 from .measure import BOOT, Options, run_boot, run_case
 from .peers import peers
 from .report import from_json, write_outputs
 from .results import Results, ToolInfo, load_average, machine
-from .tools import REPO, Tool, measured_tools
+from .tools import REPO, measured_tools
 
 SELECTABLE = (*CASES, BOOT)
 
@@ -34,22 +34,26 @@ def main() -> int:
         results, meta = from_json(json.loads(args.render.read_text()))
         write_outputs(results, meta, args.out, _docs_page(args))
         return 0
-    tools, cases = _select_tools(args.tools, args.peers), _select_cases(args.only)
+    tools = measured_tools() + (peers() if args.peers else [])
+    hint = "" if args.peers else "; the peers need --peers"
+    wanted_tools = _pick(args.tools, [t.name for t in tools], "tool", hint)
+    tools = [t for t in tools if t.role == "limit" or t.name in wanted_tools]
+    cases = [c for c in SELECTABLE if c in _pick(args.only, SELECTABLE, "case")]
     started, load_start = time.monotonic(), load_average()
     print(f"tools: {', '.join(t.name for t in tools)}; cases: {', '.join(cases)}", flush=True)
     try:
-        ensure_commands({"fio": ("fio",), "qemu-img": ("qemu-utils",), "fusermount3": ("fuse3",)})
+        ensure_commands(("fio", ("fio",)), ("qemu-img", ("qemu-utils",)), ("fusermount3", ("fuse3",)))
     except ToolFailed as exc:
         print(f"bench: cannot run: {exc}", file=sys.stderr)
         return 1
     for tool in tools:
         tool.setup()
-        if tool.problem():
-            print(f"  {tool.name}: {tool.problem()}", flush=True)
-    results = Results([ToolInfo(t.name, t.role, "" if t.problem() else t.version()) for t in tools])
+        if tool.problem:
+            print(f"  {tool.name}: {tool.problem}", flush=True)
+    results = Results([ToolInfo(t.name, t.role, "" if t.problem else t.version()) for t in tools])
     with scratch("tarfuse-bench-", args.workdir, keep=args.keep) as workdir:
         options = Options(
-            sizes=Sizes.quick() if args.quick else Sizes.full(),
+            sizes=QUICK if args.quick else FULL,
             reps=args.reps,
             fio_runtime=args.runtime if args.runtime is not None else (0.5 if args.quick else 5.0),
             cap=args.cap if args.cap is not None else (5.0 if args.quick else 30.0),
@@ -107,34 +111,21 @@ def _docs_page(args: argparse.Namespace) -> Path | None:
     return REPO / "docs" / "benchmarks.md" if full else None
 
 
-def _select_tools(names: str | None, with_peers: bool) -> list[Tool]:
-    tools = measured_tools() + (peers() if with_peers else [])
+def _pick(names: str | None, known: Sequence[str], what: str, hint: str = "") -> Container[str]:
+    """The comma-separated `names`, all of them `known` (default: all)."""
     if names is None:
-        return tools
-    wanted = set(names.split(","))
-    if unknown := wanted - {t.name for t in tools}:
-        known = ", ".join(t.name for t in tools) + ("" if with_peers else "; the peers need --peers")
-        raise SystemExit(f"unknown tool(s): {', '.join(sorted(unknown))}; known: {known}")
-    return [t for t in tools if t.role == "limit" or t.name in wanted]
-
-
-def _select_cases(names: str | None) -> list[str]:
-    if names is None:
-        return list(SELECTABLE)
-    wanted = names.split(",")
-    if unknown := set(wanted) - set(SELECTABLE):
-        raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}; known: {', '.join(SELECTABLE)}")
-    return [c for c in SELECTABLE if c in wanted]
+        return known
+    if unknown := set(names.split(",")) - set(known):
+        raise SystemExit(f"unknown {what}(s): {', '.join(sorted(unknown))}; known: {', '.join(known)}{hint}")
+    return names.split(",")
 
 
 def _command_shown() -> str:
     """The command line, less the options that only say where output goes."""
-    shown, skip = [], False
-    for word in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif word in ("--out", "--docs", "--workdir"):
-            skip = True
+    words, shown = iter(sys.argv[1:]), []
+    for word in words:
+        if word in ("--out", "--docs", "--workdir"):
+            next(words, None)
         elif not word.startswith(("--out=", "--docs=", "--workdir=")):
             shown.append(word)
     return shlex.join(["python", "-m", "scripts.bench", *shown]) if shown != ["--peers"] else "make bench"

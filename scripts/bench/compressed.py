@@ -2,20 +2,15 @@
 
     python -m scripts.bench.compressed [--quick] [--size-mib N] [--work DIR]
 
-1. Libraries (A/B in one run, each in its own process, rounds interleaved; libprobe.py): time of a
-   full sequential pass (what building the index costs), median and p95 of random 4 KiB reads afterwards,
-   peak RSS.
-2. tarfuse on a GCE-style image (`tar --format=oldgnu -Sc`, then gzip / zstd): time from the mount command to
-   the first sector, to the saved index (full pass), the second mount's time to the first sector, sequential
-   read throughput of the image and random 4 KiB read latency (page cache dropped first, when root), the
-   daemon's peak RSS (first mount: until the index is saved; second: after those reads); next to
-   `gzip -dc`/`zstd -dc` and `tar -xf` of the whole archive, and `ratarmount` when it is on PATH.
-Prints a Markdown table per part (docs/compressed.md keeps a run's output).
+1. Libraries, each in a process of its own (libprobe.py), rounds interleaved: a full sequential pass, then
+   random 4 KiB reads, and peak RSS.
+2. tarfuse (and ratarmount, when on PATH) mounting a GCE-style image (`tar --format=oldgnu -Sc`, then gzip
+   / zstd) twice, next to `gzip -dc`/`zstd -dc` and `tar -xf` of the whole archive.
+Prints a Markdown table per part (docs/compressed.md keeps a run's output, and says what each figure is).
 """
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
@@ -28,8 +23,19 @@ from pathlib import Path
 from kit.mounts import tarfuse_command
 from kit.sample import make_archive
 
-from .harness import Served, drop_caches, latencies, quantile, run_main, serve_fuse, table, timed, timed_read
+from .harness import (
+    Served,
+    ToolFailed,
+    drop_caches,
+    latencies,
+    quantile,
+    run_main,
+    run_timed,
+    serve_fuse,
+    timed_read,
+)
 from .libprobe import LIBRARIES
+from .report import table
 
 CAP_S = 3600.0  # no step of a sound run comes near it; a daemon that hangs ends the run, not stalls it
 PROBE = Path(__file__).with_name("libprobe.py")  # run as a file: the package is not imported there
@@ -44,11 +50,9 @@ def make_image(path: Path, size: int, data_fraction: float = 0.3) -> None:
     with path.open("wb") as out:
         out.truncate(size)
         for mib in range(size >> 20):
-            kind = rng.random()
-            if kind >= data_fraction and mib:
+            if (kind := rng.random()) >= data_fraction and mib:
                 continue
-            source = noise if kind < data_fraction / 3 else text
-            start = rng.randrange(0, 3 << 20)
+            source, start = noise if kind < data_fraction / 3 else text, rng.randrange(0, 3 << 20)
             out.seek(mib << 20)
             out.write(source[start : start + (1 << 20)])
 
@@ -56,19 +60,14 @@ def make_image(path: Path, size: int, data_fraction: float = 0.3) -> None:
 def compare_libraries(archives: dict[str, Path], rounds: int) -> list[tuple[str, str, dict[str, float]]]:
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for _ in range(rounds):  # interleaved: a noisy neighbour hurts every candidate alike
-        for compression, kinds in LIBRARIES.items():
-            for kind in kinds:
-                path = archives[compression if kind != "pyzstd-seekable" else "zstd-seekable"]
-                done = subprocess.run(
-                    [sys.executable, str(PROBE), kind, str(path)],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                if done.returncode != 0:
-                    print(f"  {kind}: failed: {done.stderr.strip()[-200:]}", file=sys.stderr)
-                    continue
-                results.setdefault((compression, kind), []).append(json.loads(done.stdout))
+        for compression, kind in ((c, k) for c, kinds in LIBRARIES.items() for k in kinds):
+            path = archives[compression if kind != "pyzstd-seekable" else "zstd-seekable"]
+            try:
+                _, output = run_timed([sys.executable, str(PROBE), kind, str(path)], CAP_S)
+            except ToolFailed as exc:
+                print(f"  {kind}: failed: {exc}", file=sys.stderr)
+                continue
+            results.setdefault((compression, kind), []).append(json.loads(output))
     return [
         (c, k, {key: statistics.median(r[key] for r in runs) for key in runs[0]})
         for (c, k), runs in results.items()
@@ -83,44 +82,35 @@ def mount_case(command: list[str], mnt: Path, image: str, index: Path | None = N
     result: dict[str, float] = {}
     for phase in ("first", "second"):
         drop_caches()
-        with serve_fuse(command, mnt, mnt / image, CAP_S, mnt.with_suffix(".log"), probe=512) as served:
+        with serve_fuse(command, mnt, mnt / image, CAP_S, probe=512) as served:
             result[f"{phase}_mount_first_sector_s"] = served.ready_s
-            if phase == "first" and index is not None:
-                assert served.process is not None
+            if phase == "first" and index is not None and served.process is not None:
                 while not index.exists() and served.process.poll() is None:
                     time.sleep(0.01)
                 result["full_index_s"] = time.perf_counter() - served.started
-                result["first_mount_peak_rss_mib"] = _mib(served.peak_rss())  # the pass's two decoders
+                result["first_mount_peak_rss_mib"] = served.peak_rss() / 2**20  # the pass's two decoders
             elif phase == "second":
                 result.update(_reads(served))
-                result["daemon_peak_rss_mib"] = _mib(served.peak_rss())
+                result["daemon_peak_rss_mib"] = served.peak_rss() / 2**20
     return result
 
 
 def _reads(served: Served) -> dict[str, float]:
     """Random 4 KiB reads at block boundaries, then one sequential pass of the image in 1 MiB reads."""
-    rng = random.Random(3)
-    buffer = memoryview(bytearray(4096))
+    rng, buffer = random.Random(3), memoryview(bytearray(4096))
     offsets = [rng.randrange(0, served.size // 4096) * 4096 for _ in range(200)]
     times = latencies(lambda offset: served.read_into(buffer, offset), offsets)
-    sequential = timed_read(served, served.size, CAP_S)
     return {
         "random_4k_median_ms": statistics.median(times) * 1e3,
         "random_4k_p95_ms": quantile(times, 0.95) * 1e3,
-        "sequential_mib_s": served.size / sequential / 2**20,
+        "sequential_mib_s": served.size / timed_read(served, served.size, CAP_S) / 2**20,
     }
-
-
-def _mib(size: int | None) -> float:
-    return (size or 0) / 2**20
 
 
 def make_archives(work: Path, size: int) -> dict[str, Path]:
     """The image as `tar --format=oldgnu -S` writes it, and that tar compressed every way compared."""
-    image = work / "disk.raw"
-    make_image(image, size)
-    plain = make_archive("oldgnu", image, work / "image.tar")
-    archives = {"plain": plain}
+    make_image(work / "disk.raw", size)
+    archives = {"plain": make_archive("oldgnu", work / "disk.raw", work / "image.tar")}
     for name, command in {
         "gzip": ["gzip", "-6", "-c"],
         "zstd": ["zstd", "-q", "-T2", "-c"],
@@ -128,24 +118,25 @@ def make_archives(work: Path, size: int) -> dict[str, Path]:
         "bzip2": ["bzip2", "-1", "-c"],
     }.items():
         archives[name] = work / f"image.tar.{name}"
-        with plain.open("rb") as source, archives[name].open("wb") as sink:
+        with archives["plain"].open("rb") as source, archives[name].open("wb") as sink:
             subprocess.run(command, stdin=source, stdout=sink, check=True)
     archives["zstd-seekable"] = work / "image.tar.szst"
     import pyzstd
 
-    with plain.open("rb") as source, pyzstd.SeekableZstdFile(archives["zstd-seekable"], "w") as sink:
+    with (
+        archives["plain"].open("rb") as source,
+        pyzstd.SeekableZstdFile(archives["zstd-seekable"], "w") as sink,
+    ):
         shutil.copyfileobj(source, sink, 8 << 20)
     return archives
 
 
 def compare_tools(archive: Path, decompress: list[str], work: Path) -> None:
     """The stream tool and `tar -xf` on `archive`, then tarfuse and ratarmount (if on PATH) mounting it."""
-    with open(os.devnull, "wb") as null:
-        stream_s = timed([*decompress, str(archive)], stdout=null)
-    extract = work / "extract"
-    extract.mkdir(exist_ok=True)
-    untar_s = timed(["tar", "-xf", str(archive), "-C", str(extract)])
-    shutil.rmtree(extract)
+    stream_s, _ = run_timed([*decompress, str(archive)], CAP_S, stdout=subprocess.DEVNULL)
+    (work / "extract").mkdir(exist_ok=True)
+    untar_s, _ = run_timed(["tar", "-xf", str(archive), "-C", str(work / "extract")], CAP_S)
+    shutil.rmtree(work / "extract")
     print(f"### {archive.name} ({archive.stat().st_size >> 20} MiB)\n")
     print(f"- `{' '.join(decompress)}` > /dev/null: {stream_s:.2f} s; `tar -xf`: {untar_s:.2f} s")
     mnt, index = work / "mnt", Path(str(archive) + ".tarfuse-index")
@@ -175,7 +166,7 @@ def main() -> None:
          f"{r['peak_rss_mib']:.0f}")
         for c, k, r in compare_libraries(archives, 1 if args.quick else 2)
     ]  # fmt: skip
-    print(table(header, rows))
+    print("\n".join(table(header, rows)))
     print()
     for name, decompress in (("gzip", ["gzip", "-dc"]), ("zstd", ["zstd", "-dc"])):
         compare_tools(archives[name], decompress, work)

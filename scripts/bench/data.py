@@ -1,10 +1,9 @@
 """The cases' data: deterministic disk images, the tar archives that hold them, and their expected bytes.
 
-An `ImageModel` is the oracle: it knows every byte of the image (data extents filled from a seeded pool,
-holes as zeros), so any tool's reads can be checked against it without keeping the extracted image.
-GNU tar writes the archives, except the one with a huge sparse map: GNU tar would need hours to find that
-many holes in a real file, so the test kit's `tarbuilder.pax10_sparse` writes its header and map, in the
-layout GNU tar uses (GNU tar manual, "Sparse Formats", PAX 1.0), and `check_listing` has GNU tar read it back.
+An `ImageModel` knows every byte of its image (data from a seeded pool, holes as zeros): the oracle that
+every tool's reads are checked against. GNU tar writes the archives, except the one with a huge sparse map
+(GNU tar would need hours to find that many holes): kit.tarbuilder writes it in GNU tar's layout (GNU tar
+manual, "Sparse Formats", PAX 1.0), and GNU tar must list it back.
 """
 
 import bisect
@@ -17,7 +16,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 from kit.tarbuilder import END, pax10_sparse
 
@@ -27,21 +26,15 @@ _MIB = 1 << 20
 MEMBER = "disk.raw"
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
-    """A run of data in the image; everything between extents is a hole."""
-
+class Extent(NamedTuple):  # a run of data in the image; everything between extents is a hole
     offset: int
     length: int
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """Where image bytes live in the archive: `physical` is None for a hole."""
-
+class Segment(NamedTuple):  # where image bytes live in the archive
     logical: int
     length: int
-    physical: int | None
+    physical: int | None  # None: a hole
 
 
 class ImageModel:
@@ -51,12 +44,7 @@ class ImageModel:
         self.size = size
         self.extents = tuple(extents)
         self._starts = [e.offset for e in self.extents]
-        pool_random = random.Random(seed)
-        self._pool = pool_random.randbytes(_POOL_SPAN + BLOCK)
-
-    @property
-    def stored_bytes(self) -> int:
-        return sum(e.length for e in self.extents)
+        self._pool = random.Random(seed).randbytes(_POOL_SPAN + BLOCK)
 
     def block(self, index: int) -> bytes:
         """The content of 4 KiB block `index` where it is data: its index, then pool bytes."""
@@ -122,39 +110,31 @@ class Dataset:
         return self.model.size
 
     @property
-    def extent_count(self) -> int:
-        return len(self.model.extents)
-
-    @property
     def first_data(self) -> int:
         """Archive offset of the member's first stored byte."""
         return next(s.physical for s in self.segments if s.physical is not None)
 
 
-@dataclass(frozen=True)
-class Sizes:
-    """How big the data is: full size, or scaled down for --quick."""
-
+class Sizes(NamedTuple):
     image: int  # the non-sparse image
     small_members: int  # small members in front of it in the "many" case
     sparse_image: int
     sparse_data: int
     map_extents: int  # extents of the huge-map case
 
-    @classmethod
-    def full(cls) -> "Sizes":
-        return cls(1 << 30, 20_000, 4 << 30, 256 << 20, 1_000_000)
 
-    @classmethod
-    def quick(cls) -> "Sizes":
-        return cls(128 << 20, 2_000, 512 << 20, 32 << 20, 100_000)
+FULL = Sizes(1 << 30, 20_000, 4 << 30, 256 << 20, 1_000_000)
+QUICK = Sizes(128 << 20, 2_000, 512 << 20, 32 << 20, 100_000)  # --quick
 
 
 # Random 4 KiB reads (fio): 1 reader unpinned, on the server's CPU, on another CPU; 4 readers unpinned.
 RANDOM_READS = ("rand1", "rand1-same", "rand1-apart", "rand4")
 
-# The cases, in the order they run. Each builder gets (directory, sizes) and returns a Dataset.
-CASES = ("plain", "many", "sparse-oldgnu", "sparse-pax", "extents")
+CASES = ("plain", "many", "sparse-oldgnu", "sparse-pax", "extents")  # in the order they run
+_SPARSE = {  # GNU tar's options, and the dialect's name
+    "sparse-oldgnu": (("--format=oldgnu", "-S"), "old GNU sparse"),
+    "sparse-pax": (("--format=posix", "-S", "--sparse-version=1.0"), "PAX 1.0 sparse"),
+}
 _MAP_EXTENT, _MAP_STRIDE = 512, BLOCK  # huge map: 512 data bytes at the start of every 4 KiB
 
 
@@ -168,15 +148,10 @@ def build(case: str, directory: Path, sizes: Sizes) -> Dataset:
         smalls = _write_small_members(directory / "small", sizes.small_members)
         title = f"image after {sizes.small_members:,} small members, GNU tar"
         return _gnu_tar_case(case, title, directory, model, smalls, ())
-    if case in ("sparse-oldgnu", "sparse-pax"):
+    if case in _SPARSE:
         extents = scattered_extents(sizes.sparse_image, sizes.sparse_data, seed=2)
         model = ImageModel(sizes.sparse_image, extents, seed=2)
-        flags = (
-            ["--format=oldgnu", "-S"]
-            if case == "sparse-oldgnu"
-            else ["--format=posix", "-S", "--sparse-version=1.0"]
-        )
-        dialect = "old GNU sparse" if case == "sparse-oldgnu" else "PAX 1.0 sparse"
+        flags, dialect = _SPARSE[case]
         title = f"sparse image, {_size(sizes.sparse_data)} of data in {len(extents):,} extents, {dialect}"
         return _gnu_tar_case(case, title, directory, model, [], ("seq", "qemu"), flags)
     if case == "extents":
@@ -266,12 +241,13 @@ def _extents_case(directory: Path, count: int) -> Dataset:
     archive = directory / "extents.tar"
     runs = [(e.offset, e.length) for e in extents]
     # GNU tar ends a map with (realsize, 0) when the image ends in a hole; without it, it cuts the file there
-    head = pax10_sparse(MEMBER, [*runs, (model.size, 0)], model.size, b"", stored_size=model.stored_bytes)
+    stored = count * _MAP_EXTENT
+    head = pax10_sparse(MEMBER, [*runs, (model.size, 0)], model.size, b"", stored_size=stored)
     with archive.open("wb") as out:
         out.write(head)
         for at in range(0, count, 2048):
             out.write(b"".join(model.data(e.offset, e.length) for e in extents[at : at + 2048]))
-        out.write(bytes(-model.stored_bytes % 512) + END)
+        out.write(bytes(-stored % 512) + END)
     check_listing(archive, MEMBER, model.size)
     segments = segments_from_runs(runs, len(head), model.size)
     title = f"{_size(model.size)} image with a {count:,}-extent sparse map ({_MAP_EXTENT} B every 4 KiB)"

@@ -1,10 +1,8 @@
 """Serving and timing, for every bench of this package.
 
-Serving: a FUSE daemon run in the foreground, in a session of its own (its children go with it), timed from
-its command's start until the image it shows reads, and stopped at the end, also when a read hangs (a
-watchdog kills the daemon, so blocked reads fail); its process tree's PSS, sampled during a step; its
-threads pinned to a CPU. Reading: timed passes in 1 MiB requests and per-read latencies. Running: a scratch
-directory where nothing stays mounted, and SIGTERM handled as Ctrl-C; both unmount on the way out.
+A FUSE daemon runs in the foreground in a session of its own (its children go with it), timed from its
+command's start until the image reads, and is stopped at the end, also when a read hangs (a watchdog kills
+it, so blocked reads fail). A run's scratch directory keeps nothing mounted, and SIGTERM acts as Ctrl-C.
 """
 
 import contextlib
@@ -19,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import IO, NoReturn
 
 from kit.mounts import MountError, finish, kill_group, start_daemon, status_kib, unmount
 
@@ -27,7 +25,6 @@ from tarfuse.serve import mountinfo
 
 CHUNK = 1 << 20  # the request size of sequential reads
 GRACE_S = 10.0  # past the cap, the watchdog kills a daemon whose read never returns
-_POLL_S = 0.001
 
 ReadInto = Callable[[memoryview, int], int]  # fill the buffer from an image offset; return bytes read
 
@@ -37,8 +34,6 @@ class ToolFailed(Exception):
 
 
 class TimedOut(Exception):
-    """A step did not finish within the time cap."""
-
     def __init__(self, seconds: float) -> None:
         super().__init__(f"timed out after {seconds:g} s")
 
@@ -57,31 +52,23 @@ class Served:
     abort: Callable[[], None] = lambda: None  # from another thread: make blocked reads fail now
     aborted: threading.Event = field(default_factory=threading.Event)
 
-    def peak_rss(self) -> int | None:
-        """Peak resident memory (VmHWM) of the daemon and its children, in bytes; None without one."""
-        if self.process is None:
-            return None
+    def pids(self) -> list[int]:
+        """The daemon and all its descendants (workers, helpers such as nbdkit); empty without a daemon."""
+        return [] if self.process is None else _with_descendants(self.process.pid)
+
+    def peak_rss(self) -> int:
+        """Peak resident memory (VmHWM) of the daemon and its children, in bytes."""
         total = 0
         for pid in self.pids():
             with contextlib.suppress(OSError, LookupError):  # gone, or a zombie
                 total += status_kib(pid, "VmHWM") * 1024
         return total
 
-    def pids(self) -> list[int]:
-        """The daemon and all its descendants (workers, helpers such as nbdkit); empty without a daemon."""
-        return [] if self.process is None else _with_descendants(self.process.pid)
-
     def pin(self, cpu: int) -> None:
-        """Pin every thread of the daemon and of all its descendants to `cpu` (`taskset -a -p -c`).
-
-        Threads and processes they start later inherit the affinity.
-        """
-        for pid in self.pids():
+        """Pin every thread of the daemon and its descendants to `cpu`; threads started later inherit it."""
+        for pid in self.pids():  # check=False: a helper that has just exited
             subprocess.run(
-                ["taskset", "-a", "-p", "-c", str(cpu), str(pid)],
-                check=False,  # a helper that has just exited
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                ["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=False, capture_output=True
             )
 
 
@@ -90,18 +77,19 @@ class Served:
 
 @contextlib.contextmanager
 def serve_fuse(
-    argv: Sequence[str], mountpoint: Path, image: Path, cap: float, log: Path, probe: int = 1
+    argv: Sequence[str], mountpoint: Path, image: Path, cap: float, probe: int = 1
 ) -> Iterator[Served]:
     """Run the FUSE daemon `argv`, which shows `image` under `mountpoint`, until the block ends.
 
-    `ready_s` is the time from the command's start until the first `probe` bytes of `image` read, polled
-    every millisecond. The daemon's output is appended to `log`.
+    `ready_s` is the time from the command's start until the first `probe` bytes of `image` read. The
+    daemon's output goes to the mount point's name + ".log".
 
     Raises:
         ToolFailed: the daemon exited before the image read.
         TimedOut: it did not read within `cap` seconds.
     """
     mountpoint.mkdir(exist_ok=True)
+    log = mountpoint.with_suffix(".log")
     start = time.perf_counter()
     process = start_daemon(argv, log, append=True, new_session=True)
     try:
@@ -111,42 +99,35 @@ def serve_fuse(
                 raise ToolFailed(f"exited with status {process.returncode}: {_tail(log)}")
 
         ready = wait_readable(str(image), start, cap, exited, probe)
-        fd = os.open(image, os.O_RDONLY)
-        try:
-            served = Served(
-                ready_s=ready,
-                size=os.fstat(fd).st_size,
-                read_into=lambda buffer, offset: os.preadv(fd, [buffer], offset),
-                fio_target=[f"--filename={image}", "--direct=1"],
-                qemu_source=str(image),
-                process=process,
-                started=start,
-            )
+        with served_path(str(image), ready, process, start) as served:
             served.abort = lambda: _abort(process, mountpoint, served.aborted)
             yield served
-        finally:
-            os.close(fd)
     finally:
         with contextlib.suppress(MountError):  # scratch() warns about what stays mounted
             finish(mountpoint, process, grace=10, group=True)
 
 
+@contextlib.contextmanager
+def served_path(
+    path: str, ready: float, process: subprocess.Popen[bytes] | None = None, started: float = 0.0
+) -> Iterator[Served]:
+    """An image that is a file or a device: read with preadv, by fio with O_DIRECT, by qemu-img by name."""
+    with open(path, "rb", buffering=0) as file:
+        fd = file.fileno()
+        yield Served(ready, os.lseek(fd, 0, os.SEEK_END), lambda buffer, at: os.preadv(fd, [buffer], at),
+                     [f"--filename={path}", "--direct=1"], path, process, started)  # fmt: skip
+
+
 def wait_readable(path: str, start: float, cap: float, check: Callable[[], None], size: int = 1) -> float:
-    """Poll until the first `size` bytes of `path` read; return the seconds since `start`."""
+    """Poll every millisecond until the first `size` bytes of `path` read; return seconds since `start`."""
     while True:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                if os.pread(fd, size, 0):
-                    return time.perf_counter() - start
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), open(path, "rb", buffering=0) as file:
+            if os.pread(file.fileno(), size, 0):
+                return time.perf_counter() - start
         check()
         if time.perf_counter() - start > cap:
             raise TimedOut(cap)
-        time.sleep(_POLL_S)
+        time.sleep(0.001)
 
 
 def _abort(process: subprocess.Popen[bytes], mountpoint: Path, aborted: threading.Event) -> None:
@@ -157,76 +138,17 @@ def _abort(process: subprocess.Popen[bytes], mountpoint: Path, aborted: threadin
         unmount(mountpoint)
 
 
-def _pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
-            for line in rollup:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):  # gone, or a zombie (an empty rollup)
-        pass
-    return 0
-
-
-class PssSampler:
-    """Sample the PSS of a served daemon's process tree every `interval` seconds in a thread; `peak` is the
-    largest sample, the last one taken when the block ends included. PSS is the sum of `Pss` of
-    /proc/PID/smaps_rollup, so pages the processes share (a forked worker's) count once.
-
-    Finding the process tree walks all of /proc, many times the cost of a sample: it is done once a second,
-    not at every sample, so that the sampler takes little CPU from the step it watches.
-    """
-
-    TREE_EVERY_S = 1.0
-
-    def __init__(self, served: Served, interval: float = 0.05) -> None:
-        self._served, self._interval = served, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pss-sampler", daemon=True)
-        self._pids: list[int] = []
-        self._pids_at = -self.TREE_EVERY_S
-        self.peak: int | None = None
-
-    def _sample(self) -> None:
-        if self._served.process is None:
-            return
-        if time.monotonic() - self._pids_at >= self.TREE_EVERY_S:
-            self._pids, self._pids_at = self._served.pids(), time.monotonic()
-        value = sum(_pss_kib(pid) for pid in self._pids) * 1024
-        if self.peak is None or value > self.peak:
-            self.peak = value
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._sample()
-
-    def __enter__(self) -> "PssSampler":
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        if not self._served.aborted.is_set():
-            self._pids_at = -self.TREE_EVERY_S  # the last sample looks for new processes too
-            self._sample()
-
-
 def _with_descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if entry.name.isdigit():  # the parent is the second field after the command's ")"
                 parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
+                children.setdefault(parent, []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
     return found
 
 
@@ -238,7 +160,49 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " / ".join(line.strip() for line in text[-lines:]) or "(no output)"
 
 
-# ---- Reading ------------------------------------------------------------------------------------------
+class PssSampler:
+    """The peak PSS of a served daemon's process tree (pages the processes share count once), sampled every
+    50 ms in a thread while the `with` block runs, and once more at its end; None without a daemon. The tree
+    is looked up once a second: walking /proc costs many samples."""
+
+    def __init__(self, served: Served) -> None:
+        self._served, self._done = served, threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pss-sampler", daemon=True)
+        self._pids: list[int] = []
+        self._pids_at = -1.0
+        self.peak: int | None = None
+
+    def _sample(self, fresh: bool = False) -> None:
+        if self._served.process is None:
+            return
+        if fresh or time.monotonic() - self._pids_at >= 1.0:
+            self._pids, self._pids_at = self._served.pids(), time.monotonic()
+        self.peak = max(self.peak or 0, sum(_pss_kib(pid) for pid in self._pids) * 1024)
+
+    def _run(self) -> None:
+        while not self._done.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> "PssSampler":
+        self._sample(fresh=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        if not self._served.aborted.is_set():
+            self._sample(fresh=True)  # processes started since the last look count too
+
+
+def _pss_kib(pid: int) -> int:
+    # gone, or a zombie (an empty rollup)
+    with contextlib.suppress(OSError, ValueError, StopIteration), open(f"/proc/{pid}/smaps_rollup") as rollup:
+        return next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
+    return 0
+
+
+# ---- Reading and running commands ---------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -295,20 +259,45 @@ def quantile(ordered: Sequence[float], q: float) -> float:
     return ordered[int(len(ordered) * q)]
 
 
-def drop_caches() -> bool:
-    """As root: write back, then drop the page cache (the tar's and any mount's); say whether it was."""
-    if os.geteuid() != 0:
-        return False
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    return True
+def drop_caches() -> None:
+    """As root: write back, then drop the page cache (the tar's and any mount's)."""
+    if os.geteuid() == 0:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def timed(command: Sequence[str], **kwargs: object) -> float:
-    """Run `command` (it must succeed); return the seconds it took."""
+def run_timed(
+    command: Sequence[str], cap: float | None = None, served: Served | None = None, stdout: int | IO[str] = -1
+) -> tuple[float, str]:
+    """Run `command` in a process group of its own; return the seconds it took and its output.
+
+    Past `cap` the group is killed, and the daemon of `served` too (a read stuck in FUSE ends no other way).
+
+    Raises:
+        TimedOut: past the cap.
+        ToolFailed: the command failed; the message ends with its error output.
+    """
     start = time.perf_counter()
-    subprocess.run(command, check=True, **kwargs)  # type: ignore[call-overload]
-    return time.perf_counter() - start
+    process = subprocess.Popen(
+        command, stdout=stdout, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        output, errors = process.communicate(timeout=cap)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        if served is not None:
+            served.abort()
+        process.communicate()
+        raise TimedOut(cap or 0) from None
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        failed = f"{' '.join(command[:2])} exited with {process.returncode}"
+        raise ToolFailed(f"{failed}: {(errors or output or '').strip()[-300:]}")
+    return seconds, output or ""
 
 
 # ---- Running ------------------------------------------------------------------------------------------
@@ -337,19 +326,13 @@ def scratch(prefix: str, parent: str | Path | None = None, keep: bool = False) -
 
 def run_main(main: Callable[[], int | None]) -> NoReturn:
     """Run a benchmark: SIGTERM stops it as Ctrl-C does, and either way what it mounted is unmounted."""
-    signal.signal(signal.SIGTERM, _interrupt)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         sys.exit(main())
     except KeyboardInterrupt:
         print("\ninterrupted; everything mounted was unmounted", file=sys.stderr)
         sys.exit(130)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A Markdown table."""
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)

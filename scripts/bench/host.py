@@ -1,7 +1,7 @@
 """What the benches change on the host: the packages they install, and DAMON's reclaim, paused on request.
 
-Peers and helper programs come from Debian (apt-get, as root) or from PyPI into venvs under CACHE; nothing
-else on the machine changes unless asked (`--pause-reclaim`), and that is restored at the end.
+Programs come from Debian (apt-get, as root) or from PyPI into venvs under CACHE; nothing else on the
+machine changes unless asked (`--pause-reclaim`), and that is restored at the end.
 """
 
 import os
@@ -19,32 +19,30 @@ _KDAMONDS = Path("/sys/kernel/mm/damon/admin/kdamonds")
 _apt_updated = False
 
 
-def apt_install(command: str, packages: tuple[str, ...]) -> None:
-    """Install the first of `packages` that Debian has, so that `command` exists; raise ToolFailed if none."""
+def ensure_commands(*needed: tuple[str, tuple[str, ...]]) -> None:
+    """For each (command, Debian packages) whose command is missing, install the first package Debian has."""
     global _apt_updated
-    if os.geteuid() != 0:
-        raise ToolFailed(f"{command} is missing; as root: apt-get install {packages[0]}")
-    if not _apt_updated:
-        subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL)
-        _apt_updated = True
-    for package in packages:
-        policy = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True, check=False)
-        if "Candidate:" not in policy.stdout or "Candidate: (none)" in policy.stdout:
-            continue
-        print(f"installing Debian package {package} (for {command})", flush=True)
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        install = ["apt-get", "install", "-y", "-qq", package]
-        subprocess.run(install, check=True, env=env, stdout=subprocess.DEVNULL)
+    for command, packages in needed:
         if shutil.which(command) is not None:
-            return
-    raise ToolFailed(f"no Debian package provides {command} here (tried {', '.join(packages)})")
-
-
-def ensure_commands(needed: dict[str, tuple[str, ...]]) -> None:
-    """Install the helper programs the metrics need (fio, qemu-img) when missing."""
-    for command, packages in needed.items():
-        if shutil.which(command) is None:
-            apt_install(command, packages)
+            continue
+        if os.geteuid() != 0:
+            raise ToolFailed(f"{command} is missing; as root: apt-get install {packages[0]}")
+        if not _apt_updated:
+            subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL)
+            _apt_updated = True
+        for package in packages:
+            policy = subprocess.run(
+                ["apt-cache", "policy", package], capture_output=True, text=True, check=False
+            )
+            if "Candidate:" in policy.stdout and "Candidate: (none)" not in policy.stdout:
+                print(f"installing Debian package {package} (for {command})", flush=True)
+                env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+                install = ["apt-get", "install", "-y", "-qq", package]
+                subprocess.run(install, check=True, env=env, stdout=subprocess.DEVNULL)
+                if shutil.which(command) is not None:
+                    break
+        else:
+            raise ToolFailed(f"no Debian package provides {command} here (tried {', '.join(packages)})")
 
 
 def venv_install(venv: Path, program: str, *requirements: str) -> None:
@@ -63,9 +61,8 @@ def venv_install(venv: Path, program: str, *requirements: str) -> None:
 def reclaim_paused(keep: bool) -> Iterator[str]:
     """Pause DAMON's proactive reclaim for the run unless `keep`; yield what the report says about it.
 
-    Some VMs run a DAMON "pageout" scheme that evicts page-cache pages idle for a few seconds, regions
-    being coarse: a "warm" archive was half on disk again within seconds here, and every tool then read
-    it from disk. Restored afterwards.
+    Some VMs run a DAMON "pageout" scheme that evicts a warm archive from the page cache within seconds
+    (docs/benchmarks.md, "The page cache on this machine"). Restored afterwards.
     """
     running = [d for d in sorted(_KDAMONDS.glob("[0-9]*")) if _read(d / "state") == "on"]
     if not running:

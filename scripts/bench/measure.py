@@ -1,8 +1,7 @@
 """Measuring: one case's bytes checked and its metrics timed for every tool, and the boot step.
 
-Everything runs on a fresh mount per repetition, with the archive read once before each step (tar warm in
-the page cache); one repetition of every tool follows the other, so noise spreads over all tools alike.
-What is measured and how is told in docs/benchmarks.md, "How it is measured".
+Every repetition runs on a fresh mount, the archive read just before (tar warm), one tool after the other
+(docs/benchmarks.md, "How it is measured").
 """
 
 import hashlib
@@ -10,9 +9,9 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from .harness import (
     TimedOut,
     ToolFailed,
     read_some,
+    run_timed,
     serve_fuse,
     timed_read,
     watchdog,
@@ -41,7 +41,6 @@ RANDOM = {"rand1": (1, None), "rand1-same": (1, (0, 0)), "rand1-apart": (1, (0, 
 PINNED = tuple(m for m, (_, placement) in RANDOM.items() if placement is not None)
 BOOT_MESSAGE = "tarfuse bench: booted"
 BOOT_IMAGE_SIZE = 24 << 20  # as the tests' sample image
-_SHORT_READ = " (read returned 0 bytes: end of file inside the image)"
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,10 @@ class Options:
     fio_runtime: float
     cap: float
     scratch: Path
+
+
+def _status(exc: TimedOut | ToolFailed) -> str:
+    return str(exc) if isinstance(exc, TimedOut) else f"failed: {exc}"
 
 
 # ---- One case -----------------------------------------------------------------------------------------
@@ -65,27 +68,24 @@ def run_case(case: str, tools: list[Tool], options: Options, results: Results) -
     dataset = build(case, directory, options.sizes)
     size = f"{dataset.archive.stat().st_size / (1 << 20):,.0f} MiB"
     print(f"   {dataset.title} ({size} archive, {time.monotonic() - began:.1f} s)", flush=True)
-    results.cases.append(
-        CaseInfo(case, dataset.title, dataset.members, dataset.extent_count, dataset.metrics)
-    )
+    extents = len(dataset.model.extents)
+    results.cases.append(CaseInfo(case, dataset.title, dataset.members, extents, dataset.metrics))
+    metrics = ("ready", *dataset.metrics)
     try:
-        taking_part = [
-            t for t in tools if any(t.measures(case, m) for m in ("ready", *dataset.metrics, "rss"))
-        ]
+        taking_part = [t for t in tools if any(t.measures(case, m) for m in (*metrics, "rss"))]
         usable = [tool for tool in taking_part if _admit(tool, dataset, options, results)]
-        rss_metric = "seq" if "seq" in dataset.metrics else "ready"
-        if len(os.sched_getaffinity(0)) < 2:
-            for metric in set(PINNED) & set(dataset.metrics):
-                for tool in usable:
-                    results.stop(case, metric, tool.name, "n/a: one CPU: no placement to choose")
-        for metric in ("ready", *dataset.metrics):
+        rss_metric = "seq" if "seq" in metrics else "ready"  # the peak PSS: during the full read
+        for metric in (m for m in PINNED if m in metrics and len(os.sched_getaffinity(0)) < 2):
+            for tool in usable:
+                results.stop(case, metric, tool.name, "n/a: one CPU: no placement to choose")
+        for metric in metrics:
             for rep in range(options.reps):
                 shown = []
                 for tool in usable:
                     if results.outcome(case, metric, tool.name).status or not tool.measures(case, metric):
                         continue
                     warm(dataset.archive)
-                    record_rss = rss_metric == metric and tool.measures(case, "rss")
+                    record_rss = metric == rss_metric and tool.measures(case, "rss")
                     shown.append(_measure_once(metric, tool, dataset, options, results, record_rss))
                 if shown:
                     print(f"   {metric} {rep + 1}/{options.reps}: {', '.join(shown)}", flush=True)
@@ -97,7 +97,7 @@ def run_case(case: str, tools: list[Tool], options: Options, results: Results) -
 
 def _admit(tool: Tool, dataset: Dataset, options: Options, results: Results) -> bool:
     """Whether the tool takes part in this case: installed, supported, and serving the right bytes."""
-    status = tool.problem()
+    status = tool.problem
     if status is None and (reason := tool.unsupported(dataset)) is not None:
         status = f"n/a: {reason}"
     if status is None:
@@ -115,10 +115,6 @@ def _admit(tool: Tool, dataset: Dataset, options: Options, results: Results) -> 
     return status is None
 
 
-def _status(exc: Exception) -> str:
-    return str(exc) if isinstance(exc, TimedOut) else f"failed: {exc}"
-
-
 def _measure_once(
     metric: str, tool: Tool, dataset: Dataset, options: Options, results: Results, record_rss: bool
 ) -> str:
@@ -128,10 +124,7 @@ def _measure_once(
         with tool.serve(dataset, options.scratch, options.cap) as served:
             sampler = PssSampler(served)
             try:
-                if record_rss:
-                    with sampler:
-                        value = _run_metric(metric, served, dataset, options)
-                else:
+                with sampler if record_rss else nullcontext():
                     value = _run_metric(metric, served, dataset, options)
             finally:  # also after a timed-out read: the peak so far is still a peak
                 if record_rss and sampler.peak is not None and not served.aborted.is_set():
@@ -151,20 +144,14 @@ def _run_metric(metric: str, served: Served, dataset: Dataset, options: Options)
         return served.ready_s
     if metric == "seq":
         return dataset.size / timed_read(served, dataset.size, options.cap) / 1e9
-    if metric in RANDOM:
-        if served.fio_target is None:
-            return None
-        readers, placement = RANDOM[metric]
-        fio_cpu = None
-        if placement is not None:
-            server_cpu, fio_cpu = placement
-            served.pin(server_cpu)  # every thread of every process of the server; no-op for the limits
-        return run_fio(served, readers, options, fio_cpu)
     if metric == "qemu":
-        if served.qemu_source is None:
-            return None
-        return run_qemu_convert(served, options)
-    raise ValueError(metric)
+        return None if served.qemu_source is None else run_qemu_convert(served, options)
+    if served.fio_target is None:
+        return None
+    readers, placement = RANDOM[metric]
+    if placement is not None:
+        served.pin(placement[0])  # every thread of every process of the server; no-op for the limits
+    return run_fio(served, readers, options, None if placement is None else placement[1])
 
 
 # ---- Time to boot -------------------------------------------------------------------------------------
@@ -174,30 +161,28 @@ def run_boot(tools: list[Tool], options: Options, results: Results) -> None:
     """Boot the sample image in QEMU (KVM) from the raw file and through a fresh tarfuse mount, in turns."""
     print(f"\n== {BOOT}: QEMU boots the sample image to its serial line", flush=True)
     tarfuse = next((t for t in tools if isinstance(t, Tarfuse) and t.name == "tarfuse"), None)
-    reason = _boot_unavailable(tarfuse)
-    if reason is not None:
+    if (reason := _boot_unavailable(tarfuse)) is not None or tarfuse is None:
         results.boot_status = reason
         print(f"   skipped: {reason}", flush=True)
         return
-    assert tarfuse is not None
     directory = options.scratch / BOOT
     directory.mkdir()
     image = directory / "disk.raw"
     write_sparse_boot_image(str(image), BOOT_IMAGE_SIZE, BOOT_MESSAGE + "\r\n")
     archive = make_archive("oldgnu", image, directory / "boot.tar")
     mountpoint = Path(os.path.realpath(directory)) / "mnt"
-    command = [tarfuse.program, "-f", "-o", "member=disk.raw", str(archive), str(mountpoint)]
+    command = [*tarfuse.command(), "-f", "-o", "member=disk.raw", str(archive), str(mountpoint)]
     for rep in range(options.reps):
         shown = []
         for name in (BOOT_RAW, BOOT_MOUNT):
+            raw = name == BOOT_RAW
             try:
-                if name == BOOT_RAW:
-                    seconds = boot_once(image, options.cap)
-                else:
-                    with serve_fuse(
-                        command, mountpoint, mountpoint / "disk.raw", options.cap, directory / "log"
-                    ):
-                        seconds = boot_once(mountpoint / "disk.raw", options.cap)
+                with (
+                    nullcontext()
+                    if raw
+                    else serve_fuse(command, mountpoint, mountpoint / image.name, options.cap)
+                ):
+                    seconds = boot_once(image if raw else mountpoint / image.name, options.cap)
                 results.boot.setdefault(name, []).append(seconds)
                 shown.append(f"{name} {METRICS['ready'].format(seconds)}")
             except (TimedOut, ToolFailed) as exc:
@@ -211,8 +196,8 @@ def _boot_unavailable(tarfuse: Tool | None) -> str | None:
         return "no usable /dev/kvm (QEMU without KVM would time the emulator, not the disk)"
     if shutil.which("qemu-system-x86_64") is None:
         return "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
-    if tarfuse is None or tarfuse.problem():
-        return "tarfuse is not among the tools run" if tarfuse is None else str(tarfuse.problem())
+    if tarfuse is None or tarfuse.problem:
+        return "tarfuse is not among the tools run" if tarfuse is None else tarfuse.problem
     return None
 
 
@@ -220,24 +205,13 @@ def boot_once(image: Path, cap: float) -> float:
     """Start QEMU on `image`; return the seconds until the boot sector's line is on its serial port."""
     booted = boot(image, BOOT_MESSAGE, cap)
     if booted.seconds is not None:
-        return booted.seconds
+        return float(booted.seconds)
     if booted.exit_status is None:
         raise TimedOut(cap)
     raise ToolFailed(f"qemu-system-x86_64 exited with {booted.exit_status} before the serial line")
 
 
 # ---- Reading and checking -----------------------------------------------------------------------------
-
-
-def _read_exact(served: Served, offset: int, size: int, cap: float) -> bytes:
-    buffer = memoryview(bytearray(size))
-    done = 0
-    while done < size:
-        n = read_some(served, buffer[done:], offset + done, cap)
-        if n <= 0:
-            break
-        done += n
-    return bytes(buffer[:done])
 
 
 def sample_ranges(dataset: Dataset) -> list[tuple[int, int]]:
@@ -266,8 +240,12 @@ def verify(tool: Tool, dataset: Dataset, options: Options) -> tuple[str | None, 
                 if got != expected:
                     pairs = enumerate(zip(got, expected, strict=False))
                     at = offset + next((i for i, (a, b) in pairs if a != b), min(len(got), len(expected)))
-                    eof = len(got) < len(expected)
-                    return f"WRONG BYTES at image offset {at:,}{_SHORT_READ if eof else ''}", ""
+                    eof = (
+                        " (read returned 0 bytes: end of file inside the image)"
+                        if len(got) < len(expected)
+                        else ""
+                    )
+                    return f"WRONG BYTES at image offset {at:,}{eof}", ""
         digest = hashlib.sha256()
         try:
             timed_read(served, model.size, options.cap, digest.update)
@@ -276,6 +254,13 @@ def verify(tool: Tool, dataset: Dataset, options: Options) -> tuple[str | None, 
         if digest.hexdigest() != model.sha256:
             return "WRONG BYTES: the sha256 of the full read differs (the sampled ranges matched)", ""
     return None, "sampled ranges and the sha256 of a full read"
+
+
+def _read_exact(served: Served, offset: int, size: int, cap: float) -> bytes:
+    buffer, done = memoryview(bytearray(size)), 0
+    while done < size and (n := read_some(served, buffer[done:], offset + done, cap)) > 0:
+        done += n
+    return bytes(buffer[:done])
 
 
 def warm(path: Path) -> None:
@@ -289,27 +274,6 @@ def warm(path: Path) -> None:
 # ---- fio and qemu-img ---------------------------------------------------------------------------------
 
 
-def _run_capped(command: list[str], timeout: float, served: Served) -> str:
-    """Run a command in its own process group; kill the group (and the daemon) if it outlives `timeout`."""
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        served.abort()
-        process.communicate()
-        raise TimedOut(timeout) from None
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    if process.returncode != 0:
-        raise ToolFailed(f"{command[0]} exited with {process.returncode}: {output.strip()[-300:]}")
-    return output
-
-
 def run_fio(served: Served, readers: int, options: Options, cpu: int | None = None) -> float:
     """Random 4 KiB reads for a fixed time, fio pinned on `cpu` if given; return reads/s over all readers."""
     assert served.fio_target is not None
@@ -320,7 +284,7 @@ def run_fio(served: Served, readers: int, options: Options, cpu: int | None = No
         "--randrepeat=1", "--norandommap", "--invalidate=0", "--readonly", "--output-format=json",
         *served.fio_target,
     ]  # fmt: skip
-    output = _run_capped(command, options.fio_runtime + options.cap, served)
+    _, output = run_timed(command, options.fio_runtime + options.cap, served)
     job = json.loads(output[output.index("{") :])["jobs"][0]
     if job.get("error"):
         raise ToolFailed(f"fio: error {job['error']}")
@@ -332,16 +296,11 @@ def run_qemu_convert(served: Served, options: Options) -> float:
     assert served.qemu_source is not None
     target = options.scratch / "converted.raw"
     source_format = [] if served.qemu_source.startswith("json:") else ["-f", "raw"]
-    command = ["qemu-img", "convert", *source_format, "-O", "raw", served.qemu_source, str(target)]
-    start = time.perf_counter()
     try:
-        _run_capped(command, options.cap, served)
-        return time.perf_counter() - start
+        command = ["qemu-img", "convert", *source_format, "-O", "raw", served.qemu_source, str(target)]
+        return run_timed(command, options.cap, served)[0]
     finally:
         target.unlink(missing_ok=True)
-
-
-# ---- Cleanup ------------------------------------------------------------------------------------------
 
 
 def _detach_loops(archive: Path) -> None:

@@ -1,6 +1,6 @@
 """The peers, measured with `--peers`: other programs that serve a member of a tar, run as their authors
-document. Each is installed when missing (host.py): ratarmount from PyPI into a venv of its own, the others
-from Debian.
+document (docs/benchmarks.md). Each is installed when missing (host.py): ratarmount from PyPI into a venv
+of its own, the others from Debian.
 """
 
 import os
@@ -11,30 +11,45 @@ from .host import CACHE, venv_install
 from .tools import FuseTool, Tool, first_line
 
 
-class Ratarmount(FuseTool):
+class Peer(FuseTool):
+    """`PROGRAM OPTIONS... ARCHIVE MOUNTPOINT`, showing the member under its own name; PROGRAM from Debian."""
+
+    role = "peer"
+
+    def __init__(self, name: str, *options: str) -> None:
+        self.name, self.options, self.needs = name, options, ((name, (name,)),)
+
+    def program(self) -> str:
+        return self.name
+
+    def version(self) -> str:
+        return first_line([self.program(), "--version"])
+
+    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
+        command = [self.program(), *self.options, str(dataset.archive), str(mountpoint)]
+        return command, mountpoint / dataset.member
+
+
+class Ratarmount(Peer):
     """ratarmount from PyPI, in its own venv; `--index-file :memory:` so every mount indexes afresh."""
 
-    name, role = "ratarmount", "peer"
     venv = CACHE / "venv-ratarmount"
+
+    def __init__(self) -> None:
+        super().__init__("ratarmount", "-f", "--index-file", ":memory:")
+
+    def program(self) -> str:
+        return str(self.venv / "bin" / "ratarmount")
 
     def _setup(self) -> None:
         venv_install(self.venv, "ratarmount")
-
-    def version(self) -> str:
-        return first_line([str(self.venv / "bin" / "ratarmount"), "--version"])
-
-    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
-        program = str(self.venv / "bin" / "ratarmount")
-        command = [program, "-f", "--index-file", ":memory:", str(dataset.archive), str(mountpoint)]
-        return command, mountpoint / dataset.member
 
 
 class NbdkitTar(FuseTool):
     """nbdkit's tar filter (it asks GNU tar for the member's offset) behind nbdfuse."""
 
     name, role = "nbdkit+nbdfuse", "peer"
-    commands = ("nbdkit", "nbdfuse")
-    apt_packages = (("nbdkit",), ("nbdfuse", "libnbd-bin"))  # Debian 12 ships nbdfuse in libnbd-bin
+    needs = (("nbdkit", ("nbdkit",)), ("nbdfuse", ("nbdfuse", "libnbd-bin")))  # Debian 12: in libnbd-bin
 
     def version(self) -> str:
         return f"{first_line(['nbdkit', '--version'])}; {first_line(['nbdfuse', '--version'])}"
@@ -45,32 +60,12 @@ class NbdkitTar(FuseTool):
         return ["nbdfuse", "-r", str(image), "[", *server, f"tar-entry={dataset.member}", "]"], image
 
 
-class Archivemount(FuseTool):
-    name, role = "archivemount", "peer"
-    commands = ("archivemount",)
-    apt_packages = (("archivemount",),)
-
-    def version(self) -> str:
-        return first_line(["archivemount", "--version"])
-
-    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
-        command = ["archivemount", "-f", "-o", "readonly", str(dataset.archive), str(mountpoint)]
-        return command, mountpoint / dataset.member
-
-
-class FuseArchive(FuseTool):
-    """Google's fuse-archive (C++, libarchive), where Debian packages it (not in Debian 12)."""
-
-    name, role = "fuse-archive", "peer"
-    commands = ("fuse-archive",)
-    apt_packages = (("fuse-archive",),)
-
-    def version(self) -> str:
-        return first_line(["fuse-archive", "--version"])
-
-    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
-        return ["fuse-archive", "-f", str(dataset.archive), str(mountpoint)], mountpoint / dataset.member
-
-
 def peers() -> list[Tool]:
-    return [Ratarmount(), NbdkitTar(), Archivemount(), FuseArchive()]
+    """ratarmount, nbdkit's tar filter, archivemount, and Google's fuse-archive (C++, libarchive) where
+    Debian packages it (not in Debian 12)."""
+    return [
+        Ratarmount(),
+        NbdkitTar(),
+        Peer("archivemount", "-f", "-o", "readonly"),
+        Peer("fuse-archive", "-f"),
+    ]

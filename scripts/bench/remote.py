@@ -1,9 +1,8 @@
 """Benchmark a remote mount over loopback: time to first byte, sequential throughput next to curl, random
 4 KiB read latency, and bytes fetched per byte read (and to boot a 1 GiB image in QEMU).
 
-`python -m scripts.bench.remote [--quick]`, as root or any user who can mount FUSE. The server is the tests'
-range-capable one (kit.httpserver), serving the archive from memory on 127.0.0.1. Prints a Markdown table
-(docs/remote.md keeps the figures).
+`python -m scripts.bench.remote [--quick]`, as root or any user who can mount FUSE; the server is the tests'
+range-capable one (kit.httpserver) on 127.0.0.1. Prints a Markdown table (docs/remote.md keeps the figures).
 """
 
 import argparse
@@ -21,7 +20,8 @@ from kit.qemu import boot
 from kit.sample import DataRun, boot_sector, data_runs
 from kit.tarbuilder import END, archive, file_member, header
 
-from .harness import Served, latencies, quantile, run_main, scratch, serve_fuse, table, timed, timed_read
+from .harness import Served, latencies, quantile, run_main, run_timed, scratch, serve_fuse, timed_read
+from .report import table
 
 MiB = 1 << 20
 CAP_S = 300.0  # no step of a sound run comes near it; a daemon that hangs ends the run instead of stalling it
@@ -29,44 +29,20 @@ CAP_S = 300.0  # no step of a sound run comes near it; a daemon that hangs ends 
 
 def mounted(url: str, mnt: Path, probe: int = 1) -> AbstractContextManager[Served]:
     """Mount `url` on `mnt` with `tarfuse -f`; ready when the first `probe` bytes of disk.raw read."""
-    return serve_fuse(
-        tarfuse_command("-f", url, mnt), mnt, mnt / "disk.raw", CAP_S, mnt.with_suffix(".log"), probe
-    )
-
-
-def time_to_first_byte(server: RangeServer, url: str, mnt: Path) -> tuple[float, int]:
-    server.reset_counters()
-    with mounted(url, mnt, probe=4096) as served:
-        return served.ready_s, server.bytes_served
-
-
-def sequential(server: RangeServer, url: str, mnt: Path, size: int) -> tuple[float, int]:
-    with mounted(url, mnt) as served:
-        server.reset_counters()
-        return size / timed_read(served, size, CAP_S), server.bytes_served
-
-
-def curl(url: str, size: int) -> float:
-    return size / timed([shutil.which("curl") or "curl", "-s", "-o", "/dev/null", url])
+    return serve_fuse(tarfuse_command("-f", url, mnt), mnt, mnt / "disk.raw", CAP_S, probe)
 
 
 def random_reads(server: RangeServer, url: str, mnt: Path, size: int, count: int) -> tuple[list[float], int]:
     offsets = [block * 4096 for block in random.Random(5).sample(range(size // 4096), count)]
-    with mounted(url, mnt):
-        fd = os.open(mnt / "disk.raw", os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel readahead: one 4 KiB request each
-            server.reset_counters()
-            times = latencies(lambda offset: os.pread(fd, 4096, offset), offsets)
-        finally:
-            os.close(fd)
-        return times, server.bytes_served
+    with mounted(url, mnt), open(mnt / "disk.raw", "rb", buffering=0) as file:
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: one 4 KiB request each
+        server.reset_counters()
+        return latencies(lambda offset: os.pread(file.fileno(), 4096, offset), offsets), server.bytes_served
 
 
 def boot_fetch(server: RangeServer, work: Path, mnt: Path) -> tuple[int, float] | None:
     """Bytes fetched, and seconds, to boot a 1 GiB image (stored whole in the tar) until it prints."""
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
+    if (qemu := shutil.which("qemu-system-x86_64")) is None:
         return None
     size, message = 1 << 30, "bench booted"
     path = work / "gib.tar"
@@ -87,37 +63,40 @@ def boot_fetch(server: RangeServer, work: Path, mnt: Path) -> tuple[int, float] 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 64 MiB image instead of 512 MiB; no QEMU")
-    args = parser.parse_args()
-    size = (64 if args.quick else 512) * MiB
+    quick = parser.parse_args().quick
+    size = (64 if quick else 512) * MiB
     with scratch("tarfuse-bench-") as work, serve() as server:
         mnt = work / "mnt"
         url = server.put("vm.tar", archive(file_member("disk.raw", os.urandom(size))))
-        ttfb, ttfb_bytes = time_to_first_byte(server, url, mnt)
-        seq, seq_bytes = sequential(server, url, mnt, size)
-        curl_rate = curl(url, size)
-        times, random_bytes = random_reads(server, url, mnt, size, 200 if args.quick else 1000)
-        boot = None if args.quick else boot_fetch(server, work, mnt)
+        server.reset_counters()
+        with mounted(url, mnt, probe=4096) as served:
+            ttfb, ttfb_bytes = served.ready_s, server.bytes_served
+        with mounted(url, mnt) as served:
+            server.reset_counters()
+            seq, seq_bytes = size / timed_read(served, size, CAP_S), server.bytes_served
+        curl = size / run_timed([shutil.which("curl") or "curl", "-s", "-o", "/dev/null", url], CAP_S)[0]
+        times, random_bytes = random_reads(server, url, mnt, size, 200 if quick else 1000)
+        booted = None if quick else boot_fetch(server, work, mnt)
     times_ms = [x * 1000 for x in times]
     rows = [
         ("image", f"{size // MiB} MiB of random bytes, plain tar, served from memory on 127.0.0.1"),
-        (
-            "time to first byte (mount + open + 4 KiB read)",
-            f"{ttfb * 1000:.0f} ms, {ttfb_bytes / MiB:.2f} MiB fetched",
-        ),
+        ("time to first byte (mount + open + 4 KiB read)",
+         f"{ttfb * 1000:.0f} ms, {ttfb_bytes / MiB:.2f} MiB fetched"),
         ("sequential read, 1 MiB reads, cold", f"{seq / MiB:.0f} MiB/s"),
-        ("curl -o /dev/null, same URL", f"{curl_rate / MiB:.0f} MiB/s"),
+        ("curl -o /dev/null, same URL", f"{curl / MiB:.0f} MiB/s"),
         ("bytes fetched per byte read, sequential", f"{seq_bytes / size:.2f}"),
-        (
-            f"random 4 KiB reads ({len(times)}), latency",
-            f"median {statistics.median(times_ms):.2f} ms, p99 {quantile(times_ms, 0.99):.2f} ms",
-        ),
+        (f"random 4 KiB reads ({len(times)}), latency",
+         f"median {statistics.median(times_ms):.2f} ms, p99 {quantile(times_ms, 0.99):.2f} ms"),
         ("bytes fetched per byte read, random 4 KiB", f"{random_bytes / (4096 * len(times)):.1f}"),
-    ]
-    if boot is not None:
+    ]  # fmt: skip
+    if booted is not None:
         rows.append(
-            ("QEMU boot of a 1 GiB image stored whole", f"{boot[0] / MiB:.2f} MiB fetched, {boot[1]:.1f} s")
+            (
+                "QEMU boot of a 1 GiB image stored whole",
+                f"{booted[0] / MiB:.2f} MiB fetched, {booted[1]:.1f} s",
+            )
         )
-    print(table(("measure", "result"), rows))
+    print("\n".join(table(("measure", "result"), rows)))
 
 
 if __name__ == "__main__":

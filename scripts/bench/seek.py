@@ -2,17 +2,8 @@
 
     .venv/bin/python -m scripts.bench.seek [--quick] [--case sparse-pax] [--plain-venv DIR]
 
-Servers: tarfuse on this venv's pyfuse3 (3.5.0+lseek, `make dev`: holes answered from the archive's map);
-the same checkout on plain pyfuse3 3.5.0 from PyPI, which has no lseek handler, so the kernel calls the whole
-file data ("before"; a venv of its own, made on first use, with the checkout put first on PYTHONPATH); and
-ratarmount (peers.py, its venv). The data is data.py's sparse case.
-
-Steps, each on a fresh mount and, as root, with the page cache dropped first (so every byte is read through
-FUSE, and the tar from disk): `qemu-img map --output=json -f raw` (and its data extents),
-`cp --sparse=auto` (and the copy's allocated size, as du shows it), `qemu-img convert -f raw -O qcow2` (and
-the qcow2's allocated size). The copy's sha256 must equal the image's and the qcow2 must compare equal to
-the copy. One run of each step, so run it twice to see the noise (up to 30 % between runs here). Prints a
-Markdown table (docs/benchmarks.md, "SEEK_DATA/SEEK_HOLE", keeps a run's output).
+Servers, steps and columns: docs/benchmarks.md, "SEEK_DATA/SEEK_HOLE", which keeps a run's output. Each step
+runs once, on a fresh mount, with the page cache dropped first (as root): run it twice to see the noise.
 """
 
 import argparse
@@ -21,15 +12,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import Dataset, Sizes, build
-from .harness import GRACE_S, TimedOut, ToolFailed, drop_caches, run_main, scratch, table, watchdog
+from .data import FULL, QUICK, Dataset, build
+from .harness import GRACE_S, TimedOut, ToolFailed, drop_caches, run_main, run_timed, scratch, watchdog
 from .host import CACHE, venv_install
 from .peers import Ratarmount
-from .report import DASH
+from .report import DASH, table
 from .results import load_average, machine
 from .tools import REPO, Tarfuse, Tool
 
@@ -41,56 +31,51 @@ Step = Callable[[str, Path, Dataset], list[str]]  # (served image, scratch, data
 
 
 class PlainTarfuse(Tarfuse):
-    """This checkout's tarfuse on plain pyfuse3 from PyPI: the "before"."""
+    """This checkout's tarfuse on plain pyfuse3 from PyPI, which has no lseek handler: the "before"."""
 
     name = "tarfuse-plain"
 
     def __init__(self, venv: Path) -> None:
-        super().__init__()
         self.venv = venv
+
+    def command(self) -> list[str]:
+        # The checkout first on the path: the same tarfuse as the "after", not the copy pip installed.
+        return ["env", f"PYTHONPATH={REPO}", str(self.venv / "bin" / "python"), "-m", "tarfuse"]
 
     def _setup(self) -> None:
         venv_install(self.venv, "tarfuse", str(REPO))  # its dependencies, plain pyfuse3 among them
         if NO_HANDLER not in self.version():
             raise ToolFailed(f"{self.venv} has a pyfuse3 with an lseek handler: {self.version()}")
 
-    def _command(self) -> list[str]:
-        # The checkout first on the path: the same tarfuse as the "after", not the copy pip installed.
-        return ["env", f"PYTHONPATH={REPO}", str(self.venv / "bin" / "python"), "-m", "tarfuse"]
-
-    def version(self) -> str:
-        return _output([*self._command(), "--version"])
-
-    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
-        command, image = super().argv(dataset, mountpoint)
-        return [*self._command(), *command[1:]], image
-
 
 def qemu_map(image: str, work: Path, dataset: Dataset) -> list[str]:
-    seconds, out = _run(["qemu-img", "map", "--output=json", "-f", "raw", image])
+    seconds, out = run_timed(["qemu-img", "map", "--output=json", "-f", "raw", image], CAP_S)
     data = [entry for entry in json.loads(out) if entry["data"]]
-    data_mib = sum(entry["length"] for entry in data) / MiB
-    return [_seconds(seconds), f"{len(data):,} ({data_mib:,.0f} MiB)"]
+    return [f"{seconds:.2f} s", f"{len(data):,} ({sum(entry['length'] for entry in data) / MiB:,.0f} MiB)"]
 
 
 def copy_sparse(image: str, work: Path, dataset: Dataset) -> list[str]:
     copy = work / "copy.raw"
-    seconds, _ = _run(["cp", "--sparse=auto", image, str(copy)])
+    seconds, _ = run_timed(["cp", "--sparse=auto", image, str(copy)], CAP_S)
     with copy.open("rb") as file:
         if hashlib.file_digest(file, "sha256").hexdigest() != dataset.model.sha256:
             raise ToolFailed("the copy's sha256 differs from the image's")
-    return [_seconds(seconds), _mib(copy)]  # the copy stays: convert's output is compared with it
+    return [f"{seconds:.2f} s", _du(copy)]  # the copy stays: convert's output is compared with it
 
 
 def convert_qcow2(image: str, work: Path, dataset: Dataset) -> list[str]:
-    qcow2 = work / "copy.qcow2"
+    qcow2, copy = work / "copy.qcow2", str(work / "copy.raw")
     try:
-        seconds, _ = _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", image, str(qcow2)])
-        _run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(qcow2), str(work / "copy.raw")])
-        return [_seconds(seconds), _mib(qcow2)]
+        seconds, _ = run_timed(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", image, str(qcow2)], CAP_S)
+        run_timed(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(qcow2), copy], CAP_S)
+        return [f"{seconds:.2f} s", _du(qcow2)]
     finally:
         qcow2.unlink(missing_ok=True)
-        (work / "copy.raw").unlink(missing_ok=True)
+        Path(copy).unlink(missing_ok=True)
+
+
+def _du(path: Path) -> str:
+    return f"{path.stat().st_blocks * 512 / MiB:,.1f} MiB"
 
 
 STEPS: tuple[tuple[Step, str], ...] = (
@@ -104,43 +89,16 @@ def measure(tool: Tool, dataset: Dataset, work: Path) -> list[str]:
     """The row of `tool`: each step on a fresh mount, with cold caches; a failed step says why."""
     cells: list[str] = []
     for step, header in STEPS:
-        width = header.count("|") + 1
         drop_caches()
         try:
             with tool.serve(dataset, work, CAP_S) as served, watchdog(served, CAP_S + GRACE_S):
                 assert served.qemu_source is not None  # a FUSE tool: the image's path
                 cells += step(served.qemu_source, work, dataset)
         except (OSError, subprocess.SubprocessError, ToolFailed, TimedOut) as exc:
-            cells += [f"failed: {_reason(exc)}"] + [DASH] * (width - 1)
-            print(f"  {tool.name}: {step.__name__} failed: {_reason(exc)}", file=sys.stderr)
+            reason = str(exc).replace("|", "/").replace("\n", " ")[:200] or type(exc).__name__
+            cells += [f"failed: {reason}"] + [DASH] * header.count("|")
+            print(f"  {tool.name}: {step.__name__} failed: {reason}", file=sys.stderr)
     return cells
-
-
-def _run(command: list[str]) -> tuple[float, str]:
-    """Run `command` (it must succeed within the cap); return the seconds it took and its output."""
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=CAP_S)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise ToolFailed(f"{command[0]} {command[1]} exited with {done.returncode}: {done.stderr.strip()}")
-    return seconds, done.stdout
-
-
-def _output(command: list[str]) -> str:
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    return (done.stdout.strip() or done.stderr.strip()).splitlines()[0] if done.returncode == 0 else "?"
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc).replace("|", "/").replace("\n", " ")[:200] or type(exc).__name__
-
-
-def _seconds(seconds: float) -> str:
-    return f"{seconds:.2f} s"
-
-
-def _mib(path: Path) -> str:
-    return f"{path.stat().st_blocks * 512 / MiB:,.1f} MiB"
 
 
 def data_runs(dataset: Dataset) -> int:
@@ -156,12 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 512 MiB image with 32 MiB of data")
     parser.add_argument("--case", choices=("sparse-oldgnu", "sparse-pax"), default="sparse-oldgnu")
-    parser.add_argument(
-        "--plain-venv",
-        type=Path,
-        default=CACHE / "venv-tarfuse-plain",
-        help="venv with plain pyfuse3, made if missing (default: %(default)s)",
-    )
+    parser.add_argument("--plain-venv", type=Path, default=CACHE / "venv-tarfuse-plain",
+                        help="venv with plain pyfuse3, made if missing (default: %(default)s)")  # fmt: skip
     parser.add_argument("--workdir", help="parent of the temporary data directory (default /tmp)")
     args = parser.parse_args()
     servers: list[tuple[str, Tool]] = [
@@ -173,18 +127,17 @@ def main() -> None:
         tool.setup()
     if NO_HANDLER in servers[0][1].version():
         raise SystemExit(f"{servers[0][1].version()}: run make dev for the patched pyfuse3")
-    sizes = Sizes.quick() if args.quick else Sizes.full()
     started, load = machine(), load_average()
     with scratch("tarfuse-seek-", args.workdir) as work:
         print(f"building {args.case} in {work}", flush=True)
-        dataset = build(args.case, work, sizes)
+        dataset = build(args.case, work, QUICK if args.quick else FULL)
         rows = []
         for label, tool in servers:
-            problem = tool.problem()
-            print(f"{label}: {problem or 'measuring'}", flush=True)
-            cells = [f"not run: {problem}"] + [DASH] * 5 if problem else measure(tool, dataset, work)
+            print(f"{label}: {tool.problem or 'measuring'}", flush=True)
+            cells = (
+                [f"not run: {tool.problem}"] + [DASH] * 5 if tool.problem else measure(tool, dataset, work)
+            )
             rows.append([label, *cells])
-    header = ["server", *" | ".join(h for _, h in STEPS).split(" | ")]
     print(f"\n{dataset.title}; {data_runs(dataset):,} data runs once adjacent extents merge")
     print(f"{started['date']}; Linux {started['kernel']}, {started['cpu']}, {started['cores']} cores")
     print(f"load average {load} at the start, {load_average()} at the end; one run per figure")
@@ -193,7 +146,7 @@ def main() -> None:
     for label, tool in servers:
         print(f"- {label}: {tool.version()}")
     print()
-    print(table(header, rows))
+    print("\n".join(table(["server", *" | ".join(h for _, h in STEPS).split(" | ")], rows)))
 
 
 if __name__ == "__main__":

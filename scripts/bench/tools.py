@@ -1,11 +1,7 @@
-"""The servers every run measures: the limits, the C ceiling and tarfuse; how to start, read and stop each.
+"""The servers every run measures: the limits, the C ceiling and tarfuse (the peers are in peers.py).
 
-Every tool turns a `Dataset` into a `Served` image (harness): something to read at an offset, what to give
-fio and qemu-img, the daemon (for its memory), and the time from its command's start to the first byte read.
-The limits serve the member's bytes with no FUSE in between: `pread` on the archive in this Python, and the
-kernel's loop device over the member's byte range. The C ceiling (fuse_ceiling.c beside this module, built
-with cc and libfuse3-dev) is the least a FUSE server can do, single-threaded and multi-threaded. The peers
-are in peers.py.
+Every tool turns a `Dataset` into a `Served` image (harness). What each one is, and why it is there:
+docs/benchmarks.md, "How it is measured".
 """
 
 import bisect
@@ -22,11 +18,9 @@ from pathlib import Path
 from typing import Literal
 
 from .data import Dataset, Segment
-from .harness import ReadInto, Served, ToolFailed, serve_fuse, wait_readable
-from .host import apt_install
+from .harness import ReadInto, Served, ToolFailed, serve_fuse, served_path, wait_readable
+from .host import ensure_commands
 from .results import C_CEILING, C_CEILING_MT
-
-Role = Literal["limit", "tarfuse", "peer"]
 
 REPO = Path(__file__).resolve().parents[2]
 CEILING_SOURCE = Path(__file__).with_name("fuse_ceiling.c")
@@ -34,26 +28,21 @@ CEILING_PROGRAM = REPO / "build" / "fuse_ceiling"  # `make bench` builds it ther
 
 
 class Tool(ABC):
-    """One way to serve the image; `problem()` says why it cannot run here, if so."""
+    """One way to serve the image; `problem` says why it cannot run here, if so."""
 
     name: str
-    role: Role
-
-    def __init__(self) -> None:
-        self._problem: str | None = None
+    role: Literal["limit", "tarfuse", "peer"]
+    problem: str | None = None
 
     def setup(self) -> None:
-        """Install what is missing; on failure remember why, for `problem()`."""
+        """Install what is missing; on failure remember why, in `problem`."""
         try:
             self._setup()
         except (OSError, subprocess.CalledProcessError, ToolFailed) as exc:
-            self._problem = f"not installed: {exc}"
+            self.problem = f"not installed: {exc}"
 
     def _setup(self) -> None:
         return None
-
-    def problem(self) -> str | None:
-        return self._problem
 
     def unsupported(self, dataset: Dataset) -> str | None:
         """Why this tool has no figures for `dataset` (n/a), or None."""
@@ -86,10 +75,7 @@ def first_line(command: list[str]) -> str:
 
 
 class PreadLimit(Tool):
-    """The member's bytes straight out of the tar with pread (page cache warm), in this Python.
-
-    Ready time is `dd` reading the member's first stored byte: a command, start to first byte.
-    """
+    """The member's bytes straight out of the tar with pread in this Python; ready: `dd` of its first byte."""
 
     name, role = "pread", "limit"
 
@@ -99,13 +85,12 @@ class PreadLimit(Tool):
         first = f"if={dataset.archive} of=/dev/null bs=1 count=1 skip={dataset.first_data}"
         subprocess.run(["dd", *first.split()], check=True, stderr=subprocess.DEVNULL)
         ready = time.perf_counter() - start
-        fd = os.open(dataset.archive, os.O_RDONLY)
         plain, last = None if dataset.sparse else dataset.segments[0], dataset.segments[-1]
-        try:
+        with open(dataset.archive, "rb", buffering=0) as archive:
             yield Served(
                 ready_s=ready,
                 size=last.logical + last.length,
-                read_into=_segment_reader(fd, dataset.segments),
+                read_into=_segment_reader(archive.fileno(), dataset.segments),
                 # buffered reads of the tar's byte range: the page cache is the point of this limit
                 fio_target=None if plain is None else [
                     f"--filename={dataset.archive}", f"--offset={plain.physical}", f"--size={plain.length}",
@@ -116,8 +101,6 @@ class PreadLimit(Tool):
                     "file": {"driver": "file", "filename": str(dataset.archive)},
                 }),
             )  # fmt: skip
-        finally:
-            os.close(fd)
 
 
 def _segment_reader(fd: int, segments: tuple[Segment, ...]) -> ReadInto:
@@ -166,18 +149,8 @@ class LoopLimit(Tool):
             raise ToolFailed(f"losetup: {result.stderr.strip()}")
         device = result.stdout.strip()
         try:
-            ready = wait_readable(device, start, cap, lambda: None)
-            fd = os.open(device, os.O_RDONLY)
-            try:
-                yield Served(
-                    ready_s=ready,
-                    size=os.lseek(fd, 0, os.SEEK_END),
-                    read_into=lambda buffer, offset: os.preadv(fd, [buffer], offset),
-                    fio_target=[f"--filename={device}", "--direct=1"],
-                    qemu_source=device,
-                )
-            finally:
-                os.close(fd)
+            with served_path(device, wait_readable(device, start, cap, lambda: None)) as served:
+                yield served
         finally:
             subprocess.run(["losetup", "-d", device], check=False)
 
@@ -188,13 +161,10 @@ class LoopLimit(Tool):
 class FuseTool(Tool):
     """A FUSE daemon run in the foreground (so its PID is ours), unmounted and stopped afterwards."""
 
-    commands: tuple[str, ...] = ()  # programs that must be on PATH
-    apt_packages: tuple[tuple[str, ...], ...] = ()  # per command: Debian packages that may provide it
+    needs: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (command, Debian packages that may provide it)
 
     def _setup(self) -> None:
-        for command, packages in zip(self.commands, self.apt_packages, strict=True):
-            if shutil.which(command) is None:
-                apt_install(command, packages)
+        ensure_commands(*self.needs)
 
     @abstractmethod
     def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
@@ -203,33 +173,28 @@ class FuseTool(Tool):
     def serve(self, dataset: Dataset, scratch: Path, cap: float) -> AbstractContextManager[Served]:
         mountpoint = Path(os.path.realpath(scratch)) / f"mnt-{self.name}"
         argv, image = self.argv(dataset, mountpoint)
-        return serve_fuse(argv, mountpoint, image, cap, scratch / f"{self.name}.log")
+        return serve_fuse(argv, mountpoint, image, cap)
 
 
 class Tarfuse(FuseTool):
     name, role = "tarfuse", "tarfuse"
+    options: tuple[str, ...] = ()  # before the ones every run passes
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.program = str(Path(sys.executable).with_name("tarfuse"))
+    def command(self) -> list[str]:
+        return [str(Path(sys.executable).with_name("tarfuse"))]
 
     def _setup(self) -> None:
-        if not os.access(self.program, os.X_OK):
-            raise ToolFailed(f"{self.program} is missing (run make dev)")
+        if not os.access(self.command()[0], os.X_OK):
+            raise ToolFailed(f"{self.command()[0]} is missing (run make dev)")
 
     def version(self) -> str:
-        return first_line([self.program, "--version"])
+        return first_line([*self.command(), "--version"])
 
     def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
-        command = [
-            self.program,
-            "-f",
-            "-o",
-            f"member={dataset.member}",
-            str(dataset.archive),
-            str(mountpoint),
-        ]
-        return command, mountpoint / os.path.basename(dataset.member)
+        command = [*self.command(), *self.options, "-f", "-o", f"member={dataset.member}"]
+        return [*command, str(dataset.archive), str(mountpoint)], mountpoint / os.path.basename(
+            dataset.member
+        )
 
 
 class TarfuseWorkers(Tarfuse):
@@ -238,35 +203,26 @@ class TarfuseWorkers(Tarfuse):
     METRICS = ("ready", "seq", "rand1-same", "rand1-apart", "rand4", "rss")
 
     def __init__(self, workers: int) -> None:
-        super().__init__()
-        self.workers = workers
-        self.name = f"tarfuse workers={workers}"
+        self.name, self.options = f"tarfuse workers={workers}", ("-o", f"workers={workers}")
 
     def measures(self, case: str, metric: str) -> bool:
         return case == "plain" and metric in self.METRICS
 
-    def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
-        command, image = super().argv(dataset, mountpoint)
-        return [command[0], "-o", f"workers={self.workers}", *command[1:]], image
-
 
 def worker_counts(cpus: int | None = None) -> list[int]:
     """1, 2, and on bigger machines powers of two and the CPU count itself, up to tarfuse's default cap."""
-    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
-    top = min(cpus, 8)  # tarfuse's default is one worker per CPU, at most 8 (tarfuse.mount)
+    top = min(cpus or len(os.sched_getaffinity(0)), 8)  # tarfuse's default cap (tarfuse.mount)
     return sorted({1, 2, top} | {n for n in (4, 8) if n <= top})
 
 
 class CCeiling(FuseTool):
-    """fuse_ceiling.c: the same read path as tarfuse (segment map, reads from the tar's fd) in C on
-    libfuse's low-level API, with tarfuse's readahead and request size: what FUSE allows here."""
+    """fuse_ceiling.c: tarfuse's read path (segment map, reads from the tar's fd) in C on libfuse's
+    low-level API, with tarfuse's readahead and request size: what FUSE allows here."""
 
     role = "limit"
 
     def __init__(self, multithreaded: bool) -> None:
-        super().__init__()
-        self.multithreaded = multithreaded
-        self.name = C_CEILING_MT if multithreaded else C_CEILING
+        self.multithreaded, self.name = multithreaded, C_CEILING_MT if multithreaded else C_CEILING
 
     def _setup(self) -> None:
         build_ceiling()

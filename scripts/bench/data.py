@@ -93,12 +93,11 @@ class ImageModel:
 
 @dataclass(frozen=True)
 class Dataset:
-    """One benchmark case: an archive, the image member in it, and that image's expected bytes."""
+    """One benchmark case: an archive, its image member (MEMBER), and that image's expected bytes."""
 
     name: str
     title: str
     archive: Path
-    member: str
     model: ImageModel
     segments: tuple[Segment, ...]  # the member's bytes in the archive, for the pread limit
     members: int  # members in the archive
@@ -131,6 +130,12 @@ QUICK = Sizes(128 << 20, 2_000, 512 << 20, 32 << 20, 100_000)  # --quick
 RANDOM_READS = ("rand1", "rand1-same", "rand1-apart", "rand4")
 
 CASES = ("plain", "many", "sparse-oldgnu", "sparse-pax", "extents")  # in the order they run
+_METRICS = {  # past ready and rss
+    "plain": ("seq", *RANDOM_READS, "qemu"),
+    "sparse-oldgnu": ("seq", "qemu"),
+    "sparse-pax": ("seq", "qemu"),
+    "extents": ("seq", "rand1"),
+}
 _SPARSE = {  # GNU tar's options, and the dialect's name
     "sparse-oldgnu": (("--format=oldgnu", "-S"), "old GNU sparse"),
     "sparse-pax": (("--format=posix", "-S", "--sparse-version=1.0"), "PAX 1.0 sparse"),
@@ -139,45 +144,30 @@ _MAP_EXTENT, _MAP_STRIDE = 512, BLOCK  # huge map: 512 data bytes at the start o
 
 
 def build(case: str, directory: Path, sizes: Sizes) -> Dataset:
-    """Create the archive of `case` in `directory`; the image file itself is removed again."""
-    if case == "plain":
-        model = ImageModel(sizes.image, [Extent(0, sizes.image)], seed=1)
-        return _gnu_tar_case(case, "raw image, GNU tar", directory, model, [], ("seq", *RANDOM_READS, "qemu"))
-    if case == "many":
-        model = ImageModel(sizes.image, [Extent(0, sizes.image)], seed=1)
-        smalls = _write_small_members(directory / "small", sizes.small_members)
-        title = f"image after {sizes.small_members:,} small members, GNU tar"
-        return _gnu_tar_case(case, title, directory, model, smalls, ())
-    if case in _SPARSE:
-        extents = scattered_extents(sizes.sparse_image, sizes.sparse_data, seed=2)
-        model = ImageModel(sizes.sparse_image, extents, seed=2)
-        flags, dialect = _SPARSE[case]
-        title = f"sparse image, {_size(sizes.sparse_data)} of data in {len(extents):,} extents, {dialect}"
-        return _gnu_tar_case(case, title, directory, model, [], ("seq", "qemu"), flags)
+    """Create the archive of `case` in `directory` (GNU tar, from an image file removed again)."""
     if case == "extents":
         return _extents_case(directory, sizes.map_extents)
-    raise ValueError(f"unknown case {case!r}")
-
-
-def _gnu_tar_case(
-    name: str,
-    title: str,
-    directory: Path,
-    model: ImageModel,
-    smalls: list[str],
-    metrics: tuple[str, ...],
-    flags: Sequence[str] = ("--format=gnu",),
-) -> Dataset:
-    image = directory / MEMBER
-    model.write_file(image)
-    archive = directory / f"{name}.tar"
+    smalls: list[str] = []
+    if case in _SPARSE:
+        extents = scattered_extents(sizes.sparse_image, sizes.sparse_data, seed=2)
+        model, (flags, dialect) = ImageModel(sizes.sparse_image, extents, seed=2), _SPARSE[case]
+        title = f"sparse image, {_size(sizes.sparse_data)} of data in {len(extents):,} extents, {dialect}"
+    else:
+        model, flags = ImageModel(sizes.image, [Extent(0, sizes.image)], seed=1), ("--format=gnu",)
+        title = "raw image, GNU tar"
+        if case == "many":
+            smalls = _write_small_members(directory / "small", sizes.small_members)
+            title = f"image after {sizes.small_members:,} small members, GNU tar"
+    model.write_file(directory / MEMBER)
+    archive = directory / f"{case}.tar"
     command = ["tar", *flags, "--sort=name", "-cf", str(archive), "-C", str(directory), *smalls, MEMBER]
     subprocess.run(command, check=True)
-    image.unlink()
+    (directory / MEMBER).unlink()
     sparse = len(model.extents) != 1 or model.extents[0] != Extent(0, model.size)
-    title = f"{_size(model.size)} {title}"
-    segments = member_segments(archive, MEMBER, model.size)
-    return Dataset(name, title, archive, MEMBER, model, segments, len(smalls) + 1, sparse, metrics)
+    segments, metrics = member_segments(archive, model.size), _METRICS.get(case, ())
+    return Dataset(
+        case, f"{_size(model.size)} {title}", archive, model, segments, len(smalls) + 1, sparse, metrics
+    )
 
 
 def _write_small_members(directory: Path, count: int) -> list[str]:
@@ -194,28 +184,23 @@ def _write_small_members(directory: Path, count: int) -> list[str]:
 
 def scattered_extents(size: int, data: int, seed: int) -> list[Extent]:
     """`data` bytes in 4 KiB-aligned extents of 4-252 KiB, at random places in an image of `size`."""
-    rng = random.Random(seed)
-    lengths = []
-    left = data
+    rng, lengths, left = random.Random(seed), [], data
     while left > 0:
-        length = min(left, rng.randrange(1, 64) * BLOCK)
-        lengths.append(length)
-        left -= length
-    hole_blocks = (size - data) // BLOCK
-    cuts = sorted(rng.randrange(hole_blocks + 1) for _ in lengths)
+        lengths.append(min(left, rng.randrange(1, 64) * BLOCK))
+        left -= lengths[-1]
+    cuts = sorted(rng.randrange((size - data) // BLOCK + 1) for _ in lengths)
     extents, offset, previous = [], 0, 0
     for cut, length in zip(cuts, lengths, strict=True):
         offset += (cut - previous) * BLOCK
         extents.append(Extent(offset, length))
-        offset += length
-        previous = cut
+        offset, previous = offset + length, cut
     return extents
 
 
-def member_segments(archive: Path, member: str, size: int) -> tuple[Segment, ...]:
-    """Where `member`'s image bytes are in `archive`, as Python's tarfile reads it."""
+def member_segments(archive: Path, size: int) -> tuple[Segment, ...]:
+    """Where the member's image bytes are in `archive`, as Python's tarfile reads it."""
     with tarfile.open(archive) as tar:
-        info = tar.getmember(member)
+        info = tar.getmember(MEMBER)
     # typeshed does not describe TarInfo.sparse: a list of (offset, size) pairs, or None
     sparse = cast(list[tuple[int, int]] | None, info.sparse)
     runs = sparse if sparse is not None else [(0, info.size)]
@@ -248,19 +233,14 @@ def _extents_case(directory: Path, count: int) -> Dataset:
         for at in range(0, count, 2048):
             out.write(b"".join(model.data(e.offset, e.length) for e in extents[at : at + 2048]))
         out.write(bytes(-stored % 512) + END)
-    check_listing(archive, MEMBER, model.size)
-    segments = segments_from_runs(runs, len(head), model.size)
-    title = f"{_size(model.size)} image with a {count:,}-extent sparse map ({_MAP_EXTENT} B every 4 KiB)"
-    title += ", PAX 1.0"
-    return Dataset("extents", title, archive, MEMBER, model, segments, 1, True, ("seq", "rand1"))
-
-
-def check_listing(archive: Path, name: str, size: int) -> None:
-    """Have GNU tar list `archive`: it must show `name` with its real size."""
     listing = subprocess.run(["tar", "-tvf", str(archive)], capture_output=True, text=True, check=True).stdout
-    fields = listing.split()
-    if name not in fields or str(size) not in fields:
+    if MEMBER not in listing.split() or str(model.size) not in listing.split():  # GNU tar must read it back
         raise RuntimeError(f"GNU tar does not read {archive} as written: {listing.strip()!r}")
+    segments = segments_from_runs(runs, len(head), model.size)
+    title = (
+        f"{_size(model.size)} image with a {count:,}-extent sparse map ({_MAP_EXTENT} B every 4 KiB), PAX 1.0"
+    )
+    return Dataset("extents", title, archive, model, segments, 1, True, _METRICS["extents"])
 
 
 def _size(n: int) -> str:

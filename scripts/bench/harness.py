@@ -1,11 +1,10 @@
-"""Serving and timing, for every bench of this package.
-
-A FUSE daemon runs in the foreground in a session of its own (its children go with it), timed from its
-command's start until the image reads, and is stopped at the end, also when a read hangs (a watchdog kills
-it, so blocked reads fail). A run's scratch directory keeps nothing mounted, and SIGTERM acts as Ctrl-C.
+"""Serving and timing, for every bench of this package: a FUSE daemon in a session of its own, timed from
+its command's start until the image reads, killed by a watchdog when a read hangs; timed reads and commands;
+a scratch directory that keeps nothing mounted.
 """
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -15,9 +14,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import NoReturn
 
 from kit.mounts import MountError, finish, kill_group, start_daemon, status_kib, unmount
 
@@ -38,7 +36,7 @@ class TimedOut(Exception):
         super().__init__(f"timed out after {seconds:g} s")
 
 
-@dataclass
+@dataclasses.dataclass
 class Served:
     """A served image, valid inside the `with` block that serves it."""
 
@@ -49,8 +47,16 @@ class Served:
     qemu_source: str | None  # what qemu-img convert reads; None: not applicable
     process: subprocess.Popen[bytes] | None = None  # the daemon, if there is one
     started: float = 0.0  # time.perf_counter() when its command started
-    abort: Callable[[], None] = lambda: None  # from another thread: make blocked reads fail now
-    aborted: threading.Event = field(default_factory=threading.Event)
+    mountpoint: Path | None = None
+    aborted: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def abort(self) -> None:
+        """From another thread (the watchdog): kill the daemon, so reads blocked on it fail at once."""
+        if self.process is not None and self.mountpoint is not None:
+            self.aborted.set()
+            kill_group(self.process)
+            with contextlib.suppress(MountError):
+                unmount(self.mountpoint)
 
     def pids(self) -> list[int]:
         """The daemon and all its descendants (workers, helpers such as nbdkit); empty without a daemon."""
@@ -72,22 +78,12 @@ class Served:
             )
 
 
-# ---- Serving ------------------------------------------------------------------------------------------
-
-
 @contextlib.contextmanager
 def serve_fuse(
     argv: Sequence[str], mountpoint: Path, image: Path, cap: float, probe: int = 1
 ) -> Iterator[Served]:
-    """Run the FUSE daemon `argv`, which shows `image` under `mountpoint`, until the block ends.
-
-    `ready_s` is the time from the command's start until the first `probe` bytes of `image` read. The
-    daemon's output goes to the mount point's name + ".log".
-
-    Raises:
-        ToolFailed: the daemon exited before the image read.
-        TimedOut: it did not read within `cap` seconds.
-    """
+    """Run the FUSE daemon `argv`, which shows `image` under `mountpoint`, until the block ends; ready when
+    the first `probe` bytes of `image` read. ToolFailed if it exits first, TimedOut past `cap`."""
     mountpoint.mkdir(exist_ok=True)
     log = mountpoint.with_suffix(".log")
     start = time.perf_counter()
@@ -99,23 +95,20 @@ def serve_fuse(
                 raise ToolFailed(f"exited with status {process.returncode}: {_tail(log)}")
 
         ready = wait_readable(str(image), start, cap, exited, probe)
-        with served_path(str(image), ready, process, start) as served:
-            served.abort = lambda: _abort(process, mountpoint, served.aborted)
-            yield served
+        with served_path(str(image), ready) as served:
+            yield dataclasses.replace(served, process=process, started=start, mountpoint=mountpoint)
     finally:
         with contextlib.suppress(MountError):  # scratch() warns about what stays mounted
             finish(mountpoint, process, grace=10, group=True)
 
 
 @contextlib.contextmanager
-def served_path(
-    path: str, ready: float, process: subprocess.Popen[bytes] | None = None, started: float = 0.0
-) -> Iterator[Served]:
+def served_path(path: str, ready: float) -> Iterator[Served]:
     """An image that is a file or a device: read with preadv, by fio with O_DIRECT, by qemu-img by name."""
     with open(path, "rb", buffering=0) as file:
         fd = file.fileno()
         yield Served(ready, os.lseek(fd, 0, os.SEEK_END), lambda buffer, at: os.preadv(fd, [buffer], at),
-                     [f"--filename={path}", "--direct=1"], path, process, started)  # fmt: skip
+                     [f"--filename={path}", "--direct=1"], path)  # fmt: skip
 
 
 def wait_readable(path: str, start: float, cap: float, check: Callable[[], None], size: int = 1) -> float:
@@ -128,14 +121,6 @@ def wait_readable(path: str, start: float, cap: float, check: Callable[[], None]
         if time.perf_counter() - start > cap:
             raise TimedOut(cap)
         time.sleep(0.001)
-
-
-def _abort(process: subprocess.Popen[bytes], mountpoint: Path, aborted: threading.Event) -> None:
-    """Called by the watchdog: kill the daemon, so reads blocked on it fail at once."""
-    aborted.set()
-    kill_group(process)
-    with contextlib.suppress(MountError):
-        unmount(mountpoint)
 
 
 def _with_descendants(pid: int) -> list[int]:
@@ -161,9 +146,8 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 class PssSampler:
-    """The peak PSS of a served daemon's process tree (pages the processes share count once), sampled every
-    50 ms in a thread while the `with` block runs, and once more at its end; None without a daemon. The tree
-    is looked up once a second: walking /proc costs many samples."""
+    """The peak PSS of a daemon's process tree, sampled every 50 ms while the `with` block runs and once at
+    its end; None without a daemon. The tree is looked up once a second: walking /proc costs many samples."""
 
     def __init__(self, served: Served) -> None:
         self._served, self._done = served, threading.Event()
@@ -200,9 +184,6 @@ def _pss_kib(pid: int) -> int:
     with contextlib.suppress(OSError, ValueError, StopIteration), open(f"/proc/{pid}/smaps_rollup") as rollup:
         return next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
     return 0
-
-
-# ---- Reading and running commands ---------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -267,16 +248,10 @@ def drop_caches() -> None:
 
 
 def run_timed(
-    command: Sequence[str], cap: float | None = None, served: Served | None = None, stdout: int | IO[str] = -1
+    command: Sequence[str], cap: float, served: Served | None = None, stdout: int = subprocess.PIPE
 ) -> tuple[float, str]:
-    """Run `command` in a process group of its own; return the seconds it took and its output.
-
-    Past `cap` the group is killed, and the daemon of `served` too (a read stuck in FUSE ends no other way).
-
-    Raises:
-        TimedOut: past the cap.
-        ToolFailed: the command failed; the message ends with its error output.
-    """
+    """Run `command` in a process group of its own; return the seconds it took and its output. Past `cap`
+    kill the group, and the daemon of `served` (a read stuck in FUSE ends no other way): TimedOut."""
     start = time.perf_counter()
     process = subprocess.Popen(
         command, stdout=stdout, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -288,7 +263,7 @@ def run_timed(
         if served is not None:
             served.abort()
         process.communicate()
-        raise TimedOut(cap or 0) from None
+        raise TimedOut(cap) from None
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -300,15 +275,10 @@ def run_timed(
     return seconds, output or ""
 
 
-# ---- Running ------------------------------------------------------------------------------------------
-
-
 @contextlib.contextmanager
 def scratch(prefix: str, parent: str | Path | None = None, keep: bool = False) -> Iterator[Path]:
-    """A new temporary directory for a run's data and mount points, removed at the end (unless `keep`).
-
-    Whatever is still mounted under it then is unmounted first; if a mount stays, the directory stays too.
-    """
+    """A temporary directory for a run's data and mount points, removed at the end unless `keep`, or a
+    mount under it stays (what is mounted is unmounted first)."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield workdir

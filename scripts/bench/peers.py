@@ -3,10 +3,9 @@ document (docs/benchmarks.md). Each is installed when missing (host.py): ratarmo
 of its own, the others from Debian.
 """
 
-import os
 from pathlib import Path
 
-from .data import Dataset
+from .data import MEMBER, Dataset
 from .host import CACHE, venv_install
 from .tools import FuseTool, Tool, first_line
 
@@ -27,7 +26,7 @@ class Peer(FuseTool):
 
     def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
         command = [self.program(), *self.options, str(dataset.archive), str(mountpoint)]
-        return command, mountpoint / dataset.member
+        return command, mountpoint / MEMBER
 
 
 class Ratarmount(Peer):
@@ -55,9 +54,9 @@ class NbdkitTar(FuseTool):
         return f"{first_line(['nbdkit', '--version'])}; {first_line(['nbdfuse', '--version'])}"
 
     def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
-        image = mountpoint / os.path.basename(dataset.member)
+        image = mountpoint / MEMBER
         server = ["nbdkit", "--exit-with-parent", "-r", "file", str(dataset.archive), "--filter=tar"]
-        return ["nbdfuse", "-r", str(image), "[", *server, f"tar-entry={dataset.member}", "]"], image
+        return ["nbdfuse", "-r", str(image), "[", *server, f"tar-entry={MEMBER}", "]"], image
 
 
 def peers() -> list[Tool]:

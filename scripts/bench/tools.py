@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Literal
 
-from .data import Dataset, Segment
+from .data import MEMBER, Dataset, Segment
 from .harness import ReadInto, Served, ToolFailed, serve_fuse, served_path, wait_readable
 from .host import ensure_commands
 from .results import C_CEILING, C_CEILING_MT
@@ -191,10 +191,8 @@ class Tarfuse(FuseTool):
         return first_line([*self.command(), "--version"])
 
     def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
-        command = [*self.command(), *self.options, "-f", "-o", f"member={dataset.member}"]
-        return [*command, str(dataset.archive), str(mountpoint)], mountpoint / os.path.basename(
-            dataset.member
-        )
+        command = [*self.command(), *self.options, "-f", "-o", f"member={MEMBER}"]
+        return [*command, str(dataset.archive), str(mountpoint)], mountpoint / MEMBER
 
 
 class TarfuseWorkers(Tarfuse):
@@ -234,15 +232,14 @@ class CCeiling(FuseTool):
     def argv(self, dataset: Dataset, mountpoint: Path) -> tuple[list[str], Path]:
         segment_map = mountpoint.parent / f"{dataset.name}.segments"
         if not segment_map.exists():
-            lines = (
+            rows = (
                 f"{s.logical} {s.length} {-1 if s.physical is None else s.physical}\n"
                 for s in dataset.segments
             )
-            segment_map.write_text("".join(lines))
-        name = os.path.basename(dataset.member)
+            segment_map.write_text("".join(rows))
         flags = ["-m"] if self.multithreaded else []
-        files = [str(dataset.archive), str(segment_map), name, str(mountpoint)]
-        return [str(CEILING_PROGRAM), *flags, *files], mountpoint / name
+        argv = [str(CEILING_PROGRAM), *flags, str(dataset.archive), str(segment_map), MEMBER, str(mountpoint)]
+        return argv, mountpoint / MEMBER
 
 
 def build_ceiling() -> Path:

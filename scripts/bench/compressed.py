@@ -1,12 +1,8 @@
 """Benchmark compressed archives: the decompression libraries side by side, then tarfuse mounts.
 
-    python -m scripts.bench.compressed [--quick] [--size-mib N] [--work DIR]
-
-1. Libraries, each in a process of its own (libprobe.py), rounds interleaved: a full sequential pass, then
-   random 4 KiB reads, and peak RSS.
-2. tarfuse (and ratarmount, when on PATH) mounting a GCE-style image (`tar --format=oldgnu -Sc`, then gzip
-   / zstd) twice, next to `gzip -dc`/`zstd -dc` and `tar -xf` of the whole archive.
-Prints a Markdown table per part (docs/compressed.md keeps a run's output, and says what each figure is).
+`python -m scripts.bench.compressed [--quick] [--size-mib N] [--work DIR]`: each library in a process of its
+own (libprobe.py), then tarfuse (and ratarmount, if on PATH) mounting a GCE-style image (`tar --format=oldgnu
+-Sc`, then gzip / zstd) twice, next to `gzip -dc`/`zstd -dc` and `tar -xf`. docs/compressed.md keeps a run.
 """
 
 import argparse
@@ -111,15 +107,11 @@ def make_archives(work: Path, size: int) -> dict[str, Path]:
     """The image as `tar --format=oldgnu -S` writes it, and that tar compressed every way compared."""
     make_image(work / "disk.raw", size)
     archives = {"plain": make_archive("oldgnu", work / "disk.raw", work / "image.tar")}
-    for name, command in {
-        "gzip": ["gzip", "-6", "-c"],
-        "zstd": ["zstd", "-q", "-T2", "-c"],
-        "xz": ["xz", "-T2", "-1", "--block-size=8MiB", "-c"],
-        "bzip2": ["bzip2", "-1", "-c"],
-    }.items():
+    for command in ("gzip -6 -c", "zstd -q -T2 -c", "xz -T2 -1 --block-size=8MiB -c", "bzip2 -1 -c"):
+        name = command.split()[0]
         archives[name] = work / f"image.tar.{name}"
         with archives["plain"].open("rb") as source, archives[name].open("wb") as sink:
-            subprocess.run(command, stdin=source, stdout=sink, check=True)
+            subprocess.run(command.split(), stdin=source, stdout=sink, check=True)
     archives["zstd-seekable"] = work / "image.tar.szst"
     import pyzstd
 

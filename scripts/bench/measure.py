@@ -1,7 +1,5 @@
-"""Measuring: one case's bytes checked and its metrics timed for every tool, and the boot step.
-
-Every repetition runs on a fresh mount, the archive read just before (tar warm), one tool after the other
-(docs/benchmarks.md, "How it is measured").
+"""Measuring: one case's bytes checked and its metrics timed for every tool, and the boot step; every
+repetition on a fresh mount, the archive read just before (docs/benchmarks.md, "How it is measured").
 """
 
 import hashlib
@@ -41,6 +39,7 @@ RANDOM = {"rand1": (1, None), "rand1-same": (1, (0, 0)), "rand1-apart": (1, (0, 
 PINNED = tuple(m for m, (_, placement) in RANDOM.items() if placement is not None)
 BOOT_MESSAGE = "tarfuse bench: booted"
 BOOT_IMAGE_SIZE = 24 << 20  # as the tests' sample image
+_SHORT_READ = " (read returned 0 bytes: end of file inside the image)"
 
 
 @dataclass(frozen=True)
@@ -54,9 +53,6 @@ class Options:
 
 def _status(exc: TimedOut | ToolFailed) -> str:
     return str(exc) if isinstance(exc, TimedOut) else f"failed: {exc}"
-
-
-# ---- One case -----------------------------------------------------------------------------------------
 
 
 def run_case(case: str, tools: list[Tool], options: Options, results: Results) -> None:
@@ -154,9 +150,6 @@ def _run_metric(metric: str, served: Served, dataset: Dataset, options: Options)
     return run_fio(served, readers, options, None if placement is None else placement[1])
 
 
-# ---- Time to boot -------------------------------------------------------------------------------------
-
-
 def run_boot(tools: list[Tool], options: Options, results: Results) -> None:
     """Boot the sample image in QEMU (KVM) from the raw file and through a fresh tarfuse mount, in turns."""
     print(f"\n== {BOOT}: QEMU boots the sample image to its serial line", flush=True)
@@ -175,14 +168,12 @@ def run_boot(tools: list[Tool], options: Options, results: Results) -> None:
     for rep in range(options.reps):
         shown = []
         for name in (BOOT_RAW, BOOT_MOUNT):
-            raw = name == BOOT_RAW
             try:
-                with (
-                    nullcontext()
-                    if raw
-                    else serve_fuse(command, mountpoint, mountpoint / image.name, options.cap)
-                ):
-                    seconds = boot_once(image if raw else mountpoint / image.name, options.cap)
+                if name == BOOT_RAW:
+                    seconds = boot_once(image, options.cap)
+                else:
+                    with serve_fuse(command, mountpoint, mountpoint / image.name, options.cap):
+                        seconds = boot_once(mountpoint / image.name, options.cap)
                 results.boot.setdefault(name, []).append(seconds)
                 shown.append(f"{name} {METRICS['ready'].format(seconds)}")
             except (TimedOut, ToolFailed) as exc:
@@ -211,9 +202,6 @@ def boot_once(image: Path, cap: float) -> float:
     raise ToolFailed(f"qemu-system-x86_64 exited with {booted.exit_status} before the serial line")
 
 
-# ---- Reading and checking -----------------------------------------------------------------------------
-
-
 def sample_ranges(dataset: Dataset) -> list[tuple[int, int]]:
     """Ranges to compare first: both ends, edges of some extents, and random places, odd sizes included."""
     size, rng = dataset.size, random.Random(5)
@@ -240,12 +228,8 @@ def verify(tool: Tool, dataset: Dataset, options: Options) -> tuple[str | None, 
                 if got != expected:
                     pairs = enumerate(zip(got, expected, strict=False))
                     at = offset + next((i for i, (a, b) in pairs if a != b), min(len(got), len(expected)))
-                    eof = (
-                        " (read returned 0 bytes: end of file inside the image)"
-                        if len(got) < len(expected)
-                        else ""
-                    )
-                    return f"WRONG BYTES at image offset {at:,}{eof}", ""
+                    short = _SHORT_READ if len(got) < len(expected) else ""
+                    return f"WRONG BYTES at image offset {at:,}{short}", ""
         digest = hashlib.sha256()
         try:
             timed_read(served, model.size, options.cap, digest.update)
@@ -269,9 +253,6 @@ def warm(path: Path) -> None:
     with open(path, "rb", buffering=0) as archive:
         while archive.readinto(buffer):
             pass
-
-
-# ---- fio and qemu-img ---------------------------------------------------------------------------------
 
 
 def run_fio(served: Served, readers: int, options: Options, cpu: int | None = None) -> float:

@@ -1,8 +1,6 @@
-"""What a run measured: samples per (case, metric, tool), their medians and ratios, and the targets.
-
-A figure counts only if the tool's bytes were verified; otherwise its row carries the reason instead
-("WRONG BYTES ...", "timed out after N s", "failed: ...", "n/a: ..."). Ratios divide medians, so they hold
-even when the machine is noisy (docs/benchmarks.md, "How it is measured").
+"""What a run measured: samples per (case, metric, tool), their medians and ratios, and the targets. A figure
+counts only if the tool's bytes were verified; otherwise its row carries the reason ("WRONG BYTES ...",
+"timed out after N s", "failed: ...", "n/a: ..."). Ratios divide medians (docs/benchmarks.md).
 """
 
 import datetime
@@ -10,6 +8,7 @@ import os
 import platform
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 X = "\u00d7"  # the multiplication sign
@@ -126,9 +125,6 @@ class Results:
         return self.best(case, metric, "limit"), self.ceiling(case, metric), self.best(case, metric, "peer")
 
 
-# ---- Targets, checked on tarfuse's figures ------------------------------------------------------------
-
-
 class Target(NamedTuple):
     """A figure tarfuse should reach, stated against the peers ("peers") or the C ceiling ("ceiling")."""
 
@@ -184,17 +180,9 @@ def targets(results: Results) -> list[Target]:
     ]  # fmt: skip
 
 
-# ---- The machine --------------------------------------------------------------------------------------
-
-
 def machine() -> dict[str, str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            cpu = next(
-                (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), ""
-            )
-    except OSError:
-        cpu = ""
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),

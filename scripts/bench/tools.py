@@ -71,9 +71,6 @@ def first_line(command: list[str]) -> str:
     return next((line for line in lines if name in line), lines[0] if lines else "?")
 
 
-# ---- The limits ---------------------------------------------------------------------------------------
-
-
 class PreadLimit(Tool):
     """The member's bytes straight out of the tar with pread in this Python; ready: `dd` of its first byte."""
 
@@ -155,9 +152,6 @@ class LoopLimit(Tool):
             subprocess.run(["losetup", "-d", device], check=False)
 
 
-# ---- FUSE daemons -------------------------------------------------------------------------------------
-
-
 class FuseTool(Tool):
     """A FUSE daemon run in the foreground (so its PID is ours), unmounted and stopped afterwards."""
 
@@ -207,9 +201,9 @@ class TarfuseWorkers(Tarfuse):
         return case == "plain" and metric in self.METRICS
 
 
-def worker_counts(cpus: int | None = None) -> list[int]:
+def worker_counts() -> list[int]:
     """1, 2, and on bigger machines powers of two and the CPU count itself, up to tarfuse's default cap."""
-    top = min(cpus or len(os.sched_getaffinity(0)), 8)  # tarfuse's default cap (tarfuse.mount)
+    top = min(len(os.sched_getaffinity(0)), 8)  # tarfuse's default cap (tarfuse.mount)
     return sorted({1, 2, top} | {n for n in (4, 8) if n <= top})
 
 

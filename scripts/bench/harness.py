@@ -31,7 +31,9 @@ class ToolFailed(Exception):
     """The tool did not serve the image (exited, refused, unreadable); the message says how."""
 
 
-class TimedOut(Exception):
+class TimedOut(ToolFailed):
+    """A step ran past its time cap."""
+
     def __init__(self, seconds: float) -> None:
         super().__init__(f"timed out after {seconds:g} s")
 
@@ -138,10 +140,7 @@ def _with_descendants(pid: int) -> list[int]:
 
 
 def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
+    text = path.read_text(errors="replace").strip().splitlines()  # start_daemon made it
     return " / ".join(line.strip() for line in text[-lines:]) or "(no output)"
 
 
@@ -187,9 +186,9 @@ def _pss_kib(pid: int) -> int:
 
 
 @contextlib.contextmanager
-def watchdog(served: Served, seconds: float) -> Iterator[None]:
-    """Kill the daemon if the block takes far too long: a read stuck in FUSE then fails."""
-    timer = threading.Timer(seconds, served.abort)
+def watchdog(served: Served, cap: float) -> Iterator[None]:
+    """Kill the daemon if the block takes GRACE_S longer than `cap`: a read stuck in FUSE then fails."""
+    timer = threading.Timer(cap + GRACE_S, served.abort)
     timer.daemon = True
     timer.start()
     try:
@@ -213,7 +212,7 @@ def timed_read(served: Served, size: int, cap: float, consume: Callable[[memoryv
     buffer = memoryview(bytearray(CHUNK))
     offset = 0
     start = time.perf_counter()
-    with watchdog(served, cap + GRACE_S):
+    with watchdog(served, cap):
         while offset < size:
             n = read_some(served, buffer[: min(CHUNK, size - offset)], offset, cap)
             if n <= 0:

@@ -19,7 +19,6 @@ from kit.sample import make_archive, write_sparse_boot_image
 from .data import Dataset, Sizes, build
 from .harness import (
     CHUNK,
-    GRACE_S,
     PssSampler,
     Served,
     TimedOut,
@@ -51,7 +50,7 @@ class Options:
     scratch: Path
 
 
-def _status(exc: TimedOut | ToolFailed) -> str:
+def _status(exc: ToolFailed) -> str:
     return str(exc) if isinstance(exc, TimedOut) else f"failed: {exc}"
 
 
@@ -100,7 +99,7 @@ def _admit(tool: Tool, dataset: Dataset, options: Options, results: Results) -> 
         warm(dataset.archive)
         try:
             status, how = verify(tool, dataset, options)
-        except (TimedOut, ToolFailed) as exc:
+        except ToolFailed as exc:
             status, how = _status(exc), ""
         if status is None:
             results.verified[(dataset.name, tool.name)] = how
@@ -130,7 +129,7 @@ def _measure_once(
             return f"{tool.name} n/a"
         results.add(case, metric, tool.name, value)
         return f"{tool.name} {METRICS[metric].format(value)}"
-    except (TimedOut, ToolFailed) as exc:
+    except ToolFailed as exc:
         results.stop(case, metric, tool.name, _status(exc))
         return f"{tool.name} {_status(exc)}"
 
@@ -176,7 +175,7 @@ def run_boot(tools: list[Tool], options: Options, results: Results) -> None:
                         seconds = boot_once(mountpoint / image.name, options.cap)
                 results.boot.setdefault(name, []).append(seconds)
                 shown.append(f"{name} {METRICS['ready'].format(seconds)}")
-            except (TimedOut, ToolFailed) as exc:
+            except ToolFailed as exc:
                 results.boot_status = f"{name}: {_status(exc)}"
                 shown.append(f"{name} {_status(exc)}")
         print(f"   boot {rep + 1}/{options.reps}: {', '.join(shown)}", flush=True)
@@ -222,7 +221,7 @@ def verify(tool: Tool, dataset: Dataset, options: Options) -> tuple[str | None, 
         if served.size != model.size:
             return f"WRONG SIZE: {served.size:,} bytes served, the image has {model.size:,}", ""
         ranges = sample_ranges(dataset)
-        with watchdog(served, options.cap + GRACE_S):
+        with watchdog(served, options.cap):
             for offset, size in ranges:
                 expected, got = model.read(offset, size), _read_exact(served, offset, size, options.cap)
                 if got != expected:

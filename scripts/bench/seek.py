@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .data import FULL, QUICK, Dataset, build
-from .harness import GRACE_S, TimedOut, ToolFailed, drop_caches, run_main, run_timed, scratch, watchdog
+from .harness import ToolFailed, drop_caches, run_main, run_timed, scratch, watchdog
 from .host import CACHE, venv_install
 from .peers import Ratarmount
 from .report import DASH, table
@@ -91,10 +91,10 @@ def measure(tool: Tool, dataset: Dataset, work: Path) -> list[str]:
     for step, header in STEPS:
         drop_caches()
         try:
-            with tool.serve(dataset, work, CAP_S) as served, watchdog(served, CAP_S + GRACE_S):
+            with tool.serve(dataset, work, CAP_S) as served, watchdog(served, CAP_S):
                 assert served.qemu_source is not None  # a FUSE tool: the image's path
                 cells += step(served.qemu_source, work, dataset)
-        except (OSError, subprocess.SubprocessError, ToolFailed, TimedOut) as exc:
+        except (OSError, subprocess.SubprocessError, ToolFailed) as exc:
             reason = str(exc).replace("|", "/").replace("\n", " ")[:200] or type(exc).__name__
             cells += [f"failed: {reason}"] + [DASH] * header.count("|")
             print(f"  {tool.name}: {step.__name__} failed: {reason}", file=sys.stderr)

@@ -61,7 +61,7 @@ def compare_libraries(archives: dict[str, Path], rounds: int) -> list[tuple[str,
             try:
                 _, output = run_timed([sys.executable, str(PROBE), kind, str(path)], CAP_S)
             except ToolFailed as exc:
-                print(f"  {kind}: failed: {exc}", file=sys.stderr)
+                print(f"  {kind}: failed: {str(exc).splitlines()[-1]}", file=sys.stderr)  # the exception
                 continue
             results.setdefault((compression, kind), []).append(json.loads(output))
     return [

@@ -10,8 +10,8 @@ import shutil
 import subprocess
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from kit.qemu import boot, kvm_usable
 from kit.sample import make_archive, write_sparse_boot_image
@@ -41,8 +41,7 @@ BOOT_IMAGE_SIZE = 24 << 20  # as the tests' sample image
 _SHORT_READ = " (read returned 0 bytes: end of file inside the image)"
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     sizes: Sizes
     reps: int
     fio_runtime: float

@@ -265,15 +265,10 @@ def write_docs(page: Path, figures: str) -> None:
 
 # The chart: every tool's median as a multiple of the C ceiling. Tools not named here are peers (grey-green
 # shades, small marks) or tarfuse's workers variants.
-_STYLE = {
-    "tarfuse": ("#d62728", "o", 11),
-    C_CEILING: ("#000000", "|", 16),
-    C_CEILING_MT: ("#555555", "|", 16),
-    "pread": ("#1f77b4", "s", 7),
-    "losetup": ("#6baed6", "s", 7),
-}
-_PEER_STYLES = [("#2ca02c", "D", 7), ("#9467bd", "^", 8), ("#8c564b", "v", 8), ("#17becf", "P", 8)]
-_WORKER_STYLES = [("#ff7f0e", "o", 7), ("#e377c2", "o", 7), ("#bcbd22", "o", 7), ("#7f7f7f", "o", 7)]
+_STYLES = {"tarfuse": ("#d62728", "o", 11), "pread": ("#1f77b4", "s", 7), "losetup": ("#6baed6", "s", 7)}
+_STYLES |= {C_CEILING: ("#000000", "|", 16), C_CEILING_MT: ("#555555", "|", 16)}
+_PEER_STYLESS = [("#2ca02c", "D", 7), ("#9467bd", "^", 8), ("#8c564b", "v", 8), ("#17becf", "P", 8)]
+_WORKER_STYLESS = [("#ff7f0e", "o", 7), ("#e377c2", "o", 7), ("#bcbd22", "o", 7), ("#7f7f7f", "o", 7)]
 
 
 def chart_rows(results: Results) -> list[tuple[str, dict[str, float]]]:
@@ -297,13 +292,8 @@ def chart_rows(results: Results) -> list[tuple[str, dict[str, float]]]:
 
 def _marks(style: tuple[str, str, int], largest: int = 99) -> dict[str, Any]:
     color, marker, size = style
-    bold = marker == "|"  # the C ceilings: a bold tick
-    return {
-        "color": color,
-        "marker": marker,
-        "markersize": min(size, largest),
-        "markeredgewidth": 2.5 if bold else 1.0,
-    }
+    width = 2.5 if marker == "|" else 1.0  # the C ceilings: a bold tick
+    return {"color": color, "marker": marker, "markersize": min(size, largest), "markeredgewidth": width}
 
 
 def write_chart(results: Results, path: Path) -> str | None:
@@ -320,9 +310,9 @@ def write_chart(results: Results, path: Path) -> str | None:
         from matplotlib.lines import Line2D
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib, or make dev: it is in the dev extra)"
-    peers, workers = iter(_PEER_STYLES * 3), iter(_WORKER_STYLES * 3)
+    peers, workers = iter(_PEER_STYLESS * 3), iter(_WORKER_STYLESS * 3)
     styles = {
-        t.name: _STYLE.get(t.name) or next(workers if t.role == "tarfuse" else peers) for t in results.tools
+        t.name: _STYLES.get(t.name) or next(workers if t.role == "tarfuse" else peers) for t in results.tools
     }
     drawn = [*(t.name for t in results.tools if t.name != "tarfuse"), "tarfuse"]  # tarfuse over the others
     figure, axes = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.6))

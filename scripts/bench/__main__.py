@@ -52,13 +52,9 @@ def main() -> int:
             print(f"  {tool.name}: {tool.problem}", flush=True)
     results = Results([ToolInfo(t.name, t.role, "" if t.problem else t.version()) for t in tools])
     with scratch("tarfuse-bench-", args.workdir, keep=args.keep) as workdir:
-        options = Options(
-            sizes=QUICK if args.quick else FULL,
-            reps=args.reps,
-            fio_runtime=args.runtime if args.runtime is not None else (0.5 if args.quick else 5.0),
-            cap=args.cap if args.cap is not None else (5.0 if args.quick else 30.0),
-            scratch=workdir,
-        )
+        runtime = args.runtime if args.runtime is not None else (0.5 if args.quick else 5.0)
+        cap = args.cap if args.cap is not None else (5.0 if args.quick else 30.0)
+        options = Options(QUICK if args.quick else FULL, args.reps, runtime, cap, workdir)
         with reclaim_paused(keep=not args.pause_reclaim) as reclaim:
             for case in cases:
                 if case == BOOT:
@@ -66,17 +62,11 @@ def main() -> int:
                 else:
                     run_case(case, tools, options, results)
     meta = machine() | {
-        "reclaim": reclaim,
-        "command": _command_shown(),
-        "tarfuse_commit": _tarfuse_commit(),
-        "load_start": load_start,
-        "load_end": load_average(),
-        "reps": options.reps,
-        "fio_runtime": options.fio_runtime,
-        "cap": options.cap,
-        "quick": args.quick,
+        "reclaim": reclaim, "command": _command_shown(), "tarfuse_commit": _tarfuse_commit(),
+        "load_start": load_start, "load_end": load_average(), "reps": options.reps,
+        "fio_runtime": options.fio_runtime, "cap": options.cap, "quick": args.quick,
         "elapsed": f"{(time.monotonic() - started) / 60:.1f} min",
-    }
+    }  # fmt: skip
     write_outputs(results, meta, args.out, _docs_page(args))
     return 0
 

@@ -295,11 +295,7 @@ def scratch(prefix: str, parent: str | Path | None = None, keep: bool = False) -
 
 def run_main(main: Callable[[], int | None]) -> NoReturn:
     """Run a benchmark: SIGTERM stops it as Ctrl-C does, and either way what it mounted is unmounted."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
         sys.exit(main())
     except KeyboardInterrupt:

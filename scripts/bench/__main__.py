@@ -38,7 +38,8 @@ def main() -> int:
     hint = "" if args.peers else "; the peers need --peers"
     wanted_tools = _pick(args.tools, [t.name for t in tools], "tool", hint)
     tools = [t for t in tools if t.role == "limit" or t.name in wanted_tools]
-    cases = [c for c in SELECTABLE if c in _pick(args.only, SELECTABLE, "case")]
+    wanted_cases = _pick(args.only, SELECTABLE, "case")
+    cases = [c for c in SELECTABLE if c in wanted_cases]
     started, load_start = time.monotonic(), load_average()
     print(f"tools: {', '.join(t.name for t in tools)}; cases: {', '.join(cases)}", flush=True)
     try:

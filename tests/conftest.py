@@ -9,13 +9,14 @@ files, a QEMU boot). No test module imports this one: what a test calls comes fr
 
 import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kit.mounts import MOUNT_TIMEOUT, Mount, MountFactory, foreground_mount, fuse_unusable_reason
 from kit.needs import make_archive
-from kit.needs import require_tool as require_tool  # for tests/test_bench.py, until it imports kit.needs
 from kit.sample import (
     SAMPLE_MESSAGE,
     SAMPLE_MTIME,
@@ -26,6 +27,24 @@ from kit.sample import (
 )
 
 pytest_plugins = ["kit.fixtures"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache() -> Iterator[Path]:
+    """One cache directory for the whole run ($XDG_CACHE_HOME, inherited by every tarfuse a test starts),
+    removed at its end: the indexes and spills of the suite's URLs and compressed members must not pile
+    up in root's own cache. A test that is about the cache directory sets its own."""
+    cache = Path(tempfile.mkdtemp(prefix="tarfuse-tests-cache-"))  # 0700, root's: a trusted directory
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    try:
+        yield cache
+    finally:
+        if previous is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = previous
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -267,8 +267,8 @@ def write_docs(page: Path, figures: str) -> None:
 # shades, small marks) or tarfuse's workers variants.
 _STYLES = {"tarfuse": ("#d62728", "o", 11), "pread": ("#1f77b4", "s", 7), "losetup": ("#6baed6", "s", 7)}
 _STYLES |= {C_CEILING: ("#000000", "|", 16), C_CEILING_MT: ("#555555", "|", 16)}
-_PEER_STYLESS = [("#2ca02c", "D", 7), ("#9467bd", "^", 8), ("#8c564b", "v", 8), ("#17becf", "P", 8)]
-_WORKER_STYLESS = [("#ff7f0e", "o", 7), ("#e377c2", "o", 7), ("#bcbd22", "o", 7), ("#7f7f7f", "o", 7)]
+_PEER_STYLES = [("#2ca02c", "D", 7), ("#9467bd", "^", 8), ("#8c564b", "v", 8), ("#17becf", "P", 8)]
+_WORKER_STYLES = [("#ff7f0e", "o", 7), ("#e377c2", "o", 7), ("#bcbd22", "o", 7), ("#7f7f7f", "o", 7)]
 
 
 def chart_rows(results: Results) -> list[tuple[str, dict[str, float]]]:
@@ -310,7 +310,7 @@ def write_chart(results: Results, path: Path) -> str | None:
         from matplotlib.lines import Line2D
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib, or make dev: it is in the dev extra)"
-    peers, workers = iter(_PEER_STYLESS * 3), iter(_WORKER_STYLESS * 3)
+    peers, workers = iter(_PEER_STYLES * 3), iter(_WORKER_STYLES * 3)
     styles = {
         t.name: _STYLES.get(t.name) or next(workers if t.role == "tarfuse" else peers) for t in results.tools
     }

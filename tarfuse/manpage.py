@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from tarfuse import __version__, cli
+from tarfuse import __version__, cli, helptext
 
 README_BEGIN = "<!-- options: made by `python -m tarfuse.manpage --readme-table`; edit cli.py, not here -->"
 README_END = "<!-- end of options -->"
@@ -81,7 +81,7 @@ EXAMPLES = (
         "A bare compressed image on a file mount point:",
         "touch /tmp/disk.img\ntarfuse disk.img.xz /tmp/disk.img",
     ),
-    ("In /etc/fstab, a local archive:", cli.FSTAB_EXAMPLE),
+    ("In /etc/fstab, a local archive:", helptext.FSTAB_EXAMPLE),
     (
         "In /etc/fstab, an archive on a web server, mounted once the network is up (_netdev):",
         "https://images.example.com/vm.tar.zst /mnt/vm fuse.tarfuse ro,allow_other,_netdev,nofail 0 0",
@@ -136,21 +136,21 @@ def render_man_page(doc_dir: str | None = None) -> str:
         ".B tarfuse \\-\\-cache",
         "[\\fB\\-\\-prune\\fR] [\\fB\\-\\-json\\fR]",
         ".SH DESCRIPTION",
-        _roff(cli.DESCRIPTION),
+        _roff(helptext.DESCRIPTION),
         ".SH OPTIONS",
     ]
     for words, meaning in _flags(parser):
         lines += [".TP", f".B {_roff(words)}", _roff(meaning)]
     lines.append(".SH MOUNT OPTIONS")
-    for words, meaning in cli.MOUNT_OPTION_HELP:
+    for words, meaning in helptext.MOUNT_OPTION_HELP:
         lines += [".TP", f".B \\-o {_roff(words)}", _roff(meaning)]
-    lines += [".PP", _roff(cli.GENERIC_WORDS), ".SH FILES"]
+    lines += [".PP", _roff(helptext.GENERIC_WORDS), ".SH FILES"]
     for words, meaning in FILES:
         lines += [".TP", f".I {_roff(words)}", _roff(meaning)]
     lines.append(".SH ENVIRONMENT")
     for words, meaning in ENVIRONMENT:
         lines += [".TP", f".B {_roff(words)}", _roff(meaning)]
-    lines += [".SH EXIT STATUS", _roff(cli.EXIT_STATUS), ".SH EXAMPLES"]
+    lines += [".SH EXIT STATUS", _roff(helptext.EXIT_STATUS), ".SH EXAMPLES"]
     for what, example in EXAMPLES:
         lines += [".PP", _roff(what), ".PP", ".RS 4", ".nf", *map(_roff, example.split("\n")), ".fi", ".RE"]
     lines += [
@@ -173,8 +173,10 @@ def render_readme_table() -> str:
     """The Markdown table of options that README.md carries between README_BEGIN and README_END."""
     rows = ["| option | meaning |", "| --- | --- |"]
     rows += [f"| `{words}` | {meaning} |" for words, meaning in _flags(cli.parser()) if words != "-h, --help"]
-    rows += [f"| `-o {words}` | {meaning} |" for words, meaning in cli.MOUNT_OPTION_HELP]
-    return "\n".join([README_BEGIN, *rows, "", cli.GENERIC_WORDS, cli.EXIT_STATUS, README_END]) + "\n"
+    rows += [f"| `-o {words}` | {meaning} |" for words, meaning in helptext.MOUNT_OPTION_HELP]
+    return (
+        "\n".join([README_BEGIN, *rows, "", helptext.GENERIC_WORDS, helptext.EXIT_STATUS, README_END]) + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import tarfuse
-from tarfuse import cli, manpage
+from tarfuse import cli, helptext, manpage
 from tarfuse.sources import index, sidefiles
 
 README = Path(tarfuse.__file__).resolve().parents[1] / "README.md"
@@ -26,7 +26,7 @@ def test_the_readme_option_table_is_the_generated_one() -> None:
 def test_help_names_every_mount_option() -> None:
     shown = subprocess.run([sys.executable, "-m", "tarfuse", "--help"], capture_output=True, text=True)
     assert shown.returncode == 0
-    for words, _ in cli.MOUNT_OPTION_HELP:
+    for words, _ in helptext.MOUNT_OPTION_HELP:
         assert f"  {words}\n" in shown.stdout
 
 
@@ -43,7 +43,7 @@ def test_the_man_page_renders_without_warnings_and_names_every_option(tmp_path: 
     )
     assert shown.returncode == 0
     assert shown.stderr == ""
-    for words, _ in cli.MOUNT_OPTION_HELP:
+    for words, _ in helptext.MOUNT_OPTION_HELP:
         assert f"-o {words}" in shown.stdout
     for flag in ("--foreground", "--list", "--json", "--debug-fuse", "--version"):
         assert flag in shown.stdout

@@ -107,3 +107,12 @@ def test_only_the_boundaries_and_the_background_pass_log() -> None:
         or 'getLogger("tarfuse")' in path.read_text()
     }
     assert logging_modules == LOGGING_MODULES
+
+
+def test_no_module_of_the_package_is_over_500_lines() -> None:
+    # A module past this does more than one job: split it along its jobs (README, the layer table).
+    lengths = {
+        str(p.relative_to(PROJECT)): len(p.read_text().splitlines())
+        for p in (PROJECT / "tarfuse").rglob("*.py")
+    }
+    assert {path: n for path, n in lengths.items() if n > 500} == {}

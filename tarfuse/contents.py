@@ -98,7 +98,7 @@ class _Xattrs(Mapping[str, bytes]):
 
 
 class _CheckedReads:
-    """A served file's contents (serve.fs.Contents): reads, each followed by the source's check that the
+    """A served file's contents (served.Contents): reads, each followed by the source's check that the
     archive has not changed, into the buffer the daemon lends; holes and data from the map.
     """
 

@@ -77,7 +77,7 @@ class ChunkCache:
 class CompressedSource(SourceDefaults):
     """The decompressed archive, read by position; `size` is UNKNOWN_SIZE until the stream's end is known."""
 
-    blocking = True  # a read may decompress: the daemon serves cache misses from threads (fs.ServedFile)
+    blocking = True  # a read may decompress: the daemon serves misses from threads (ServedFile.blocking)
     # ... from one thread: a miss waits for the one decoder anyway, and each thread that handled 1 MiB
     # chunks kept its own glibc malloc arena (docs/benchmarks.md, "Figures behind the code").
     readers = 1

@@ -46,7 +46,7 @@ class RemoteArchive(SourceDefaults):
     from two versions.
     """
 
-    blocking = True  # reads wait on the network: the daemon serves them from threads (fs.ServedFile)
+    blocking = True  # reads wait on the network: the daemon serves them from threads (ServedFile.blocking)
     readers = 8  # requests in flight at once; more gained nothing against a local server
     size_known = True  # from the first answer's Content-Range
 

@@ -135,7 +135,12 @@ class VerifyPass:
 
     def report(self) -> dict[str, object]:
         """For tarfuse --status: what the job is and how far (the check reads the whole file once)."""
-        return {"job": "dictzip check", "state": self.state, "source": self._source.path}
+        return {
+            "job": "dictzip check",
+            "state": self.state,
+            "source": self._source.path,
+            "progress": self.status(),
+        }
 
 
 class IndexingPass:
@@ -433,6 +438,7 @@ class IndexingPass:
             "percent": round(100 * done / total, 1) if total else None,
             "rate_bytes_per_s": None if rate is None else round(rate),
             "eta_s": round((total - done) / rate) if rate and total else None,
+            "progress": self.status(),  # the line the terminal and the log show, for --status to print
             "index": self._index_path,
             "index_size": self.index_saved,
             "spill": None,

@@ -173,18 +173,9 @@ def print_status(mountpoint: str, status: dict[str, Any]) -> None:
 
 
 def _pass_line(job: dict[str, Any]) -> str:
-    """One background pass: its state, and while it runs how far it is, its rate and the time left."""
-    what, state = printable(str(job.get("job"))), printable(str(job.get("state")))
-    if state != "running" or job.get("done_bytes") is None:
-        return f"{what}: {state}"
-    done, total, unit = int(job["done_bytes"]), job.get("total_bytes"), printable(str(job.get("unit")))
-    line = f"{what}: {human_size(done)}"
-    if total:
-        line += f" of {human_size(int(total))} {unit} ({job.get('percent')}%)"
-    else:
-        line += f" {unit}"
-    if job.get("rate_bytes_per_s"):
-        line += f", {human_size(int(job['rate_bytes_per_s']))}/s"
-    if job.get("eta_s") is not None:
-        line += f", about {job['eta_s']} s left"
-    return line
+    """One background pass: while it runs, the progress line it logs (how far, rate, time left); then its
+    state."""
+    state = printable(str(job.get("state")))
+    if state == "running" and job.get("progress"):
+        return printable(str(job["progress"]))
+    return f"{printable(str(job.get('job')))}: {state}"

@@ -27,7 +27,7 @@ export PYFUSE3_VERSION PYFUSE3_SHA256 PYFUSE3_PATCH
 PYFUSE3_BUILT := $(if $(PYFUSE3_PATCH),$(PYFUSE3_VERSION)+$(basename $(notdir $(PYFUSE3_PATCH))),index)
 PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3_BUILT)
 
-.PHONY: all deps build-deps dev pyfuse3 demo test test-fast lint format type check bench bench-compressed \
+.PHONY: all deps build-deps dev pyfuse3 azurite demo test test-fast lint format type check bench bench-compressed \
 	fuzz stress fixtures install install-docs uninstall clean
 
 all: dev
@@ -77,10 +77,21 @@ $(PYFUSE3_STAMP): $(PYFUSE3_PATCH) $(wildcard scripts/pyfuse3/*.sh scripts/pyfus
 	scripts/pyfuse3/install.sh $(PY)
 	@rm -f $(VENV)/.pyfuse3-* && touch $@
 
+# Azurite, Azure's blob-storage emulator, for the az:// tests (tests/kit/objectstores.py, which skips them
+# without it): from npm into the venv, which git ignores and `make clean` removes; never fetched at test time.
+# Debian's nodejs and npm only when there is no npm (a NodeSource nodejs brings its own, and conflicts).
+AZURITE_DIR := $(VENV)/node
+AZURITE_STAMP := $(AZURITE_DIR)/.azurite-3
+azurite: $(AZURITE_STAMP)
+$(AZURITE_STAMP):
+	$(call apt_install,$(if $(shell command -v npm),,nodejs npm))
+	npm install --no-audit --no-fund --prefix $(AZURITE_DIR) azurite@3
+	@touch $@
+
 demo: dev deps
 	$(PY) scripts/demo.py
 
-test: dev deps
+test: dev deps $(AZURITE_STAMP)
 	$(PY) -m pytest -q
 
 test-fast: dev

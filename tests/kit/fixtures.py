@@ -10,6 +10,7 @@ import pytest
 
 from kit.httpserver import RangeServer, serve, write_tls_files
 from kit.needs import require_tool
+from kit.objectstores import ObjectStore, azurite_missing_reason, fresh_proxy, running_store
 from kit.qemu import boot
 
 
@@ -57,3 +58,46 @@ def server(no_proxy_from_outside: None) -> Iterator[RangeServer]:
     """A range-capable HTTP server on 127.0.0.1 (kit.httpserver) for the length of the test."""
     with serve() as running:
         yield running
+
+
+# Object stores (kit.objectstores): each emulator runs once per session, with an empty bucket "images" and
+# a proxy in front of it; `s3_store`, `gcs_store`, `azure_store` share that proxy across the session, the
+# function-scoped `object_store` (parametrized over the three) gives each test a proxy of its own.
+
+
+def _object_store(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
+    with running_store(kind, tmp_path_factory.mktemp(f"store-{kind}")) as store:
+        yield store
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
+    """moto's S3 server (kit.objectstores) for the session."""
+    yield from _object_store("s3", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def gcs_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
+    """gcp-storage-emulator (kit.objectstores) for the session."""
+    require_tool("openssl")  # the service account's key
+    yield from _object_store("gs", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def azure_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
+    """Azurite's blob service (kit.objectstores) for the session; skips if Azurite is not installed."""
+    reason = azurite_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    yield from _object_store("az", tmp_path_factory)
+
+
+_STORE_FIXTURES = {"s3": "s3_store", "gs": "gcs_store", "az": "azure_store"}
+
+
+@pytest.fixture(params=list(_STORE_FIXTURES))
+def object_store(request: pytest.FixtureRequest, no_proxy_from_outside: None) -> Iterator[ObjectStore]:
+    """Each of the three stores (test ids s3, gs, az), through a proxy of the test's own."""
+    shared: ObjectStore = request.getfixturevalue(_STORE_FIXTURES[request.param])
+    with fresh_proxy(shared) as store:
+        yield store

@@ -52,13 +52,28 @@ def with_saved_index(source: CompressedSource, options: MountOptions) -> str | N
     where = index_path(source, options)
     if where is not None:  # in the cache directory: hold its entry there, and keep the directory bounded
         index.keep_cache_bounded(where, source, options.cache_max)
-    if where is not None and (not source.size_known or source.needs_spill()):
+    needed = not source.size_known or source.needs_spill()
+    if needed and _published(source) is None and where is not None:
         index.use_saved_index(where, source)
     return where
 
 
+def _published(source: CompressedSource) -> str | None:
+    """A remote archive's published index (`<object>.tarfuse-index`), looked for before the local one:
+    the first mount of every host then needs no pass. Its name if it was loaded."""
+    if source.index_home is not IndexHome.CACHE or source.needs_spill():
+        return None  # a local file's index beside it is a side file (index.default_path); a member has none
+    from tarfuse.sources import index
+
+    return index.use_published(source)
+
+
 def saved_index(source: ByteSource, options: MountOptions) -> str | None:
     """For --list: the saved index a mount of `source` would use, if there is one it can use."""
+    if source.background is not Background.INDEX:
+        return None
+    if (published := _published(_indexed(source))) is not None:
+        return published
     where = index_path(source, options)
     if where is None:
         return None

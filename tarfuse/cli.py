@@ -93,6 +93,13 @@ def parser() -> argparse.ArgumentParser:
         "bytes fetched so far; for the user who mounted it, and root; then exit",
     )
     command.add_argument(
+        "--index-only",
+        action="store_true",
+        help="tarfuse --index-only ARCHIVE -o index=PATH: decompress a compressed ARCHIVE once and write "
+        "its seek index to PATH, to publish beside the object as ARCHIVE.tarfuse-index (docs/remote.md): "
+        "every host that mounts it then starts at once, with no pass; then exit",
+    )
+    command.add_argument(
         "--cache",
         action="store_true",
         help="list what tarfuse keeps in the caller's cache directory (the index and spill of URLs, of "
@@ -135,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.list and args.mountpoint is not None:
             shown = printable(args.mountpoint)
             raise UsageError(f"--list takes no MOUNTPOINT ({shown}): it only lists ARCHIVE")
+        if args.index_only:
+            return _index_only(args, options)
         if args.list:
             return _list(args.archive, options, args.json)
         if args.mountpoint is None:
@@ -239,6 +248,27 @@ def _list(path: str, options: MountOptions, as_json: bool = False) -> int:
         _error(f"{_shown_path(path)}: warning: {warning}")
     if not as_json:
         report.print_table(images)
+    return EXIT_OK
+
+
+def _index_only(args: argparse.Namespace, options: MountOptions) -> int:
+    """`tarfuse --index-only ARCHIVE -o index=PATH`: the index to publish beside the object."""
+    from tarfuse.publish import make_index  # only --index-only needs it
+
+    if args.mountpoint is not None or args.list:
+        extra = printable(args.mountpoint) if args.mountpoint is not None else "--list"
+        raise UsageError(f"--index-only takes ARCHIVE and -o index=PATH, nothing else ({extra})")
+    on_terminal = sys.stderr.isatty()
+
+    def progress(line: str) -> None:
+        if on_terminal:
+            print(f"\r\033[Ktarfuse: {terminal_safe(line)}", end="", file=sys.stderr, flush=True)
+
+    where, length = make_index(args.archive, options, progress)
+    if on_terminal:
+        print("\r\033[K", end="", file=sys.stderr)
+    name = printable(args.archive.rstrip("/").rpartition("/")[2].partition("?")[0]) + ".tarfuse-index"
+    print(f"wrote {printable(where)} ({length} bytes): publish it beside the archive, as {name}")
     return EXIT_OK
 
 

@@ -83,6 +83,7 @@ class ByteSource(Protocol):
     def watch_for_writers(self) -> str | None: ...  # ArchiveFile's read lease; what came of it, to log
     def fetched(self) -> int | None: ...  # bytes fetched over the network so far; None: not a network source
     def before_fork(self) -> None: ...  # drop what does not survive fork(): a decoder's threads
+    def beside(self, suffix: str, limit: int) -> bytes | None: ...  # a published side object (RemoteArchive)
     def close(self) -> None: ...
 
 
@@ -106,6 +107,11 @@ class SourceDefaults:
 
     def before_fork(self) -> None:
         pass
+
+    def beside(self, suffix: str, limit: int) -> bytes | None:
+        """The object published as `<this object><suffix>`, read whole: a remote archive's only (a local
+        archive's side files are opened as whoever controls its directory: sidefiles.py)."""
+        return None
 
 
 class ArchiveFile(SourceDefaults):

@@ -17,9 +17,11 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from tarfuse.errors import ArchiveError
 from tarfuse.sources import cachedir, sidefiles
 from tarfuse.sources.compressed import CompressedSource
 from tarfuse.sources.compression import DecodeError
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"tarfuse-index 1\n"
 SUFFIX = ".tarfuse-index"
+# A published index (beside an object on a server, read by every host that mounts it) is bound to the
+# object, not to where it was made: its size, its ETag if it has one, and a digest of its first and last
+# SAMPLE bytes (what a local file has instead), so that one made from a local copy fits its upload.
+SAMPLE = 64 * 1024
+PUBLISHED_MAX = 64 * 1024 * 1024  # bytes of a published index read at most: an index of a few GiB is far less
 SPILL_SUFFIX = ".tarfuse-spill.zst"
 
 
@@ -106,14 +113,27 @@ def load(path: str, source: CompressedSource) -> Loaded | None:
         raise Unusable(f"it is not trusted: {exc.strerror}") from None
     except OSError as exc:
         raise Unusable(f"cannot read it ({exc.strerror})") from None
+    return _parse(data, source, _fits_local)
+
+
+def _fits_local(header: dict[str, object], source: CompressedSource) -> None:
+    wanted = {"identity": source.identity(), "compression": source.compression}
+    if any(header.get(k) != v for k, v in wanted.items()):
+        raise Unusable("it belongs to another version of the archive (stale)")
+
+
+def _parse(
+    data: bytes, source: CompressedSource, fits: Callable[[dict[str, object], CompressedSource], None]
+) -> Loaded:
+    """Check an index file's framing, checksum and fields, and that it `fits` the source."""
     if not data.startswith(MAGIC):
         raise Unusable("not a tarfuse index")
     line, _, blob = data[len(MAGIC) :].partition(b"\n")
     try:
         header = json.loads(line)
-        wanted = {"identity": source.identity(), "compression": source.compression}
-        if any(header.get(k) != v for k, v in wanted.items()):
-            raise Unusable("it belongs to another version of the archive (stale)")
+        if not isinstance(header, dict):
+            raise Unusable("its header is damaged (not an object)")
+        fits(header, source)
         if header["length"] != len(blob) or header["sha256"] != hashlib.sha256(blob).hexdigest():
             raise Unusable("it is damaged (checksum mismatch)")
         size, spill = header["size"], header.get("spill")
@@ -133,6 +153,7 @@ def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int
     """
     header = {
         "identity": source.identity(),
+        "portable": portable_binding(source),
         "compression": source.compression,
         "size": size,
         "length": len(blob),
@@ -142,6 +163,79 @@ def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int
     data = MAGIC + json.dumps(header).encode() + b"\n" + blob
     sidefiles.write_file(path, data)
     return len(data)
+
+
+def portable_binding(source: CompressedSource) -> dict[str, object]:
+    """What binds an index to the archive wherever it is kept: size, ETag, a digest of its two ends."""
+    archive = source.archive
+    identity = archive.identity()
+    return {
+        "size": archive.size,
+        "etag": portable_etag(identity),
+        "sample": _sample(archive.read_at, archive.size),
+    }
+
+
+def _sample(read_at: Callable[[int, int], bytes], size: int) -> str:
+    digest = hashlib.sha256(read_at(0, min(size, SAMPLE)))
+    digest.update(read_at(max(size - SAMPLE, 0), min(size, SAMPLE)))
+    return digest.hexdigest()
+
+
+def use_published(source: CompressedSource) -> str | None:
+    """Load the index published beside a remote archive (`<object>.tarfuse-index`), if there is one that
+    fits it; return its name, or None (an unfit one is ignored, with one line: the mount goes on without).
+
+    It is someone else's input, trusted as far as the object it sits beside (whoever can write it beside
+    the object can usually write the object): read to PUBLISHED_MAX bytes at most, its checksum and
+    bounds checked, bound to this object (size, and its ETag, or if it was made from a copy without one,
+    the digest of the object's two ends), refused if it names a spill (which is local), and given to the
+    decoder, which refuses what it cannot parse.
+    """
+    name = source.archive.path + SUFFIX
+    try:
+        data = source.archive.beside(SUFFIX, PUBLISHED_MAX)
+    except ArchiveError as exc:
+        log.warning("ignoring the published index: %s", exc)
+        return None
+    if data is None:
+        return None
+    try:
+        loaded = _parse(data, source, _fits_published)
+        if loaded.spill is not None:
+            raise Unusable("it names a spill, which only a local index can")
+        try:
+            source.load_index(loaded.blob, loaded.size)
+        except DecodeError as exc:
+            raise Unusable(f"the decompressor refused it ({exc})") from None
+    except Unusable as exc:
+        log.warning("ignoring the published index %s: %s", name, exc)
+        return None
+    log.info(
+        "loaded the published index %s: decompressed size %d, no indexing pass needed", name, loaded.size
+    )
+    return name
+
+
+def _fits_published(header: dict[str, object], source: CompressedSource) -> None:
+    """Raise Unusable unless the published index's binding is this object's."""
+    bound = header.get("portable")
+    if not isinstance(bound, dict) or header.get("compression") != source.compression:
+        raise Unusable("it is not an index of this kind of archive")
+    archive = source.archive
+    if bound.get("size") != archive.size:
+        raise Unusable(f"it is the index of another object ({bound.get('size')!r} bytes, not {archive.size})")
+    mine = portable_etag(archive.identity())
+    if isinstance(bound.get("etag"), str) and mine is not None:
+        if bound["etag"] != mine:
+            raise Unusable("it is the index of another version of the object (another ETag)")
+        return
+    if bound.get("sample") != _sample(archive.read_at, archive.size):
+        raise Unusable("it is the index of another object (its first and last bytes differ)")
+
+
+def portable_etag(identity: Identity) -> str | None:
+    return identity[2] if len(identity) > 2 and isinstance(identity[2], str) else None
 
 
 def use_saved_index(path: str, source: CompressedSource) -> bool:

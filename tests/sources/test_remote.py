@@ -262,7 +262,7 @@ def test_remote_options_go_through_the_command_line_parser() -> None:
 
 
 def test_remote_options_on_a_local_archive_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="header= applies only to http"):
+    with pytest.raises(UsageError, match="header= applies only to remote"):
         open_location(str(tmp_path / "vm.tar"), parse_options(["header=A:b"]))
 
 

@@ -86,8 +86,8 @@ def test_first_answer_claiming_more_than_asked_is_refused_before_its_body(
     server: RangeServer, gib_file: Path
 ) -> None:
     url = server.put("vm.tar", gib_file)
-    server.faults.claim = 64 * MiB  # "bytes 0-67108863/1073741824" to "bytes=0-131071"
-    with pytest.raises(RemoteError, match=r"asked for bytes 0-131071.*0-67108863/1073741824"):
+    server.faults.claim = 64 * MiB  # "bytes 0-67108863/1073741824" to "bytes=0-262143"
+    with pytest.raises(RemoteError, match=r"asked for bytes 0-262143.*0-67108863/1073741824"):
         remote(url)
     assert settled_bytes_served(server) < 16 * MiB  # what socket buffers took before the hang-up
 
@@ -95,7 +95,7 @@ def test_first_answer_claiming_more_than_asked_is_refused_before_its_body(
 def test_body_longer_than_its_content_range_is_refused(server: RangeServer, blob: bytes) -> None:
     url = server.put("blob", blob)
     server.faults.body_extra = MiB
-    with pytest.raises(RemoteError, match=r"body for 131072 bytes \(Content-Length\)"):
+    with pytest.raises(RemoteError, match=r"body for 262144 bytes \(Content-Length\)"):
         remote(url)
 
 
@@ -128,7 +128,7 @@ def test_list_of_a_server_claiming_600_mib_stays_under_the_memory_ceiling(
     result, peak = run_tarfuse_measuring_peak_rss("--list", url, scratch=tmp_path)
     status, output = result.returncode, result.stdout + result.stderr
     assert status == 1, output
-    assert f"GET {url}: asked for bytes 0-131071, the server answered with 0-629145599/" in output
+    assert f"GET {url}: asked for bytes 0-262143, the server answered with 0-629145599/" in output
     assert "Traceback" not in output
     assert peak < RSS_CEILING, f"peak RSS {peak / MiB:.0f} MiB"
     assert settled_bytes_served(server) < 16 * MiB  # what socket buffers took before the hang-up

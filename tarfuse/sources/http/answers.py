@@ -23,6 +23,23 @@ _MAX_BACKOFF = 5.0
 # "+5", "-5", "1_0" and spaces), and at most 19 of them: no offset of ours needs more than 63 bits.
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(?:(\d{1,19})-(\d{1,19})|\*)/(\d{1,19})\s*", re.IGNORECASE)
 _CONTENT_LENGTH = re.compile(r"\s*(\d{1,19})\s*")
+# An object store's error answer names what is wrong in an XML <Code> (S3, the GCS XML API, Azure); read
+# from the first bytes of the body only, and only a plain word of it is shown.
+_ERROR_BODY = 4096
+_ERROR_CODE = re.compile(rb"<Code>\s*([A-Za-z][A-Za-z0-9.]{0,63})\s*</Code>")
+_WHAT_CODES_MEAN = {
+    "NoSuchKey": "no such object",
+    "NoSuchBucket": "no such bucket",
+    "BlobNotFound": "no such object",
+    "ContainerNotFound": "no such container",
+    "ExpiredToken": "the credentials have expired",
+    "TokenRefreshRequired": "the credentials have expired",
+    "InvalidAccessKeyId": "the access key is not known to the store",
+    "SignatureDoesNotMatch": "the secret key does not match the access key",
+    "AccessDenied": "the credentials do not allow reading it",
+    "AuthorizationFailure": "the credentials do not allow reading it",
+    "AuthenticationFailed": "the store refused the credentials",
+}
 
 
 def content_range(value: str) -> tuple[int, int, int] | None:
@@ -38,6 +55,19 @@ def content_range(value: str) -> tuple[int, int, int] | None:
 def content_length(value: str) -> int | None:
     """A Content-Length's number, or None if it is not one."""
     return None if (match := _CONTENT_LENGTH.fullmatch(value)) is None else int(match[1])
+
+
+def error_code(response: urllib3.BaseHTTPResponse) -> str:
+    """`(Code: what it means)` from an object store's error answer, or "" if the body names none."""
+    try:
+        start = response.read(_ERROR_BODY, decode_content=False)
+    except Exception:
+        return ""
+    if (match := _ERROR_CODE.search(start)) is None:
+        return ""
+    code = match[1].decode("ascii")
+    meaning = _WHAT_CODES_MEAN.get(code)
+    return f" ({code}: {meaning})" if meaning else f" ({code})"
 
 
 class Transient(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from tarfuse.errors import ArchiveChanged, RemoteError, UsageError
@@ -30,10 +30,23 @@ if TYPE_CHECKING:
 
 _MAX_REDIRECTS = 5
 _DEADLINE_TIMEOUTS = 2  # a whole request (connect, headers, body) gets this many times `timeout`
+# The first request's length: the tar header and a gzip stream's ratio probe (decoders.opener) in one trip.
+_PROBE = 2 * BLOCK_SIZE
 _PROGRESS = BLOCK_SIZE  # a failed request that brought at least this much does not count as a failure
 # A compressed archive's share of the cache budget for its compressed blocks: the rest goes to the
 # decompressed chunks above them (compressed.CompressedSource). A plain one keeps the whole budget.
 COMPRESSED_BLOCKS_SHARE = 4
+_REFUSED = (401, 403)  # what a store answers to a signature made with expired credentials
+
+
+class Signed(Protocol):
+    """A URL that authorizes itself (presigned), and can be signed again when the old one is refused."""
+
+    def url(self, fresh: bool = False) -> str: ...
+
+    def beside(self, suffix: str) -> str: ...  # the URL of `<object><suffix>`, signed too
+
+    def close(self) -> None: ...
 
 
 class RemoteArchive(SourceDefaults):
@@ -51,9 +64,17 @@ class RemoteArchive(SourceDefaults):
     size_known = True  # from the first answer's Content-Range
 
     def __init__(
-        self, url: str, options: RemoteOptions = NO_HTTP_OPTIONS, cache_size: int = DEFAULT_CACHE_SIZE
+        self,
+        url: str,
+        options: RemoteOptions = NO_HTTP_OPTIONS,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        *,
+        name: str | None = None,
+        signed: Signed | None = None,
     ) -> None:
-        self.path = display_name(url)  # never the URL itself: it may carry a token in its query string
+        # What is shown: never the URL itself, which may carry a token in its query string.
+        self.path = name or display_name(url)
+        self._signed = signed  # an object's presigned URL, signed again as it ages (objects.py)
         try:
             self._origin = origin(url)
         except ValueError:
@@ -91,6 +112,51 @@ class RemoteArchive(SourceDefaults):
     def pread_into(self, buffer: memoryview, offset: int) -> int:
         return self._blocks.pread_into(buffer, offset)
 
+    def beside(self, suffix: str, limit: int) -> bytes | None:
+        """The object published beside this one, at this URL with `suffix` appended (for an object URL,
+        its key with `suffix`, signed alike), read whole in one request; None if there is none.
+
+        None too for a URL with a query string: a presigned URL signs one object. Raises RemoteError if it
+        is longer than `limit` bytes, or the request fails: it is someone else's input, bounded before
+        its body is read, and never retried (the mount goes on without it).
+        """
+        from urllib3.exceptions import HTTPError
+
+        if self._signed is not None:
+            url = self._signed.beside(suffix)
+        elif urlsplit(self._url).query or urlsplit(self._url).fragment:
+            return None
+        else:
+            url = self._url + suffix
+        shown = self.path + suffix
+        deadline = WATCHDOG.start(self._deadline)
+        try:
+            response = self._send(url, {**self._headers, "Range": f"bytes=0-{limit}"}, 0, deadline)
+            try:
+                if response.status in (403, 404, 416):  # a store says 403 for a missing key it may not list
+                    return None
+                if response.status not in (200, 206):
+                    raise RemoteError(f"GET {shown}: HTTP {response.status} {response.reason}", None)
+                declared = answers.content_length(response.headers.get("Content-Length", ""))
+                found = answers.content_range(response.headers.get("Content-Range", ""))
+                if response.status == 206:
+                    if found is None or found[0] != 0:
+                        raise RemoteError(f"GET {shown}: no usable Content-Range in the answer", None)
+                    length, total = found[1] + 1, found[2]
+                elif declared is None:
+                    raise RemoteError(f"GET {shown}: an answer without a Content-Length", None)
+                else:
+                    length = total = declared
+                if total > limit or length > limit + 1 or (declared is not None and declared != length):
+                    raise RemoteError(f"{shown} is longer than {limit} bytes, or says so", None)
+                return b"".join(body(response, length))
+            finally:
+                discard(response)
+        except (HTTPError, OSError, Transient) as exc:
+            raise RemoteError(self._redact(f"GET {shown}: {answers.describe(exc)}"), None) from None
+        finally:
+            WATCHDOG.end(deadline)
+
     def check_unchanged(self) -> None:
         """Raise ArchiveChanged if any response since open came from another version of the object."""
         if self.changed is not None:
@@ -103,6 +169,8 @@ class RemoteArchive(SourceDefaults):
     def close(self) -> None:
         self._blocks.close()
         self._pool.clear()
+        if self._signed is not None:
+            self._signed.close()
 
     def __enter__(self) -> RemoteArchive:
         return self
@@ -111,13 +179,13 @@ class RemoteArchive(SourceDefaults):
         self.close()
 
     def _probe(self) -> bytes:
-        """GET the first block: its Content-Range gives the size, its headers the validators.
+        """GET the first blocks: its Content-Range gives the size, its headers the validators.
 
         A ranged GET rather than HEAD: presigned object-store URLs are signed for GET only, and the tar
-        header that is read next comes with the same round trip. At most BLOCK_SIZE bytes: a Content-Range
+        header that is read next comes with the same round trip. At most _PROBE bytes: a Content-Range
         that claims more is refused before its body is read.
         """
-        return b"".join(self.fetch(0, BLOCK_SIZE, probe=True))
+        return b"".join(self.fetch(0, _PROBE, probe=True))
 
     def fetch(self, offset: int, size: int, probe: bool = False) -> Iterator[bytes]:
         """Yield the object's bytes at [offset, offset + size) in chunks, resuming after a failure.
@@ -171,12 +239,17 @@ class RemoteArchive(SourceDefaults):
     ) -> tuple[urllib3.BaseHTTPResponse, int]:
         """Send one range request, following redirects; return the response, checked, and how many body
         bytes to read from it."""
-        url, headers = self._url, {**self._headers, "Range": f"bytes={offset}-{offset + size - 1}"}
-        for _ in range(_MAX_REDIRECTS + 1):
+        url, headers = self._url_now(), {**self._headers, "Range": f"bytes={offset}-{offset + size - 1}"}
+        resigned = False
+        for _ in range(_MAX_REDIRECTS + 2):  # one more for a signature made again
             response = self._send(url, headers, offset, deadline)
             if deadline.expired:  # http.client takes an end of stream for the end of the headers
                 discard(response)
                 raise Transient("cut off by its deadline")
+            if response.status in _REFUSED and self._signed is not None and not resigned:
+                discard(response)  # the credentials may have expired since the URL was signed: once more
+                url, resigned = self._url_now(fresh=True), True
+                continue
             if response.status not in REDIRECT_STATUSES:
                 try:
                     return response, self._check(response, offset, size, probe)
@@ -209,6 +282,16 @@ class RemoteArchive(SourceDefaults):
             raise reason from reason.__cause__  # the socket's error, which answers.describe names
         finally:
             CURRENT.deadline = None
+
+    def _url_now(self, fresh: bool = False) -> str:
+        """The URL to send a request to: a presigned one is signed again as it ages; its query is secret."""
+        if self._signed is None:
+            return self._url
+        url = self._signed.url(fresh)  # RemoteError if it cannot be signed
+        query = urlsplit(url).query
+        if query and query not in self._secrets:
+            self._secrets = [query, *self._secrets[:3]]  # the last few signatures, kept out of messages
+        return url
 
     def _redirect(
         self, current: str, location: str, headers: dict[str, str], offset: int
@@ -255,7 +338,8 @@ class RemoteArchive(SourceDefaults):
         if status == 416:
             return self._check_unsatisfiable(response, offset, probe)
         if status != 206:
-            raise self._error(f"HTTP {status} {response.reason}", offset)
+            code = answers.error_code(response) if 400 <= status < 500 else ""
+            raise self._error(f"HTTP {status} {response.reason}{code}", offset)
         if response.headers.get("Content-Encoding", "identity").lower() != "identity":
             raise self._error("the server encoded a range (Content-Encoding), which is unusable", offset)
         first, last, total = self._content_range(response, offset)

@@ -1,4 +1,6 @@
-"""The -o options that apply to http(s) archives, parsed once from the command line's words."""
+"""The -o options that apply to remote archives, parsed once from the command line's words: http(s) URLs
+and object-store URLs (s3://, gs://, az://), which are read through presigned https URLs and take three
+options more (OBJECT_KEYS)."""
 
 import os
 from collections.abc import Sequence
@@ -6,8 +8,9 @@ from dataclasses import dataclass, replace
 
 from tarfuse.errors import UsageError
 
-OPTION_KEYS = ("header", "ca_file", "timeout", "retries", "follow_redirects")
-FLAG_KEYS = ("follow_redirects",)  # words without a value
+OBJECT_KEYS = ("endpoint", "region", "anonymous")  # object-store URLs only
+OPTION_KEYS = ("header", "ca_file", "timeout", "retries", "follow_redirects", *OBJECT_KEYS)
+FLAG_KEYS = ("follow_redirects", "anonymous")  # words without a value
 _RESERVED_HEADERS = frozenset({"range", "host", "accept-encoding", "content-length"})
 
 
@@ -21,7 +24,15 @@ class RemoteOptions:
     timeout: float = 20.0  # seconds to connect, between two reads; twice that for a whole request
     retries: int = 5  # failed tries in a row, per request, before the read fails with EIO
     follow_redirects: bool = False  # to another origin (scheme, host, port); same-origin ones always
+    endpoint: str | None = None  # an S3-compatible server, or another GCS or Azure endpoint (an emulator)
+    region: str | None = None
+    anonymous: bool = False  # a public bucket: no credentials, no signature
     given: tuple[str, ...] = ()
+
+    @property
+    def for_objects(self) -> tuple[str, ...]:
+        """The words given that only an object-store URL takes."""
+        return tuple(word for word in self.given if word.partition("=")[0] in OBJECT_KEYS)
 
 
 NO_HTTP_OPTIONS = RemoteOptions()
@@ -36,13 +47,27 @@ def parse_options(words: Sequence[str]) -> RemoteOptions:
         if key in FLAG_KEYS:
             if has_value:
                 raise UsageError(f"option {key} takes no value")
-            options = replace(options, follow_redirects=True)
+            options = (
+                replace(options, anonymous=True)
+                if key == "anonymous"
+                else replace(options, follow_redirects=True)
+            )
         elif key == "header":
             options = replace(options, headers=(*options.headers, _parse_header(value)))
         elif key == "ca_file":
             if not os.path.isfile(value):
                 raise UsageError(f"option ca_file={value!r}: no such file")
             options = replace(options, ca_file=value)
+        elif key == "endpoint":
+            if not value.lower().startswith(("http://", "https://")):
+                raise UsageError(
+                    f"option endpoint={value!r}: give a URL, e.g. endpoint=https://s3.example.net"
+                )
+            options = replace(options, endpoint=value)
+        elif key == "region":
+            if not value or not all(c.isalnum() or c in "-_" for c in value):
+                raise UsageError(f"option region={value!r} is not a region name")
+            options = replace(options, region=value)
         elif key == "timeout":
             options = replace(options, timeout=_parse_number(key, value, float))
         elif key == "retries":

@@ -56,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
         metavar="ARCHIVE",
         nargs="?",  # required, but for --cache (main says so)
         help="a tar, a compressed tar (.tar.gz/.zst/.xz/.bz2), an OVA, a bare or compressed image (.img.xz), "
-        "as a path or an http(s) URL",
+        "as a path, an http(s) URL, or an object in S3, GCS or Azure (s3://BUCKET/KEY, gs://BUCKET/KEY, "
+        "az://CONTAINER/KEY)",
     )
     command.add_argument(
         "mountpoint",

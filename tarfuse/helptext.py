@@ -111,6 +111,18 @@ MOUNT_OPTION_HELP = (
         "with EIO (5); HTTPS_PROXY, HTTP_PROXY and NO_PROXY are honoured (docs/remote.md)",
     ),
     (
+        "endpoint=URL",
+        "s3://, gs://, az:// archives: the store's endpoint, for an S3-compatible server or an emulator "
+        "(an http:// one is used as given; default: the cloud's, or AWS_ENDPOINT_URL); credentials come "
+        "from each cloud's standard chain: environment, web identity, instance metadata, GOOGLE_APPLICATION_"
+        "CREDENTIALS, Azure managed identity, AWS_PROFILE with boto3 (docs/remote.md)",
+    ),
+    (
+        "region=NAME,anonymous",
+        "s3:// archives: the bucket's region (default: AWS_REGION, else us-east-1); s3://, gs://, az://: "
+        "a public object, read without credentials or a signature",
+    ),
+    (
         "follow_redirects",
         "http(s) archives: follow a redirect to another host (another scheme, host or port), without the "
         "header= values; without it such a redirect is refused; https to http is always refused",

@@ -176,12 +176,37 @@ def test_a_daemon_signs_again_after_it_forked(s3: ObjectStore, tmp_path: Path) -
     started = run_tarfuse(s3.url("vm/disk.tar"), mountpoint, "-o", f"endpoint={s3.endpoint}", timeout=60)
     assert started.returncode == 0, started.stderr
     try:
+        command = f"tarfuse {s3.url('vm/disk.tar')} {mountpoint}"
+        [daemon] = [pid for pid, line in processes() if command in line]
+        assert signing_helpers_of(daemon) == []  # the parent's helper is not the daemon's
         s3.proxy.fault(times=1, status=403, code="ExpiredToken")
         with (mountpoint / "disk.raw").open("rb", buffering=0) as file:
             assert os.pread(file.fileno(), 4096, 3 * MiB) == image[3 * MiB : 3 * MiB + 4096]
         assert 403 in [r.status for r in s3.proxy.requests]
+        assert len(signing_helpers_of(daemon)) == 1  # it signed again, with a helper of its own
     finally:
         unmount(mountpoint)
+
+
+def processes() -> list[tuple[int, str]]:
+    """Every process as (pid, command line with spaces), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                words = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            found.append((int(entry), b" ".join(w for w in words if w).decode(errors="replace")))
+    return found
+
+
+def signing_helpers_of(pid: int) -> list[int]:
+    """The signing helpers (tarfuse.sources.signer) that process `pid` started."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [c for c, line in processes() if c in children and "tarfuse.sources.signer" in line]
 
 
 def test_a_public_object_mounts_anonymously_and_object_options_need_an_object_url(
@@ -297,7 +322,7 @@ def test_an_index_made_from_a_local_copy_fits_the_uploaded_object(
     assert s3.proxy.bytes_served < archive.stat().st_size // 4
 
 
-@pytest.mark.parametrize("flaw", ["another object", "truncated", "oversized"])
+@pytest.mark.parametrize("flaw", ["another object", "another version", "truncated", "oversized"])
 def test_an_unfit_published_index_is_ignored_with_one_line(
     s3: ObjectStore, mount: MountFactory, tmp_path: Path, flaw: str
 ) -> None:
@@ -307,7 +332,12 @@ def test_an_unfit_published_index_is_ignored_with_one_line(
     s3.put(key, archive)
     (tmp_path / "other").mkdir()
     other = tar_of(tmp_path / "other", image_bytes(4 * MiB, 10), compress=True)
-    index = publish_index(s3, other if flaw == "another object" else archive, key, tmp_path)
+    source = {"another object": other, "another version": s3.url(key)}.get(flaw, archive)
+    index = publish_index(s3, source, key, tmp_path)
+    if flaw == "another version":  # the same size, so that only its ETag tells
+        assert other.stat().st_size == archive.stat().st_size
+        s3.put(key, other)
+        image = image_bytes(4 * MiB, 10)
     if flaw == "truncated":
         s3.put(key + ".tarfuse-index", index.read_bytes()[:-100])
     if flaw == "oversized":  # one byte past the bound: refused from its Content-Range, before its body
@@ -318,8 +348,69 @@ def test_an_unfit_published_index_is_ignored_with_one_line(
     assert log.count("ignoring the published index") == 1, log
     expected = {
         "another object": "index of another object",
+        "another version": "index of another version of the object (another ETag)",
         "truncated": "damaged",
         "oversized": f"is longer than {index_module.PUBLISHED_MAX} bytes",
     }[flaw]
     assert expected in log
     assert (tmp_path / "mnt" / "disk.raw").read_bytes() == image
+
+
+# --- what works on http(s) URLs works on object URLs --------------------------------------------------
+
+
+@pytest.mark.usefixtures("store_env")
+def test_a_sparse_multi_disk_archive_serves_every_disk_with_its_holes(
+    object_store: ObjectStore, mount: MountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_credentials(object_store, monkeypatch)
+    disks = tmp_path / "disks"
+    disks.mkdir()
+    sparse = disks / "disk1.raw"
+    with sparse.open("wb") as file:
+        file.truncate(64 * MiB)
+        file.seek(8 * MiB)
+        file.write(image_bytes(MiB, 12))
+        file.seek(40 * MiB)
+        file.write(image_bytes(2 * MiB, 13))
+    (disks / "disk2.img").write_bytes(image_bytes(3 * MiB, 14))
+    archive = tmp_path / "vm.tar"
+    subprocess.run(
+        ["tar", "--format=gnu", "-S", "-cf", archive, "-C", disks, "disk1.raw", "disk2.img"], check=True
+    )
+    object_store.put("vm/multi.tar", archive)
+    (tmp_path / "mnt").mkdir()
+    mount(object_store.url("vm/multi.tar"), tmp_path / "mnt", "-o", f"endpoint={object_store.endpoint}")
+    assert sorted(p.name for p in (tmp_path / "mnt").iterdir()) == ["disk1.raw", "disk2.img"]
+    assert (tmp_path / "mnt" / "disk2.img").read_bytes() == (disks / "disk2.img").read_bytes()
+    with (tmp_path / "mnt" / "disk1.raw").open("rb", buffering=0) as file:
+        fd = file.fileno()
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 8 * MiB
+        assert os.lseek(fd, 8 * MiB, os.SEEK_HOLE) == 9 * MiB
+        assert os.lseek(fd, 9 * MiB, os.SEEK_DATA) == 40 * MiB
+        assert os.pread(fd, 3 * MiB, 39 * MiB) == sparse.read_bytes()[39 * MiB : 42 * MiB]
+
+
+@pytest.mark.usefixtures("store_env")
+def test_a_bare_compressed_image_and_all_files_of_a_compressed_tar(
+    object_store: ObjectStore, mount: MountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_credentials(object_store, monkeypatch)
+    image = image_bytes(5 * MiB, 15)
+    (tmp_path / "disk.img").write_bytes(image)
+    subprocess.run(["xz", "-T2", "--block-size=1MiB", "-k", "-1", tmp_path / "disk.img"], check=True)
+    object_store.put("bare/disk.img.xz", tmp_path / "disk.img.xz")
+    (tmp_path / "bare").mkdir()
+    mount(object_store.url("bare/disk.img.xz"), tmp_path / "bare", "-o", f"endpoint={object_store.endpoint}")
+    assert (tmp_path / "bare" / "disk.img").read_bytes() == image
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "README").write_text("not an image\n")
+    (tmp_path / "files" / "disk.raw").write_bytes(image[: 2 * MiB])
+    subprocess.run(
+        ["tar", "-czf", tmp_path / "all.tar.gz", "-C", tmp_path / "files", "README", "disk.raw"], check=True
+    )
+    object_store.put("all/vm.tar.gz", tmp_path / "all.tar.gz")
+    (tmp_path / "all").mkdir()
+    mount(object_store.url("all/vm.tar.gz"), tmp_path / "all", "-o", f"all,endpoint={object_store.endpoint}")
+    assert (tmp_path / "all" / "README").read_text() == "not an image\n"
+    assert (tmp_path / "all" / "disk.raw").read_bytes() == image[: 2 * MiB]

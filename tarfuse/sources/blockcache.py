@@ -2,15 +2,18 @@
 
 Owns which blocks are cached (LRU, bounded in bytes), which are on their way (so that two readers never
 fetch the same block: the second waits for the first), coalescing the missing blocks of one read into one
-fetch, and readahead for a sequential reader. Knows nothing about HTTP: a `Fetch` streams one byte range.
+fetch, and readahead for a sequential reader, fetched as several ranges at once by a few threads of its
+own (`_Workers`). Knows nothing about HTTP: a `Fetch` streams one byte range.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -24,6 +27,9 @@ Fetch = Callable[[int, int], Iterable[bytes]]  # (offset, size) -> chunks adding
 
 BLOCK_SIZE = 128 * 1024
 MAX_FETCH = 16 * 1024 * 1024  # one request at most; a longer run of missing blocks takes several
+READAHEAD_WINDOW = 32 * 1024 * 1024  # the most fetched ahead of a sequential reader, if the cache allows
+READAHEAD_PIECE = 4 * 1024 * 1024  # one readahead request at most: a window is fetched as several at once
+READAHEAD_STREAMS = 4  # readahead requests in flight at once, at most
 _SEQUENTIAL_SLACK = 16  # blocks: concurrent readahead requests from the kernel arrive slightly out of order
 
 
@@ -31,6 +37,13 @@ class BlockCache:
     """A source's bytes, read by position, served from cached blocks; what is missing is fetched.
 
     Thread-safe: reads run concurrently; the lock is held only for bookkeeping, never during a fetch.
+
+    Readahead is fetched in pieces of at most `readahead_piece` bytes (whole blocks), at most
+    `readahead_streams` of them at once, each by a thread of its own: with a latency on every request,
+    one request after another would wait for it once per piece. The pieces in flight add up to at most
+    the readahead window, itself at most half the cache (a piece is cut smaller if the window is short),
+    and the bytes a piece brings go into the cache block by block as they arrive: readahead holds no
+    more than a block per piece outside the cache.
     """
 
     def __init__(
@@ -38,18 +51,21 @@ class BlockCache:
         fetch: Fetch,
         size: int,
         cache_bytes: int,
-        readahead_bytes: int = 8 * 1024 * 1024,
+        readahead_bytes: int = READAHEAD_WINDOW,
         block_size: int = BLOCK_SIZE,
+        readahead_piece: int = READAHEAD_PIECE,
+        readahead_streams: int = READAHEAD_STREAMS,
     ) -> None:
         self._fetch, self.size, self._block = fetch, size, block_size
         self._cache_blocks = cache_bytes // block_size
         # Readahead beyond half the cache would evict itself before the reader gets there.
         self._max_window = max(min(readahead_bytes, cache_bytes // 2) // block_size, 0)
         self._max_run = max(MAX_FETCH // block_size, 1)
+        self._max_piece = max(readahead_piece // block_size, 1)
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._pending: dict[int, Future[bytes]] = {}
-        self._readahead_threads: set[threading.Thread] = set()
+        self._readahead = _Workers(max(readahead_streams, 1), "tarfuse-readahead")
         self._last_block = -1 - _SEQUENTIAL_SLACK  # where the sequential reader got to
         self._run_start = 0  # where its run of forward reads began
         self._streak = 0
@@ -144,9 +160,12 @@ class BlockCache:
         Two reads going forward make a sequential reader. The window is half the run read so far, up to the
         maximum: a decompressor reading a checkpoint's span or two gets little past them, a long run gets
         the full window (a window that started at 1 MiB and doubled fetched 2-3x what a .tar.gz read needed).
-        Fetch when less than half a window is left.
+        Fetch when less than half a window is left. A read among the blocks already claimed ahead of the
+        run stays in it: the kernel's readahead sends several reads at once, and one that arrives before
+        those in front of it would otherwise start a new run, with the window back to nothing.
         """
-        if abs(first - self._last_block) > _SEQUENTIAL_SLACK:
+        in_window = self._run_start <= first <= self._frontier
+        if not in_window and abs(first - self._last_block) > _SEQUENTIAL_SLACK:
             self._last_block, self._run_start, self._streak, self._frontier = last, first, 0, last
             return []
         if last > self._last_block:
@@ -160,30 +179,19 @@ class BlockCache:
         return self._claim(range(start, stop + 1))[1]
 
     def _start_readahead(self, blocks: list[int]) -> None:
-        thread = threading.Thread(
-            target=self._read_ahead, args=(blocks,), name="tarfuse-readahead", daemon=True
-        )
-        with self._lock:
-            self._readahead_threads.add(thread)
-        thread.start()
+        """Queue the claimed blocks for the readahead threads, nearest first, in pieces."""
+        with self._lock:  # pieces small enough that all the threads together fetch at most a window
+            piece = max(min(self._max_piece, self._max_window // self._readahead.limit), 1)
+        for run in _runs(blocks, piece):
+            self._readahead.submit(functools.partial(self._read_ahead, run[0], len(run)))
 
-    def _read_ahead(self, blocks: list[int]) -> None:
-        try:
-            self._fetch_runs(blocks)
-        except Exception:  # the futures carry it to any reader that waits for these blocks
-            pass
-        finally:
-            with self._lock:
-                self._readahead_threads.discard(threading.current_thread())
+    def _read_ahead(self, first: int, count: int) -> None:
+        with contextlib.suppress(Exception):  # the futures carry it to any reader waiting for these blocks
+            self._fetch_run(first, count)
 
     def _fetch_runs(self, blocks: list[int]) -> None:
         """Fetch claimed blocks, one request per run of adjacent blocks; fail the rest if one run fails."""
-        runs: list[list[int]] = []
-        for block in blocks:
-            if runs and block == runs[-1][-1] + 1 and len(runs[-1]) < self._max_run:
-                runs[-1].append(block)
-            else:
-                runs.append([block])
+        runs = _runs(blocks, self._max_run)
         for index, run in enumerate(runs):
             try:
                 self._fetch_run(run[0], len(run))
@@ -244,13 +252,64 @@ class BlockCache:
     def _quiesce(self) -> None:
         """Wait for readahead in flight: a thread that is fetching at fork() would leave its blocks
         pending forever in the child (the daemon forks after opening the archive)."""
+        self._readahead.join()
+
+
+def _runs(blocks: Iterable[int], longest: int) -> list[list[int]]:
+    """Cut ascending block numbers into runs of adjacent ones, each at most `longest` blocks."""
+    runs: list[list[int]] = []
+    for block in blocks:
+        if runs and block == runs[-1][-1] + 1 and len(runs[-1]) < longest:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    return runs
+
+
+class _Workers:
+    """Run jobs in the order queued on at most `limit` daemon threads, started when a job is queued and
+    ended when none is left: no thread lingers between bursts, and `join` leaves none running."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        self.limit, self._name = limit, name
+        self._lock = threading.Lock()
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._threads: set[threading.Thread] = set()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            self._jobs.append(job)
+            if len(self._threads) >= self.limit:
+                return  # a running thread takes it before it ends
+            thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._threads.add(thread)
+            thread.start()  # under the lock: `join` never finds a thread it cannot join yet
+
+    def join(self) -> None:
+        """Wait until no job is left, queued or running (one queued meanwhile is waited for too)."""
         while True:
             with self._lock:
-                threads = list(self._readahead_threads)
+                threads = list(self._threads)
             if not threads:
                 return
             for thread in threads:
                 thread.join()
+
+    def _work(self) -> None:
+        current = threading.current_thread()
+        try:
+            while (job := self._next(current)) is not None:
+                job()
+        finally:  # also if a job raised, which none should: `join` must not wait for a dead thread
+            with self._lock:
+                self._threads.discard(current)
+
+    def _next(self, current: threading.Thread) -> Callable[[], None] | None:
+        with self._lock:
+            if self._jobs:
+                return self._jobs.popleft()
+            self._threads.discard(current)  # in the same hold: a job queued later starts a thread
+            return None
 
 
 _LIVE: weakref.WeakSet[BlockCache] = weakref.WeakSet()

@@ -1,13 +1,14 @@
 """A range-capable HTTP/1.1 server on 127.0.0.1 for the remote-archive tests, with faults on demand.
 
 Serves named objects (bytes, or a file read with pread, so a sparse 1 GiB file costs nothing) with ETag
-and Last-Modified, answers `Range: bytes=A-B` with 206, and counts requests and body bytes sent. Part of
-an object can be held back until the test releases it (`put(..., held_from=)`, `release`). Faults
-apply to the next N requests (or all, with -1): dropped connections, delays, error statuses, truncated
-bodies, and ignoring Range. Hostile behaviours apply to every request while set: a Content-Range that
-claims more than was asked, a body longer than its Content-Range, a drip of one byte at a time (headers
-too, if asked), and redirects (`redirect()`), to another port or loopback address (`serve(host=...)`) or
-from https to http. A request whose target is an absolute URL is served as a proxy would.
+and Last-Modified, answers `Range: bytes=A-B` with 206, and counts requests, body bytes sent and the most
+requests handled at once. Part of an object can be held back until the test releases it (`put(...,
+held_from=)` or `hold`, then `release`). Faults apply to the next N requests (or all, with -1): dropped
+connections, delays, error statuses, truncated bodies, and ignoring Range. Hostile behaviours apply to
+every request while set: a Content-Range that claims more than was asked, a body longer than its
+Content-Range, a drip of one byte at a time (headers too, if asked), and redirects (`redirect()`), to
+another port or loopback address (`serve(host=...)`) or from https to http. A request whose target is an
+absolute URL is served as a proxy would.
 """
 
 import contextlib
@@ -99,6 +100,9 @@ class ServerState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     handled: int = 0  # requests whose handler has returned: answered, or given up when the client left
     handler_returned: threading.Condition = field(default_factory=threading.Condition)
+    active: int = 0  # requests being handled now
+    max_active: int = 0  # the most at once since the counters were reset
+    active_changed: threading.Condition = field(default_factory=threading.Condition)
 
 
 class RangeServer:
@@ -119,6 +123,14 @@ class RangeServer:
             old = self.state.objects.get(f"/{name}")
             self.state.objects[f"/{name}"] = Served(data, old.version + 1 if old else 1, held_from)
         return self.url(name)
+
+    def hold(self, name: str, held_from: int) -> None:
+        """From now on, answer a read of /name that reaches `held_from` only after `release(name)`: as
+        `put(..., held_from=)`, but for what is served already (the same version, so the same ETag)."""
+        with self.state.lock:
+            served = self.state.objects[f"/{name}"]
+            served.held_from = held_from
+            served.released.clear()
 
     def release(self, name: str) -> None:
         """Let the held reads of /name go (see `put`), and every later one."""
@@ -156,11 +168,24 @@ class RangeServer:
             if not self.state.handler_returned.wait_for(all_handled, timeout):
                 raise TimeoutError(f"a request handler still runs after {timeout} s")
 
+    @property
+    def max_active(self) -> int:
+        """The most requests handled at once since the counters were reset."""
+        with self.state.lock:
+            return self.state.max_active
+
+    def wait_for_active(self, count: int, timeout: float) -> bool:
+        """Wait until `count` requests are handled at once (now, or since the counters were reset);
+        False if that did not happen within `timeout` seconds."""
+        with self.state.active_changed:
+            return self.state.active_changed.wait_for(lambda: self.max_active >= count, timeout)
+
     def reset_counters(self) -> None:
         with self.state.lock:
             self.state.handled -= len(self.state.requests)  # what still runs of them counts back to 0
             self.state.requests.clear()
             self.state.bytes_served = 0
+            self.state.max_active = self.state.active
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -178,14 +203,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=True)
 
     def _serve(self, body: bool) -> None:
+        state = self.server.state
+        self._count_active(+1)
         try:
             self._serve_request(body)
         finally:
-            state = self.server.state
+            self._count_active(-1)
             with state.handler_returned:
                 with state.lock:
                     state.handled += 1
                 state.handler_returned.notify_all()
+
+    def _count_active(self, change: int) -> None:
+        state = self.server.state
+        with state.active_changed:
+            with state.lock:
+                state.active += change
+                state.max_active = max(state.max_active, state.active)
+            state.active_changed.notify_all()
 
     def _serve_request(self, body: bool) -> None:
         state = self.server.state

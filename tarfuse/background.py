@@ -46,16 +46,23 @@ def index_path(source: ByteSource, options: MountOptions) -> str | None:
 
 def with_saved_index(source: CompressedSource, options: MountOptions) -> str | None:
     """Where the index of `source` is kept, once a saved one there is loaded if the source still needs it
-    (it gives the size, or serves from the spill); None: nowhere."""
+    (it gives the size, or serves from the spill) after a published one (published_index); None: nowhere."""
     from tarfuse.sources import index
 
     where = index_path(source, options)
     if where is not None:  # in the cache directory: hold its entry there, and keep the directory bounded
         index.keep_cache_bounded(where, source, options.cache_max)
-    needed = not source.size_known or source.needs_spill()
-    if needed and _published(source) is None and where is not None:
+    # A published index was looked for first (published_index, before the archive's first read).
+    if (not source.size_known or source.needs_spill()) and where is not None:
         index.use_saved_index(where, source)
     return where
+
+
+def published_index(source: ByteSource) -> str | None:
+    """Load a remote compressed archive's published index, if it has one that fits (use_published)."""
+    if source.background is not Background.INDEX or source.size_known:
+        return None
+    return _published(_indexed(source))
 
 
 def _published(source: CompressedSource) -> str | None:

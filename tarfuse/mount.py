@@ -161,6 +161,7 @@ def assemble(
     source = open_source(path, options, say)
     members: list[ByteSource] = []
     try:
+        jobs.published_index(source)  # before the first read: with it, that read needs no pass either
         head = source.read_at(0, bare.TAR_HEAD)
         if not bare.is_tar(head):
             return _assemble_bare(path, source, head, options, say)

@@ -55,8 +55,13 @@ class BlockCache:
         block_size: int = BLOCK_SIZE,
         readahead_piece: int = READAHEAD_PIECE,
         readahead_streams: int = READAHEAD_STREAMS,
+        least_fetch: int = 0,
     ) -> None:
+        """`least_fetch`: bytes a read that misses fetches at least, the blocks after it included (those
+        not cached or on their way): a decompressor reads a chunk's compressed span in many small reads,
+        which would each cost a request when the reader is cold."""
         self._fetch, self.size, self._block = fetch, size, block_size
+        self._least_run = max(least_fetch // block_size, 1)
         self._cache_blocks = cache_bytes // block_size
         # Readahead beyond half the cache would evict itself before the reader gets there.
         self._max_window = max(min(readahead_bytes, cache_bytes // 2) // block_size, 0)
@@ -123,6 +128,8 @@ class BlockCache:
         for attempt in range(2):
             with self._lock:
                 found, claimed = self._claim(range(first, last + 1))
+                if claimed and self._least_run > 1:
+                    claimed += self._claim_after(last, self._least_run - (last - first + 1))
                 ahead = self._note_read(first, last)
             if ahead:
                 self._start_readahead(ahead)
@@ -153,6 +160,15 @@ class BlockCache:
                 found.append(future)
                 claimed.append(block)
         return found, claimed
+
+    def _claim_after(self, last: int, count: int) -> list[int]:
+        """Under the lock: claim up to `count` blocks after `last`, stopping at one cached or on its way."""
+        claimed: list[int] = []
+        for block in range(last + 1, min(last + count, self._block_count() - 1) + 1):
+            if block in self._cache or block in self._pending:
+                break
+            claimed += self._claim((block,))[1]
+        return claimed
 
     def _note_read(self, first: int, last: int) -> list[int]:
         """Under the lock: follow a sequential reader, and claim the blocks to fetch ahead of it.

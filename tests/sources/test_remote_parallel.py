@@ -242,3 +242,34 @@ def test_quiesce_waits_for_every_readahead_piece() -> None:
     source.gate.set()
     waiter.join(WAIT_S)
     assert finished == [0]
+
+
+def test_a_cold_read_fetches_at_least_least_fetch_in_one_request_up_to_a_cached_block() -> None:
+    """A compressed archive's decoder reads a chunk's span in small reads: the first one that misses
+    fetches `least_fetch` bytes at once (http/archive.py sets it under a compressed stream), never a
+    block that is already cached, and never past the end."""
+    block = 128 * 1024
+    data = random.Random(12).randbytes(40 * block + 100)
+    asked: list[tuple[int, int]] = []
+
+    def fetch(offset: int, size: int) -> Iterator[bytes]:
+        asked.append((offset, size))
+        yield data[offset : offset + size]
+
+    cache = BlockCache(fetch, len(data), cache_bytes=64 * block, readahead_bytes=0, least_fetch=8 * block)
+    assert cache.read_at(2 * block + 5, 100) == data[2 * block + 5 : 2 * block + 105]
+    assert asked == [(2 * block, 8 * block)]  # the block read and the seven after it
+    for offset in range(2 * block, 10 * block, 4096):  # the decoder's small reads: all cached now
+        assert cache.read_at(offset, 4096) == data[offset : offset + 4096]
+    assert len(asked) == 1
+    cache.prime(16 * block, data[16 * block : 17 * block])
+    asked.clear()
+    assert cache.read_at(13 * block, 10) == data[13 * block : 13 * block + 10]
+    assert asked == [(13 * block, 3 * block)]  # up to the cached block 16, not over it
+    asked.clear()
+    assert cache.read_at(38 * block, 10) == data[38 * block : 38 * block + 10]
+    assert asked == [(38 * block, 2 * block + 100)]  # up to the end
+    plain = BlockCache(fetch, len(data), cache_bytes=64 * block, readahead_bytes=0)
+    asked.clear()
+    assert plain.read_at(2 * block, 10) == data[2 * block : 2 * block + 10]
+    assert asked == [(2 * block, block)]  # without it, only the block read

@@ -36,6 +36,10 @@ _PROGRESS = BLOCK_SIZE  # a failed request that brought at least this much does 
 # A compressed archive's share of the cache budget for its compressed blocks: the rest goes to the
 # decompressed chunks above them (compressed.CompressedSource). A plain one keeps the whole budget.
 COMPRESSED_BLOCKS_SHARE = 4
+# What a cold read of a compressed archive fetches at least: the compressed span of one decompressed chunk
+# (decoders.GZIP_REMOTE_CHUNK_SIZE) of data that does not compress, with room for the blocks around it,
+# which the decoder then reads in small pieces.
+COMPRESSED_LEAST_FETCH = 1536 * 1024
 _REFUSED = (401, 403)  # what a store answers to a signature made with expired credentials
 
 
@@ -93,9 +97,11 @@ class RemoteArchive(SourceDefaults):
         self.changed: str | None = None
         self.size = -1
         first = self._probe()
-        if sniff(first) is not None:  # the decompressed chunks above take the rest of the budget
+        compressed = sniff(first) is not None
+        if compressed:  # the decompressed chunks above take the rest of the budget
             cache_size //= COMPRESSED_BLOCKS_SHARE
-        self._blocks = BlockCache(self.fetch, self.size, cache_size)
+        least = COMPRESSED_LEAST_FETCH if compressed else 0
+        self._blocks = BlockCache(self.fetch, self.size, cache_size, least_fetch=least)
         self._blocks.prime(0, first)
         self.cache_capacity = self._blocks.cache_bytes  # the budget, or its share under a compressed stream
 

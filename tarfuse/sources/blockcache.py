@@ -79,7 +79,10 @@ class BlockCache:
         _LIVE.add(self)
 
     def prime(self, offset: int, data: bytes) -> None:
-        """Cache the whole blocks in `data`, which holds the bytes at `offset` (block-aligned)."""
+        """Cache the whole blocks in `data`, which holds the bytes at `offset` (block-aligned), fetched by
+        the source itself (they count in `fetched_bytes`)."""
+        with self._lock:
+            self.fetched_bytes += len(data)
         for start in range(0, len(data), self._block):
             block, piece = (offset + start) // self._block, data[start : start + self._block]
             if len(piece) == self._block_length(block):

@@ -372,6 +372,12 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         log.info("workers=%d: a compressed or http(s) archive is served by one process", options.workers)
     if not args.foreground:
         assembly.before_fork()
+    serving: list[int] = []  # the processes that served (after any fork): they write what they recorded
+
+    def before_serving() -> None:
+        serving.append(os.getpid())
+        _log_debug(assembly.before_serving())
+
     try:
         daemon.mount(ops, mountpoint, fuse_options)
     except daemon.MountFailed:
@@ -386,12 +392,28 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
             background=assembly.background,
             before_wait=ops.after_init_replied,
             init_replied=ops.init_replied,
-            before_serving=lambda: _log_debug(assembly.before_serving()),
+            before_serving=before_serving,
             title=_shown_command(sys.argv[1:]),
         )
         return daemon.serve(plan)
     finally:
+        if os.getpid() in serving and options.http.record_reads is not None:
+            _save_read_list(options.http.record_reads, assembly.archive.recorded_reads())
         assembly.close()
+
+
+def _save_read_list(path: str, data: bytes | None) -> None:
+    """-o record_reads=PATH: the blocks this mount read, first read first, to publish beside the object."""
+    from tarfuse.sources import sidefiles
+
+    if data is None:
+        return
+    try:
+        sidefiles.write_file(path, data)
+    except OSError as exc:
+        log.error("could not write the read list to %s: %s", printable(path), exc.strerror or exc)
+        return
+    log.info("read list written to %s: publish it beside the archive, as NAME.tarfuse-reads", printable(path))
 
 
 def _status_bytes(assembly: Assembly, archive: str) -> bytes:

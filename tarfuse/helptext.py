@@ -123,6 +123,12 @@ MOUNT_OPTION_HELP = (
         "a public object, read without credentials or a signature",
     ),
     (
+        "record_reads=PATH",
+        "remote archives: write the blocks this mount's readers asked for, in order, to PATH at unmount "
+        "(mount, boot the guest, unmount); published beside an object as OBJECT.tarfuse-reads, it is "
+        "fetched ahead by every later cold mount of that object (docs/remote.md)",
+    ),
+    (
         "follow_redirects",
         "http(s) archives: follow a redirect to another host (another scheme, host or port), without the "
         "header= values; without it such a redirect is refused; https to http is always refused",

@@ -76,6 +76,7 @@ class BlockCache:
         self._streak = 0
         self._frontier = -1  # last block already fetched, or on its way, ahead of the reader
         self.fetched_bytes = 0
+        self.recorder: Callable[[int, int], None] | None = None  # hears every read's blocks (readlist.py)
         _LIVE.add(self)
 
     def prime(self, offset: int, data: bytes) -> None:
@@ -127,7 +128,28 @@ class BlockCache:
             self._cache.clear()
         _LIVE.discard(self)
 
+    def fetch_ahead(self, runs: Iterable[tuple[int, int]]) -> int:
+        """Fetch these runs of blocks (first, count) ahead, in their order, as readahead: at most the
+        readahead window in all, skipping what is cached or on its way; return the blocks fetched."""
+        claimed: list[int] = []
+        with self._lock:
+            budget = self._max_window
+            for first, count in runs:
+                last = min(first + min(count, budget - len(claimed)), self._block_count()) - 1
+                claimed += self._claim(range(first, last + 1))[1]
+                if len(claimed) >= budget:
+                    break
+        if claimed:
+            self._start_readahead(claimed)
+        return len(claimed)
+
+    def in_background(self, job: Callable[[], None]) -> None:
+        """Run `job` on a readahead thread (waited for before a fork, as readahead is)."""
+        self._readahead.submit(job)
+
     def _blocks(self, first: int, last: int) -> list[bytes]:
+        if self.recorder is not None:
+            self.recorder(first, last)
         for attempt in range(2):
             with self._lock:
                 found, claimed = self._claim(range(first, last + 1))

@@ -135,6 +135,9 @@ class CompressedSource(SourceDefaults):
     def fetched(self) -> int | None:
         return self.archive.fetched()
 
+    def recorded_reads(self) -> bytes | None:
+        return self.archive.recorded_reads()
+
     def spill_size(self) -> int | None:
         """The length of the spill served from, if any (tarfuse --status)."""
         file = self._spill_file

@@ -431,6 +431,9 @@ class DictzipSource(SourceDefaults):
     def fetched(self) -> int | None:
         return self.archive.fetched()
 
+    def recorded_reads(self) -> bytes | None:
+        return self.archive.recorded_reads()
+
     def close(self) -> None:
         self._reader.close()
         self.archive.close()

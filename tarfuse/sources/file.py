@@ -84,6 +84,7 @@ class ByteSource(Protocol):
     def fetched(self) -> int | None: ...  # bytes fetched over the network so far; None: not a network source
     def before_fork(self) -> None: ...  # drop what does not survive fork(): a decoder's threads
     def beside(self, suffix: str, limit: int) -> bytes | None: ...  # a published side object (RemoteArchive)
+    def recorded_reads(self) -> bytes | None: ...  # -o record_reads: the read list to write at unmount
     def close(self) -> None: ...
 
 
@@ -107,6 +108,9 @@ class SourceDefaults:
 
     def before_fork(self) -> None:
         pass
+
+    def recorded_reads(self) -> bytes | None:
+        return None
 
     def beside(self, suffix: str, limit: int) -> bytes | None:
         """The object published as `<this object><suffix>`, read whole: a remote archive's only (a local

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from kit.mounts import MountFactory, is_mounted, tarfuse_command, unmount
-from kit.objectstores import ObjectStore, fresh_proxy
+from kit.objectstores import ObjectStore, StoreProxy, fresh_proxy
 from kit.objectstores import _boto3_client as boto3_client
 
 from tarfuse.sources import index as index_module
@@ -285,8 +285,10 @@ def test_cold_mounts_with_the_published_index_fetch_only_what_they_read(
         served = mount(s3.url("fleet/vm.tar.gz"), mountpoint, "-o", f"endpoint={s3.endpoint}")
         with (mountpoint / "disk.raw").open("rb", buffering=0) as file:
             assert os.pread(file.fileno(), 512, 0) == image[:512]  # the boot sector
-            # the first 256 KiB, the index, and one request for each chunk holding a tar header
-            assert len(s3.proxy.requests) <= 4, s3.proxy.requests
+            # the first 256 KiB, the index, and one request for each chunk holding a tar header (and, on a
+            # readahead thread, off the way to this read, the lookup of a read list)
+            asked = [r for r in s3.proxy.requests if not r.path.endswith(".tarfuse-reads")]
+            assert len(asked) <= 4, asked
             assert os.pread(file.fileno(), 65536, 20 * MiB) == image[20 * MiB : 20 * MiB + 65536]
         log = served.stderr_text()
         assert "loaded the published index" in log, log
@@ -416,3 +418,109 @@ def test_a_bare_compressed_image_and_all_files_of_a_compressed_tar(
     mount(object_store.url("all/vm.tar.gz"), tmp_path / "all", "-o", f"all,endpoint={object_store.endpoint}")
     assert (tmp_path / "all" / "README").read_text() == "not an image\n"
     assert (tmp_path / "all" / "disk.raw").read_bytes() == image[: 2 * MiB]
+
+
+# --- a boot read list ----------------------------------------------------------------------------------
+
+READS = [(0, 4096), (9 * MiB + 5000, 65536), (3 * MiB, 200_000), (14 * MiB, 4096)]  # a boot's reads, in order
+
+
+def read_all(disk: Path, image: bytes) -> None:
+    with disk.open("rb", buffering=0) as file:
+        for offset, size in READS:
+            assert os.pread(file.fileno(), size, offset) == image[offset : offset + size]
+
+
+def test_a_recorded_read_list_is_fetched_ahead_by_a_cold_mount_that_finds_it(
+    s3: ObjectStore, mount: MountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = image_bytes(16 * MiB, 16)
+    s3.put("boot/vm.tar", tar_of(tmp_path, image))
+    url, endpoint = s3.url("boot/vm.tar"), f"endpoint={s3.endpoint}"
+    listed = tmp_path / "vm.tar.tarfuse-reads"
+    (tmp_path / "rec").mkdir()
+    recording = mount(url, tmp_path / "rec", "-o", f"{endpoint},record_reads={listed}")
+    read_all(tmp_path / "rec" / "disk.raw", image)
+    assert recording.unmount() == 0
+    assert f"read list written to {listed}" in recording.stderr_text()
+    runs = json.loads(listed.read_text())["runs"]
+    block = 128 * 1024
+    first_blocks = [(512 + offset) // block for offset, _ in READS]  # the image starts after one header
+    starts = [first for first, _ in runs]
+    assert [starts.index(b) if b in starts else -1 for b in first_blocks] == sorted(
+        starts.index(b) for b in first_blocks
+    ), runs  # every read's first block begins a run, in the order read
+    s3.put("boot/vm.tar.tarfuse-reads", listed)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cold"))
+    s3.proxy.reset()
+    (tmp_path / "cold").mkdir()
+    mount(url, tmp_path / "cold", "-o", endpoint)
+    wait_until_fetched(s3.proxy, {b for first, count in runs for b in range(first, first + count)}, block)
+    before = len(s3.proxy.requests)
+    read_all(tmp_path / "cold" / "disk.raw", image)
+    assert len(s3.proxy.requests) == before  # every read was fetched ahead, before it was asked for
+
+
+def wait_until_fetched(proxy: StoreProxy, blocks: set[int], block: int) -> None:
+    """Wait until answered requests of the archive have covered `blocks` (TimeoutError if they never do)."""
+    count = 1
+    while True:
+        handled = proxy.wait_for_requests(count, timeout=30)
+        covered: set[int] = set()
+        for request in handled:
+            if request.status == 206 and request.range and request.path.endswith(".tar"):
+                first, last = (int(n) for n in request.range.removeprefix("bytes=").split("-"))
+                covered |= set(range(first // block, last // block + 1))
+        if blocks <= covered:
+            return
+        count = len(handled) + 1
+
+
+@pytest.mark.parametrize("flaw", ["another object", "not a list", "a run past the end"])
+def test_an_unfit_read_list_fetches_nothing_ahead(
+    s3: ObjectStore, mount: MountFactory, tmp_path: Path, flaw: str
+) -> None:
+    image = image_bytes(8 * MiB, 17)
+    archive = tar_of(tmp_path, image)
+    key = f"unfit-reads/{flaw.replace(' ', '-')}.tar"
+    s3.put(key, archive)
+    size, blocks = archive.stat().st_size, archive.stat().st_size // (128 * 1024)
+    listed = {"format": "tarfuse-reads 1", "size": size, "etag": None, "block": 128 * 1024, "runs": [[8, 16]]}
+    if flaw == "another object":
+        listed["size"] = size + 1
+    if flaw == "a run past the end":
+        listed["runs"] = [[8, 16], [blocks - 2, 8]]
+    data = b"\x00garbage" if flaw == "not a list" else json.dumps(listed).encode()
+    s3.put(key + ".tarfuse-reads", data)
+    (tmp_path / "mnt").mkdir()
+    # Detached: the daemon forks only once its readahead threads are idle, the list's fetches included,
+    # so what the proxy saw when tarfuse returns is all a list would have made it fetch.
+    started = run_tarfuse(s3.url(key), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}", timeout=60)
+    assert started.returncode == 0, started.stderr
+    try:
+        asked = s3.proxy.requests
+        assert [r.path.endswith(".tarfuse-reads") for r in asked].count(True) == 1
+        listed_offsets = range(8 * 128 * 1024, 24 * 128 * 1024)
+        starts = [int(r.range.removeprefix("bytes=").split("-")[0]) for r in asked if r.range]
+        assert not [start for start in starts if start in listed_offsets], asked  # nothing fetched ahead
+        with (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file:
+            assert os.pread(file.fileno(), 4096, MiB) == image[MiB : MiB + 4096]  # in the listed blocks
+    finally:
+        unmount(tmp_path / "mnt")
+
+
+def test_an_object_that_changes_size_under_a_mount_fails_reads(
+    s3: ObjectStore, mount: MountFactory, tmp_path: Path
+) -> None:
+    image = image_bytes(8 * MiB, 18)
+    s3.put("lying/vm.tar", tar_of(tmp_path, image))
+    (tmp_path / "mnt").mkdir()
+    served = mount(s3.url("lying/vm.tar"), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}")
+    s3.proxy.fault(times=-1, lie_total=64 * MiB)  # every answer from now on claims another size
+    with (
+        (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file,
+        pytest.raises(OSError, match="Input/output error"),
+    ):
+        os.pread(file.fileno(), 4096, 6 * MiB)
+    served.wait_for_log("changed on the server while mounted")

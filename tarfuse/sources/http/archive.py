@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urljoin, urlsplit
 
-from tarfuse.errors import ArchiveChanged, RemoteError, UsageError
+from tarfuse.errors import ArchiveChanged, ArchiveError, RemoteError, UsageError
 from tarfuse.sources import DEFAULT_CACHE_SIZE
 from tarfuse.sources.blockcache import BLOCK_SIZE, BlockCache
 from tarfuse.sources.compression import sniff
 from tarfuse.sources.file import Identity, SourceDefaults
-from tarfuse.sources.http import answers
+from tarfuse.sources.http import answers, readlist
 from tarfuse.sources.http.answers import REDIRECT_STATUSES, RETRIED_STATUSES, Transient, body, discard
 from tarfuse.sources.http.deadlines import CURRENT, WATCHDOG, Deadline
 from tarfuse.sources.http.options import NO_HTTP_OPTIONS, RemoteOptions
@@ -104,6 +104,13 @@ class RemoteArchive(SourceDefaults):
         self._blocks = BlockCache(self.fetch, self.size, cache_size, least_fetch=least)
         self._blocks.prime(0, first)
         self.cache_capacity = self._blocks.cache_bytes  # the budget, or its share under a compressed stream
+        self._recorder = readlist.Recorder() if options.record_reads else None
+        if self._recorder is not None:
+            self._recorder.saw(0, 0)  # the first request's, which every mount makes
+            self._blocks.recorder = self._recorder.saw
+        self.listed_blocks = 0  # blocks of a published read list fetched ahead
+        if signed is not None:  # an object in a store, which a fleet boots from (readlist.py)
+            self._blocks.in_background(self._fetch_listed)
 
     @property
     def fetched_bytes(self) -> int:
@@ -114,6 +121,26 @@ class RemoteArchive(SourceDefaults):
 
     def read_at(self, offset: int, size: int) -> bytes:
         return self._blocks.read_at(offset, size)
+
+    def recorded_reads(self) -> bytes | None:
+        """The read list recorded in this process, if -o record_reads asked for one."""
+        if self._recorder is None:
+            return None
+        return self._recorder.encode(self.size, self._validators.get("ETag"), BLOCK_SIZE)
+
+    def _fetch_listed(self) -> None:
+        """Fetch ahead the blocks of the read list published beside the object, if it has one that fits.
+
+        Off the path to the first read (a readahead thread); a list that is missing, unfit, or cannot be
+        read is not used, and costs nothing else: the mount reads as it would without one.
+        """
+        try:
+            data = self.beside(readlist.SUFFIX, readlist.LIST_MAX)
+            if data is not None:
+                runs = readlist.parse(data, self.size, self._validators.get("ETag"), BLOCK_SIZE)
+                self.listed_blocks = self._blocks.fetch_ahead(runs)
+        except (ArchiveError, readlist.Unfit):
+            pass
 
     def pread_into(self, buffer: memoryview, offset: int) -> int:
         return self._blocks.pread_into(buffer, offset)

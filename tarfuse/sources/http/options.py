@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from tarfuse.errors import UsageError
 
 OBJECT_KEYS = ("endpoint", "region", "anonymous")  # object-store URLs only
-OPTION_KEYS = ("header", "ca_file", "timeout", "retries", "follow_redirects", *OBJECT_KEYS)
+OPTION_KEYS = ("header", "ca_file", "timeout", "retries", "follow_redirects", "record_reads", *OBJECT_KEYS)
 FLAG_KEYS = ("follow_redirects", "anonymous")  # words without a value
 _RESERVED_HEADERS = frozenset({"range", "host", "accept-encoding", "content-length"})
 
@@ -27,6 +27,7 @@ class RemoteOptions:
     endpoint: str | None = None  # an S3-compatible server, or another GCS or Azure endpoint (an emulator)
     region: str | None = None
     anonymous: bool = False  # a public bucket: no credentials, no signature
+    record_reads: str | None = None  # where to write the read list at unmount (readlist.py)
     given: tuple[str, ...] = ()
 
     @property
@@ -68,6 +69,10 @@ def parse_options(words: Sequence[str]) -> RemoteOptions:
             if not value or not all(c.isalnum() or c in "-_" for c in value):
                 raise UsageError(f"option region={value!r} is not a region name")
             options = replace(options, region=value)
+        elif key == "record_reads":
+            if not value:
+                raise UsageError("option record_reads=PATH: where to write the list of blocks read")
+            options = replace(options, record_reads=os.path.abspath(value))
         elif key == "timeout":
             options = replace(options, timeout=_parse_number(key, value, float))
         elif key == "retries":

@@ -117,11 +117,13 @@ check: lint type test
 
 # The benches (scripts/bench/, one package): plain archives against the limit, the C ceiling (built on first
 # use into build/) and the peers (docs/benchmarks.md), then compressed (docs/compressed.md) and remote
-# archives (docs/remote.md). BENCH_ARGS=--quick for a smoke run.
+# archives (docs/remote.md), and a fleet booting from object storage (docs/benchmarks.md). BENCH_ARGS=--quick for
+# a smoke run.
 bench: dev deps
 	$(PY) -m scripts.bench --peers $(BENCH_ARGS)
 	$(PY) -m scripts.bench.compressed $(BENCH_ARGS)
 	$(PY) -m scripts.bench.remote $(BENCH_ARGS)
+	$(PY) -m scripts.bench.fleet $(BENCH_ARGS)
 
 bench-compressed: dev deps
 	$(PY) -m scripts.bench.compressed $(BENCH_ARGS)

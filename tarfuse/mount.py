@@ -103,6 +103,7 @@ class Assembly:
             "archive": archive,
             "compression": self.archive.compression,
             "fetched_bytes": self.archive.fetched(),
+            "read_list": self.archive.read_list(),
             "file_count": len(self.served),
             "files": files,
             "passes": [] if self.background is None else self.background.report(),

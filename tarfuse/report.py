@@ -170,6 +170,8 @@ def print_status(mountpoint: str, status: dict[str, Any]) -> None:
                 print(f"  {key}: {printable(str(job[key]))}, {told}")
     if (fetched := status.get("fetched_bytes")) is not None:
         print(f"fetched: {bytes_and_human(int(fetched))} over http(s)")
+    if (listed := status.get("read_list")) is not None:
+        print(f"read list: {printable(str(listed))}")
 
 
 def _pass_line(job: dict[str, Any]) -> str:

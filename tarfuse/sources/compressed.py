@@ -138,6 +138,14 @@ class CompressedSource(SourceDefaults):
     def recorded_reads(self) -> bytes | None:
         return self.archive.recorded_reads()
 
+    def read_list(self) -> str | None:
+        return self.archive.read_list()
+
+    def watch_for_writers(self) -> str | None:
+        """The archive under the stream is what changes, and what serves: a local file's read lease, a
+        remote object's read list (http/archive.py)."""
+        return self.archive.watch_for_writers()
+
     def spill_size(self) -> int | None:
         """The length of the spill served from, if any (tarfuse --status)."""
         file = self._spill_file

@@ -434,6 +434,14 @@ class DictzipSource(SourceDefaults):
     def recorded_reads(self) -> bytes | None:
         return self.archive.recorded_reads()
 
+    def read_list(self) -> str | None:
+        return self.archive.read_list()
+
+    def watch_for_writers(self) -> str | None:
+        """The archive under the stream is what changes, and what serves: a local file's read lease, a
+        remote object's read list (http/archive.py)."""
+        return self.archive.watch_for_writers()
+
     def close(self) -> None:
         self._reader.close()
         self.archive.close()

@@ -85,6 +85,7 @@ class ByteSource(Protocol):
     def before_fork(self) -> None: ...  # drop what does not survive fork(): a decoder's threads
     def beside(self, suffix: str, limit: int) -> bytes | None: ...  # a published side object (RemoteArchive)
     def recorded_reads(self) -> bytes | None: ...  # -o record_reads: the read list to write at unmount
+    def read_list(self) -> str | None: ...  # what came of a published read list; None: not an object URL
     def close(self) -> None: ...
 
 
@@ -110,6 +111,9 @@ class SourceDefaults:
         pass
 
     def recorded_reads(self) -> bytes | None:
+        return None
+
+    def read_list(self) -> str | None:
         return None
 
     def beside(self, suffix: str, limit: int) -> bytes | None:

@@ -5,8 +5,11 @@ faults. tarfuse reads them through presigned URLs from its signing helper (tarfu
 import json
 import os
 import random
+import re
+import signal
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,12 +181,18 @@ def test_a_daemon_signs_again_after_it_forked(s3: ObjectStore, tmp_path: Path) -
     try:
         command = f"tarfuse {s3.url('vm/disk.tar')} {mountpoint}"
         [daemon] = [pid for pid, line in processes() if command in line]
-        assert signing_helpers_of(daemon) == []  # the parent's helper is not the daemon's
+        # Serving, the daemon looked for a read list beside the object: with a helper of its own.
+        assert read_list_state(mountpoint).startswith("none published")
+        [first] = signing_helpers_of(daemon)
+        os.kill(first, signal.SIGKILL)  # gone: the next signature needs a new one
+        while first in signing_helpers_of(daemon):  # until it is gone (a zombie has no command line)
+            os.sched_yield()
         s3.proxy.fault(times=1, status=403, code="ExpiredToken")
         with (mountpoint / "disk.raw").open("rb", buffering=0) as file:
             assert os.pread(file.fileno(), 4096, 3 * MiB) == image[3 * MiB : 3 * MiB + 4096]
         assert 403 in [r.status for r in s3.proxy.requests]
-        assert len(signing_helpers_of(daemon)) == 1  # it signed again, with a helper of its own
+        [second] = signing_helpers_of(daemon)  # it signed again, with a new helper of its own
+        assert second != first
     finally:
         unmount(mountpoint)
 
@@ -287,7 +296,8 @@ def test_cold_mounts_with_the_published_index_fetch_only_what_they_read(
             assert os.pread(file.fileno(), 512, 0) == image[:512]  # the boot sector
             # the first 256 KiB, the index, and one request for each chunk holding a tar header (and, on a
             # readahead thread, off the way to this read, the lookup of a read list)
-            asked = [r for r in s3.proxy.requests if not r.path.endswith(".tarfuse-reads")]
+            # (what the previous host's daemon had in flight at its unmount ends unanswered, after reset)
+            asked = [r for r in s3.proxy.requests if not r.path.endswith(".tarfuse-reads") and r.sent]
             assert len(asked) <= 4, asked
             assert os.pread(file.fileno(), 65536, 20 * MiB) == image[20 * MiB : 20 * MiB + 65536]
         log = served.stderr_text()
@@ -456,6 +466,8 @@ def test_a_recorded_read_list_is_fetched_ahead_by_a_cold_mount_that_finds_it(
     s3.proxy.reset()
     (tmp_path / "cold").mkdir()
     mount(url, tmp_path / "cold", "-o", endpoint)
+    state = read_list_state(tmp_path / "cold")  # the blocks that the mount had not read itself
+    assert re.fullmatch(rf"{url}\.tarfuse-reads: [1-9]\d* blocks of {len(runs)} runs fetched ahead", state)
     wait_until_fetched(s3.proxy, {b for first, count in runs for b in range(first, first + count)}, block)
     before = len(s3.proxy.requests)
     read_all(tmp_path / "cold" / "disk.raw", image)
@@ -494,20 +506,27 @@ def test_an_unfit_read_list_fetches_nothing_ahead(
     data = b"\x00garbage" if flaw == "not a list" else json.dumps(listed).encode()
     s3.put(key + ".tarfuse-reads", data)
     (tmp_path / "mnt").mkdir()
-    # Detached: the daemon forks only once its readahead threads are idle, the list's fetches included,
-    # so what the proxy saw when tarfuse returns is all a list would have made it fetch.
-    started = run_tarfuse(s3.url(key), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}", timeout=60)
-    assert started.returncode == 0, started.stderr
-    try:
-        asked = s3.proxy.requests
-        assert [r.path.endswith(".tarfuse-reads") for r in asked].count(True) == 1
-        listed_offsets = range(8 * 128 * 1024, 24 * 128 * 1024)
-        starts = [int(r.range.removeprefix("bytes=").split("-")[0]) for r in asked if r.range]
-        assert not [start for start in starts if start in listed_offsets], asked  # nothing fetched ahead
-        with (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file:
-            assert os.pread(file.fileno(), 4096, MiB) == image[MiB : MiB + 4096]  # in the listed blocks
-    finally:
-        unmount(tmp_path / "mnt")
+    mount(s3.url(key), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}")
+    state = read_list_state(tmp_path / "mnt")
+    assert state.startswith(f"{s3.url(key)}.tarfuse-reads not used: "), state
+    asked = s3.proxy.requests
+    assert [r.path.endswith(".tarfuse-reads") for r in asked].count(True) == 1
+    listed_offsets = range(8 * 128 * 1024, 24 * 128 * 1024)
+    starts = [int(r.range.removeprefix("bytes=").split("-")[0]) for r in asked if r.range]
+    assert not [start for start in starts if start in listed_offsets], asked  # nothing fetched ahead
+    with (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file:
+        assert os.pread(file.fileno(), 4096, MiB) == image[MiB : MiB + 4096]  # in the listed blocks
+
+
+def read_list_state(mountpoint: Path) -> str:
+    """What the daemon made of the published read list (tarfuse --status), once it has looked for it."""
+    deadline = time.monotonic() + 30
+    while True:
+        status = run_tarfuse("--status", "--json", mountpoint)
+        assert status.returncode == 0, status.stderr
+        state = str(json.loads(status.stdout)["read_list"])
+        if not state.startswith(("not looked for", "looking for")) or time.monotonic() > deadline:
+            return state
 
 
 def test_an_object_that_changes_size_under_a_mount_fails_reads(
@@ -524,3 +543,14 @@ def test_an_object_that_changes_size_under_a_mount_fails_reads(
     ):
         os.pread(file.fileno(), 4096, 6 * MiB)
     served.wait_for_log("changed on the server while mounted")
+
+
+def test_aws_endpoint_url_selects_the_server_as_the_aws_cli_does(
+    s3: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3.put("env/disk.tar", tar_of(tmp_path, image_bytes(MiB, 19)))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)  # http://: used as given, as -o endpoint= would be
+    listed = run_tarfuse("--list", s3.url("env/disk.tar"))
+    assert listed.returncode == 0, listed.stderr
+    assert "disk.raw" in listed.stdout
+    assert [r.path for r in s3.proxy.requests if r.path.endswith("disk.tar")]

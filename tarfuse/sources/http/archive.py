@@ -109,8 +109,7 @@ class RemoteArchive(SourceDefaults):
             self._recorder.saw(0, 0)  # the first request's, which every mount makes
             self._blocks.recorder = self._recorder.saw
         self.listed_blocks = 0  # blocks of a published read list fetched ahead
-        if signed is not None:  # an object in a store, which a fleet boots from (readlist.py)
-            self._blocks.in_background(self._fetch_listed)
+        self._read_list = "not looked for yet" if signed is not None else None  # for --status
 
     @property
     def fetched_bytes(self) -> int:
@@ -121,6 +120,17 @@ class RemoteArchive(SourceDefaults):
 
     def read_at(self, offset: int, size: int) -> bytes:
         return self._blocks.read_at(offset, size)
+
+    def watch_for_writers(self) -> str | None:
+        """In the process that serves, once it serves (after any fork, which would wait for what the
+        readahead threads do): fetch ahead the read list published beside an object, if it has one."""
+        if self._read_list == "not looked for yet":  # an object, which a fleet boots from (readlist.py)
+            self._read_list = "looking for it"
+            self._blocks.in_background(self._fetch_listed)
+        return None
+
+    def read_list(self) -> str | None:
+        return self._read_list
 
     def recorded_reads(self) -> bytes | None:
         """The read list recorded in this process, if -o record_reads asked for one."""
@@ -134,13 +144,17 @@ class RemoteArchive(SourceDefaults):
         Off the path to the first read (a readahead thread); a list that is missing, unfit, or cannot be
         read is not used, and costs nothing else: the mount reads as it would without one.
         """
+        name = self.path + readlist.SUFFIX
         try:
             data = self.beside(readlist.SUFFIX, readlist.LIST_MAX)
-            if data is not None:
-                runs = readlist.parse(data, self.size, self._validators.get("ETag"), BLOCK_SIZE)
-                self.listed_blocks = self._blocks.fetch_ahead(runs)
-        except (ArchiveError, readlist.Unfit):
-            pass
+            if data is None:
+                self._read_list = f"none published ({name})"
+                return
+            runs = readlist.parse(data, self.size, self._validators.get("ETag"), BLOCK_SIZE)
+            self.listed_blocks = self._blocks.fetch_ahead(runs)
+            self._read_list = f"{name}: {self.listed_blocks} blocks of {len(runs)} runs fetched ahead"
+        except (ArchiveError, readlist.Unfit) as exc:
+            self._read_list = f"{name} not used: {exc}"
 
     def pread_into(self, buffer: memoryview, offset: int) -> int:
         return self._blocks.pread_into(buffer, offset)

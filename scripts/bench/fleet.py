@@ -2,7 +2,8 @@
 recording proxy) on 127.0.0.1.
 
 - A cold mount of an s3:// .tar.gz with and without its published index: requests, bytes and seconds from
-  starting tarfuse to the first sector read, for data that gzip cannot shrink and for data it halves.
+  starting tarfuse to the first sector read, for data that gzip cannot shrink and for data it halves; and
+  ratarmount's own s3:// (fsspec, s3fs) on the same object (ratarmount_s3.py).
 - HOSTS cold mounts (each its own cache), each reading what a boot reads: their bytes together.
 - A boot's reads replayed on a plain s3:// tar at 20 ms per request, with and without a published read list,
   next to the same reads from the local file.
@@ -24,6 +25,7 @@ from pathlib import Path
 from kit.mounts import tarfuse_command
 from kit.objectstores import ObjectStore, running_store
 
+from . import ratarmount_s3
 from .harness import run_main, scratch
 from .report import table
 
@@ -134,6 +136,10 @@ def cold_mounts(
                 )
                 figures = f"{first_requests} requests, {first_bytes / MiB:.2f} MiB, {first:.2f} s"
                 rows.append((f"cold mount {what}: to the first sector", figures))
+        if not published and ratarmount_s3.install() is None:
+            requests, fetched, seconds, _ = ratarmount_s3.cold_mount(store, key, work, env)
+            figures = f"{requests} requests, {fetched / MiB:.2f} MiB, {seconds:.2f} s"
+            rows.append(("ratarmount s3:// (fsspec, s3fs), cold: to the first sector", figures))
         if published:
             rows.append((f"{hosts} cold mounts with it, each reading what the sample boots: fetched in all",
                          f"{total / MiB:.1f} MiB, {total / size:.2f}x the object"))  # fmt: skip

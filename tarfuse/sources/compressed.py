@@ -27,6 +27,7 @@ from tarfuse.sources.compression import (
 )
 from tarfuse.sources.decoders import Decoder, open_spill, opener, release_freed_memory
 from tarfuse.sources.file import Background, ByteSource, Identity, IndexHome, PreadFile, SourceDefaults
+from tarfuse.sources.gztable import LazyWindows
 
 UNKNOWN_SIZE = 1 << 62  # the size until the stream's end is known: reads past the real end come back short
 CHUNK_SIZE = 1 << 20  # the unit of decompression and of the cache
@@ -104,6 +105,7 @@ class CompressedSource(SourceDefaults):
         self._lock = threading.Lock()  # guards _decoder: library objects are not thread-safe
         self._decoder: Decoder | None = None
         self._index: bytes | None = None  # a complete index to give every decoder this source opens
+        self._lazy: LazyWindows | None = None  # ... or one whose windows come as reads need them
         self._spill: str | None = None  # serve from this seekable copy (spill.py) rather than the archive
         self._spill_file: BinaryIO | None = None  # ... read through this file, open while it is served
         self._size: int | None = None
@@ -217,6 +219,23 @@ class CompressedSource(SourceDefaults):
             decoder.import_index(blob)
             self._index, self._size = blob, size
 
+    def load_lazy_index(self, windows: LazyWindows, size: int) -> None:
+        """Give this source a gzip index whose windows come as reads need them (a published index's,
+        gztable.py): before each chunk is decompressed, the decoder gets the points it needs."""
+        with self._lock:
+            windows.covering(0, CHUNK_SIZE)
+            self._lazy, self._size = windows, size
+            self._use_index_locked(windows.blob())
+
+    def _use_index_locked(self, blob: bytes) -> None:
+        """Decode with `blob` from now on: the decoder is opened again with it (rapidgzip keeps the points
+        it had), which a DecodeError of the import says is unusable."""
+        self._index = blob
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
+        self._decoder_locked()
+
     def adopt(self, decoder: Decoder, size: int) -> None:
         """Serve from now on through `decoder`, whose index is complete (the background pass's)."""
         with self._lock:
@@ -253,11 +272,13 @@ class CompressedSource(SourceDefaults):
             found = self.cache.get(index)  # another thread may have decompressed it while we waited
             if found is not None:
                 return found
-            decoder = self._decoder_locked()
             try:
-                data = decoder.read_at(start, CHUNK_SIZE)
+                if self._lazy is not None and (blob := self._lazy.covering(start, start + CHUNK_SIZE)):
+                    self._use_index_locked(blob)  # the points this chunk needs, fetched (gztable.py)
+                data = self._decoder_locked().read_at(start, CHUNK_SIZE)
             except TarfuseError:  # the source failed (a remote read): the decoder may be left unusable
-                decoder.close()
+                if self._decoder is not None:
+                    self._decoder.close()
                 self._decoder = None
                 raise
             except DecoderMemoryError as exc:

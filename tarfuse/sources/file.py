@@ -83,7 +83,8 @@ class ByteSource(Protocol):
     def watch_for_writers(self) -> str | None: ...  # ArchiveFile's read lease; what came of it, to log
     def fetched(self) -> int | None: ...  # bytes fetched over the network so far; None: not a network source
     def before_fork(self) -> None: ...  # drop what does not survive fork(): a decoder's threads
-    def beside(self, suffix: str, limit: int) -> bytes | None: ...  # a published side object (RemoteArchive)
+    # a part of a side object published beside a remote archive (RemoteArchive), and its length
+    def beside_part(self, suffix: str, offset: int, size: int) -> tuple[bytes, int] | None: ...
     def recorded_reads(self) -> bytes | None: ...  # -o record_reads: the read list to write at unmount
     def read_list(self) -> str | None: ...  # what came of a published read list; None: not an object URL
     def close(self) -> None: ...
@@ -116,8 +117,8 @@ class SourceDefaults:
     def read_list(self) -> str | None:
         return None
 
-    def beside(self, suffix: str, limit: int) -> bytes | None:
-        """The object published as `<this object><suffix>`, read whole: a remote archive's only (a local
+    def beside_part(self, suffix: str, offset: int, size: int) -> tuple[bytes, int] | None:
+        """Part of the object published as `<this object><suffix>`: a remote archive's only (a local
         archive's side files are opened as whoever controls its directory: sidefiles.py)."""
         return None
 

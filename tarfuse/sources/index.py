@@ -13,16 +13,17 @@ which the index file then names: it is trusted on the same terms, checked on the
 read through, and its first chunk is compared with the archive's before it is served.
 """
 
+import base64
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from tarfuse.errors import ArchiveError
-from tarfuse.sources import cachedir, sidefiles
+from tarfuse.errors import ArchiveError, RemoteError
+from tarfuse.sources import cachedir, gztable, sidefiles
 from tarfuse.sources.compressed import CompressedSource
 from tarfuse.sources.compression import DecodeError
 from tarfuse.sources.file import Identity
@@ -36,6 +37,10 @@ SUFFIX = ".tarfuse-index"
 # SAMPLE bytes (what a local file has instead), so that one made from a local copy fits its upload.
 SAMPLE = 64 * 1024
 PUBLISHED_MAX = 64 * 1024 * 1024  # bytes of a published index read at most: an index of a few GiB is far less
+# A host first asks for this much of a published index: its header, the table of a gzip index's seek points
+# (gztable.py) and the windows at the stream's start; an index no longer comes whole in that one request.
+PUBLISHED_HEAD = 256 * 1024
+_HEADER_MAX = 8 * 1024 * 1024  # bytes of an index file's header line, at most
 SPILL_SUFFIX = ".tarfuse-spill.zst"
 
 
@@ -98,6 +103,11 @@ class Loaded:
     spill: int | None  # the spill's length in bytes, if the index names one
 
 
+Fits = Callable[
+    [dict[str, object], "CompressedSource"], None
+]  # raises Unusable unless an index is the source's
+
+
 class Unusable(Exception):
     """An index file that is there but cannot be used; the message says why."""
 
@@ -122,26 +132,32 @@ def _fits_local(header: dict[str, object], source: CompressedSource) -> None:
         raise Unusable("it belongs to another version of the archive (stale)")
 
 
-def _parse(
-    data: bytes, source: CompressedSource, fits: Callable[[dict[str, object], CompressedSource], None]
-) -> Loaded:
+def _parse(data: bytes, source: CompressedSource, fits: Fits) -> Loaded:
     """Check an index file's framing, checksum and fields, and that it `fits` the source."""
     if not data.startswith(MAGIC):
         raise Unusable("not a tarfuse index")
     line, _, blob = data[len(MAGIC) :].partition(b"\n")
+    header = _header(line, source, fits)
+    if header["length"] != len(blob) or header["sha256"] != hashlib.sha256(blob).hexdigest():
+        raise Unusable("it is damaged (checksum mismatch)")
+    return Loaded(header["size"], blob, header.get("spill"))
+
+
+def _header(line: bytes, source: CompressedSource, fits: Fits) -> dict[str, Any]:
+    """An index file's header line, its fields checked, and that it `fits` the source."""
     try:
         header = json.loads(line)
         if not isinstance(header, dict):
             raise Unusable("its header is damaged (not an object)")
         fits(header, source)
-        if header["length"] != len(blob) or header["sha256"] != hashlib.sha256(blob).hexdigest():
-            raise Unusable("it is damaged (checksum mismatch)")
-        size, spill = header["size"], header.get("spill")
+        size, spill, length = header["size"], header.get("spill"), header["length"]
         if type(size) is not int or size < 0 or not (spill is None or type(spill) is int):
             raise Unusable("its size field is wrong")
+        if type(length) is not int or length < 0 or not isinstance(header["sha256"], str):
+            raise Unusable("its length or checksum field is wrong")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise Unusable(f"its header is damaged ({exc.__class__.__name__})") from None
-    return Loaded(size, blob, spill)
+    return header
 
 
 def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int | None = None) -> int:
@@ -160,6 +176,8 @@ def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int
         "sha256": hashlib.sha256(blob).hexdigest(),
         **({} if spill is None else {"spill": spill}),
     }
+    if source.compression == "gzip" and (table := gztable.table_of(blob)) is not None:
+        header["table"] = base64.b64encode(table).decode("ascii")  # what a host of a fleet reads first
     data = MAGIC + json.dumps(header).encode() + b"\n" + blob
     sidefiles.write_file(path, data)
     return len(data)
@@ -194,27 +212,83 @@ def use_published(source: CompressedSource) -> str | None:
     """
     name = source.archive.path + SUFFIX
     try:
-        data = source.archive.beside(SUFFIX, PUBLISHED_MAX)
-    except ArchiveError as exc:
-        log.warning("ignoring the published index: %s", exc)
-        return None
-    if data is None:
-        return None
-    try:
-        loaded = _parse(data, source, _fits_published)
-        if loaded.spill is not None:
+        head = _published_head(source)
+        if head is None:
+            return None
+        data, total, line_end = head
+        header = _header(data[len(MAGIC) : line_end], source, _fits_published)
+        if header.get("spill") is not None:
             raise Unusable("it names a spill, which only a local index can")
-        try:
+        if header["length"] != total - line_end - 1:
+            raise Unusable("it is damaged (its length is not the one its header says)")
+        if len(data) < total and isinstance(header.get("table"), str):
+            windows = _lazy_windows(source, header, data[line_end + 1 :], line_end + 1)
+            source.load_lazy_index(windows, header["size"])
+            how = "its windows fetched as reads need them"
+        else:
+            if len(data) < total:
+                data += _published_part(source, len(data), total - len(data))
+            loaded = _parse(data, source, _fits_published)
             source.load_index(loaded.blob, loaded.size)
-        except DecodeError as exc:
-            raise Unusable(f"the decompressor refused it ({exc})") from None
-    except Unusable as exc:
+            how = "whole"
+    except (Unusable, DecodeError, ArchiveError) as exc:
         log.warning("ignoring the published index %s: %s", name, exc)
         return None
     log.info(
-        "loaded the published index %s: decompressed size %d, no indexing pass needed", name, loaded.size
+        "loaded the published index %s (%s): decompressed size %d, no indexing pass needed",
+        name,
+        how,
+        header["size"],
     )
     return name
+
+
+def _published_head(source: CompressedSource) -> tuple[bytes, int, int] | None:
+    """The first part of a published index, with at least its header line: (bytes, the index's length,
+    where its header line ends); None if there is none."""
+    found = source.archive.beside_part(SUFFIX, 0, PUBLISHED_HEAD)
+    if found is None:
+        return None
+    data, total = found
+    if total > PUBLISHED_MAX:
+        raise Unusable(f"it is {total} bytes, more than {PUBLISHED_MAX}")
+    if not data.startswith(MAGIC):
+        raise Unusable("not a tarfuse index")
+    line_end = data.find(b"\n", len(MAGIC))
+    if line_end < 0 and len(data) < total:  # a long table: the rest of the header in one more request
+        data += _published_part(source, len(data), min(total, _HEADER_MAX) - len(data))
+        line_end = data.find(b"\n", len(MAGIC))
+    if line_end < 0:
+        damaged = "it is damaged (it ends in its header)" if len(data) >= total else ""
+        raise Unusable(damaged or f"its header is longer than {_HEADER_MAX} bytes")
+    return data, total, line_end
+
+
+def _published_part(source: CompressedSource, offset: int, size: int) -> bytes:
+    found = source.archive.beside_part(SUFFIX, offset, size)
+    if found is None or len(found[0]) != size:
+        raise Unusable("it changed or went away while it was read")
+    return found[0]
+
+
+def _lazy_windows(
+    source: CompressedSource, header: dict[str, object], head: bytes, blob_start: int
+) -> gztable.LazyWindows:
+    """The windows of a gzip index, fetched from the published index as the chunks that need them are
+    read (gztable.py); the ones in `head`, which came with the header, at once."""
+    try:
+        table = base64.b64decode(str(header["table"]), validate=True)
+    except ValueError:
+        raise Unusable("its table of seek points is damaged") from None
+    points, tail = gztable.parse_table(table, int(str(header["length"])))
+
+    def fetch(position: int, size: int) -> bytes:  # from a read: its failure is the read's (EIO)
+        found = source.archive.beside_part(SUFFIX, blob_start + position, size)
+        if found is None or len(found[0]) != size:
+            raise RemoteError(f"{source.archive.path}{SUFFIX}: it went away or changed while mounted", None)
+        return found[0]
+
+    return gztable.LazyWindows(points, tail, fetch, head)
 
 
 def _fits_published(header: dict[str, object], source: CompressedSource) -> None:

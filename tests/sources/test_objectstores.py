@@ -2,6 +2,7 @@
 gcp-storage-emulator and Azurite, each behind a proxy that records what reached the store and injects
 faults. tarfuse reads them through presigned URLs from its signing helper (tarfuse/sources/objects.py)."""
 
+import base64
 import json
 import os
 import random
@@ -18,6 +19,7 @@ from kit.mounts import MountFactory, is_mounted, tarfuse_command, unmount
 from kit.objectstores import ObjectStore, StoreProxy, fresh_proxy
 from kit.objectstores import _boto3_client as boto3_client
 
+from tarfuse.sources import gztable
 from tarfuse.sources import index as index_module
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("no_proxy_from_outside", "private_cache")]
@@ -366,7 +368,7 @@ def test_an_unfit_published_index_is_ignored_with_one_line(
         "another object": "index of another object",
         "another version": "index of another version of the object (another ETag)",
         "truncated": "damaged",
-        "oversized": f"is longer than {index_module.PUBLISHED_MAX} bytes",
+        "oversized": f"it is {index_module.PUBLISHED_MAX + 1} bytes, more than {index_module.PUBLISHED_MAX}",
     }[flaw]
     assert expected in log
     assert (tmp_path / "mnt" / "disk.raw").read_bytes() == image
@@ -556,3 +558,60 @@ def test_aws_endpoint_url_selects_the_server_as_the_aws_cli_does(
     assert listed.returncode == 0, listed.stderr
     assert "disk.raw" in listed.stdout
     assert [r.path for r in s3.proxy.requests if r.path.endswith("disk.tar")]
+
+
+@pytest.fixture(scope="module")
+def words_tar_gz(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, Path]:
+    """A .tar.gz of 96 MiB that gzip halves (words from a small vocabulary), and its index: one whose
+    windows are too many to come with the index's first request."""
+    directory = tmp_path_factory.mktemp("words")
+    rng = random.Random(22)
+    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
+    image = b"".join(b" ".join(rng.choices(words, k=190_000))[:MiB].ljust(MiB, b"x") for _ in range(96))
+    archive = tar_of(directory, image, compress=True)
+    index = directory / "index"
+    made = run_tarfuse("--index-only", archive, "-o", f"index={index}")
+    assert made.returncode == 0, made.stderr
+    assert index.stat().st_size > index_module.PUBLISHED_HEAD
+    return archive, image, index
+
+
+def test_a_published_gzip_index_is_read_a_window_at_a_time(
+    s3: ObjectStore, mount: MountFactory, tmp_path: Path, words_tar_gz: tuple[Path, bytes, Path]
+) -> None:
+    archive, image, index = words_tar_gz
+    s3.put("words/vm.tar.gz", archive)
+    s3.put("words/vm.tar.gz.tarfuse-index", index)
+    (tmp_path / "mnt").mkdir()
+    served = mount(s3.url("words/vm.tar.gz"), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}")
+    assert "(its windows fetched as reads need them)" in served.stderr_text()
+    with (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file:
+        for offset in (0, 17 * MiB + 12345, 60 * MiB, 95 * MiB):
+            assert os.pread(file.fileno(), 65536, offset) == image[offset : offset + 65536]
+    asked = [r for r in s3.proxy.requests if r.path.endswith(".tarfuse-index")]
+    assert len(asked) > 1  # its first part, then windows
+    assert sum(r.sent for r in asked) < index.stat().st_size  # not all of it (at scale: docs/benchmarks.md)
+
+
+def test_a_window_that_is_not_the_one_its_table_names_fails_the_read_not_the_bytes(
+    s3: ObjectStore, mount: MountFactory, tmp_path: Path, words_tar_gz: tuple[Path, bytes, Path]
+) -> None:
+    archive, image, index = words_tar_gz
+    data = bytearray(index.read_bytes())
+    # A byte of one window, past what the first request brings and before the stream's end (the mount
+    # reads the tar's last header there); then a read that needs that window.
+    header_end = bytes(data).index(b"\n", len(index_module.MAGIC))
+    header = json.loads(data[len(index_module.MAGIC) : header_end])
+    points, _ = gztable.parse_table(base64.b64decode(header["table"]), header["length"])
+    point = next(p for p in points if p.length and header_end + 1 + p.position > index_module.PUBLISHED_HEAD)
+    data[header_end + 1 + point.position + point.length // 2] ^= 0xFF
+    s3.put("tampered/vm.tar.gz", archive)
+    s3.put("tampered/vm.tar.gz.tarfuse-index", bytes(data))
+    (tmp_path / "mnt").mkdir()
+    served = mount(s3.url("tampered/vm.tar.gz"), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}")
+    offset = point.out - 512 + 100  # in the image, which starts after one tar header
+    with (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file:
+        assert os.pread(file.fileno(), 4096, 0) == image[:4096]  # what needs no bad window is served
+        with pytest.raises(OSError, match="Input/output error"):
+            os.pread(file.fileno(), 4096, offset)
+    served.wait_for_log("is not the one its table names")

@@ -160,12 +160,24 @@ class RemoteArchive(SourceDefaults):
         return self._blocks.pread_into(buffer, offset)
 
     def beside(self, suffix: str, limit: int) -> bytes | None:
-        """The object published beside this one, at this URL with `suffix` appended (for an object URL,
-        its key with `suffix`, signed alike), read whole in one request; None if there is none.
+        """The object published beside this one (beside_part), read whole; None if there is none. Raises
+        RemoteError if it is longer than `limit` bytes (said before its body is read)."""
+        found = self.beside_part(suffix, 0, limit + 1)
+        if found is None:
+            return None
+        data, total = found
+        if total > limit:
+            raise RemoteError(f"{self.path + suffix} is {total} bytes, more than {limit}", None)
+        return data
 
-        None too for a URL with a query string: a presigned URL signs one object. Raises RemoteError if it
-        is longer than `limit` bytes, or the request fails: it is someone else's input, bounded before
-        its body is read, and never retried (the mount goes on without it).
+    def beside_part(self, suffix: str, offset: int, size: int) -> tuple[bytes, int] | None:
+        """Bytes [offset, offset + size) of the object published beside this one, at this URL with
+        `suffix` appended (for an object URL, its key with `suffix`, signed alike), and its whole length;
+        None if there is none.
+
+        None too for a URL with a query string: a presigned URL signs one object. One request, never
+        retried (the mount goes on without it, or a read fails); raises RemoteError if it fails, or if
+        the answer is not the range asked (at most `size` bytes are read).
         """
         from urllib3.exceptions import HTTPError
 
@@ -178,25 +190,22 @@ class RemoteArchive(SourceDefaults):
         shown = self.path + suffix
         deadline = WATCHDOG.start(self._deadline)
         try:
-            response = self._send(url, {**self._headers, "Range": f"bytes=0-{limit}"}, 0, deadline)
+            response = self._send(
+                url, {**self._headers, "Range": f"bytes={offset}-{offset + size - 1}"}, 0, deadline
+            )
             try:
-                if response.status in (403, 404, 416):  # a store says 403 for a missing key it may not list
-                    return None
-                if response.status not in (200, 206):
+                if response.status in (403, 404) or (response.status == 416 and offset == 0):
+                    return None  # a store says 403 for a missing key it may not list; 416: empty
+                if response.status != 206:
                     raise RemoteError(f"GET {shown}: HTTP {response.status} {response.reason}", None)
-                declared = answers.content_length(response.headers.get("Content-Length", ""))
                 found = answers.content_range(response.headers.get("Content-Range", ""))
-                if response.status == 206:
-                    if found is None or found[0] != 0:
-                        raise RemoteError(f"GET {shown}: no usable Content-Range in the answer", None)
-                    length, total = found[1] + 1, found[2]
-                elif declared is None:
-                    raise RemoteError(f"GET {shown}: an answer without a Content-Length", None)
-                else:
-                    length = total = declared
-                if total > limit or length > limit + 1 or (declared is not None and declared != length):
-                    raise RemoteError(f"{shown} is longer than {limit} bytes, or says so", None)
-                return b"".join(body(response, length))
+                declared = answers.content_length(response.headers.get("Content-Length", ""))
+                if found is None or found[0] != offset or found[1] >= offset + size or found[1] < offset:
+                    raise RemoteError(f"GET {shown}: an answer for another range than asked", None)
+                length = found[1] - offset + 1
+                if declared is not None and declared != length:
+                    raise RemoteError(f"GET {shown}: a Content-Length that is not its Content-Range's", None)
+                return b"".join(body(response, length)), found[2]
             finally:
                 discard(response)
         except (HTTPError, OSError, Transient) as exc:

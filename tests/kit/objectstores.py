@@ -163,13 +163,15 @@ def start_azurite(port: int) -> ServerProcess:
 
 @dataclass
 class ProxiedRequest:
-    """One request that reached the proxy: the path is percent-decoded and has no query."""
+    """One request that reached the proxy: the path is percent-decoded and has no query (`query` has it:
+    a presigned URL's credential and signature)."""
 
     method: str
     path: str
     range: str | None
     status: int = 0  # 0: dropped, or the client left before the answer
     sent: int = 0  # body bytes sent to the client
+    query: str = ""
 
 
 @dataclass
@@ -329,7 +331,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         proxy = self.server.proxy
-        record = ProxiedRequest(self.command, unquote(urlsplit(self.path).path), self.headers.get("Range"))
+        parts = urlsplit(self.path)
+        record = ProxiedRequest(
+            self.command, unquote(parts.path), self.headers.get("Range"), query=parts.query
+        )
         try:
             fault = proxy._take_faults()
             if fault.drop:

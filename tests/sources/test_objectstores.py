@@ -615,3 +615,23 @@ def test_a_window_that_is_not_the_one_its_table_names_fails_the_read_not_the_byt
         with pytest.raises(OSError, match="Input/output error"):
             os.pread(file.fileno(), 4096, offset)
     served.wait_for_log("is not the one its table names")
+
+
+# --- credentials from the chain, not the environment's keys ------------------------------------------------
+
+
+def test_credentials_come_from_the_instance_role_when_the_environment_has_none(
+    s3: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No keys in the environment: the instance's role, from the metadata service (IMDSv2), as on EC2;
+    moto's server answers as that service does. (A web identity token exchanged at STS, EKS's IRSA, is
+    object_store's too, but it asks STS over https only, which no server here speaks.)"""
+    s3.put("chain/disk.tar", tar_of(tmp_path, image_bytes(MiB, 23)))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_METADATA_ENDPOINT", s3.upstream)
+    listed = run_tarfuse("--list", s3.url("chain/disk.tar"), "-o", f"endpoint={s3.endpoint}")
+    assert listed.returncode == 0, listed.stderr
+    [first, *_] = [r for r in s3.proxy.requests if r.path.endswith("disk.tar")]
+    assert "X-Amz-Credential=test-key" in first.query  # what moto's metadata service hands out
+    assert "X-Amz-Security-Token=test-session-token" in first.query  # temporary, with their session

@@ -204,11 +204,13 @@ def use_published(source: CompressedSource) -> str | None:
     """Load the index published beside a remote archive (`<object>.tarfuse-index`), if there is one that
     fits it; return its name, or None (an unfit one is ignored, with one line: the mount goes on without).
 
+    Its first PUBLISHED_HEAD bytes come in one request; an index that is longer and has a table of seek
+    points (gzip) is read a window at a time as reads need them (gztable.py), any other is read whole.
     It is someone else's input, trusted as far as the object it sits beside (whoever can write it beside
-    the object can usually write the object): read to PUBLISHED_MAX bytes at most, its checksum and
-    bounds checked, bound to this object (size, and its ETag, or if it was made from a copy without one,
-    the digest of the object's two ends), refused if it names a spill (which is local), and given to the
-    decoder, which refuses what it cannot parse.
+    the object can usually write the object): PUBLISHED_MAX bytes at most, its fields and bounds checked,
+    its checksum (read whole) or each window's digest (read lazily), bound to this object (size, and its
+    ETag, or if it was made from a copy without one, the digest of the object's two ends), refused if it
+    names a spill (which is local), and given to the decoder, which refuses what it cannot parse.
     """
     name = source.archive.path + SUFFIX
     try:

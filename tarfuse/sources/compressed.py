@@ -26,7 +26,15 @@ from tarfuse.sources.compression import (
     sniff,
 )
 from tarfuse.sources.decoders import Decoder, open_spill, opener, release_freed_memory
-from tarfuse.sources.file import Background, ByteSource, Identity, IndexHome, PreadFile, SourceDefaults
+from tarfuse.sources.file import (
+    Background,
+    ByteSource,
+    Identity,
+    IndexHome,
+    PreadFile,
+    SourceDefaults,
+    StreamOfArchive,
+)
 from tarfuse.sources.gztable import LazyWindows
 
 UNKNOWN_SIZE = 1 << 62  # the size until the stream's end is known: reads past the real end come back short
@@ -75,7 +83,7 @@ class ChunkCache:
                 self._chunks.popitem(last=False)
 
 
-class CompressedSource(SourceDefaults):
+class CompressedSource(StreamOfArchive, SourceDefaults):
     """The decompressed archive, read by position; `size` is UNKNOWN_SIZE until the stream's end is known."""
 
     blocking = True  # a read may decompress: the daemon serves misses from threads (ServedFile.blocking)
@@ -133,20 +141,6 @@ class CompressedSource(SourceDefaults):
     def spill(self) -> str | None:
         """The spill that reads are served from, if any (its path, or /proc/self/fd/N if unnamed)."""
         return self._spill
-
-    def fetched(self) -> int | None:
-        return self.archive.fetched()
-
-    def recorded_reads(self) -> bytes | None:
-        return self.archive.recorded_reads()
-
-    def read_list(self) -> str | None:
-        return self.archive.read_list()
-
-    def watch_for_writers(self) -> str | None:
-        """The archive under the stream is what changes, and what serves: a local file's read lease, a
-        remote object's read list (http/archive.py)."""
-        return self.archive.watch_for_writers()
 
     def spill_size(self) -> int | None:
         """The length of the spill served from, if any (tarfuse --status)."""

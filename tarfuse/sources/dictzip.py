@@ -37,7 +37,7 @@ from itertools import accumulate
 
 from tarfuse.errors import ArchiveError, CorruptCompressed
 from tarfuse.sources.compression import Compression, DecodeError
-from tarfuse.sources.file import Background, ByteSource, Identity, SourceDefaults
+from tarfuse.sources.file import Background, ByteSource, Identity, SourceDefaults, StreamOfArchive
 
 ReadAt = Callable[[int, int], bytes]  # (offset, size) -> bytes of the compressed file, short only at its end
 
@@ -370,7 +370,7 @@ def has_random_access_table(archive: ByteSource) -> bool:
         raise CorruptCompressed(f"the dictzip table cannot be used: {exc}", 0) from None
 
 
-class DictzipSource(SourceDefaults):
+class DictzipSource(StreamOfArchive, SourceDefaults):
     """A dictzip file's decompressed bytes, at random from the first read: no pass, no index file.
 
     Its reads are checked against the whole stream's CRC32 only once verify() has read it all (the chunks
@@ -427,20 +427,6 @@ class DictzipSource(SourceDefaults):
 
     def identity(self) -> Identity:
         return self.archive.identity()
-
-    def fetched(self) -> int | None:
-        return self.archive.fetched()
-
-    def recorded_reads(self) -> bytes | None:
-        return self.archive.recorded_reads()
-
-    def read_list(self) -> str | None:
-        return self.archive.read_list()
-
-    def watch_for_writers(self) -> str | None:
-        """The archive under the stream is what changes, and what serves: a local file's read lease, a
-        remote object's read list (http/archive.py)."""
-        return self.archive.watch_for_writers()
 
     def close(self) -> None:
         self._reader.close()

@@ -90,6 +90,26 @@ class ByteSource(Protocol):
     def close(self) -> None: ...
 
 
+class StreamOfArchive:
+    """What a stream decompressed from an archive answers as that archive does: the bytes fetched, the
+    read list, and the watch for writers (a local file's read lease, a remote object's read list: the
+    archive under the stream is what changes, and what serves)."""
+
+    archive: ByteSource
+
+    def fetched(self) -> int | None:
+        return self.archive.fetched()
+
+    def recorded_reads(self) -> bytes | None:
+        return self.archive.recorded_reads()
+
+    def read_list(self) -> str | None:
+        return self.archive.read_list()
+
+    def watch_for_writers(self) -> str | None:
+        return self.archive.watch_for_writers()
+
+
 class SourceDefaults:
     """The answers of a source with no decompression, no background work and nothing to do at a fork."""
 

@@ -52,7 +52,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -171,7 +171,7 @@ class ProxiedRequest:
     range: str | None
     status: int = 0  # 0: dropped, or the client left before the answer
     sent: int = 0  # body bytes sent to the client
-    query: str = ""
+    query: str = field(default="", compare=False)  # not what a test compares: the signature changes
 
 
 @dataclass

@@ -34,10 +34,6 @@ _RESIGN_MARGIN = 600  # seconds before it runs out that a URL is signed again
 _ANSWER_TIMEOUTS = 3  # the helper must answer within this many times timeout= (a metadata server may be slow)
 
 
-def is_object_url(archive: str) -> bool:
-    return archive.partition("://")[0].lower() in SCHEMES and "://" in archive
-
-
 @dataclass(frozen=True, slots=True)
 class ObjectUrl:
     scheme: str

@@ -398,11 +398,11 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
         return daemon.serve(plan)
     finally:
         if os.getpid() in serving and options.http.record_reads is not None:
-            _save_read_list(options.http.record_reads, assembly.archive.recorded_reads())
+            _save_read_list(options.http.record_reads, assembly.archive.recorded_reads(), args.archive)
         assembly.close()
 
 
-def _save_read_list(path: str, data: bytes | None) -> None:
+def _save_read_list(path: str, data: bytes | None, archive: str) -> None:
     """-o record_reads=PATH: the blocks this mount read, first read first, to publish beside the object."""
     from tarfuse.sources import sidefiles
 
@@ -413,7 +413,8 @@ def _save_read_list(path: str, data: bytes | None) -> None:
     except OSError as exc:
         log.error("could not write the read list to %s: %s", printable(path), exc.strerror or exc)
         return
-    log.info("read list written to %s: publish it beside the archive, as NAME.tarfuse-reads", printable(path))
+    name = printable(display_name(archive).rpartition("/")[2]) + ".tarfuse-reads"
+    log.info("read list written to %s: publish it beside the archive, as %s", printable(path), name)
 
 
 def _status_bytes(assembly: Assembly, archive: str) -> bytes:

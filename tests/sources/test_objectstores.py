@@ -456,7 +456,9 @@ def test_a_recorded_read_list_is_fetched_ahead_by_a_cold_mount_that_finds_it(
     recording = mount(url, tmp_path / "rec", "-o", f"{endpoint},record_reads={listed}")
     read_all(tmp_path / "rec" / "disk.raw", image)
     assert recording.unmount() == 0
-    assert f"read list written to {listed}" in recording.stderr_text()
+    assert f"read list written to {listed}: publish it beside the archive, as vm.tar.tarfuse-reads" in (
+        recording.stderr_text()
+    )
     runs = json.loads(listed.read_text())["runs"]
     block = 128 * 1024
     first_blocks = [(512 + offset) // block for offset, _ in READS]  # the image starts after one header

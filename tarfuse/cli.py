@@ -268,7 +268,7 @@ def _index_only(args: argparse.Namespace, options: MountOptions) -> int:
     where, length = make_index(args.archive, options, progress)
     if on_terminal:
         print("\r\033[K", end="", file=sys.stderr)
-    name = printable(args.archive.rstrip("/").rpartition("/")[2].partition("?")[0]) + ".tarfuse-index"
+    name = _beside_name(args.archive, ".tarfuse-index")
     print(f"wrote {printable(where)} ({length} bytes): publish it beside the archive, as {name}")
     return EXIT_OK
 
@@ -413,8 +413,13 @@ def _save_read_list(path: str, data: bytes | None, archive: str) -> None:
     except OSError as exc:
         log.error("could not write the read list to %s: %s", printable(path), exc.strerror or exc)
         return
-    name = printable(display_name(archive).rpartition("/")[2]) + ".tarfuse-reads"
+    name = _beside_name(archive, ".tarfuse-reads")
     log.info("read list written to %s: publish it beside the archive, as %s", printable(path), name)
+
+
+def _beside_name(archive: str, suffix: str) -> str:
+    """The name a side file of ARCHIVE is published under beside it: its last name, with `suffix`."""
+    return printable(display_name(archive).rpartition("/")[2] + suffix)
 
 
 def _status_bytes(assembly: Assembly, archive: str) -> bytes:

@@ -217,9 +217,8 @@ class CompressedSource(StreamOfArchive, SourceDefaults):
         """Give this source a gzip index whose windows come as reads need them (a published index's,
         gztable.py): before each chunk is decompressed, the decoder gets the points it needs."""
         with self._lock:
-            windows.covering(0, CHUNK_SIZE)
             self._lazy, self._size = windows, size
-            self._use_index_locked(windows.blob())
+            self._use_index_locked(windows.covering(0, CHUNK_SIZE) or windows.blob())
 
     def _use_index_locked(self, blob: bytes) -> None:
         """Decode with `blob` from now on: the decoder is opened again with it (rapidgzip keeps the points

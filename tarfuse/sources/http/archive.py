@@ -108,7 +108,6 @@ class RemoteArchive(SourceDefaults):
         if self._recorder is not None:
             self._recorder.saw(0, 0)  # the first request's, which every mount makes
             self._blocks.recorder = self._recorder.saw
-        self.listed_blocks = 0  # blocks of a published read list fetched ahead
         self._read_list = "not looked for yet" if signed is not None else None  # for --status
 
     @property
@@ -151,8 +150,8 @@ class RemoteArchive(SourceDefaults):
                 self._read_list = f"none published ({name})"
                 return
             runs = readlist.parse(data, self.size, self._validators.get("ETag"), BLOCK_SIZE)
-            self.listed_blocks = self._blocks.fetch_ahead(runs)
-            self._read_list = f"{name}: {self.listed_blocks} blocks of {len(runs)} runs fetched ahead"
+            fetched = self._blocks.fetch_ahead(runs)
+            self._read_list = f"{name}: {fetched} blocks of {len(runs)} runs fetched ahead"
         except (ArchiveError, readlist.Unfit) as exc:
             self._read_list = f"{name} not used: {exc}"
 

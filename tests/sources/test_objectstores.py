@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kit.mounts import MountFactory, is_mounted, tarfuse_command, unmount
+from kit.mounts import Mount, MountFactory, is_mounted, tarfuse_command, unmount
 from kit.objectstores import ObjectStore, StoreProxy, fresh_proxy
 from kit.objectstores import _boto3_client as boto3_client
 
@@ -65,6 +65,12 @@ def tar_of(directory: Path, image: bytes, name: str = "disk.raw", compress: bool
         return archive
     subprocess.run(["gzip", "-1", "-n", "-f", str(archive)], check=True)
     return archive.with_name(archive.name + ".gz")
+
+
+def mount_object(mount: MountFactory, store: ObjectStore, key: str, mountpoint: Path, *options: str) -> Mount:
+    """Mount the object `key` of `store` (through its proxy) on `mountpoint`, made here, in the foreground."""
+    mountpoint.mkdir()
+    return mount(store.url(key), mountpoint, "-o", f"endpoint={store.endpoint}", *options)
 
 
 def run_tarfuse(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -140,8 +146,7 @@ def test_expired_credentials_are_signed_again_and_a_lasting_refusal_fails_reads(
 ) -> None:
     image = image_bytes(8 * MiB, 3)
     s3.put("vm/disk.tar", tar_of(tmp_path, image))
-    (tmp_path / "mnt").mkdir()
-    served = mount(s3.url("vm/disk.tar"), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}", "-d")
+    served = mount_object(mount, s3, "vm/disk.tar", tmp_path / "mnt", "-d")
     # Serving, the daemon asks for a read list beside the object: done before the faults, which are
     # for the reads.
     assert read_list_state(tmp_path / "mnt").startswith("none published")
@@ -167,8 +172,7 @@ def test_a_changed_object_fails_reads_rather_than_mixing_versions(
 ) -> None:
     image = image_bytes(8 * MiB, 4)
     s3.put("vm/disk.tar", tar_of(tmp_path, image))
-    (tmp_path / "mnt").mkdir()
-    mount(s3.url("vm/disk.tar"), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}")
+    mount_object(mount, s3, "vm/disk.tar", tmp_path / "mnt")
     disk = tmp_path / "mnt" / "disk.raw"
     with disk.open("rb", buffering=0) as file:
         assert os.pread(file.fileno(), 4096, 0) == image[:4096]
@@ -323,8 +327,7 @@ def test_without_a_published_index_each_host_fetches_the_whole_object(
     image = random.Random(11).randbytes(6 * MiB)
     archive = tar_of(tmp_path, image, compress=True)
     s3.put("solo/vm.tar.gz", archive)
-    (tmp_path / "mnt").mkdir()
-    served = mount(s3.url("solo/vm.tar.gz"), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}")
+    served = mount_object(mount, s3, "solo/vm.tar.gz", tmp_path / "mnt")
     served.wait_for_log("index complete", timeout=120)
     assert s3.proxy.bytes_served >= archive.stat().st_size
     assert (tmp_path / "mnt" / "disk.raw").read_bytes() == image
@@ -336,8 +339,7 @@ def test_an_index_made_from_a_local_copy_fits_the_uploaded_object(
     archive, image = big_tar_gz
     s3.put("copy/vm.tar.gz", archive)
     publish_index(s3, archive, "copy/vm.tar.gz", tmp_path)
-    (tmp_path / "mnt").mkdir()
-    served = mount(s3.url("copy/vm.tar.gz"), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}")
+    served = mount_object(mount, s3, "copy/vm.tar.gz", tmp_path / "mnt")
     with (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file:
         assert os.pread(file.fileno(), 4096, 30 * MiB) == image[30 * MiB : 30 * MiB + 4096]
     assert "loaded the published index" in served.stderr_text()
@@ -363,8 +365,7 @@ def test_an_unfit_published_index_is_ignored_with_one_line(
         s3.put(key + ".tarfuse-index", index.read_bytes()[:-100])
     if flaw == "oversized":  # one byte past the bound: refused from its Content-Range, before its body
         s3.put(key + ".tarfuse-index", index.read_bytes().ljust(index_module.PUBLISHED_MAX + 1, b"\0"))
-    (tmp_path / "mnt").mkdir()
-    served = mount(s3.url(key), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}")
+    served = mount_object(mount, s3, key, tmp_path / "mnt")
     log = served.wait_for_log("index complete", timeout=60)
     assert log.count("ignoring the published index") == 1, log
     expected = {
@@ -400,8 +401,7 @@ def test_a_sparse_multi_disk_archive_serves_every_disk_with_its_holes(
         ["tar", "--format=gnu", "-S", "-cf", archive, "-C", disks, "disk1.raw", "disk2.img"], check=True
     )
     object_store.put("vm/multi.tar", archive)
-    (tmp_path / "mnt").mkdir()
-    mount(object_store.url("vm/multi.tar"), tmp_path / "mnt", "-o", f"endpoint={object_store.endpoint}")
+    mount_object(mount, object_store, "vm/multi.tar", tmp_path / "mnt")
     assert sorted(p.name for p in (tmp_path / "mnt").iterdir()) == ["disk1.raw", "disk2.img"]
     assert (tmp_path / "mnt" / "disk2.img").read_bytes() == (disks / "disk2.img").read_bytes()
     with (tmp_path / "mnt" / "disk1.raw").open("rb", buffering=0) as file:
@@ -514,8 +514,7 @@ def test_an_unfit_read_list_fetches_nothing_ahead(
         listed["runs"] = [[8, 16], [blocks - 2, 8]]
     data = b"\x00garbage" if flaw == "not a list" else json.dumps(listed).encode()
     s3.put(key + ".tarfuse-reads", data)
-    (tmp_path / "mnt").mkdir()
-    mount(s3.url(key), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}")
+    mount_object(mount, s3, key, tmp_path / "mnt")
     state = read_list_state(tmp_path / "mnt")
     assert state.startswith(f"{s3.url(key)}.tarfuse-reads not used: "), state
     asked = s3.proxy.requests
@@ -543,8 +542,7 @@ def test_an_object_that_changes_size_under_a_mount_fails_reads(
 ) -> None:
     image = image_bytes(8 * MiB, 18)
     s3.put("lying/vm.tar", tar_of(tmp_path, image))
-    (tmp_path / "mnt").mkdir()
-    served = mount(s3.url("lying/vm.tar"), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}")
+    served = mount_object(mount, s3, "lying/vm.tar", tmp_path / "mnt")
     s3.proxy.fault(times=-1, lie_total=64 * MiB)  # every answer from now on claims another size
     with (
         (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file,
@@ -587,8 +585,7 @@ def test_a_published_gzip_index_is_read_a_window_at_a_time(
     archive, image, index = words_tar_gz
     s3.put("words/vm.tar.gz", archive)
     s3.put("words/vm.tar.gz.tarfuse-index", index)
-    (tmp_path / "mnt").mkdir()
-    served = mount(s3.url("words/vm.tar.gz"), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}")
+    served = mount_object(mount, s3, "words/vm.tar.gz", tmp_path / "mnt")
     assert "(its windows fetched as reads need them)" in served.stderr_text()
     with (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file:
         for offset in (0, 17 * MiB + 12345, 60 * MiB, 95 * MiB):
@@ -612,8 +609,7 @@ def test_a_window_that_is_not_the_one_its_table_names_fails_the_read_not_the_byt
     data[header_end + 1 + point.position + point.length // 2] ^= 0xFF
     s3.put("tampered/vm.tar.gz", archive)
     s3.put("tampered/vm.tar.gz.tarfuse-index", bytes(data))
-    (tmp_path / "mnt").mkdir()
-    served = mount(s3.url("tampered/vm.tar.gz"), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint}")
+    served = mount_object(mount, s3, "tampered/vm.tar.gz", tmp_path / "mnt")
     offset = point.out - 512 + 100  # in the image, which starts after one tar header
     with (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file:
         assert os.pread(file.fileno(), 4096, 0) == image[:4096]  # what needs no bad window is served

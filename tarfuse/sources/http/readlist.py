@@ -21,11 +21,16 @@ import threading
 SUFFIX = ".tarfuse-reads"
 LIST_MAX = 1024 * 1024  # bytes of a published list read at most
 MAX_RUNS = 16384  # runs kept when recording, and accepted when reading
+# Blocks kept when recording (8 GiB of 128 KiB blocks), then it stops: a mount fetches ahead at most its
+# readahead window of a list, and the set of blocks seen, a few dozen bytes each, must stay bounded
+# whatever is read while recording.
+MAX_BLOCKS = 65536
 _MAGIC = "tarfuse-reads 1"
 
 
 class Recorder:
-    """The blocks read so far, first use first, as runs; at most MAX_RUNS runs (then it stops)."""
+    """The blocks read so far, first use first, as runs; at most MAX_RUNS runs and MAX_BLOCKS blocks
+    (then it stops)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -35,8 +40,10 @@ class Recorder:
     def saw(self, first: int, last: int) -> None:
         with self._lock:
             for block in range(first, last + 1):
-                if block in self._seen or len(self._runs) >= MAX_RUNS:
+                if block in self._seen:
                     continue
+                if len(self._seen) >= MAX_BLOCKS or len(self._runs) >= MAX_RUNS:
+                    return  # full: what a mount could fetch ahead of it is recorded
                 self._seen.add(block)
                 if self._runs and self._runs[-1][0] + self._runs[-1][1] == block:
                     self._runs[-1][1] += 1

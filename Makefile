@@ -13,18 +13,25 @@ APT_STAMP := $(VENV)/.apt-done
 BUILD_STAMP := $(VENV)/.build-deps-done
 VENV_STAMP := $(VENV)/.installed
 
-# pyfuse3 3.5 has no lseek handler, so SEEK_DATA/SEEK_HOLE on a mount say "all data". Both venvs
-# (dev and `make install`) get the pinned sdist, fetched through pip and checked by its sha256, with
-# PYFUSE3_PATCH applied, built with the Cython of scripts/pyfuse3/build-constraints.txt into a wheel
-# versioned 3.5.0+lseek (scripts/pyfuse3/install.sh). Once pyfuse3 has the handler upstream, PYFUSE3_PATCH=
-# (empty, here or on the command line: `make dev PYFUSE3_PATCH=`) gives plain pyfuse3 from the index, as
-# pyproject.toml pins it; so does `pip install .`, which never needs the patch.
+# pyfuse3 3.5 has no lseek handler, so SEEK_DATA/SEEK_HOLE on a mount say "all data"
+# (scripts/pyfuse3/lseek.patch), and answers every READ through Python (direct-read.patch, which builds on
+# it, answers those of registered file handles in C). Both venvs (dev and `make install`) get the pinned
+# sdist, fetched through pip and checked by its sha256, with the patches of PYFUSE3_PATCH applied in order,
+# built with the Cython of scripts/pyfuse3/build-constraints.txt into a wheel versioned
+# 3.5.0+lseek.directread (scripts/pyfuse3/install.sh). PYFUSE3_PATCH=scripts/pyfuse3/lseek.patch builds
+# 3.5.0+lseek; PYFUSE3_PATCH= (empty, here or on the command line: `make dev PYFUSE3_PATCH=`) gives plain
+# pyfuse3 from the index, as pyproject.toml pins it; so does `pip install .`, which never needs the patches.
 PYFUSE3_VERSION := 3.5.0
 PYFUSE3_SHA256 := 88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_PATCH ?= scripts/pyfuse3/lseek.patch
+PYFUSE3_PATCH ?= scripts/pyfuse3/lseek.patch scripts/pyfuse3/direct-read.patch
 export PYFUSE3_VERSION PYFUSE3_SHA256 PYFUSE3_PATCH
-# One stamp per choice (.pyfuse3-3.5.0+lseek, .pyfuse3-index), so that changing PYFUSE3_PATCH reinstalls it.
-PYFUSE3_BUILT := $(if $(PYFUSE3_PATCH),$(PYFUSE3_VERSION)+$(basename $(notdir $(PYFUSE3_PATCH))),index)
+# One stamp per choice (.pyfuse3-3.5.0+lseek.directread, .pyfuse3-index), so that changing PYFUSE3_PATCH
+# reinstalls it. The local version as install.sh makes it: patch names without - and _, joined by dots.
+_empty :=
+_space := $(_empty) $(_empty)
+PYFUSE3_LOCAL := $(subst $(_space),.,$(strip $(foreach patch,$(PYFUSE3_PATCH),\
+	$(subst _,,$(subst -,,$(basename $(notdir $(patch))))))))
+PYFUSE3_BUILT := $(if $(strip $(PYFUSE3_PATCH)),$(PYFUSE3_VERSION)+$(PYFUSE3_LOCAL),index)
 PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3_BUILT)
 
 .PHONY: all deps build-deps dev pyfuse3 azurite demo test test-fast lint format type check bench bench-compressed \

@@ -25,7 +25,7 @@ from tarfuse.options import (
     split_mount_options,
 )
 from tarfuse.printable import PrintableFormatter, printable, terminal_safe
-from tarfuse.serve import daemon
+from tarfuse.serve import daemon, direct
 from tarfuse.serve.fs import STATUS_XATTR, ImageFs, seek_support
 from tarfuse.sources.locations import display_name, is_url
 
@@ -377,6 +377,8 @@ def _mount(args: argparse.Namespace, options: MountOptions) -> int:
     def before_serving() -> None:
         serving.append(os.getpid())
         _log_debug(assembly.before_serving())
+        if handed := ops.serve_directly():
+            log.debug("%d file(s) served by pyfuse3's C read path in process %d", handed, os.getpid())
 
     try:
         daemon.mount(ops, mountpoint, fuse_options)
@@ -425,7 +427,10 @@ def _beside_name(archive: str, suffix: str) -> str:
 def _status_bytes(assembly: Assembly, archive: str) -> bytes:
     import json
 
-    return json.dumps(assembly.status(display_name(archive))).encode()
+    status = assembly.status(display_name(archive))
+    if (counts := direct.counts()) is not None:  # of the process that answers (one of the workers)
+        status["direct_reads"] = counts
+    return json.dumps(status).encode()
 
 
 def _refuse_to_hide(mountpoint: daemon.MountPoint, archive: str, options: MountOptions) -> None:

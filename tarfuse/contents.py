@@ -11,7 +11,7 @@ from tarfuse.errors import ArchiveError, TarfuseError
 from tarfuse.image.mapper import HOLE, ImageMapper
 from tarfuse.image.open import Image
 from tarfuse.options import MountOptions
-from tarfuse.served import ServedFile
+from tarfuse.served import DirectMap, ServedFile
 from tarfuse.sources.file import ByteSource
 from tarfuse.sources.locations import display_name
 from tarfuse.tar import sparse
@@ -126,6 +126,13 @@ class _CheckedReads:
 
     def next_hole(self, offset: int) -> int:
         return self._mapper.next_hole(offset)
+
+    def direct(self, leave: Callable[[], None]) -> DirectMap | None:
+        """A fixed map over a local file that needs no check: not one that a later member may replace."""
+        if not isinstance(self._mapper, ImageMapper):
+            return None
+        fd = self._source.serve_directly(leave)
+        return None if fd is None else (fd, self._mapper.extents())
 
 
 class LaterCopy:

@@ -5,7 +5,7 @@ event loop, and the FUSE side serves them without knowing tar, images or sources
 """
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +28,16 @@ class Contents(Protocol):
     def next_hole(self, offset: int) -> int:
         """lseek SEEK_HOLE: the next hole at or after `offset` (the size if none before the end)."""
         ...
+
+    def direct(self, leave: Callable[[], None]) -> "DirectMap | None":
+        """Where reads may be answered without Python (serve/direct.py): a descriptor and the extents of
+        the file in it, if its bytes come straight from a local file that needs no check after each read;
+        `leave` is called when that ends (before the file can change)."""
+        ...
+
+
+# (descriptor, [(image offset, length, offset in the descriptor's file)]): bytes outside them are zeros
+DirectMap = tuple[int, Sequence[tuple[int, int, int]]]
 
 
 BLOCKING_READERS = 8  # threads serving blocking reads at once; also how many FUSE workers then run

@@ -52,7 +52,9 @@ def installed(prefix: Path, *args: str | Path, cwd: str = "/") -> subprocess.Com
 
 
 def test_the_installed_tarfuse_runs_its_own_copy_not_the_checkout(prefix: Path) -> None:
-    assert installed(prefix, "--version").stdout.startswith(f"tarfuse {tarfuse.__version__} (pyfuse3 ")
+    version = installed(prefix, "--version").stdout
+    assert version.startswith(f"tarfuse {tarfuse.__version__} (pyfuse3 ")
+    assert "reads of local files answered in C" in version  # make install builds the patched pyfuse3
     python = prefix / "lib" / "tarfuse" / "bin" / "python"
     where = subprocess.run(
         [python, "-c", "import tarfuse; print(tarfuse.__file__)"], capture_output=True, text=True, cwd="/"
@@ -112,6 +114,7 @@ def test_pip_install_into_a_fresh_venv_works_with_pyfuse3_from_the_index(
     assert pip.returncode == 0, pip.stderr[-2000:]
     version = subprocess.run([venv / "bin" / "tarfuse", "--version"], capture_output=True, text=True)
     assert "no lseek handler" in version.stdout, version.stdout + version.stderr
+    assert "every read answered in Python" in version.stdout
     (mountpoint := tmp_path / "mnt").mkdir()
     with daemon_mount([venv / "bin" / "tarfuse", "-f", sample_archive, mountpoint], mountpoint, cwd="/"):
         image = mountpoint / "disk.raw"

@@ -168,11 +168,12 @@ def targets(results: Results) -> list[Target]:
         Target("peers", "many", "ready", "≤ 0.3 s", at_most=0.3),
         Target("peers", "extents", "ready", "≤ 1 s", at_most=1.0),
         *(Target("peers", c, "rss", f"≤ {b:.0f} MiB (40 MiB + 40 B/extent)", at_most=b) for c, b in budgets),
-        Target("ceiling", "plain", "rand4", f"≥ 1.5{X} ratarmount and ≥ 0.6{X} the better C loop",
-               ((1.5, ratarmount), (0.6, ceiling))),
-        Target("ceiling", "plain", "rand1-same", f"≥ 0.6{X} C ceiling (single-threaded) and ≥ 1.2{X} "
-               "ratarmount", ((0.6, ceiling), (1.2, ratarmount))),
-        Target("ceiling", "plain", "rand1-apart", f"≥ 0.9{X} C ceiling", ((0.9, ceiling),)),
+        # plain reads answered in C (serve/direct.py): what FUSE allows, within 15 %
+        Target("ceiling", "plain", "rand4", f"≥ 1.0{X} the better C loop and ≥ 1.3{X} ratarmount",
+               ((1.0, ceiling), (1.3, ratarmount))),
+        Target("ceiling", "plain", "rand1-same", f"≥ 0.85{X} C ceiling (single-threaded) and ≥ 1.2{X} "
+               "ratarmount", ((0.85, ceiling), (1.2, ratarmount))),
+        Target("ceiling", "plain", "rand1-apart", f"≥ 3{X} C ceiling (the spin)", ((3.0, ceiling),)),
         Target("ceiling", "plain", "seq", f"≥ 1.3{X} ratarmount and ≥ 0.9{X} C ceiling (same readahead)",
                ((1.3, ratarmount), (0.9, ceiling))),
         Target("ceiling", "plain", "ready", "≤ 120 ms", at_most=0.12),

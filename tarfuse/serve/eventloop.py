@@ -29,6 +29,8 @@ from typing import Any
 import pyfuse3
 import trio
 
+from tarfuse.serve import direct
+
 IDLE_WAIT_MS = 5  # how long to wait for the next request outside trio (signals wait at most this)
 YIELD_EVERY = 256  # requests in a row served without a trip through trio's scheduler
 # How long the direct wait asks the kernel again and again (poll with no timeout) before it sleeps. A
@@ -84,6 +86,7 @@ class _Wait:
         self._until = until
         self._poll: Any = None  # made on the first call, when the fd is known
         self._streak = 0
+        self._answered = 0  # direct.answered() at the last wait
 
     async def __call__(self, fd: int) -> None:
         self._before()
@@ -95,8 +98,12 @@ class _Wait:
             if self._poll is None:
                 self._poll = select.poll()
                 self._poll.register(fd, select.POLLIN)
+            # pyfuse3's C read path answers the requests already queued after one it answered, between
+            # two waits: those count too, or trio would run once in YIELD_EVERY batches
+            answered = direct.answered()
+            served, self._answered = max(answered - self._answered, 1), answered
             if self._streak < YIELD_EVERY and self._readable():  # also on POLLERR: unmounted
-                self._streak += 1
+                self._streak += served
                 return
         self._streak = 0
         await trio.lowlevel.wait_readable(fd)

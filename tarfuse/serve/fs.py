@@ -19,6 +19,7 @@ import trio
 from pyfuse3 import FileHandleT, FileInfo, FUSEError, InodeT, RequestContext
 
 from tarfuse.errors import TarfuseError
+from tarfuse.serve import direct
 from tarfuse.served import ReadIntoFn, ServedFile
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,12 @@ REQUEST_BUFFER = 1 << 20  # FUSE reads are at most max_pages (256) pages; a larg
 
 
 def seek_support() -> str:
-    """Whether this pyfuse3 passes lseek on (SEEK_DATA/SEEK_HOLE), for --version and the debug log."""
+    """What this pyfuse3 can do, for --version: pass lseek on (SEEK_DATA/SEEK_HOLE), answer reads in C."""
     if hasattr(pyfuse3.Operations, "lseek"):
-        return f"pyfuse3 {pyfuse3.__version__}: SEEK_DATA/SEEK_HOLE answered from the archive's map"
-    return f"pyfuse3 {pyfuse3.__version__}: no lseek handler, SEEK_DATA/SEEK_HOLE see all data"
+        seek = "SEEK_DATA/SEEK_HOLE answered from the archive's map"
+    else:
+        seek = "no lseek handler, SEEK_DATA/SEEK_HOLE see all data"
+    return f"pyfuse3 {pyfuse3.__version__}: {seek}; {direct.support()}"
 
 
 def _eio_on_bug(
@@ -199,6 +202,17 @@ class ImageFs(pyfuse3.Operations):
         if self._init_seen and self._after_init is not None:
             hook, self._after_init = self._after_init, None
             hook()
+
+    def serve_directly(self) -> int:
+        """In each serving process, once its read lease is held (after any fork): hand pyfuse3's C read
+        path (direct.py) the files whose reads need no Python; return how many."""
+        return direct.register(
+            (inode, node.served.size, where)
+            for inode, node in self._nodes.items()
+            if node.served is not None
+            and node.served.contents is not None
+            and (where := node.served.contents.direct(direct.leave)) is not None
+        )
 
     def _attributes(self, inode: InodeT) -> pyfuse3.EntryAttributes:
         node = self._node(inode)

@@ -81,6 +81,9 @@ class ByteSource(Protocol):
     def check_unchanged(self) -> None: ...
     def identity(self) -> Identity: ...  # one version of the archive, for the seek index's key
     def watch_for_writers(self) -> str | None: ...  # ArchiveFile's read lease; what came of it, to log
+    # a descriptor reads may go to without a check after each (ArchiveFile under its lease); `leave` is
+    # called when that ends, before the file can change
+    def serve_directly(self, leave: Callable[[], None]) -> int | None: ...
     def fetched(self) -> int | None: ...  # bytes fetched over the network so far; None: not a network source
     def before_fork(self) -> None: ...  # drop what does not survive fork(): a decoder's threads
     # a part of a side object published beside a remote archive (RemoteArchive), and its length
@@ -125,6 +128,9 @@ class SourceDefaults:
     def watch_for_writers(self) -> str | None:
         return None
 
+    def serve_directly(self, leave: Callable[[], None]) -> int | None:
+        return None
+
     def fetched(self) -> int | None:
         return None
 
@@ -167,6 +173,7 @@ class ArchiveFile(SourceDefaults):
         self._key: Identity = [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
         self._leased = False  # a read lease is held: nobody can have opened the file for writing
         self._lease_fd: int | None = None
+        self._leave: Callable[[], None] = lambda: None  # serve_directly's, when the lease ends
 
     def read_at(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
@@ -215,6 +222,7 @@ class ArchiveFile(SourceDefaults):
                 if fcntl.fcntl(fd, _F_GETLEASE) == fcntl.F_RDLCK:
                     return  # not a lease break (during one this says what the lease goes to): a stray SIGIO
             self._leased = False  # first: a read that already ran is checked with fstat
+            self._leave()  # and no read goes to the descriptor unchecked any more
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
 
@@ -233,6 +241,15 @@ class ArchiveFile(SourceDefaults):
         if not self._leased:
             return f"{without}: it changed since it was opened"
         return f"read lease on {self.path}: reads need no fstat until someone opens it for writing"
+
+    def serve_directly(self, leave: Callable[[], None]) -> int | None:
+        """The descriptor, while reads of it need no check after each: under the read lease, or a block
+        device (check_unchanged has nothing to check); `leave` is called from the lease break's handler,
+        before the lease is given back (and so before anyone can write)."""
+        if not (self._leased or not self._is_regular):
+            return None
+        self._leave = leave
+        return self.fd
 
     def identity(self) -> Identity:
         return self._key

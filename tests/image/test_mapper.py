@@ -155,3 +155,18 @@ def test_read_into_of_a_cut_off_plain_member_raises_truncated() -> None:
     mapper = ImageMapper(short_read_at(archive, 1), sparse_map(layout), short_pread_into(archive, 4096))
     with pytest.raises(TruncatedArchive):
         mapper.read_into(memoryview(bytearray(4096)), 4000)
+
+
+def test_extents_are_the_non_empty_ones_inside_the_image_as_a_view() -> None:
+    """What pyfuse3's C read path is given: GNU tar's empty last entry and anything past the end left out,
+    counted without a walk and made one at a time."""
+    sparse_map = SparseMap(
+        10_000,
+        array("q", [0, 1000, 1000, 5000, 10_000]),
+        array("q", [100, 0, 200, 6000, 0]),
+        array("q", [512, 612, 612, 812, 6812]),
+    )
+    extents = ImageMapper(lambda offset, size: bytes(size), sparse_map).extents()
+    assert len(extents) == 3
+    assert list(extents) == [(0, 100, 512), (1000, 200, 612), (5000, 5000, 812)]  # cut at the end
+    assert extents[1] == (1000, 200, 612)

@@ -78,6 +78,24 @@ async def test_the_direct_wait_yields_to_trio_every_so_many_requests(pipe: tuple
     assert scope.cancelled_caught
 
 
+async def test_reads_answered_in_c_between_two_waits_count_toward_the_yield(
+    pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyfuse3's C read path answers the queued requests after one it answered without a wait between:
+    a wait that follows 64 of them counts 64, so trio still runs every YIELD_EVERY requests."""
+    read_fd, write_fd = pipe
+    answered = iter(range(0, 1 << 30, 64))
+    monkeypatch.setattr(eventloop.direct, "answered", lambda: next(answered))
+    wait = eventloop._Wait(lambda: None, direct=True, until=None)
+    os.write(write_fd, b"x")
+    for _ in range(eventloop.YIELD_EVERY // 64 + 1):
+        await wait(read_fd)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await wait(read_fd)
+    assert scope.cancelled_caught
+
+
 async def test_a_shared_wait_leaves_the_waiting_to_the_read_and_stops_when_told(
     pipe: tuple[int, int],
 ) -> None:

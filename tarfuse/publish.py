@@ -9,6 +9,7 @@ ends (index.portable_binding), so that an index made from a local copy fits the 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from typing import cast
@@ -16,6 +17,8 @@ from typing import cast
 from tarfuse.errors import ArchiveError, UsageError
 from tarfuse.mount import open_source
 from tarfuse.options import MountOptions
+from tarfuse.printable import printable
+from tarfuse.sources import sidefiles
 from tarfuse.sources.file import Background
 
 _PROGRESS_EVERY = 1.0  # seconds between progress lines
@@ -34,6 +37,7 @@ def make_index(path: str, options: MountOptions, progress: Say) -> tuple[str, in
 
     if options.index is None:
         raise UsageError("--index-only needs -o index=PATH: where to write the index")
+    _check_destination(options.index)  # before the pass, which may take long
     with contextlib.closing(open_source(path, options)) as source:
         if source.background is not Background.INDEX:
             raise UsageError(
@@ -59,3 +63,16 @@ def make_index(path: str, options: MountOptions, progress: Say) -> tuple[str, in
                 None,
             )
         return options.index, indexing.index_saved
+
+
+def _check_destination(path: str) -> None:
+    """Refuse, before any work, a -o index= whose directory someone else could change: written as root,
+    the file could be swapped for a link to one of root's between the check and the write."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        sidefiles.make_directory(directory)
+    except OSError as exc:
+        raise UsageError(
+            f"-o index={printable(path)}: cannot write there: {exc.strerror or exc}"
+            " (choose a directory that only you, or root, can change)"
+        ) from None

@@ -154,7 +154,13 @@ class BlockCache:
             with self._lock:
                 found, claimed = self._claim(range(first, last + 1))
                 if claimed and self._least_run > 1:
-                    claimed += self._claim_after(last, self._least_run - (last - first + 1))
+                    wanted = self._least_run - len(claimed)  # new bytes: not those of the read cached
+                    claimed += self._claim_after(last, wanted)
+                    # Near the object's end, make it up before the read: a tar's last headers are there,
+                    # and the chunks before its last one are what the next reads need.
+                    beyond = last + wanted - (self._block_count() - 1)
+                    if beyond > 0:
+                        claimed = self._claim_before(first, beyond) + claimed
                 ahead = self._note_read(first, last)
             if ahead:
                 self._start_readahead(ahead)
@@ -194,6 +200,16 @@ class BlockCache:
                 break
             claimed += self._claim((block,))[1]
         return claimed
+
+    def _claim_before(self, first: int, count: int) -> list[int]:
+        """Under the lock: claim up to `count` blocks before `first`, nearest first, stopping at one cached
+        or on its way; in ascending order."""
+        claimed: list[int] = []
+        for block in range(first - 1, max(first - count, 0) - 1, -1):
+            if block in self._cache or block in self._pending:
+                break
+            claimed += self._claim((block,))[1]
+        return claimed[::-1]
 
     def _note_read(self, first: int, last: int) -> list[int]:
         """Under the lock: follow a sequential reader, and claim the blocks to fetch ahead of it.

@@ -2,8 +2,10 @@
 
 The index file is one header line of JSON (the archive's identity, the compression, the decompressed size, the
 length and SHA-256 of the library's index, the length of the spill if there is one) and the library's index
-after it. It is used only if all of that matches the archive as it is now (anything else is rebuilt), and
-only if the caller or root wrote it where nobody else could change it (sidefiles.py): everything in the
+after it; a gzip index has its table of seek points and its last points' windows in between (gztable.py:
+what a host that mounts it from a server reads first). It is used only if all of that matches the archive
+as it is now (anything else is rebuilt), and only if the caller or root wrote it where nobody else could
+change it (sidefiles.py): everything in the
 header is something anyone who can stat the archive can compute. So the index goes beside the archive only
 when nobody but the caller or root can change the archive's directory, and otherwise into the caller's
 cache directory. The background pass (passes.py) decompresses the whole stream once, with its own decoder,
@@ -13,7 +15,6 @@ which the index file then names: it is trusted on the same terms, checked on the
 read through, and its first chunk is compared with the archive's before it is served.
 """
 
-import base64
 import hashlib
 import json
 import logging
@@ -38,9 +39,9 @@ SUFFIX = ".tarfuse-index"
 SAMPLE = 64 * 1024
 PUBLISHED_MAX = 64 * 1024 * 1024  # bytes of a published index read at most: an index of a few GiB is far less
 # A host first asks for this much of a published index: its header, the table of a gzip index's seek points
-# (gztable.py) and the windows at the stream's start; an index no longer comes whole in that one request.
+# and its last points' windows (gztable.py), and the windows at the stream's start; a longer table comes in
+# one more request, and an index no longer than this whole in the first.
 PUBLISHED_HEAD = 256 * 1024
-_HEADER_MAX = 8 * 1024 * 1024  # bytes of an index file's header line, at most
 SPILL_SUFFIX = ".tarfuse-spill.zst"
 
 
@@ -136,8 +137,9 @@ def _parse(data: bytes, source: CompressedSource, fits: Fits) -> Loaded:
     """Check an index file's framing, checksum and fields, and that it `fits` the source."""
     if not data.startswith(MAGIC):
         raise Unusable("not a tarfuse index")
-    line, _, blob = data[len(MAGIC) :].partition(b"\n")
+    line, _, rest = data[len(MAGIC) :].partition(b"\n")
     header = _header(line, source, fits)
+    blob = rest[_extra_length(header) :]
     if header["length"] != len(blob) or header["sha256"] != hashlib.sha256(blob).hexdigest():
         raise Unusable("it is damaged (checksum mismatch)")
     return Loaded(header["size"], blob, header.get("spill"))
@@ -155,6 +157,8 @@ def _header(line: bytes, source: CompressedSource, fits: Fits) -> dict[str, Any]
             raise Unusable("its size field is wrong")
         if type(length) is not int or length < 0 or not isinstance(header["sha256"], str):
             raise Unusable("its length or checksum field is wrong")
+        if any(type(header.get(k, 0)) is not int or header.get(k, 0) < 0 for k in ("table", "ends")):
+            raise Unusable("its table field is wrong (an index made by an older tarfuse)")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise Unusable(f"its header is damaged ({exc.__class__.__name__})") from None
     return header
@@ -176,9 +180,11 @@ def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int
         "sha256": hashlib.sha256(blob).hexdigest(),
         **({} if spill is None else {"spill": spill}),
     }
+    extra = b""  # what a host of a fleet reads first, after the header line (_lazy_windows)
     if source.compression == "gzip" and (table := gztable.table_of(blob)) is not None:
-        header["table"] = base64.b64encode(table).decode("ascii")  # what a host of a fleet reads first
-    data = MAGIC + json.dumps(header).encode() + b"\n" + blob
+        ends = gztable.ends_of(table, blob)
+        header["table"], header["ends"], extra = len(table), len(ends), table + ends
+    data = MAGIC + json.dumps(header).encode() + b"\n" + extra + blob
     sidefiles.write_file(path, data)
     return len(data)
 
@@ -221,16 +227,25 @@ def use_published(source: CompressedSource) -> str | None:
         header = _header(data[len(MAGIC) : line_end], source, _fits_published)
         if header.get("spill") is not None:
             raise Unusable("it names a spill, which only a local index can")
-        if header["length"] != total - line_end - 1:
+        table_start = line_end + 1
+        blob_start = table_start + _extra_length(header)
+        if header["length"] != total - blob_start:
             raise Unusable("it is damaged (its length is not the one its header says)")
-        if len(data) < total and isinstance(header.get("table"), str):
-            windows = _lazy_windows(source, header, data[line_end + 1 :], line_end + 1)
+        if len(data) < total and header.get("table"):
+            if len(data) < blob_start:  # a long table: the rest of it, and the last windows, at once
+                data += _published_part(source, len(data), blob_start - len(data))
+            extra, rest = data[table_start:blob_start], data[blob_start:]
+            windows = _lazy_windows(source, header, extra, rest, blob_start)
+            _spot_check(source, windows.points, windows.window)
             source.load_lazy_index(windows, header["size"])
             how = "its windows fetched as reads need them"
         else:
             if len(data) < total:
                 data += _published_part(source, len(data), total - len(data))
             loaded = _parse(data, source, _fits_published)
+            if source.compression == "gzip" and (table := gztable.table_of(loaded.blob)) is not None:
+                points = gztable.parse_table(table, len(loaded.blob))[0]
+                _spot_check(source, points, lambda i: points[i].window_in(loaded.blob))
             source.load_index(loaded.blob, loaded.size)
             how = "whole"
     except (Unusable, DecodeError, ArchiveError) as exc:
@@ -257,12 +272,9 @@ def _published_head(source: CompressedSource) -> tuple[bytes, int, int] | None:
     if not data.startswith(MAGIC):
         raise Unusable("not a tarfuse index")
     line_end = data.find(b"\n", len(MAGIC))
-    if line_end < 0 and len(data) < total:  # a long table: the rest of the header in one more request
-        data += _published_part(source, len(data), min(total, _HEADER_MAX) - len(data))
-        line_end = data.find(b"\n", len(MAGIC))
     if line_end < 0:
         damaged = "it is damaged (it ends in its header)" if len(data) >= total else ""
-        raise Unusable(damaged or f"its header is longer than {_HEADER_MAX} bytes")
+        raise Unusable(damaged or f"its header is longer than {PUBLISHED_HEAD} bytes")
     return data, total, line_end
 
 
@@ -274,15 +286,13 @@ def _published_part(source: CompressedSource, offset: int, size: int) -> bytes:
 
 
 def _lazy_windows(
-    source: CompressedSource, header: dict[str, object], head: bytes, blob_start: int
+    source: CompressedSource, header: dict[str, object], extra: bytes, head: bytes, blob_start: int
 ) -> gztable.LazyWindows:
     """The windows of a gzip index, fetched from the published index as the chunks that need them are
-    read (gztable.py); the ones in `head`, which came with the header, at once."""
-    try:
-        table = base64.b64decode(str(header["table"]), validate=True)
-    except ValueError:
-        raise Unusable("its table of seek points is damaged") from None
-    points, tail = gztable.parse_table(table, int(str(header["length"])))
+    read (gztable.py). `extra`: the table of seek points and the last points' windows, which follow the
+    header line; `head`: the start of the blob, which came with them (its windows are taken at once)."""
+    table_length = int(str(header["table"]))
+    points, tail = gztable.parse_table(extra[:table_length], int(str(header["length"])))
 
     def fetch(position: int, size: int) -> bytes:  # from a read: its failure is the read's (EIO)
         found = source.archive.beside_part(SUFFIX, blob_start + position, size)
@@ -290,7 +300,27 @@ def _lazy_windows(
             raise RemoteError(f"{source.archive.path}{SUFFIX}: it went away or changed while mounted", None)
         return found[0]
 
-    return gztable.LazyWindows(points, tail, fetch, head)
+    return gztable.LazyWindows(points, tail, fetch, head, extra[table_length:])
+
+
+def _spot_check(
+    source: CompressedSource, points: list[gztable.Point], window_of: Callable[[int], bytes]
+) -> None:
+    """Raise Unusable unless a published gzip index's first seek point decompresses, with its window
+    (`window_of(i)`: point i's), to the archive's bytes (gztable.decompresses_right): the rest cannot be
+    checked without the pass."""
+    if (checked := gztable.point_to_check(points)) is None:
+        return
+    point = points[checked]
+    span = source.archive.read_at(0, point.into + gztable.CHECK_INPUT)  # one read: the first fetch's span
+    if not gztable.decompresses_right(span, point, window_of(checked)):
+        raise Unusable(f"its seek point at {point.out} does not decompress to the archive's bytes")
+
+
+def _extra_length(header: dict[str, Any]) -> int:
+    """The bytes between an index's header line and its blob: a gzip index's table of seek points and its
+    last points' windows (gztable.ends_of), whose lengths the header gives; none in other indexes."""
+    return int(header.get("table", 0)) + int(header.get("ends", 0))
 
 
 def _fits_published(header: dict[str, object], source: CompressedSource) -> None:

@@ -339,6 +339,27 @@ def serve(tls: tuple[Path, Path] | None = None, host: str = "127.0.0.1") -> Iter
         thread.join()
 
 
+def write_ca_signed_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA's certificate, and a certificate for 127.0.0.1 that it signed, with its key: (ca, cert, key).
+
+    For clients that, like rustls (webpki), refuse a self-signed certificate as the server's own: it is a
+    CA's, not an end entity's.
+    """
+    ca, ca_key = directory / "ca.pem", directory / "ca-key.pem"
+    cert, key, request = directory / "leaf.pem", directory / "leaf-key.pem", directory / "leaf.csr"
+    extensions = directory / "leaf.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    for command in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=tarfuse test CA",
+         "-keyout", ca_key, "-out", ca],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", request],
+        ["x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "2",
+         "-extfile", extensions, "-out", cert],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
+    return ca, cert, key
+
+
 def write_tls_files(directory: Path, openssl: str = "openssl") -> tuple[Path, Path]:
     """Write a self-signed certificate for 127.0.0.1 and its key into `directory`; return (cert, key),
     as `serve(tls=...)` takes them (the certificate is also the CA file a client trusts)."""

@@ -46,6 +46,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -204,8 +205,19 @@ def error_body(code: str) -> bytes:
 class StoreProxy:
     """A threaded HTTP/1.1 proxy on 127.0.0.1 in front of `upstream` (http://host:port): see the module."""
 
-    def __init__(self, upstream: str, gcs_metadata: bool = False) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        gcs_metadata: bool = False,
+        tls: tuple[Path, Path] | None = None,
+        sts: bool = False,
+    ) -> None:
+        """`tls`: (certificate, key) to answer https with (httpserver.write_ca_signed_tls_files makes
+        them). `sts`: in front of moto's STS, which tells an unsigned request's service by its Host and
+        reads its parameters from a form body only; AWS's STS also takes them in the query, where
+        object_store sends them: they are moved into a body."""
         self.upstream = upstream
+        self.sts = sts
         self.gcs_metadata = gcs_metadata
         self._lock = threading.Lock()
         self._handled = threading.Condition(self._lock)
@@ -213,7 +225,12 @@ class StoreProxy:
         self._faults: list[Fault] = []
         self._httpd = _ProxyServer(("127.0.0.1", 0), _ProxyHandler)
         self._httpd.proxy = self
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+        scheme = "http" if tls is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05})
         self._thread.daemon = True
         self._thread.start()
@@ -379,18 +396,26 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _send_upstream(self, body: bytes | _BodyReader | None) -> http.client.HTTPResponse:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        path = self.path
+        if self.server.proxy.sts:
+            headers = {k: v for k, v in headers.items() if k.lower() != "host"}
+            headers["Host"] = "sts.amazonaws.com"
+            parts = urlsplit(self.path)
+            if self.command == "POST" and parts.query and body is None:
+                path, body = parts.path, parts.query.encode()
+                headers["Content-Type"] = "application/x-www-form-urlencoded"
         if isinstance(body, bytes):
             headers["Content-Length"] = str(len(body))
         connection = self._connection()
         reused = connection.sock is not None
         try:
-            connection.request(self.command, self.path, body=body, headers=headers)
+            connection.request(self.command, path, body=body, headers=headers)
             return connection.getresponse()
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
             if not reused or isinstance(body, _BodyReader):  # a streamed body cannot be sent twice
                 raise
             connection.close()  # the emulator closed an idle kept-alive connection: once more on a new one
-            connection.request(self.command, self.path, body=body, headers=headers)
+            connection.request(self.command, path, body=body, headers=headers)
             return connection.getresponse()
 
     def _forward(self, record: ProxiedRequest, body: bytes | _BodyReader | None, fault: Fault) -> None:

@@ -2,22 +2,26 @@
 gcp-storage-emulator and Azurite, each behind a proxy that records what reached the store and injects
 faults. tarfuse reads them through presigned URLs from its signing helper (tarfuse/sources/objects.py)."""
 
-import base64
+import hashlib
 import json
 import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import tarfile
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kit.httpserver import write_ca_signed_tls_files
 from kit.mounts import Mount, MountFactory, is_mounted, tarfuse_command, unmount
 from kit.objectstores import ObjectStore, StoreProxy, fresh_proxy
 from kit.objectstores import _boto3_client as boto3_client
+from kit.users import User
 
 from tarfuse.sources import gztable
 from tarfuse.sources import index as index_module
@@ -310,7 +314,7 @@ def test_cold_mounts_with_the_published_index_fetch_only_what_they_read(
             # readahead thread, off the way to this read, the lookup of a read list)
             # (what the previous host's daemon had in flight at its unmount ends unanswered, after reset)
             asked = [r for r in s3.proxy.requests if not r.path.endswith(".tarfuse-reads") and r.sent]
-            assert len(asked) <= 4, asked
+            assert len(asked) <= 4, [(r.path, r.range) for r in asked]
             assert os.pread(file.fileno(), 65536, 20 * MiB) == image[20 * MiB : 20 * MiB + 65536]
         log = served.stderr_text()
         assert "loaded the published index" in log, log
@@ -595,6 +599,82 @@ def test_a_published_gzip_index_is_read_a_window_at_a_time(
     assert sum(r.sent for r in asked) < index.stat().st_size  # not all of it (at scale: docs/benchmarks.md)
 
 
+def test_a_cold_mount_reads_its_first_sector_after_four_requests(
+    s3: ObjectStore, mount: MountFactory, tmp_path: Path, words_tar_gz: tuple[Path, bytes, Path]
+) -> None:
+    """The archive's first 256 KiB, the index's, the rest of the first chunk, the last chunk (the tar's last
+    headers): the windows that last chunk needs came in the index's header (gztable.ends_of)."""
+    archive, image, index = words_tar_gz
+    s3.put("four/vm.tar.gz", archive)
+    s3.put("four/vm.tar.gz.tarfuse-index", index)
+    mount_object(mount, s3, "four/vm.tar.gz", tmp_path / "mnt")
+    with (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file:
+        assert os.pread(file.fileno(), 512, 0) == image[:512]
+    asked = [r for r in s3.proxy.requests if not r.path.endswith(".tarfuse-reads") and r.sent]
+    ranges = [(r.path, r.range) for r in asked]
+    assert len(asked) <= 4, ranges
+    assert len([r for r in asked if r.path.endswith(".tarfuse-index")]) == 1, ranges
+
+
+def test_damaged_windows_of_the_last_points_make_the_index_ignored(
+    s3: ObjectStore, mount: MountFactory, tmp_path: Path, words_tar_gz: tuple[Path, bytes, Path]
+) -> None:
+    archive, image, index = words_tar_gz
+    damaged = bytearray(index.read_bytes())
+    header_end = damaged.index(b"\n", len(index_module.MAGIC))
+    header = json.loads(damaged[len(index_module.MAGIC) : header_end])
+    damaged[header_end + 1 + header["table"] + header["ends"] // 2] ^= 0xFF  # the last points' windows
+    s3.put("ends/vm.tar.gz", archive)
+    s3.put("ends/vm.tar.gz.tarfuse-index", bytes(damaged))
+    served = mount_object(mount, s3, "ends/vm.tar.gz", tmp_path / "mnt")
+    served.wait_for_log("ignoring the published index")
+    assert "is not the one its table names" in served.stderr_text()
+    with (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file:
+        assert os.pread(file.fileno(), 4096, 90 * MiB) == image[90 * MiB : 90 * MiB + 4096]
+
+
+def with_window(index: bytes, point: int, window: bytes | None) -> bytes:
+    """The index file `index`, with seek point `point`'s window replaced (None: kept), and its table,
+    digests and checksum made to match: what a publisher who means harm could write."""
+    header_end = index.index(b"\n", len(index_module.MAGIC))
+    header = json.loads(index[len(index_module.MAGIC) : header_end])
+    blob = index[header_end + 1 + header["table"] + header["ends"] :]
+    row, head = struct.Struct(">QQII"), 32  # gztool: magic, counts, then per point its row and window
+    rebuilt, position = [blob[:head]], head
+    for i in range(struct.unpack_from(">Q", blob, 16)[0]):
+        out, into, bits, length = row.unpack_from(blob, position)
+        mine = blob[position + row.size : position + row.size + length]
+        mine = window if i == point and window is not None else mine
+        rebuilt += [row.pack(out, into, bits, len(mine)), mine]
+        position += row.size + length
+    blob = b"".join([*rebuilt, blob[position:]])
+    table = gztable.table_of(blob)
+    assert table is not None
+    ends = gztable.ends_of(table, blob)
+    header |= {"length": len(blob), "sha256": hashlib.sha256(blob).hexdigest(), "table": len(table)}
+    header["ends"] = len(ends)
+    return index_module.MAGIC + json.dumps(header).encode() + b"\n" + table + ends + blob
+
+
+def test_a_first_seek_point_that_does_not_decompress_to_the_archive_makes_the_index_ignored(
+    s3: ObjectStore, mount: MountFactory, tmp_path: Path, words_tar_gz: tuple[Path, bytes, Path]
+) -> None:
+    """The first point after the start is decompressed through its window and compared with the stream
+    decompressed from its start: a window of zeros, with a table that names it, does not pass."""
+    archive, image, index = words_tar_gz
+    s3.put("spot/vm.tar.gz", archive)
+    s3.put("spot/vm.tar.gz.tarfuse-index", with_window(index.read_bytes(), 1, zlib.compress(bytes(32768))))
+    served = mount_object(mount, s3, "spot/vm.tar.gz", tmp_path / "mnt")
+    served.wait_for_log("ignoring the published index")
+    assert "does not decompress to the archive's bytes" in served.stderr_text()
+    with (tmp_path / "mnt" / "disk.raw").open("rb", buffering=0) as file:
+        assert os.pread(file.fileno(), 65536, MiB) == image[MiB : MiB + 65536]
+    s3.put("spot/vm.tar.gz.tarfuse-index", with_window(index.read_bytes(), 1, None))  # rebuilt, unchanged
+    s3.proxy.reset()
+    served = mount_object(mount, s3, "spot/vm.tar.gz", tmp_path / "mnt2")
+    assert "loaded the published index" in served.stderr_text()
+
+
 def test_a_window_that_is_not_the_one_its_table_names_fails_the_read_not_the_bytes(
     s3: ObjectStore, mount: MountFactory, tmp_path: Path, words_tar_gz: tuple[Path, bytes, Path]
 ) -> None:
@@ -604,9 +684,13 @@ def test_a_window_that_is_not_the_one_its_table_names_fails_the_read_not_the_byt
     # reads the tar's last header there); then a read that needs that window.
     header_end = bytes(data).index(b"\n", len(index_module.MAGIC))
     header = json.loads(data[len(index_module.MAGIC) : header_end])
-    points, _ = gztable.parse_table(base64.b64decode(header["table"]), header["length"])
-    point = next(p for p in points if p.length and header_end + 1 + p.position > index_module.PUBLISHED_HEAD)
-    data[header_end + 1 + point.position + point.length // 2] ^= 0xFF
+    table_start = header_end + 1
+    blob_start = table_start + header["table"] + header["ends"]
+    points, _ = gztable.parse_table(
+        bytes(data[table_start : table_start + header["table"]]), header["length"]
+    )
+    point = next(p for p in points if p.length and blob_start + p.position > index_module.PUBLISHED_HEAD)
+    data[blob_start + point.position + point.length // 2] ^= 0xFF
     s3.put("tampered/vm.tar.gz", archive)
     s3.put("tampered/vm.tar.gz.tarfuse-index", bytes(data))
     served = mount_object(mount, s3, "tampered/vm.tar.gz", tmp_path / "mnt")
@@ -625,8 +709,7 @@ def test_credentials_come_from_the_instance_role_when_the_environment_has_none(
     s3: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No keys in the environment: the instance's role, from the metadata service (IMDSv2), as on EC2;
-    moto's server answers as that service does. (A web identity token exchanged at STS, EKS's IRSA, is
-    object_store's too, but it asks STS over https only, which no server here speaks.)"""
+    moto's server answers as that service does."""
     s3.put("chain/disk.tar", tar_of(tmp_path, image_bytes(MiB, 23)))
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
@@ -636,3 +719,136 @@ def test_credentials_come_from_the_instance_role_when_the_environment_has_none(
     [first, *_] = [r for r in s3.proxy.requests if r.path.endswith("disk.tar")]
     assert "X-Amz-Credential=test-key" in first.query  # what moto's metadata service hands out
     assert "X-Amz-Security-Token=test-session-token" in first.query  # temporary, with their session
+
+
+def test_credentials_come_from_a_web_identity_token_exchanged_at_sts(
+    s3: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """EKS's IRSA: a token file and a role, exchanged at STS (AssumeRoleWithWebIdentity) for temporary
+    credentials. moto's server answers as STS does, at AWS_ENDPOINT_URL_STS, behind a proxy that speaks
+    https (object_store asks STS over nothing else), with a certificate the process trusts (SSL_CERT_FILE)."""
+    s3.put("irsa/disk.tar", tar_of(tmp_path, image_bytes(MiB, 24)))
+    ca, cert, key = write_ca_signed_tls_files(tmp_path)
+    sts = StoreProxy(s3.upstream, tls=(cert, key), sts=True)
+    request.addfinalizer(sts.close)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    (token := tmp_path / "token").write_text("eyJhbGciOiJSUzI1NiJ9.e30.c2ln")
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(token))
+    monkeypatch.setenv("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/fleet")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", sts.url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    monkeypatch.setenv("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9")  # not the instance's role
+    listed = run_tarfuse("--list", s3.url("irsa/disk.tar"), "-o", f"endpoint={s3.endpoint}")
+    assert listed.returncode == 0, listed.stderr
+    [first, *_] = [r for r in s3.proxy.requests if r.path.endswith("disk.tar")]
+    [exchange] = sts.requests
+    assert exchange.method == "POST"
+    assert "X-Amz-Security-Token=" in first.query
+    assert "X-Amz-Credential=test" not in first.query
+
+
+def test_credentials_come_from_the_aws_profile_named(
+    s3: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS_PROFILE: the profile's keys from the shared credentials file, read through boto3 (object_store
+    has no profiles); the environment's keys are not used."""
+    pytest.importorskip("boto3", reason="AWS profiles are read through boto3, not installed here")
+    s3.put("profile/disk.tar", tar_of(tmp_path, image_bytes(MiB, 25)))
+    (credentials := tmp_path / "credentials").write_text(
+        "[fleet]\naws_access_key_id = FLEETKEY\naws_secret_access_key = fleet-secret\n"
+    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_PROFILE", "fleet")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    listed = run_tarfuse("--list", s3.url("profile/disk.tar"), "-o", f"endpoint={s3.endpoint}")
+    assert listed.returncode == 0, listed.stderr
+    [first, *_] = [r for r in s3.proxy.requests if r.path.endswith("disk.tar")]
+    assert "X-Amz-Credential=FLEETKEY" in first.query
+    assert "fleet-secret" not in listed.stderr + listed.stdout
+
+
+# --- side files written as root: where another user could have prepared the place ---------------------
+
+
+def test_side_files_are_not_written_where_another_user_could_swap_them(
+    s3: ObjectStore, mount: MountFactory, tmp_path: Path, top: Path, user: User
+) -> None:
+    """-o record_reads= and --index-only -o index= write as root: never into a directory another user can
+    change (they could swap the file for a link to one of root's between the check and the write), and
+    never through a link at the name itself (it is replaced, not followed)."""
+    image = image_bytes(2 * MiB, 26)
+    s3.put("side/vm.tar", tar_of(tmp_path, image))
+    s3.put("side/vm.tar.gz", tar_of(tmp_path, image, compress=True))
+    theirs = top / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, user.uid, user.gid)
+    (tmp_path / "mnt").mkdir()
+    served = mount(
+        s3.url("side/vm.tar"), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint},record_reads={theirs}/list"
+    )
+    read_all(tmp_path / "mnt" / "disk.raw", image)
+    assert served.unmount() == 0
+    assert f"could not write the read list to {theirs}/list" in served.stderr_text()
+    assert not list(theirs.iterdir())
+    made = run_tarfuse(
+        "--index-only", s3.url("side/vm.tar.gz"), "-o", f"index={theirs}/idx,endpoint={s3.endpoint}"
+    )
+    assert made.returncode != 0
+    assert len(made.stderr.strip().splitlines()) == 1, made.stderr
+    assert str(theirs) in made.stderr
+    assert not list(theirs.iterdir())
+
+    (precious := tmp_path / "precious").write_bytes(b"root's")
+    (tmp_path / "list").symlink_to(precious)
+    served = mount(
+        s3.url("side/vm.tar"), tmp_path / "mnt", "-o", f"endpoint={s3.endpoint},record_reads={tmp_path}/list"
+    )
+    read_all(tmp_path / "mnt" / "disk.raw", image)
+    assert served.unmount() == 0
+    assert precious.read_bytes() == b"root's"
+    assert not (tmp_path / "list").is_symlink()
+    assert (tmp_path / "list").stat().st_mode & 0o777 == 0o600
+    assert json.loads((tmp_path / "list").read_text())["runs"]
+
+
+@pytest.mark.usefixtures("store_env")
+def test_gcs_credentials_from_application_default_credentials(
+    gcs_store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GOOGLE_APPLICATION_CREDENTIALS, as gcloud and every Google client read it, instead of
+    GOOGLE_SERVICE_ACCOUNT: the signatures are the service account's."""
+    with fresh_proxy(gcs_store) as gs:
+        gs.put("adc/disk.tar", tar_of(tmp_path, image_bytes(MiB, 27)))
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", gs.env["GOOGLE_SERVICE_ACCOUNT"])
+        listed = run_tarfuse("--list", gs.url("adc/disk.tar"), "-o", f"endpoint={gs.endpoint}")
+        assert listed.returncode == 0, listed.stderr
+        [first, *_] = [r for r in gs.proxy.requests if r.path.endswith("disk.tar")]
+        email = json.loads(Path(gs.env["GOOGLE_SERVICE_ACCOUNT"]).read_text())["client_email"]
+        assert "X-Goog-Credential=" + email.replace("@", "%40") in first.query
+
+
+@pytest.mark.usefixtures("store_env")
+def test_azure_credentials_from_a_sas_alone(
+    azure_store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AZURE_STORAGE_SAS_KEY and the account's name, no key: the SAS is the signature, used as given
+    (object_store makes SAS from keys but signs nothing with one)."""
+    import datetime
+
+    import obstore
+
+    with fresh_proxy(azure_store) as az:
+        az.put("sas/disk.tar", tar_of(tmp_path, image_bytes(MiB, 28)))
+        signed = obstore.sign(az.store(), "GET", "sas/disk.tar",
+                              datetime.timedelta(hours=1))  # fmt: skip
+        sas = signed.partition("?")[2]
+        monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", az.env["AZURE_STORAGE_ACCOUNT_NAME"])
+        monkeypatch.setenv("AZURE_STORAGE_SAS_KEY", sas)
+        listed = run_tarfuse("--list", az.url("sas/disk.tar"), "-o", f"endpoint={az.endpoint}")
+        assert listed.returncode == 0, listed.stderr
+        [first, *_] = [r for r in az.proxy.requests if r.path.endswith("disk.tar")]
+        assert first.query == sas
+        assert "sig=" not in listed.stdout + listed.stderr

@@ -2,6 +2,7 @@
 holds for object URLs (test_objectstores.py) holds for a web server, where `<URL>.tarfuse-index` sits
 beside the archive."""
 
+import json
 import os
 import random
 import stat
@@ -85,3 +86,35 @@ def test_a_presigned_url_does_not_look_beside_itself(
     served.wait_for_log("index complete", timeout=60)
     assert not [r for r in server.requests if "tarfuse-index" in r.target]
     assert (tmp_path / "mnt" / "disk.raw").read_bytes()[-4096:] == image[-4096:]
+
+
+def test_a_table_longer_than_the_first_request_comes_in_exactly_one_more(
+    tar_gz: tuple[Path, bytes], server: RangeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, with a first request shorter than the table (an archive of several GiB has thousands of
+    seek points): the rest of the table and the last windows come in one request, of just that much."""
+    from tarfuse.mount import open_source
+    from tarfuse.options import MountOptions
+    from tarfuse.sources import index as index_module
+
+    packed, image = tar_gz
+    index = tmp_path / "idx"
+    assert run_tarfuse("--index-only", packed, "-o", f"index={index}").returncode == 0
+    data = index.read_bytes()
+    header_end = data.index(b"\n", len(index_module.MAGIC))
+    header = json.loads(data[len(index_module.MAGIC) : header_end])
+    blob_start = header_end + 1 + header["table"] + header["ends"]
+    assert header["table"] > 100  # more than the first request brings of it
+    monkeypatch.setattr(index_module, "PUBLISHED_HEAD", header_end + 1 + 100)  # the header and a bit more
+    url = server.put("vm.tar.gz", packed)
+    server.put("vm.tar.gz.tarfuse-index", index)
+    source = open_source(url, MountOptions())
+    try:
+        server.reset_counters()
+        assert index_module.use_published(source) == f"{url}.tarfuse-index"  # type: ignore[arg-type]
+        asked = [r.headers.get("Range") for r in server.requests if r.target.endswith(".tarfuse-index")]
+        # then the windows the first chunk needs, which the first request would have brought
+        assert asked[:2] == [f"bytes=0-{header_end + 100}", f"bytes={header_end + 101}-{blob_start - 1}"]
+        assert source.read_at(512 + 20 * MiB, 4096) == image[20 * MiB : 20 * MiB + 4096]
+    finally:
+        source.close()

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 _MAX_REDIRECTS = 5
 _DEADLINE_TIMEOUTS = 2  # a whole request (connect, headers, body) gets this many times `timeout`
 # The first request's length: the tar header and a gzip stream's ratio probe (decoders.opener) in one trip.
-_PROBE = 2 * BLOCK_SIZE
+PROBE = 2 * BLOCK_SIZE
 _PROGRESS = BLOCK_SIZE  # a failed request that brought at least this much does not count as a failure
 # A compressed archive's share of the cache budget for its compressed blocks: the rest goes to the
 # decompressed chunks above them (compressed.CompressedSource). A plain one keeps the whole budget.
@@ -237,10 +237,10 @@ class RemoteArchive(SourceDefaults):
         """GET the first blocks: its Content-Range gives the size, its headers the validators.
 
         A ranged GET rather than HEAD: presigned object-store URLs are signed for GET only, and the tar
-        header that is read next comes with the same round trip. At most _PROBE bytes: a Content-Range
+        header that is read next comes with the same round trip. At most PROBE bytes: a Content-Range
         that claims more is refused before its body is read.
         """
-        return b"".join(self.fetch(0, _PROBE, probe=True))
+        return b"".join(self.fetch(0, PROBE, probe=True))
 
     def fetch(self, offset: int, size: int, probe: bool = False) -> Iterator[bytes]:
         """Yield the object's bytes at [offset, offset + size) in chunks, resuming after a failure.

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from tarfuse.passes import IndexingPass, VerifyPass
     from tarfuse.sources.compressed import CompressedSource
     from tarfuse.sources.dictzip import DictzipSource
+    from tarfuse.sources.index import Published
 
 _PROGRESS_EVERY = 5.0  # seconds between progress lines while a stream is decompressed for its size
 
@@ -58,16 +59,17 @@ def with_saved_index(source: CompressedSource, options: MountOptions) -> str | N
     return where
 
 
-def published_index(source: ByteSource) -> str | None:
+def published_index(source: ByteSource) -> Published | None:
     """Load a remote compressed archive's published index, if it has one that fits (use_published)."""
     if source.background is not Background.INDEX or source.size_known:
         return None
     return _published(_indexed(source))
 
 
-def _published(source: CompressedSource) -> str | None:
+def _published(source: CompressedSource) -> Published | None:
     """A remote archive's published index (`<object>.tarfuse-index`), looked for before the local one:
-    the first mount of every host then needs no pass. Its name if it was loaded."""
+    the first mount of every host then needs no pass (nor, with the member list it carries, the walk of
+    the tar's headers)."""
     if source.index_home is not IndexHome.CACHE or source.needs_spill():
         return None  # a local file's index beside it is a side file (index.default_path); a member has none
     from tarfuse.sources import index
@@ -76,11 +78,10 @@ def _published(source: CompressedSource) -> str | None:
 
 
 def saved_index(source: ByteSource, options: MountOptions) -> str | None:
-    """For --list: the saved index a mount of `source` would use, if there is one it can use."""
+    """For --list: the saved index a mount of `source` would use, if there is one it can use, after a
+    published one (published_index)."""
     if source.background is not Background.INDEX:
         return None
-    if (published := _published(_indexed(source))) is not None:
-        return published
     where = index_path(source, options)
     if where is None:
         return None

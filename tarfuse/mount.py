@@ -11,7 +11,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from tarfuse import background as jobs
 from tarfuse.contents import LaterCopy, served_file
@@ -29,6 +29,10 @@ from tarfuse.sources.file import Background, ByteSource
 from tarfuse.sources.locations import is_url, open_location
 from tarfuse.sources.member import MemberSource
 
+if TYPE_CHECKING:
+    from tarfuse.sources.index import Published
+    from tarfuse.tar.listing import ListedMembers
+
 # The most files one mount serves (-o all, or every disk image on a directory mount point). Each costs
 # about 1.6 KB while served: 100,000 from a plain local tar stay under the 256 MiB ceiling
 # (tests/mount/test_many_files.py measures it); beside a compressed or remote archive's chunk cache and
@@ -41,6 +45,7 @@ MAX_SERVED_FILES_CACHED = 25_000
 STATUS_NAMES = 8 << 10
 
 Say = Callable[[str], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -139,12 +144,19 @@ def open_source(path: str, options: MountOptions, say: Say = lambda line: None) 
 def list_archive(path: str, options: MountOptions, say: Say = lambda line: None) -> Listing:
     """Every candidate image, and for a compressed archive the saved index a mount would use."""
     with contextlib.closing(open_source(path, options, say)) as source:
+        published = jobs.published_index(source)
         head = source.read_at(0, bare.TAR_HEAD)
         if not bare.is_tar(head):  # the stream is the image: what a mount would serve
             image, _ = _open_bare(path, source, head, options, say)
             return Listing(source.compression, None, [image])
-        found = jobs.saved_index(source, options)
-        images = list_images(source.read_at, source.size, most=_most_served(source), listing=True)
+        found = published.name if published is not None else jobs.saved_index(source, options)
+        most = _most_served(source)
+        images = _from_list(
+            published,
+            source,
+            say,
+            lambda listed: list_images(source.read_at, source.size, most=most, listing=True, listed=listed),
+        )
     return Listing(source.compression, found, images)
 
 
@@ -162,18 +174,21 @@ def assemble(
     source = open_source(path, options, say)
     members: list[ByteSource] = []
     try:
-        jobs.published_index(source)  # before the first read: with it, that read needs no pass either
+        published = jobs.published_index(source)  # before the first read, which then needs no pass
         head = source.read_at(0, bare.TAR_HEAD)
         if not bare.is_tar(head):
             return _assemble_bare(path, source, head, options, say)
         found_links: list[tuple[str, str]] = []
         later: LaterCopy | None = None  # the served member, if a later one of its name may replace it
         if options.all_files and options.member is None and several:
-            images, found_links = _all_files(source, say)
+            images, found_links = _from_list(
+                published, source, say, lambda listed: _all_files(source, say, listed)
+            )
             background = jobs.check(source)
         else:
             later = LaterCopy(source) if source.background is Background.INDEX else None
-            images, background = _open_tar(source, options, several and options.member is None, later)
+            several = several and options.member is None
+            images, background = _open_tar(source, options, several, later, published, say)
         opened: list[Image] = []
         served = []
         cache_share, decoder_share = _member_shares(source, images, options)
@@ -214,18 +229,52 @@ def _assemble_bare(path: str, source: ByteSource, head: bytes, options: MountOpt
     return Assembly(source, [image], served, background, notes=notes)
 
 
-def _all_files(source: ByteSource, say: Say) -> tuple[list[Image], list[tuple[str, str]]]:
+def _from_list(
+    published: "Published | None",
+    source: ByteSource,
+    say: Say,
+    open_with: Callable[["ListedMembers | None"], T],
+) -> T:
+    """What `open_with` opens from the member list a published index carries (tar/listing.py), which
+    spares the mount the walk of the tar's headers, each a request or two over a remote compressed
+    archive; from the headers if there is none, or if it is not the archive's (said, in one line)."""
+    if published is None or not published.members:
+        return open_with(None)
+    from tarfuse.tar import listing
+    from tarfuse.tar.listing import ListedMembers
+
+    try:
+        listed = ListedMembers(listing.decode(published.members), source.read_at, source.size)
+        return open_with(listed)
+    except (listing.BadListing, listing.ListingMismatch) as exc:
+        reason = str(exc)
+    except NoImage:  # from a list that leaves the image out, or none there is: the walk says which
+        reason = "it leaves out a file the archive's headers name"
+    opened = open_with(None)
+    say(f"ignoring the member list of {printable(published.name)}: {reason}; the archive's headers were read")
+    return opened
+
+
+def _all_files(
+    source: ByteSource, say: Say, listed: "ListedMembers | None"
+) -> tuple[list[Image], list[tuple[str, str]]]:
     """-o all: every regular file of the archive, and its symbolic links."""
     if not source.size_known:
         say(f"{source.path}: -o all: reading the compressed archive whole, to find every file in it")
-    images, found_links = list_files(source.read_at, source.size, source.pread_into, _most_served(source))
+    most = _most_served(source)
+    images, found_links = list_files(source.read_at, source.size, source.pread_into, most, listed)
     if not images:
         raise NoImage("-o all: the archive holds no regular files", None)
     return images, found_links
 
 
 def _open_tar(
-    source: ByteSource, options: MountOptions, several: bool, later: LaterCopy | None = None
+    source: ByteSource,
+    options: MountOptions,
+    several: bool,
+    later: LaterCopy | None,
+    published: "Published | None",
+    say: Say,
 ) -> tuple[list[Image], BackgroundJob | None]:
     """The image of a tar, or with `several` every candidate image, where their headers are cheap to reach.
 
@@ -238,12 +287,16 @@ def _open_tar(
     if source.background is Background.INDEX:
         where = jobs.with_saved_index(_compressed(source), options)
     if jobs.headers_at_hand(source):
-        if several:
-            images = list_images(source.read_at, source.size, source.pread_into, _most_served(source))
-            if images:  # one scan: with none, open_image below says why
-                return images, jobs.check(source)
-        image = open_image(source.read_at, source.size, options.member, source.pread_into)
-        return [image], jobs.check(source)
+
+        def open_with(listed: "ListedMembers | None") -> list[Image]:
+            if several:
+                most = _most_served(source)
+                images = list_images(source.read_at, source.size, source.pread_into, most, listed=listed)
+                if images:  # one scan: with none, open_image below says why
+                    return images
+            return [open_image(source.read_at, source.size, options.member, source.pread_into, listed)]
+
+        return _from_list(published, source, say, open_with), jobs.check(source)
     image, background = jobs.open_in_stream(source, options, where, None if later is None else later.replace)
     return [image], background
 

@@ -24,6 +24,7 @@ from tarfuse.sources.index import save, spill_path
 from tarfuse.sources.spill import SpillWriter, default_limit, why_no_spill
 from tarfuse.tar.archive import normalize_name, scan_members
 from tarfuse.tar.files import Candidate, FileTable
+from tarfuse.tar.listing import Recorder
 
 if TYPE_CHECKING:
     from tarfuse.sources.dictzip import DictzipSource
@@ -157,14 +158,14 @@ class IndexingPass:
         replace: Callable[[Candidate], bool] | None = None,
         spill_max: int | None = None,
     ) -> None:
-        """`scan`: read every header (not needed when the image was chosen from all of them): look for
-        other image candidates, and check that the member served is the one tar -x extracts under its name:
-        the one whose header is at `served_header` (decompressed offset). `replace(candidate)`: serve a
-        later member of that name instead, if the mount can still do so unseen (True); without it, or if
-        it cannot, reads fail from then on. `max_ratio` (0: none): stop, and fail reads, once the stream
-        has decompressed to more than that many times its compressed size (and RATIO_FLOOR): a pass that
-        a mount waits for must end. `spill_max`: -o spill_max, the longest spill (None: the default,
-        spill.default_limit of the archive's size)."""
+        """`scan`: read every header of a tar, to keep them with the index (tar/listing.py), look for
+        image candidates besides `served` (the name served; "" for none), and check that the member
+        served is the one tar -x extracts under its name: its header at `served_header`.
+        `replace(candidate)`: serve a later member of that name instead, if the mount can still do so
+        unseen (True); without it, or if it cannot, reads fail from then on. `max_ratio` (0: none): stop,
+        and fail reads, once the stream has decompressed to more than that many times its compressed
+        size (and RATIO_FLOOR): a pass that a mount waits for must end. `spill_max`: -o spill_max, the
+        longest spill (None: the default, spill.default_limit of the archive's size)."""
         self._spill_limit = spill_max if spill_max is not None else default_limit(source.archive.size)
         self._source, self._served, self._index_path, self._scan = source, served, index_path, scan
         self._served_header = served_header
@@ -178,6 +179,7 @@ class IndexingPass:
         self.state = "running"  # then "done", "stopped", or "failed: why" (tarfuse --status)
         self.index_saved: int | None = None  # the index file's length, once written
         self._spill: SpillWriter | None = None
+        self._members: Recorder | None = None  # what the walk found, kept with the index (tar/listing.py)
 
     def run(self, stop: threading.Event) -> None:
         """Run to the end of the stream (or until `stop`); log the outcome. Called in a worker thread."""
@@ -258,9 +260,11 @@ class IndexingPass:
         )
         if self._scan:
             table = FileTable()  # the files as tar -x leaves them
+            self._members = members = Recorder()
             try:
                 for member in scan_members(reader.read_at, UNKNOWN_SIZE):
                     table.add(member)
+                    members.add(member)
             except ArchiveError:  # damage further on: tar -x has extracted what came before it, as here
                 self._check_served(table.files())
                 raise
@@ -309,6 +313,8 @@ class IndexingPass:
         log.error("%s: %s", self._source.path, error)
 
     def _warn_of_others(self, files: list[Candidate]) -> None:
+        if not self._served:  # --index-only: nothing is served
+            return
         served = normalize_name(self._served)
         for candidate in files:
             if has_image_suffix(candidate.name) and normalize_name(candidate.name) != served:
@@ -337,7 +343,8 @@ class IndexingPass:
         log.info("index complete: %d bytes decompressed in %.1f s", size, elapsed)
         if self._index_path is not None and (blob is not None or spilled is not None):
             try:
-                self.index_saved = save(self._index_path, self._source, size, blob or b"", spilled)
+                members = None if self._members is None else self._members.encode()
+                self.index_saved = save(self._index_path, self._source, size, blob or b"", spilled, members)
                 log.info("index saved to %s (%d bytes)", self._index_path, self.index_saved)
             except OSError as exc:
                 log.warning("could not save the index to %s: %s", self._index_path, exc.strerror)

@@ -1,9 +1,10 @@
 """`tarfuse --index-only ARCHIVE -o index=PATH`: the index a mount would make, made once and written where
 the admin says, to publish beside the object (`<object>.tarfuse-index`) for every host that mounts it.
 
-The index is the one the background pass of a mount makes (passes.IndexingPass): the decompressed size
-and the decoder's seek points, bound to the archive's size, its ETag if it has one and a digest of its two
-ends (index.portable_binding), so that an index made from a local copy fits the object uploaded from it.
+The index is the one the background pass of a mount makes (passes.IndexingPass): the decompressed size,
+the decoder's seek points and, for a tar, its member list (tar/listing.py), bound to the archive's size,
+its ETag if it has one and a digest of its two ends (index.portable_binding), so that an index made from
+a local copy fits the object uploaded from it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import cast
 
 from tarfuse.errors import ArchiveError, UsageError
+from tarfuse.image.bare import TAR_HEAD, is_tar
 from tarfuse.mount import open_source
 from tarfuse.options import MountOptions
 from tarfuse.printable import printable
@@ -44,9 +46,8 @@ def make_index(path: str, options: MountOptions, progress: Say) -> tuple[str, in
                 f"{source.path} needs no index: a mount reads it in place "
                 f"({source.compression or 'not compressed'}, with random access)"
             )
-        indexing = IndexingPass(
-            cast(CompressedSource, source), source.path, options.index, scan=False, spill_max=0
-        )
+        tar = is_tar(source.read_at(0, TAR_HEAD))  # its members go into the index too
+        indexing = IndexingPass(cast(CompressedSource, source), "", options.index, tar, spill_max=0)
         worker = threading.Thread(target=indexing.run, args=(threading.Event(),), name="tarfuse-index")
         worker.start()
         while worker.is_alive():

@@ -3,8 +3,9 @@
 The one entry point that the CLI and the daemon share.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 from tarfuse.errors import NoImage
 from tarfuse.image import detect
@@ -15,6 +16,13 @@ from tarfuse.sources.compression import sniff as sniff_compression
 from tarfuse.tar import sparse
 from tarfuse.tar.archive import Member, ReadAt, normalize_name, scan_members
 from tarfuse.tar.files import Candidate, FileTable, resolve_files
+
+if TYPE_CHECKING:  # imported where a list is used: json only where it is (tests/test_imports.py)
+    from tarfuse.tar.listing import ListedMembers
+
+# The archive's members: walked from its headers (None), or a member list written down earlier, each member
+# checked against its header before its data is read (tar.listing: ListingMismatch if one differs).
+Listed = Optional["ListedMembers"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,9 +38,13 @@ class Image:
 
 
 def _open_candidate(
-    candidate: Candidate, read_at: ReadAt, pread_into: PreadInto | None = None, read_tail: bool = True
+    candidate: Candidate,
+    read_at: ReadAt,
+    pread_into: PreadInto | None = None,
+    read_tail: bool = True,
+    listed: Listed = None,
 ) -> Image:
-    sparse_map = sparse.decode(candidate.member, read_at)
+    sparse_map = _decode(candidate.member, read_at, listed)
     mapper = ImageMapper(read_at, sparse_map, pread_into)
     return Image(
         name=candidate.name,
@@ -60,16 +72,27 @@ def _format_of(mapper: ImageMapper, read_tail: bool) -> ImageFormat | None:
     )
 
 
-def _sniffer(read_at: ReadAt) -> Callable[[Member], ImageFormat | None]:
+def _decode(member: Member, read_at: ReadAt, listed: Listed) -> sparse.SparseMap:
+    """The member's map, once a listed member is known to be the archive's: its data is read next."""
+    if listed is not None:
+        listed.check(member)
+    return sparse.decode(member, read_at)
+
+
+def _sniffer(read_at: ReadAt, listed: Listed) -> Callable[[Member], ImageFormat | None]:
     def sniff(member: Member) -> ImageFormat | None:
-        return _format_of(ImageMapper(read_at, sparse.decode(member, read_at)), read_tail=True)
+        return _format_of(ImageMapper(read_at, _decode(member, read_at, listed)), read_tail=True)
 
     return sniff
 
 
-def _files(read_at: ReadAt, archive_size: int) -> list[Candidate]:
+def _members(read_at: ReadAt, archive_size: int, listed: Listed) -> Iterable[Member]:
     check_uncompressed(read_at(0, 16))
-    return resolve_files(scan_members(read_at, archive_size))
+    return scan_members(read_at, archive_size) if listed is None else listed
+
+
+def _files(read_at: ReadAt, archive_size: int, listed: Listed) -> list[Candidate]:
+    return resolve_files(_members(read_at, archive_size, listed))
 
 
 def list_images(
@@ -78,33 +101,37 @@ def list_images(
     read_into: PreadInto | None = None,
     most: int | None = None,
     listing: bool = False,
+    listed: Listed = None,
 ) -> list[Image]:
     """Every candidate image in the archive, opened (for `tarfuse --list`, and for every disk of a
     multi-disk archive); more than `most` are refused before any is opened, for a `listing` as well."""
-    files = _files(read_at, archive_size)
-    candidates = detect.find_candidates(files, _sniffer(read_at))
+    files = _files(read_at, archive_size, listed)
+    candidates = detect.find_candidates(files, _sniffer(read_at, listed))
     if listing and most is not None and len(candidates) > most:
         raise NoImage(
             f"the archive holds {len(candidates):,} disk images, more than the {most:,} tarfuse lists (each "
             "costs memory while open); tar -tf ARCHIVE names them, and -o member=PATH serves one"
         )
     _refuse_more_than(most, candidates, "disk images")
-    return [_open_candidate(c, read_at, read_into) for c in candidates]
+    return [_open_candidate(c, read_at, read_into, listed=listed) for c in candidates]
 
 
 def list_files(
-    read_at: ReadAt, archive_size: int, read_into: PreadInto | None = None, most: int | None = None
+    read_at: ReadAt,
+    archive_size: int,
+    read_into: PreadInto | None = None,
+    most: int | None = None,
+    listed: Listed = None,
 ) -> tuple[list[Image], list[tuple[str, str]]]:
     """Every regular file the archive leaves on extraction, opened as an image would be (-o all): the
     disk images with their format, the others as raw bytes; and the symlinks it leaves (name, target).
     More than `most` files are refused before any is opened."""
-    check_uncompressed(read_at(0, 16))
     table = FileTable()
-    for member in scan_members(read_at, archive_size):
+    for member in _members(read_at, archive_size, listed):
         table.add(member)
     files = table.files()
     _refuse_more_than(most, files, "files")
-    return [_open_candidate(c, read_at, read_into) for c in files], table.symlinks()
+    return [_open_candidate(c, read_at, read_into, listed=listed) for c in files], table.symlinks()
 
 
 def _refuse_more_than(most: int | None, found: list[Candidate], what: str) -> None:
@@ -138,17 +165,22 @@ def open_first_image(
             if found is not None:  # else a hard link to nothing, which tar -x cannot make either
                 return _open_candidate(found, read_at, pread_into, read_tail=False)
     files = table.files()
-    candidates = [] if wanted else detect.find_candidates(files, _sniffer(read_at))
+    candidates = [] if wanted else detect.find_candidates(files, _sniffer(read_at, None))
     return _open_candidate(detect.choose_image(files, candidates, wanted), read_at, pread_into)
 
 
 def open_image(
-    read_at: ReadAt, archive_size: int, wanted: str | None = None, pread_into: PreadInto | None = None
+    read_at: ReadAt,
+    archive_size: int,
+    wanted: str | None = None,
+    pread_into: PreadInto | None = None,
+    listed: Listed = None,
 ) -> Image:
     """The image to serve: the member named `wanted`, or the archive's only candidate.
 
     `pread_into` (os.preadv-like) lets the mapper fill the daemon's reusable buffers.
     """
-    files = _files(read_at, archive_size)
-    candidates = [] if wanted else detect.find_candidates(files, _sniffer(read_at))
-    return _open_candidate(detect.choose_image(files, candidates, wanted), read_at, pread_into)
+    files = _files(read_at, archive_size, listed)
+    candidates = [] if wanted else detect.find_candidates(files, _sniffer(read_at, listed))
+    chosen = detect.choose_image(files, candidates, wanted)
+    return _open_candidate(chosen, read_at, pread_into, listed=listed)

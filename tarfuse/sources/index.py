@@ -2,8 +2,9 @@
 
 The index file is one header line of JSON (the archive's identity, the compression, the decompressed size, the
 length and SHA-256 of the library's index, the length of the spill if there is one) and the library's index
-after it; a gzip index has its table of seek points and its last points' windows in between (gztable.py:
-what a host that mounts it from a server reads first). It is used only if all of that matches the archive
+after it; in between, the tar's member list if the pass wrote one down (tar/listing.py), and a gzip
+index's table of seek points and its last points' windows (gztable.py): what a host that mounts it from a
+server reads first. It is used only if all of that matches the archive
 as it is now (anything else is rebuilt), and only if the caller or root wrote it where nobody else could
 change it (sidefiles.py): everything in the
 header is something anyone who can stat the archive can compute. So the index goes beside the archive only
@@ -43,6 +44,7 @@ PUBLISHED_MAX = 64 * 1024 * 1024  # bytes of a published index read at most: an 
 # one more request, and an index no longer than this whole in the first.
 PUBLISHED_HEAD = 256 * 1024
 SPILL_SUFFIX = ".tarfuse-spill.zst"
+_SECTIONS = ("members", "table", "ends")  # between the header line and the blob, in this order
 
 
 def default_path(archive_path: str, ident: Identity, beside: bool = True) -> str | None:
@@ -102,6 +104,16 @@ class Loaded:
     size: int
     blob: bytes
     spill: int | None  # the spill's length in bytes, if the index names one
+    members: bytes = b""  # the tar's member list, as the pass wrote it down (tar/listing.py), if any
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """A published index that was loaded: its name, and the member list it carries (b"": none), which the
+    mount parses and checks (tar/listing.py) and which saves it reading the headers."""
+
+    name: str
+    members: bytes
 
 
 Fits = Callable[
@@ -142,7 +154,15 @@ def _parse(data: bytes, source: CompressedSource, fits: Fits) -> Loaded:
     blob = rest[_extra_length(header) :]
     if header["length"] != len(blob) or header["sha256"] != hashlib.sha256(blob).hexdigest():
         raise Unusable("it is damaged (checksum mismatch)")
-    return Loaded(header["size"], blob, header.get("spill"))
+    return Loaded(header["size"], blob, header.get("spill"), _members_in(header, rest))
+
+
+def _members_in(header: dict[str, Any], extra: bytes) -> bytes:
+    """The member list at the start of what follows the header line, if its checksum is the header's."""
+    members = extra[: header.get("members", 0)]
+    if members and header.get("members_sha256") != hashlib.sha256(members).hexdigest():
+        raise Unusable("its member list is damaged (checksum mismatch)")
+    return members
 
 
 def _header(line: bytes, source: CompressedSource, fits: Fits) -> dict[str, Any]:
@@ -157,16 +177,24 @@ def _header(line: bytes, source: CompressedSource, fits: Fits) -> dict[str, Any]
             raise Unusable("its size field is wrong")
         if type(length) is not int or length < 0 or not isinstance(header["sha256"], str):
             raise Unusable("its length or checksum field is wrong")
-        if any(type(header.get(k, 0)) is not int or header.get(k, 0) < 0 for k in ("table", "ends")):
+        if any(type(header.get(k, 0)) is not int or header.get(k, 0) < 0 for k in _SECTIONS):
             raise Unusable("its table field is wrong (an index made by an older tarfuse)")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise Unusable(f"its header is damaged ({exc.__class__.__name__})") from None
     return header
 
 
-def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int | None = None) -> int:
-    """Write the index atomically and privately (sidefiles.write_file); `spill`: the spill's length.
-    Return the index file's length.
+def save(
+    path: str,
+    source: CompressedSource,
+    size: int,
+    blob: bytes,
+    spill: int | None = None,
+    members: bytes | None = None,
+) -> int:
+    """Write the index atomically and privately (sidefiles.write_file); `spill`: the spill's length;
+    `members`: the tar's member list (tar/listing.py), if the pass wrote one down. Return the index
+    file's length.
 
     Raises:
         OSError: sidefiles.Untrusted if someone else could change the directory; what writing said.
@@ -180,10 +208,12 @@ def save(path: str, source: CompressedSource, size: int, blob: bytes, spill: int
         "sha256": hashlib.sha256(blob).hexdigest(),
         **({} if spill is None else {"spill": spill}),
     }
-    extra = b""  # what a host of a fleet reads first, after the header line (_lazy_windows)
+    extra = members or b""  # what a host of a fleet reads first, after the header line
+    if members:
+        header["members"], header["members_sha256"] = len(members), hashlib.sha256(members).hexdigest()
     if source.compression == "gzip" and (table := gztable.table_of(blob)) is not None:
-        ends = gztable.ends_of(table, blob)
-        header["table"], header["ends"], extra = len(table), len(ends), table + ends
+        ends = gztable.ends_of(table, blob)  # (_lazy_windows)
+        header["table"], header["ends"], extra = len(table), len(ends), extra + table + ends
     data = MAGIC + json.dumps(header).encode() + b"\n" + extra + blob
     sidefiles.write_file(path, data)
     return len(data)
@@ -206,9 +236,9 @@ def _sample(read_at: Callable[[int, int], bytes], size: int) -> str:
     return digest.hexdigest()
 
 
-def use_published(source: CompressedSource) -> str | None:
+def use_published(source: CompressedSource) -> Published | None:
     """Load the index published beside a remote archive (`<object>.tarfuse-index`), if there is one that
-    fits it; return its name, or None (an unfit one is ignored, with one line: the mount goes on without).
+    fits it; return it, or None (an unfit one is ignored, with one line: the mount goes on without).
 
     Its first PUBLISHED_HEAD bytes come in one request; an index that is longer and has a table of seek
     points (gzip) is read a window at a time as reads need them (gztable.py), any other is read whole.
@@ -235,7 +265,8 @@ def use_published(source: CompressedSource) -> str | None:
             if len(data) < blob_start:  # a long table: the rest of it, and the last windows, at once
                 data += _published_part(source, len(data), blob_start - len(data))
             extra, rest = data[table_start:blob_start], data[blob_start:]
-            windows = _lazy_windows(source, header, extra, rest, blob_start)
+            members = _members_in(header, extra)
+            windows = _lazy_windows(source, header, extra[len(members) :], rest, blob_start)
             _spot_check(source, windows.points, windows.window)
             source.load_lazy_index(windows, header["size"])
             how = "its windows fetched as reads need them"
@@ -247,17 +278,18 @@ def use_published(source: CompressedSource) -> str | None:
                 points = gztable.parse_table(table, len(loaded.blob))[0]
                 _spot_check(source, points, lambda i: points[i].window_in(loaded.blob))
             source.load_index(loaded.blob, loaded.size)
-            how = "whole"
+            members, how = loaded.members, "whole"
     except (Unusable, DecodeError, ArchiveError) as exc:
         log.warning("ignoring the published index %s: %s", name, exc)
         return None
     log.info(
-        "loaded the published index %s (%s): decompressed size %d, no indexing pass needed",
+        "loaded the published index %s (%s)%s: decompressed size %d, no indexing pass needed",
         name,
         how,
+        " with the tar's member list" if members else "",
         header["size"],
     )
-    return name
+    return Published(name, members)
 
 
 def _published_head(source: CompressedSource) -> tuple[bytes, int, int] | None:
@@ -318,9 +350,10 @@ def _spot_check(
 
 
 def _extra_length(header: dict[str, Any]) -> int:
-    """The bytes between an index's header line and its blob: a gzip index's table of seek points and its
-    last points' windows (gztable.ends_of), whose lengths the header gives; none in other indexes."""
-    return int(header.get("table", 0)) + int(header.get("ends", 0))
+    """The bytes between an index's header line and its blob, whose lengths the header gives: the tar's
+    member list if the pass wrote one down, then a gzip index's table of seek points and its last
+    points' windows (gztable.ends_of)."""
+    return sum(int(header.get(k, 0)) for k in _SECTIONS)
 
 
 def _fits_published(header: dict[str, object], source: CompressedSource) -> None:

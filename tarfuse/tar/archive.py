@@ -180,12 +180,13 @@ class _Pending:
     pax_size: int = 0  # their sizes added up, against MAX_PAX_SIZE
 
 
-def scan_members(read_at: ReadAt, archive_size: int) -> Iterator[Member]:
-    """Yield every member of the archive, in order; raise ArchiveError on anything malformed."""
+def scan_members(read_at: ReadAt, archive_size: int, start: int = 0) -> Iterator[Member]:
+    """Yield every member of the archive, in order, from the entry whose headers begin at `start`; raise
+    ArchiveError on anything malformed."""
     reader = _HeaderReader(read_at, archive_size)
     global_pax: dict[str, str] = {}
-    offset = 0
-    pending = _Pending(start=0)
+    offset = start
+    pending = _Pending(start=start)
     ignored: tuple[Member, int] | None = None  # the member before, if its size field was not data
     previous: Member | None = None  # the last thing walked over, if a member: its data was not read
     read_end = 0  # where the last bytes that were read end: the archive goes on at least that far

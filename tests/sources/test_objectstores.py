@@ -15,6 +15,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kit.httpserver import write_ca_signed_tls_files
@@ -602,8 +603,9 @@ def test_a_published_gzip_index_is_read_a_window_at_a_time(
 def test_a_cold_mount_reads_its_first_sector_after_four_requests(
     s3: ObjectStore, mount: MountFactory, tmp_path: Path, words_tar_gz: tuple[Path, bytes, Path]
 ) -> None:
-    """The archive's first 256 KiB, the index's, the rest of the first chunk, the last chunk (the tar's last
-    headers): the windows that last chunk needs came in the index's header (gztable.ends_of)."""
+    """The archive's first 256 KiB, the index's, the rest of the first chunk, the last chunk (the image's
+    last sector, where a VHD has its footer; the index's member list spares the walk to the tar's end): the
+    windows that last chunk needs came in the index's header (gztable.ends_of)."""
     archive, image, index = words_tar_gz
     s3.put("four/vm.tar.gz", archive)
     s3.put("four/vm.tar.gz.tarfuse-index", index)
@@ -621,9 +623,8 @@ def test_damaged_windows_of_the_last_points_make_the_index_ignored(
 ) -> None:
     archive, image, index = words_tar_gz
     damaged = bytearray(index.read_bytes())
-    header_end = damaged.index(b"\n", len(index_module.MAGIC))
-    header = json.loads(damaged[len(index_module.MAGIC) : header_end])
-    damaged[header_end + 1 + header["table"] + header["ends"] // 2] ^= 0xFF  # the last points' windows
+    header, table_start, _ = index_layout(bytes(damaged))
+    damaged[table_start + header["table"] + header["ends"] // 2] ^= 0xFF  # the last points' windows
     s3.put("ends/vm.tar.gz", archive)
     s3.put("ends/vm.tar.gz.tarfuse-index", bytes(damaged))
     served = mount_object(mount, s3, "ends/vm.tar.gz", tmp_path / "mnt")
@@ -633,12 +634,20 @@ def test_damaged_windows_of_the_last_points_make_the_index_ignored(
         assert os.pread(file.fileno(), 4096, 90 * MiB) == image[90 * MiB : 90 * MiB + 4096]
 
 
+def index_layout(data: bytes) -> tuple[dict[str, Any], int, int]:
+    """An index file's header, where its table of seek points starts (after the member list), and where
+    its blob starts (after the table and the last points' windows)."""
+    header_end = data.index(b"\n", len(index_module.MAGIC))
+    header = json.loads(data[len(index_module.MAGIC) : header_end])
+    table_start = header_end + 1 + header.get("members", 0)
+    return header, table_start, table_start + header["table"] + header["ends"]
+
+
 def with_window(index: bytes, point: int, window: bytes | None) -> bytes:
     """The index file `index`, with seek point `point`'s window replaced (None: kept), and its table,
     digests and checksum made to match: what a publisher who means harm could write."""
-    header_end = index.index(b"\n", len(index_module.MAGIC))
-    header = json.loads(index[len(index_module.MAGIC) : header_end])
-    blob = index[header_end + 1 + header["table"] + header["ends"] :]
+    header, table_start, blob_start = index_layout(index)
+    members, blob = index[index.index(b"\n", len(index_module.MAGIC)) + 1 : table_start], index[blob_start:]
     row, head = struct.Struct(">QQII"), 32  # gztool: magic, counts, then per point its row and window
     rebuilt, position = [blob[:head]], head
     for i in range(struct.unpack_from(">Q", blob, 16)[0]):
@@ -653,7 +662,7 @@ def with_window(index: bytes, point: int, window: bytes | None) -> bytes:
     ends = gztable.ends_of(table, blob)
     header |= {"length": len(blob), "sha256": hashlib.sha256(blob).hexdigest(), "table": len(table)}
     header["ends"] = len(ends)
-    return index_module.MAGIC + json.dumps(header).encode() + b"\n" + table + ends + blob
+    return index_module.MAGIC + json.dumps(header).encode() + b"\n" + members + table + ends + blob
 
 
 def test_a_first_seek_point_that_does_not_decompress_to_the_archive_makes_the_index_ignored(
@@ -682,10 +691,7 @@ def test_a_window_that_is_not_the_one_its_table_names_fails_the_read_not_the_byt
     data = bytearray(index.read_bytes())
     # A byte of one window, past what the first request brings and before the stream's end (the mount
     # reads the tar's last header there); then a read that needs that window.
-    header_end = bytes(data).index(b"\n", len(index_module.MAGIC))
-    header = json.loads(data[len(index_module.MAGIC) : header_end])
-    table_start = header_end + 1
-    blob_start = table_start + header["table"] + header["ends"]
+    header, table_start, blob_start = index_layout(bytes(data))
     points, _ = gztable.parse_table(
         bytes(data[table_start : table_start + header["table"]]), header["length"]
     )

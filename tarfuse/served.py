@@ -5,7 +5,8 @@ event loop, and the FUSE side serves them without knowing tar, images or sources
 """
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from array import array
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,8 +37,9 @@ class Contents(Protocol):
         ...
 
 
-# (descriptor, [(image offset, length, offset in the descriptor's file)]): bytes outside them are zeros
-DirectMap = tuple[int, Sequence[tuple[int, int, int]]]
+# (descriptor, (image offset, length, offset in the descriptor's file) of each extent, packed into 64-bit
+# integers): bytes outside the extents are zeros
+DirectMap = tuple[int, "array[int]"]
 
 
 BLOCKING_READERS = 8  # threads serving blocking reads at once; also how many FUSE workers then run

@@ -26,8 +26,8 @@ AVAILABLE = hasattr(pyfuse3, "direct_read_register")
 
 
 def register(files: Iterable[tuple[int, int, DirectMap]]) -> int:
-    """Answer reads of each (file handle, size, (descriptor, extents)) in C from now on, in this process,
-    after forgetting whatever the table held (a parent's, inherited at a fork); return how many.
+    """Answer reads of each (file handle, size, (descriptor, packed extents)) in C from now on, in this
+    process, after forgetting whatever the table held (a parent's, inherited at a fork); return how many.
 
     `files` is walked with SIGIO held back: each says it may be served directly while the lease is held,
     and a lease break between that answer and the entry would otherwise empty the table before the entry

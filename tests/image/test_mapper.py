@@ -157,16 +157,34 @@ def test_read_into_of_a_cut_off_plain_member_raises_truncated() -> None:
         mapper.read_into(memoryview(bytearray(4096)), 4000)
 
 
-def test_extents_are_the_non_empty_ones_inside_the_image_as_a_view() -> None:
-    """What pyfuse3's C read path is given: GNU tar's empty last entry and anything past the end left out,
-    counted without a walk and made one at a time."""
-    sparse_map = SparseMap(
-        10_000,
-        array("q", [0, 1000, 1000, 5000, 10_000]),
-        array("q", [100, 0, 200, 6000, 0]),
-        array("q", [512, 612, 612, 812, 6812]),
-    )
-    extents = ImageMapper(lambda offset, size: bytes(size), sparse_map).extents()
-    assert len(extents) == 3
-    assert list(extents) == [(0, 100, 512), (1000, 200, 612), (5000, 5000, 812)]  # cut at the end
-    assert extents[1] == (1000, 200, 612)
+def mapper_of(size: int, extents: list[tuple[int, int, int]]) -> ImageMapper:
+    """A mapper of (image offset, length, archive offset) extents, as given: no check, no read."""
+    columns = [array("q", column) for column in zip(*extents, strict=True)] or [array("q")] * 3
+    return ImageMapper(lambda offset, n: bytes(n), SparseMap(size, *columns))
+
+
+def test_extents_are_packed_triples_in_order() -> None:
+    extents = mapper_of(10_000, [(0, 100, 512), (1000, 200, 612), (5000, 5000, 812)]).extents()
+    assert (extents.typecode, extents.itemsize) == ("q", 8)  # what the C side reads: native int64
+    assert extents.tolist() == [0, 100, 512, 1000, 200, 612, 5000, 5000, 812]
+
+
+def test_extents_keep_empty_ones_that_the_c_side_leaves_out() -> None:
+    extents = mapper_of(2000, [(0, 100, 512), (1000, 0, 612), (1000, 200, 612)]).extents()
+    assert extents.tolist() == [0, 100, 512, 1000, 0, 612, 1000, 200, 612]
+
+
+def test_extents_are_cut_at_the_image_end() -> None:
+    """The C side refuses an extent past the size: the one across the end is cut, those after it go."""
+    mapper = mapper_of(10_000, [(0, 100, 512), (5000, 6000, 612), (10_000, 0, 6612), (12_000, 5, 6612)])
+    assert mapper.extents().tolist() == [0, 100, 512, 5000, 5000, 612]
+
+
+def test_extents_ending_at_the_image_end_stay_whole() -> None:
+    mapper = mapper_of(10_000, [(0, 100, 512), (5000, 5000, 612), (10_000, 0, 5612)])
+    assert mapper.extents().tolist() == [0, 100, 512, 5000, 5000, 612]
+
+
+def test_extents_of_a_map_without_any() -> None:
+    assert mapper_of(0, []).extents().tolist() == []
+    assert mapper_of(4096, []).extents().tolist() == []  # all hole

@@ -4,15 +4,17 @@ given; what it cannot answer (an error, a short read, too many pieces) goes to t
 and so does everything once the handle is unregistered or the table cleared (from a SIGIO handler, as
 tarfuse does when its lease on the archive breaks). A signal's handler runs before a READ is answered in C.
 
-This file is also the file system under test: `python test_pyfuse3_direct.py MOUNTPOINT DATA LOOP REGISTER`
-serves disk.raw, SIZE bytes whose data extents are EXTENTS, stored one after another in DATA from
+This file is also the file system under test: `python test_pyfuse3_direct.py MOUNTPOINT DATA LOOP REGISTER
+FORM` serves disk.raw, SIZE bytes whose data extents are EXTENTS, stored one after another in DATA from
 DATA_START on (with a gap before EXTENTS[GAP_BEFORE], as members of an archive may be), until it is
 unmounted. LOOP is how it waits for requests: pyfuse3's own trio loop (`trio`), tarfuse's direct wait
 (`direct`), the blocking read of tarfuse's workers, in one process (`shared`), or two forked workers
 (`workers`). REGISTER is what disk.raw is registered with at open: `data` (DATA's descriptor), `none`,
 `badfd` (a descriptor that is not open), or another path (a short copy of DATA, or DATA on storage with bad
-sectors). Its Python handler always reads DATA. Beside disk.raw, reading `status` gives the counts (JSON),
-reading `unregister` or `register` does that first. SIGIO clears the table.
+sectors), with its map given as FORM: `packed` (one array of 64-bit integers, as tarfuse gives it) or
+`tuples`. Its Python handler always reads DATA. Beside disk.raw, reading `status` gives the counts (JSON),
+reading `unregister` or `register` does that first, reading `malformed` first tries to register maps that
+must be refused. SIGIO clears the table.
 """
 
 import contextlib
@@ -27,7 +29,8 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -39,7 +42,7 @@ from kit.storage import faulty_storage
 from tarfuse.serve import eventloop, workers
 
 NAME = b"disk.raw"
-CONTROLS = (b"status", b"unregister", b"register")
+CONTROLS = (b"status", b"unregister", b"register", b"malformed")
 FILE_INODE = pyfuse3.ROOT_INODE + 1
 FILE_HANDLE = 7  # not the inode: the table is keyed by the handle open returned
 CONTROL_HANDLE = 100  # + the index in CONTROLS
@@ -83,6 +86,21 @@ def layout() -> tuple[tuple[int, int, int], ...]:
     return tuple(placed)
 
 
+def packed(extents: Iterable[tuple[int, int, int]]) -> "array[int]":
+    """A map as one buffer of packed 64-bit integers, the form tarfuse registers."""
+    return array("q", [number for extent in extents for number in extent])
+
+
+def malformed() -> list["array[int]"]:
+    """Packed maps of disk.raw that registering must refuse whole: each is right but for its end."""
+    last_offset, last_length, last_at = layout()[-1]
+    return [
+        packed(layout())[:-1],  # not whole triples
+        packed([*layout(), (last_offset + 10, 1, last_at)]),  # overlapping the extent before
+        packed([*layout()[:-1], (last_offset, last_length + 1, last_at)]),  # past the size
+    ]
+
+
 @functools.cache
 def data_bytes() -> bytes:
     """DATA: noise, so that a byte read from the wrong place shows."""
@@ -103,11 +121,13 @@ class DirectFs(pyfuse3.Operations):
     """disk.raw, registered for direct reads at open with `register_fd` (None: not registered), read by
     Python from `data_fd`; and the control files."""
 
-    def __init__(self, data_fd: int, register_fd: int | None) -> None:
+    def __init__(self, data_fd: int, register_fd: int | None, form: str) -> None:
         super().__init__()
         self.data_fd = data_fd
         self.register_fd = register_fd
+        self.form = form
         self.python_reads = 0
+        self.refused = 0  # maps that registering refused (`malformed`)
         self.init_done = False
         self.waits = 0  # with tarfuse's wait: how often pyfuse3 waited for a request
         self.most_between_waits = 0  # and the most requests answered in C from one wait to the next
@@ -118,7 +138,15 @@ class DirectFs(pyfuse3.Operations):
 
     def register(self) -> None:
         if self.register_fd is not None:
-            pyfuse3.direct_read_register(FILE_HANDLE, self.register_fd, SIZE, layout())
+            extents = packed(layout()) if self.form == "packed" else layout()
+            pyfuse3.direct_read_register(FILE_HANDLE, self.register_fd, SIZE, extents)
+
+    def register_malformed(self) -> None:
+        for extents in malformed():
+            try:
+                pyfuse3.direct_read_register(FILE_HANDLE, self.data_fd, SIZE, extents)
+            except ValueError:
+                self.refused += 1
 
     def before_wait(self) -> None:
         answered = pyfuse3.direct_read_counts()[0]
@@ -134,6 +162,7 @@ class DirectFs(pyfuse3.Operations):
             "python": self.python_reads,
             "waits": self.waits,
             "most_between_waits": self.most_between_waits,
+            "refused": self.refused,
             "pid": os.getpid(),
         }
 
@@ -182,6 +211,8 @@ class DirectFs(pyfuse3.Operations):
             pyfuse3.direct_read_unregister(FILE_HANDLE)
         elif control == b"register":
             self.register()
+        elif control == b"malformed":
+            self.register_malformed()
         return json.dumps(self.status()).encode()
 
     async def release(self, fh: int) -> None:
@@ -202,10 +233,10 @@ def read_image(data_fd: int, off: int, size: int) -> bytes:
     return bytes(out)
 
 
-def serve(mountpoint: str, data: str, loop: str, register: str) -> None:
+def serve(mountpoint: str, data: str, loop: str, register: str, form: str) -> None:
     data_fd = os.open(data, os.O_RDONLY)
     named = {"data": data_fd, "none": None, "badfd": BAD_FD}
-    fs = DirectFs(data_fd, named[register] if register in named else os.open(register, os.O_RDONLY))
+    fs = DirectFs(data_fd, named[register] if register in named else os.open(register, os.O_RDONLY), form)
 
     def clear_on_sigio(signum: int, frame: object) -> None:
         pyfuse3.direct_read_clear()
@@ -268,13 +299,15 @@ def serve_with_workers(fs: DirectFs) -> None:
 
 
 @contextlib.contextmanager
-def mounted(tmp_path: Path, loop: str = "trio", register: str = "data") -> Iterator[Mount]:
+def mounted(
+    tmp_path: Path, loop: str = "trio", register: str = "data", form: str = "packed"
+) -> Iterator[Mount]:
     """Serve disk.raw from a child process running this file; yield the mount; unmount at the end."""
     data = tmp_path / "data"
     if not data.exists():
         data.write_bytes(data_bytes())
     (mountpoint := tmp_path / "mnt").mkdir()
-    command: list[str | Path] = [sys.executable, __file__, mountpoint, data, loop, register]
+    command: list[str | Path] = [sys.executable, __file__, mountpoint, data, loop, register, form]
     with daemon_mount(command, mountpoint, tmp_path / "fs.stderr") as served:
         yield served
 
@@ -353,9 +386,9 @@ def wait_blocked_in_fuse_read(pid: int) -> None:
 LOOPS = ["trio", "direct", "shared"]
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_reads_are_answered_in_c_with_the_bytes_of_the_map(tmp_path: Path, loop: str) -> None:
-    with mounted(tmp_path, loop) as served, reader(served) as opened:
+@pytest.mark.parametrize(("loop", "form"), [*((loop, "packed") for loop in LOOPS), ("trio", "tuples")])
+def test_reads_are_answered_in_c_with_the_bytes_of_the_map(tmp_path: Path, loop: str, form: str) -> None:
+    with mounted(tmp_path, loop, form=form) as served, reader(served) as opened:
         moved = counted(served, lambda: [opened.read(offset, size) for offset, size in edges()])
         got = [(offset, size, opened.read(offset, size)) for offset, size in edges()]
     assert [(offset, size) for offset, size, data in got if data != image()[offset : offset + size]] == []
@@ -370,6 +403,20 @@ def test_a_read_of_too_many_pieces_goes_to_python(tmp_path: Path) -> None:
         assert opened.read(STRIPES - 50, 20_000) == image()[STRIPES - 50 : STRIPES + 19_950]
     assert at_most == {"answered": 1, "passed": 0, "python": 0}
     assert one_more == {"answered": 0, "passed": 1, "python": 1}
+
+
+def test_a_malformed_map_is_refused_whole(tmp_path: Path) -> None:
+    with mounted(tmp_path) as served, reader(served) as opened:
+        refused = control(served, "malformed")["refused"]
+        kept = counted(served, lambda: opened.read(SIZE - 5_000, 5_000))  # the entry made at open stays
+        kept_data = opened.read(SIZE - 5_000, 5_000)
+        control(served, "unregister")
+        control(served, "malformed")
+        none = counted(served, lambda: opened.read(SIZE - 5_000, 5_000))  # and none is made without it
+    assert refused == len(malformed())
+    assert kept == {"answered": 1, "passed": 0, "python": 0}
+    assert kept_data == image()[SIZE - 5_000 :]
+    assert none == {"answered": 0, "passed": 0, "python": 1}
 
 
 def test_unregistered_the_handle_is_read_by_python_again(tmp_path: Path) -> None:

@@ -197,7 +197,9 @@ def test_a_daemon_signs_again_after_it_forked(s3: ObjectStore, tmp_path: Path) -
     assert started.returncode == 0, started.stderr
     try:
         command = f"tarfuse {s3.url('vm/disk.tar')} {mountpoint}"
-        [daemon] = [pid for pid, line in processes() if command in line]
+        found = [pid for pid, line in processes() if command in line]
+        # not a child it is starting (a signing helper between its fork and its exec has its command line)
+        [daemon] = [pid for pid in found if parent_of(pid) not in found]
         # Serving, the daemon looked for a read list beside the object: with a helper of its own.
         assert read_list_state(mountpoint).startswith("none published")
         [first] = signing_helpers_of(daemon)
@@ -225,6 +227,15 @@ def processes() -> list[tuple[int, str]]:
                 continue
             found.append((int(entry), b" ".join(w for w in words if w).decode(errors="replace")))
     return found
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent of process `pid`; None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])
 
 
 def signing_helpers_of(pid: int) -> list[int]:

@@ -69,11 +69,14 @@ class Mount:
     def stderr_text(self) -> str:
         return self.stderr.read_text(errors="replace")
 
-    def wait_for_log(self, text: str, timeout: float = LOG_TIMEOUT, fails_on: Sequence[str] = ()) -> str:
-        """Return the daemon's log once it holds `text`. Fail with the log as soon as the daemon has ended
-        or the log holds one of `fails_on` without `text`, or after `timeout` seconds."""
+    def wait_for_log(
+        self, text: str | tuple[str, ...], timeout: float = LOG_TIMEOUT, fails_on: Sequence[str] = ()
+    ) -> str:
+        """Return the daemon's log once it holds `text` (or one of several). Fail with the log as soon as
+        the daemon has ended or the log holds one of `fails_on` without `text`, or after `timeout` s."""
         deadline = time.monotonic() + timeout
-        while text not in (log := self.stderr_text()):
+        wanted = (text,) if isinstance(text, str) else text
+        while not any(one in (log := self.stderr_text()) for one in wanted):
             assert self.process.poll() is None, log
             assert not [fail for fail in fails_on if fail in log], log
             assert time.monotonic() < deadline, f"no {text!r} in the log:\n{log}"

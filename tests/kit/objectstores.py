@@ -153,10 +153,16 @@ def azurite_missing_reason() -> str | None:
     return None
 
 
-def start_azurite(port: int) -> ServerProcess:
+def start_azurite(port: int, tls: tuple[Path, Path] | None = None) -> ServerProcess:
+    """Azurite's blob service on `port`; with `tls` (certificate, key), over https and taking bearer tokens
+    (`--oauth basic`: it checks a token's issuer, audience and lifetime, not its signature, and hands out
+    user delegation keys for it), which it takes over nothing else."""
     argv = [str(AZURITE_BLOB), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
             "--skipApiVersionCheck", "--loose", "--silent", "--disableTelemetry"]  # fmt: skip
-    return ServerProcess(argv, rf"successfully listens on http://127\.0\.0\.1:{port}")
+    if tls is not None:
+        argv += ["--cert", str(tls[0]), "--key", str(tls[1]), "--oauth", "basic"]
+    scheme = "http" if tls is None else "https"
+    return ServerProcess(argv, rf"successfully listens on {scheme}://127\.0\.0\.1:{port}")
 
 
 # --- the proxy -----------------------------------------------------------------------------------------
@@ -596,10 +602,16 @@ def _body(data: bytes | Path) -> Iterator[bytes | IO[bytes]]:
 
 
 def _call(base: str, method: str, target: str, body: bytes | IO[bytes] | None,
-          ok: set[int] | None = None, headers: dict[str, str] | None = None) -> None:  # fmt: skip
-    """One request to an emulator; raise unless its status is in `ok` (2xx by default)."""
+          ok: set[int] | None = None, headers: dict[str, str] | None = None,
+          tls: ssl.SSLContext | None = None) -> None:  # fmt: skip
+    """One request to an emulator (over https with `tls`); raise unless its status is in `ok` (2xx by
+    default)."""
     parts = urlsplit(base)
-    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=120)
+    connection = (
+        http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=120)
+        if tls is None
+        else http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=120, context=tls)
+    )
     headers = dict(headers or {})
     if body is not None and not isinstance(body, bytes):
         headers["Content-Length"] = str(os.fstat(body.fileno()).st_size)
@@ -622,7 +634,7 @@ def _boto3_client(endpoint: str, env: dict[str, str]) -> Any:
     )  # fmt: skip
 
 
-def _create_azure_container(upstream: str, name: str) -> None:
+def create_azure_container(upstream: str, name: str, tls: ssl.SSLContext | None = None) -> None:
     """PUT the container, signed with the account key (SharedKey, path-style: the account twice)."""
     headers = {"x-ms-date": email.utils.formatdate(usegmt=True), "x-ms-version": "2021-08-06"}
     canonical_headers = "".join(f"{k}:{v}\n" for k, v in sorted(headers.items()))
@@ -630,7 +642,7 @@ def _create_azure_container(upstream: str, name: str) -> None:
     to_sign = "PUT\n" + "\n" * 11 + canonical_headers + resource
     digest = hmac.new(base64.b64decode(AZURE_KEY), to_sign.encode(), hashlib.sha256).digest()
     headers["Authorization"] = f"SharedKey {AZURE_ACCOUNT}:{base64.b64encode(digest).decode()}"
-    _call(upstream, "PUT", f"/{AZURE_ACCOUNT}/{name}?restype=container", b"", None, headers)
+    _call(upstream, "PUT", f"/{AZURE_ACCOUNT}/{name}?restype=container", b"", None, headers, tls)
 
 
 def write_gcs_key(directory: Path, openssl: str = "openssl") -> Path:
@@ -663,7 +675,7 @@ def running_store(kind: str, directory: Path) -> Iterator[ObjectStore]:
                   {"Content-Type": "application/json"})  # fmt: skip
         else:
             env = {"AZURE_STORAGE_ACCOUNT_NAME": AZURE_ACCOUNT, "AZURE_STORAGE_ACCOUNT_KEY": AZURE_KEY}
-            _create_azure_container(upstream, BUCKET)
+            create_azure_container(upstream, BUCKET)
         proxy = StoreProxy(upstream, gcs_metadata=kind == "gs")
         yield ObjectStore(kind, BUCKET, upstream, env, proxy)
     finally:

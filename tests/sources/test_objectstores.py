@@ -2,25 +2,40 @@
 gcp-storage-emulator and Azurite, each behind a proxy that records what reached the store and injects
 faults. tarfuse reads them through presigned URLs from its signing helper (tarfuse/sources/objects.py)."""
 
+import base64
 import hashlib
 import json
 import os
 import random
 import re
 import signal
+import ssl
 import struct
 import subprocess
 import tarfile
+import threading
 import time
 import zlib
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from kit.httpserver import write_ca_signed_tls_files
 from kit.mounts import Mount, MountFactory, is_mounted, tarfuse_command, unmount
-from kit.objectstores import ObjectStore, StoreProxy, fresh_proxy
+from kit.objectstores import (
+    AZURE_ACCOUNT,
+    AZURE_KEY,
+    BUCKET,
+    ObjectStore,
+    StoreProxy,
+    azurite_missing_reason,
+    create_azure_container,
+    free_port,
+    fresh_proxy,
+    start_azurite,
+)
 from kit.objectstores import _boto3_client as boto3_client
 from kit.users import User
 
@@ -869,3 +884,91 @@ def test_azure_credentials_from_a_sas_alone(
         [first, *_] = [r for r in az.proxy.requests if r.path.endswith("disk.tar")]
         assert first.query == sas
         assert "sig=" not in listed.stdout + listed.stderr
+
+
+class TokenService:
+    """What a cloud instance's identity endpoint is to the process that asks it for a token (Azure's
+    IMDS: GET with `Metadata: true`, the resource in the query, JSON back), as a server of the test's own
+    on 127.0.0.1, which records each request it answers."""
+
+    def __init__(self, token: str) -> None:
+        asked = self.requests = cast(list[tuple[str, dict[str, str]]], [])
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                asked.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+                expires = str(int(time.time()) + 3600)
+                body = json.dumps({"access_token": token, "expires_on": expires, "token_type": "Bearer"})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/metadata/identity/oauth2/token"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def unsigned_jwt(claims: dict[str, object]) -> str:
+    """A token of Entra ID's shape, signed by no one (Azurite's basic OAuth does not check signatures)."""
+
+    def part(value: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmVk"
+
+
+def test_azure_credentials_from_the_instances_managed_identity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """No key and no SAS: a token from the managed identity endpoint (IMDS, at AZURE_MSI_ENDPOINT), for
+    which Azurite hands out a user delegation key that signs the URLs; Azurite takes a bearer token only
+    over https (kit.objectstores.start_azurite), with a certificate the process trusts (SSL_CERT_FILE)."""
+    import obstore
+    from obstore.store import AzureStore
+
+    if (reason := azurite_missing_reason()) is not None:
+        pytest.skip(reason)
+    ca, cert, key = write_ca_signed_tls_files(tmp_path)
+    port = free_port()
+    azurite = start_azurite(port, tls=(cert, key))
+    request.addfinalizer(azurite.stop)
+    upstream = f"https://127.0.0.1:{port}"
+    create_azure_container(upstream, BUCKET, ssl.create_default_context(cafile=str(ca)))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    image = image_bytes(MiB, 29)
+    endpoint = f"{upstream}/{AZURE_ACCOUNT}"
+    with_key = AzureStore(BUCKET, account_name=AZURE_ACCOUNT, account_key=AZURE_KEY, endpoint=endpoint)
+    obstore.put(with_key, "mi/disk.tar", tar_of(tmp_path, image).read_bytes())
+    now = int(time.time())
+    tenant = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+    tokens = TokenService(unsigned_jwt({
+        "aud": "https://storage.azure.com", "iss": f"https://sts.windows.net/{tenant}/", "iat": now - 60,
+        "nbf": now - 60, "exp": now + 3600, "oid": "11059fcc-5514-4800-b5f8-49808b9cfab6", "tid": tenant,
+    }))  # fmt: skip
+    request.addfinalizer(tokens.close)
+    for name in ("AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", AZURE_ACCOUNT)
+    monkeypatch.setenv("AZURE_MSI_ENDPOINT", tokens.url)
+    (mountpoint := tmp_path / "mnt").mkdir()
+    started = run_tarfuse(f"az://{BUCKET}/mi/disk.tar", mountpoint, "-o", f"endpoint={endpoint}")
+    assert started.returncode == 0, started.stderr
+    try:
+        with (mountpoint / "disk.raw").open("rb", buffering=0) as file:
+            assert os.pread(file.fileno(), 65536, MiB // 2) == image[MiB // 2 : MiB // 2 + 65536]
+    finally:
+        unmount(mountpoint)
+    assert tokens.requests, "the token came from somewhere else"
+    path, headers = tokens.requests[0]
+    assert headers.get("metadata") == "true"
+    assert "resource=https%3A%2F%2Fstorage.azure.com" in path

@@ -1,6 +1,7 @@
 """tar.listing: a member list written down by the indexing pass and read back instead of the walk."""
 
 import json
+import tracemalloc
 
 import pytest
 from kit.tarbuilder import (
@@ -149,3 +150,24 @@ def test_a_listed_multi_disk_archive_opens_every_disk() -> None:
     images = list_images(read_at_of(data), len(data), listed=listed)
     walked = list_images(read_at_of(data), len(data))
     assert [i.member for i in images] == [i.member for i in walked]
+
+
+def test_the_longest_list_parses_within_a_bound_of_memory() -> None:
+    """Someone else's input: a list of MAX_LISTING bytes of short rows, the most objects a list can make,
+    costs at most 32 MiB at its peak while it is parsed (a mount may take 256 MiB in all)."""
+    rows = []
+    length = 2
+    while length < listing.MAX_LISTING - 100:
+        row = json.dumps([f"f{len(rows)}", "file", 0, 512, 1, 1, 0, "", None, []], separators=(",", ":"))
+        rows.append(row)
+        length += len(row) + 1
+    data = ("[" + ",".join(rows) + "]").encode()
+    del rows
+    tracemalloc.start()
+    try:
+        members = decode(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(members) > 40_000
+    assert peak < 32 << 20, peak

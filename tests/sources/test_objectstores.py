@@ -716,7 +716,7 @@ def test_a_window_that_is_not_the_one_its_table_names_fails_the_read_not_the_byt
     archive, image, index = words_tar_gz
     data = bytearray(index.read_bytes())
     # A byte of one window, past what the first request brings and before the stream's end (the mount
-    # reads the tar's last header there); then a read that needs that window.
+    # reads the image's last sector there); then a read that needs that window.
     header, table_start, blob_start = index_layout(bytes(data))
     points, _ = gztable.parse_table(
         bytes(data[table_start : table_start + header["table"]]), header["length"]

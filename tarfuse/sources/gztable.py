@@ -30,8 +30,9 @@ _ROW = struct.Struct(">QQIQI16s")  # out, in, bits, window position in the blob,
 _TAIL = 8  # the decompressed size, after the points
 WINDOW_MAX = 64 * 1024  # bytes of one compressed 32 KiB window, at most (zlib adds little to 32 KiB)
 SPAN_MAX = 8 * 1024 * 1024  # bytes of windows fetched for one chunk, at most
-# Seek points whose windows the index's header carries again (`ends_of`): every mount reads the tar's last
-# headers, at the stream's end, and the chunk there needs the last point or the last two.
+# Seek points whose windows the index's header carries again (`ends_of`): every mount reads the stream's end
+# (the tar's last headers, or with a member list its image's last sector, which format detection reads),
+# and the chunk there needs the last point or the last two.
 END_POINTS = 2
 
 
@@ -70,8 +71,8 @@ def table_of(blob: bytes) -> bytes | None:
 def ends_of(table: bytes, blob: bytes) -> bytes:
     """The windows of the table's last END_POINTS points, one after another, copied out of the blob.
 
-    A host that fetched the index's header has them at once: the tar's last headers, which every mount
-    reads, then cost no request of the index's windows, only one of the archive's last chunk.
+    A host that fetched the index's header has them at once: the stream's end, which every mount reads,
+    then costs no request of the index's windows, only one of the archive's last chunk.
     """
     points, _ = parse_table(table, len(blob))
     return b"".join(point.window_in(blob) for point in points[-END_POINTS:])
